@@ -424,3 +424,20 @@ def write_all(fd: int, data: Union[bytes, bytearray, memoryview], where: str) ->
             raise StoreError(f"file size limit reached while writing {where}") from None
         raise StoreError(f"cannot write {where}: {exc.strerror}") from None
     return total
+
+
+def open_sink(path: Union[str, os.PathLike[str]]) -> int:
+    """Open the loader's delivery sink (a file or a sysfs attribute named by the
+    operator) for writing: never through a symlink as the last component, created
+    0600 when missing, truncated.
+
+    Raises:
+        StoreError: cannot open it (missing directory, symlink, permissions...).
+    """
+    p = os.fspath(path)
+    try:
+        return os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _OPEN_BASE, FILE_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreAccessError(f"sink {p} is a symlink; refusing to follow it") from None
+        raise StoreError(f"cannot open sink {p}: {exc.strerror}") from None
