@@ -38,22 +38,18 @@ exception escaping from here is a bug.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Generic, Mapping, Optional, TypeVar, Union, overload
 
 from lxml import etree
 
 from ..errors import XMLError
+from .names import is_name, is_uuid
 
 METADATA_NS = "urn:libvirt-mdev:metadata:1"
 METADATA_KEY = "mdev"
 METADATA_ROOT = "migration"
 
-#: canonical textual UUID; mdev uuids become sysfs path components, so nothing else passes
-UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-#: mdev type ids (``nvidia-222``, ``i915-GVTg_V5_8``) and parent names (``0000:af:00.0``, ``0.0.0123``)
-NAME_RE = re.compile(r"^[A-Za-z0-9_.:+-]{1,128}$")
 #: a pci/pcie expander bus starts a new PCI root whose number is its ``<target busNr>``
 _EXPANDER_MODELS = frozenset({"pci-expander-bus", "pcie-expander-bus"})
 _MAX_BRIDGE_DEPTH = 32
@@ -120,13 +116,13 @@ def _pci_int(text: str) -> int:
 
 def _uuid(text: str) -> str:
     low = text.lower()
-    if not UUID_RE.match(low):
+    if not is_uuid(low):
         raise ValueError(text)
     return low
 
 
 def _name(text: str) -> str:
-    if not NAME_RE.match(text):
+    if not is_name(text):
         raise ValueError(text)
     return text
 
