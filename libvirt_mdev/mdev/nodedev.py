@@ -91,6 +91,15 @@ def lookup_domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
         raise ConnectError(f"cannot look up domain {name} on {conn.getURI()}: {_msg(exc)}") from None
 
 
+def domain_xml(dom: libvirt.virDomain, flags: int = 0) -> str:
+    """``dom.XMLDesc(flags)`` with our errors (no secure flags: read-only connections
+    may not ask for them, and we need no secrets)."""
+    try:
+        return str(dom.XMLDesc(flags))
+    except libvirt.libvirtError as exc:
+        raise ConnectError(f"cannot read the definition of domain {dom.name()}: {_msg(exc)}") from None
+
+
 def parse_nodedev_mdev(xml: str, active: bool = True) -> Optional[NodedevMdev]:
     """The mdev described by node device *xml*, or ``None`` if it is not an mdev.
 
@@ -159,14 +168,18 @@ def _is_active(dev: Any) -> bool:
         return True  # older libvirt lists only active devices
 
 
-def find_mdev(mdevs: dict[str, list[NodedevMdev]], uuid: str, host: str) -> Optional[NodedevMdev]:
+def find_mdev(mdevs: dict[str, list[NodedevMdev]], uuid: str, host: str,
+              include_inactive: bool = False) -> Optional[NodedevMdev]:
     """The active mdev *uuid* in a :func:`list_mdevs` result, or ``None``.
+
+    With *include_inactive*, a defined-only mdev counts too (``annotate`` of a shut-off
+    domain: the definition still names the type).
 
     Raises:
         MdevError: the uuid is active under two parents with different types (ambiguous;
             refuse rather than pick one).
     """
-    cands = [m for m in mdevs.get(uuid.lower(), []) if m.active]
+    cands = [m for m in mdevs.get(uuid.lower(), []) if m.active or include_inactive]
     if len({m.type_id for m in cands}) > 1:
         raise MdevError(f"mdev {uuid} is active more than once on {host} with different types "
                         f"({', '.join(sorted(m.type_id for m in cands))}); remove the stale one with mdevctl")

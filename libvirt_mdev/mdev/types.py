@@ -84,8 +84,9 @@ class DeviceCheck:
             return (f"mdev {self.uuid} (source type {src}) does not exist on {where}; "
                     f"create it with: mdevctl start -u {self.uuid} -p PARENT -t {src}")
         if self.verdict is Verdict.NOT_ANNOTATED:
-            return (f"mdev {self.uuid} has no source type annotation ({where} type "
-                    f"{self.dest_type or 'absent'}); run 'libvirt-mdev annotate DOMAIN' on the source")
+            dest = f"{where} has type {self.dest_type}" if self.dest_type else f"absent on {where}"
+            return (f"mdev {self.uuid} has no source type annotation ({dest}); "
+                    f"run 'libvirt-mdev annotate DOMAIN' on the source")
         return f"mdev {self.uuid}: type {src} matches"
 
 
