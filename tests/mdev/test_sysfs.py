@@ -114,3 +114,14 @@ def test_fake_tree_can_be_extended_in_place(env: SysfsEnv) -> None:
     make_fake_sysfs(env.root, parents={P: ["nvidia-223"]}, devices={U3: (P, "nvidia-223")})
     assert env.mdev(U3).type_id == "nvidia-223"
     assert env.mdev(U1).type_id == "nvidia-222"
+
+
+def test_example_spec_builds_the_dest_host(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    repo = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, str(repo / "examples/sysfs/build.py"),
+                        str(repo / "examples/sysfs/dest-host.json"), str(tmp_path / "sys")],
+                       capture_output=True, text=True, check=True)
+    assert "8f1e4a52-6c1e-4c1e-9a3b-5a0b7e3d0002  nvidia-224" in r.stdout
+    assert SysfsEnv(tmp_path / "sys").mdev("8f1e4a52-6c1e-4c1e-9a3b-5a0b7e3d0001").parent == "0000:3b:00.0"
