@@ -17,33 +17,23 @@ from typing import Any, Optional
 
 import click
 
-from ..errors import MdevMissing, TypeMismatch
+from ..errors import TypeMismatch
+from ..mdev.sysfs import SysfsEnv
 from ..store import Store, resolve_token, spend_token
 from ..store.acl import open_sink, write_all
-from ..store.manifest import is_uuid
 from .context import AppContext, pass_app
 
 CHUNK = 1 << 20
 
 
 def dest_mdev_type(sysfs_root: Path, mdev_uuid: str) -> str:
-    """The live type of *mdev_uuid*: basename of the resolved ``mdev_type`` link.
-
-    TODO: use ``libvirt_mdev.mdev.sysfs.SysfsEnv(root).mdev_type(uuid)`` once the mdev
-    branch has landed; this is the same rule, kept minimal.
+    """The live type of *mdev_uuid* on this host (sysfs, as the hook reads it).
 
     Raises:
-        MdevMissing: no such mdev (or no type link) under *sysfs_root*.
+        MdevMissing: no such active mdev under *sysfs_root*.
+        MdevError: its type cannot be read.
     """
-    if not is_uuid(mdev_uuid):
-        raise MdevMissing(f"mdev uuid {mdev_uuid!r} is not a lowercase UUID")
-    link = sysfs_root / "bus" / "mdev" / "devices" / mdev_uuid / "mdev_type"
-    try:
-        target = os.path.realpath(link, strict=True)
-    except OSError:
-        raise MdevMissing(f"mdev {mdev_uuid} does not exist on this host (no {link}); "
-                          f"create it with mdevctl before loading") from None
-    return os.path.basename(target)
+    return SysfsEnv(sysfs_root).mdev(mdev_uuid).type_id
 
 
 def load_state(store: Store, token: str, mdev_uuid: str, sysfs_root: Path,
