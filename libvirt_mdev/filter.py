@@ -35,7 +35,7 @@ import os
 import socket
 import uuid as uuidlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, BinaryIO, Callable, Optional, Union
 
 from .errors import MdevError, MdevMissing, StoreIntegrityError, StreamError, TokenError
 from .store.manifest import Manifest, StateMeta
@@ -269,6 +269,7 @@ class StreamFilter:
             raise TokenError(f"token record range {offset}+{length} outside the stored state "
                              f"({manifest.length} bytes)")
         fd = self._verified_fd(manifest)
+        dev.manifest = manifest
         self._emit(encode_vfio_block_header(length))
         pos = offset
         while pos < offset + length:
@@ -319,7 +320,8 @@ class StreamFilter:
             if dev.manifest is None and dev.blocks == 0:
                 dev.writer = self.store.begin_state(self._meta(dev))  # a device with no state at all
             else:
-                return  # spliced back from tokens: nothing new to store
+                self._record(dev)  # spliced back from tokens: nothing new to store
+                return
         writer, dev.writer = dev.writer, None
         m = writer.commit()
         if self.opts.verify:
@@ -327,10 +329,14 @@ class StreamFilter:
             if vm.sha256 != m.sha256 or vm.length != dev.length:
                 raise StoreIntegrityError(f"state of {dev.idstr} changed on disk after it was stored")
         dev.manifest = m
-        b = dev.binding
-        self.results.append(DeviceResult(dev.idstr, dev.instance_id, dev.section_id,
-                                         b.mdev_uuid if b else None, b.mdev_type if b else None,
-                                         m.length, m.sha256, issue_token(m), dev.blocks))
+        self._record(dev)
+
+    def _record(self, dev: _Device) -> None:
+        m = dev.manifest
+        if m is None:
+            return
+        self.results.append(DeviceResult(dev.idstr, dev.instance_id, dev.section_id, m.mdev_uuid,
+                                         m.mdev_type, m.length, m.sha256, issue_token(m), dev.blocks))
 
     def _at_eof(self, ev: Event) -> None:
         for dev in self._devices.values():
@@ -360,3 +366,21 @@ class StreamFilter:
 
 def _framing(name: str) -> str:
     return name if name in ("v1", "v2") else "v1"
+
+
+def filter_stream(src: BinaryIO, emit: Emit, store: Store, opts: FilterOptions,
+                  progress: Optional[Callable[[int], None]] = None) -> list[DeviceResult]:
+    """Run the filter over the stream in *src* (a file or pipe), emitting output bytes.
+
+    On any error the unfinished state writers are aborted (nothing half-written is left
+    that the loader would accept) and the error propagates.
+    """
+    from .stream import iter_events
+    parser = StreamParser()
+    flt = StreamFilter(store, parser, opts, emit)
+    try:
+        for ev in iter_events(src, parser, progress=progress):
+            flt.process(ev)
+    finally:
+        flt.close()
+    return flt.results

@@ -10,8 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+from .filter import MAX_TOKEN_RECORD, TOKEN_MAGIC
 from .stream import (Configuration, Eof, Event, RamRecords, SaveImageHeader, SectionFooter,
-                     SectionHeader, StreamParser, VfioBlockEnd, VfioConfigData, VMDescription)
+                     SectionHeader, StreamParser, VfioBlockData, VfioBlockEnd, VfioBlockStart,
+                     VfioConfigData, VMDescription)
 
 
 @dataclass
@@ -33,6 +35,8 @@ class VfioDeviceSummary:
     state_bytes: int = 0
     blocks: int = 0
     config_bytes: int = 0
+    #: data blocks that are libvirt-mdev token records (a stripped stream), not device state
+    token_records: int = 0
     framing: str = "unknown"
 
 
@@ -68,6 +72,8 @@ class Summarizer:
         self.summary = StreamSummary()
         self._open: Optional[SectionRecord] = None
         self._vfio: dict[int, VfioDeviceSummary] = {}
+        #: (device, block size, first bytes seen) of the data block being read
+        self._block: Optional[tuple[VfioDeviceSummary, int, bytes]] = None
 
     def add(self, ev: Event) -> None:
         s = self.summary
@@ -87,10 +93,19 @@ class Summarizer:
         elif t is SectionFooter and self._open is not None:
             self._open.length = ev.end - self._open.offset
             self._open = None
-        elif t is VfioBlockEnd:
-            dev = self._vfio[ev.section_id]  # type: ignore[attr-defined]
-            dev.state_bytes += ev.size  # type: ignore[attr-defined]
-            dev.blocks += 1
+        elif t is VfioBlockStart:
+            self._block = (self._vfio[ev.section_id], ev.size, b"")  # type: ignore[attr-defined]
+        elif t is VfioBlockData and self._block is not None and len(self._block[2]) < len(TOKEN_MAGIC):
+            dev, size, head = self._block
+            self._block = (dev, size, head + bytes(ev.raw[: len(TOKEN_MAGIC)]))
+        elif t is VfioBlockEnd and self._block is not None:
+            dev, size, head = self._block
+            self._block = None
+            if size <= MAX_TOKEN_RECORD and head.startswith(TOKEN_MAGIC):
+                dev.token_records += 1
+            else:
+                dev.state_bytes += size
+                dev.blocks += 1
         elif t is VfioConfigData:
             self._vfio[ev.section_id].config_bytes += len(ev.raw)  # type: ignore[attr-defined]
         elif t is Configuration:

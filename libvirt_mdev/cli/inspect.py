@@ -73,10 +73,13 @@ def print_table(s: StreamSummary, all_sections: bool) -> None:
          f"; vmdesc {'%d bytes' % s.vmdesc_bytes if s.vmdesc_bytes is not None else 'absent'}")
     echo("")
     if s.vfio:
-        echo(f"{'VFIO DEVICE (idstr)':32} {'INST':>4} {'ID':>5} {'STATE BYTES':>14} {'BLOCKS':>7} {'CONFIG':>7} FRAMING")
+        echo(f"{'VFIO DEVICE (idstr)':32} {'INST':>4} {'ID':>5} {'STATE BYTES':>14} {'BLOCKS':>7} "
+             f"{'TOKENS':>6} {'CONFIG':>7} FRAMING")
         for d in s.vfio:
             echo(f"{d.idstr:32} {d.instance_id:>4} {d.section_id:>5} {d.state_bytes:>14} {d.blocks:>7} "
-                 f"{d.config_bytes:>7} {d.framing}")
+                 f"{d.token_records:>6} {d.config_bytes:>7} {d.framing}")
+        if any(d.token_records for d in s.vfio):
+            echo("(TOKENS: device state was stripped into the store; `libvirt-mdev splice` puts it back)")
     else:
         echo("VFIO devices:  none")
     echo("")
