@@ -16,8 +16,10 @@ from typing import Iterator
 import pytest
 
 from tests.harness import LibvirtHost, logging_hook
+from tests.harness.libvirt_host import set_default_caps_cache
 from tests.harness.guests import GuestSpec, full_guest
 from tests.harness.qemu_vm import QemuVM
+from tests.harness.twohosts import TwoHosts
 
 NO_E2E_ENV = "LIBVIRT_MDEV_NO_E2E"
 REQUIRED_TOOLS = ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", "qemu-img", "unshare", "nsenter", "ip")
@@ -69,8 +71,13 @@ def e2e_tools() -> None:
 
 @pytest.fixture(scope="session")
 def harness_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's scratch dir for hosts, images and streams (short path: UNIX sockets live under it)."""
-    return tmp_path_factory.mktemp("lmh")
+    """The session's scratch dir for hosts, images and streams (short path: UNIX sockets live under it).
+
+    Also where every LibvirtHost of this run shares its QEMU capability cache: only the first host pays the probe.
+    """
+    path = tmp_path_factory.mktemp("lmh")
+    set_default_caps_cache(path / "caps-cache")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -102,7 +109,7 @@ def real_save_image(libvirt_host: LibvirtHost, real_save_guest: GuestSpec, harne
     xml.write_text(real_save_guest.to_xml())
     started = time.monotonic()
     libvirt_host.virsh("define", str(xml))
-    record_timing("define (first, incl. caps probe)", time.monotonic() - started)
+    record_timing("define save guest", time.monotonic() - started)
     started = time.monotonic()
     libvirt_host.virsh("start", real_save_guest.name)
     record_timing("start guest", time.monotonic() - started)
@@ -126,3 +133,16 @@ def real_qmp_stream(e2e_tools: None, harness_dir: Path) -> Path:
         vm.migrate_to_file(path)
         record_timing("qmp migrate to file", time.monotonic() - started)
     return path
+
+
+@pytest.fixture(scope="session")
+def two_hosts(e2e_tools: None, harness_dir: Path) -> Iterator[TwoHosts]:
+    """Hosts A and B (`two_hosts.a`, `two_hosts.b`) in their own network namespaces, joined by a veth, both with
+    the logging hook `10-log`. Started on first use only; for tests marked e2e and slow."""
+    hosts = TwoHosts(harness_dir / "two", hooks=[logging_hook()])
+    hosts.start()
+    record_timing("two_hosts start", hosts.start_seconds)
+    try:
+        yield hosts
+    finally:
+        hosts.stop()

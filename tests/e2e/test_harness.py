@@ -103,3 +103,36 @@ def test_hooks_in_qemu_d_fire(libvirt_host: LibvirtHost, tmp_path: Path) -> None
     lines = [line for line in hooks_log.read_text().splitlines() if line.startswith(f"{spec.name} ")]
     assert lines == [f"{spec.name} {op} -" for op in
                      ("prepare begin", "start begin", "started begin", "stopped end", "release end")]
+
+
+@pytest.mark.slow
+def test_live_migration_between_two_hosts(two_hosts, tmp_path: Path) -> None:
+    a, b = two_hosts.a, two_hosts.b
+    spec = migratable_guest("lm-mig")
+    define_and_start(a, spec, tmp_path)
+    try:
+        started = time.monotonic()
+        two_hosts.migrate(spec.name)
+        record_timing("virsh migrate --live A->B", time.monotonic() - started)
+        assert a.domstate(spec.name) == "shut off"
+        assert_guest_runs(b, spec.name)
+        b_hooks = b.host_path("/var/log/libvirt/hooks.log").read_text().splitlines()
+        assert b_hooks[:4] == [f"{spec.name} {op} -" for op in
+                               ("migrate begin", "prepare begin", "start begin", "started begin")]
+        a_hooks = a.host_path("/var/log/libvirt/hooks.log").read_text().splitlines()
+        assert a_hooks[-2:] == [f"{spec.name} stopped end -", f"{spec.name} release end -"]
+    finally:
+        for host in (a, b):
+            if host.virsh("domstate", spec.name, check=False).stdout.strip() == "running":
+                host.virsh("destroy", spec.name)
+        a.virsh("undefine", spec.name)
+
+
+@pytest.mark.slow
+def test_command_runs_inside_host_b_namespaces(two_hosts) -> None:
+    b = two_hosts.b
+    assert b.run_in_ns(["hostname"]).stdout.strip() == "lmB"
+    assert two_hosts.address("B") in b.run_in_ns(["ip", "-br", "addr"]).stdout
+    # /var/log/libvirt inside B is B's own log dir: the file written there appears under b.log_dir.
+    b.run_in_ns(["sh", "-c", "echo marker > /var/log/libvirt/ns-probe"])
+    assert (b.log_dir / "ns-probe").read_text() == "marker\n"
