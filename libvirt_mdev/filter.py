@@ -169,9 +169,13 @@ class StreamFilter:
 
     def _save_image(self, ev: SaveImageHeader) -> None:
         if self.opts.bindings is None and self.opts.bind_from_save_image and ev.xml:
-            self.opts.bindings, name, uuid = bindings_from_domain_xml(ev.xml)
+            bindings, name, uuid = bindings_from_domain_xml(ev.xml)
             self.opts.domain_name = self.opts.domain_name or name
             self.opts.domain_uuid = self.opts.domain_uuid or uuid
+            # a domain with no mdev at all says nothing about VFIO sections: store such
+            # state unbound (the loader refuses unbound state) rather than guess
+            if bindings:
+                self.opts.bindings = bindings
 
     def _header(self, ev: SectionHeader) -> None:
         self._section = ev

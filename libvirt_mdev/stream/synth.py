@@ -33,6 +33,8 @@ from .wire import VFIO_VERSION, SectionType, VfioFlag
 
 #: QEMU ≥ 8.0's VFIO_MIG_DEFAULT_DATA_BUFFER_SIZE
 V2_BLOCK = 1 << 20
+#: synthetic state is made in blocks of this size, each seeded by (seed, index)
+_STATE_BLOCK = 1 << 16
 
 
 @dataclass
@@ -68,18 +70,31 @@ class SyntheticVfioDevice:
         return self.precopy_size + self.stopcopy_size
 
     def reset(self) -> None:
-        self._rng = random.Random(self.seed)
         self._made = 0
 
+    def _block(self, index: int) -> bytes:
+        """Block *index* of the pseudo-random state (independent of how it is read)."""
+        if self._rng is None or getattr(self, "_block_index", None) != index:
+            self._block_index = index
+            self._block_data = random.Random(f"{self.seed}:{index}").randbytes(_STATE_BLOCK)
+            self._rng = random.Random(0)  # marks the cache as filled
+        return self._block_data
+
     def take_state(self, n: int) -> bytes:
-        """The next *n* bytes of this device's state."""
+        """The next *n* bytes of this device's state (same bytes however it is split)."""
         out = bytearray()
-        if self._made < len(self.marker):
-            out += self.marker[self._made:self._made + n]
-        rest = n - len(out)
-        if rest:
-            out += self._rng.randbytes(rest)
-        self._made += n
+        pos = self._made
+        end = pos + n
+        while pos < end:
+            if pos < len(self.marker):
+                piece = self.marker[pos:min(end, len(self.marker))]
+            else:
+                block = self._block(pos // _STATE_BLOCK)
+                k = pos % _STATE_BLOCK
+                piece = block[k:k + (end - pos)]
+            out += piece
+            pos += len(piece)
+        self._made = end
         return bytes(out)
 
     def expected_sha256(self) -> str:
