@@ -38,6 +38,8 @@ MANIFEST_SUFFIX = ".json"
 SPENT_SUFFIX = ".spent"
 #: read size for hashing and delivery
 CHUNK = 1 << 20
+#: how often a writer kicks off writeback of what it wrote (see StateWriter._start_writeback)
+WRITEBACK_STEP = 32 << 20
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -371,6 +373,7 @@ class StateWriter:
         self._created = created
         self._hash = hashlib.sha256()
         self.length = 0
+        self._advised = 0
         self._fd: Optional[int]
         self._fd, self._temp = store._new_temp()
         self.manifest: Optional[Manifest] = None
@@ -396,7 +399,21 @@ class StateWriter:
             raise
         self._hash.update(data)
         self.length += n
+        if self.length - self._advised >= WRITEBACK_STEP:
+            self._start_writeback()
         return n
+
+    def _start_writeback(self) -> None:
+        """Start writing dirty pages now and drop the ones already on disk, so the
+        fsync in :meth:`commit` has little left to do and a multi-GiB state does not
+        evict the page cache.  Best effort: an fadvise failure changes nothing else."""
+        assert self._fd is not None
+        start = max(0, self._advised - WRITEBACK_STEP)
+        try:
+            os.posix_fadvise(self._fd, start, self.length - start, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+        self._advised = self.length
 
     def commit(self) -> Manifest:
         """fsync, rename into place, write the manifest.  Returns the manifest
