@@ -441,3 +441,64 @@ def open_sink(path: Union[str, os.PathLike[str]]) -> int:
         if exc.errno == errno.ELOOP:
             raise StoreAccessError(f"sink {p} is a symlink; refusing to follow it") from None
         raise StoreError(f"cannot open sink {p}: {exc.strerror}") from None
+
+
+class AtomicOutput:
+    """An output file (a stripped or spliced stream) that appears only when complete.
+
+    Written to ``.<name>.tmp-<random>`` beside *path* (0600, O_EXCL, no-follow), then
+    fsync'd and renamed over *path* by :meth:`commit`; :meth:`abort` (or leaving the
+    ``with`` block by an exception) removes the temp file.  So a failed or killed run
+    never leaves a half-written stream under the requested name.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike[str]]) -> None:
+        self.path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        base = os.path.basename(self.path)
+        if not base or base in (".", ".."):
+            raise StoreError(f"output {self.path!r} is not a file name")
+        self._temp = os.path.join(directory, f".{base}.tmp-{os.urandom(6).hex()}")
+        try:
+            self.fd: Optional[int] = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_BASE,
+                                             FILE_MODE)
+        except OSError as exc:
+            raise StoreError(f"cannot create output in {directory}: {exc.strerror}") from None
+        self.file = os.fdopen(self.fd, "wb", buffering=0, closefd=False)
+
+    def write(self, data: Union[bytes, bytearray, memoryview]) -> int:
+        assert self.fd is not None
+        return write_all(self.fd, data, self.path)
+
+    def commit(self) -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(self._temp, self.path)
+        dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            try:
+                os.unlink(self._temp)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "AtomicOutput":
+        return self
+
+    def __exit__(self, et: object, ev: object, tb: object) -> None:
+        if et is not None:
+            self.abort()
+        else:
+            self.commit()
