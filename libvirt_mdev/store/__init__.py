@@ -17,7 +17,8 @@ All path and permission code lives in :mod:`.acl`.
 from __future__ import annotations
 
 from .manifest import FORMAT_VERSION, Manifest, StateMeta, parse_manifest
-from .store import Entry, GcReport, StateWriter, Store
+from .gc import GcReport
+from .store import Entry, StateWriter, Store
 from .tokens import TOKEN_PREFIX, issue_token, parse_token, resolve_token, spend_token
 
 __all__ = ["FORMAT_VERSION", "Manifest", "StateMeta", "parse_manifest", "Entry", "GcReport",

@@ -23,14 +23,17 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Iterator, Optional, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Union
 
 from ..errors import StoreError, StoreIntegrityError, UsageError
-from .acl import TEMP_PREFIX, SecureDir, lock_fd, validate_name, write_all
+from .acl import TEMP_PREFIX, SecureDir, lock_fd, write_all
 from .manifest import HEX64_RE, Manifest, StateMeta, parse_manifest
+
+if TYPE_CHECKING:
+    from .gc import GcReport
 
 LOCK_NAME = ".lock"
 STATE_SUFFIX = ".state"
@@ -38,6 +41,8 @@ MANIFEST_SUFFIX = ".json"
 SPENT_SUFFIX = ".spent"
 #: read size for hashing and delivery
 CHUNK = 1 << 20
+#: how often a writer kicks off writeback of what it wrote (see StateWriter._start_writeback)
+WRITEBACK_STEP = 32 << 20
 
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -65,19 +70,6 @@ class Entry:
         if self.problem:
             out["problem"] = self.problem
         return out
-
-
-@dataclass
-class GcReport:
-    removed_temp: list[str] = field(default_factory=list)
-    removed_manifests: list[str] = field(default_factory=list)
-    removed_states: list[str] = field(default_factory=list)
-    removed_markers: list[str] = field(default_factory=list)
-    skipped_busy: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, list[str]]:
-        return {k: list(v) for k, v in self.__dict__.items()}
 
 
 class Store:
@@ -285,76 +277,10 @@ class Store:
 
     # ------------------------------------------------------------------ cleaning
     def gc(self, retention: int, now: Optional[float] = None, *,
-           domain_uuid: Optional[str] = None) -> GcReport:
-        """Remove what is no longer needed.
-
-        * temp files no live writer holds (crashed or killed writers);
-        * manifests whose migration ended more than *retention* seconds ago: spent
-          ones counted from the spend, unspent ones from their creation;
-          with *domain_uuid*, only that domain's manifests are considered
-          (``retention=0`` then drops all of them: the hook's ``release``);
-        * spent markers without a manifest, and states no manifest references.
-
-        Entries we cannot read are reported in ``problems`` and left alone (a human
-        should look at them), except that they do not keep a state alive.
-        """
-        if retention < 0:
-            raise UsageError("retention must not be negative")
-        t = time.time() if now is None else now
-        rep = GcReport()
-        with self._dir.locked(LOCK_NAME, exclusive=True):
-            self._gc_temp(rep)
-            names = set(self._dir.listdir())
-            referenced: set[str] = set()
-            for e in self.list():
-                if e.manifest is None:
-                    rep.problems.append(f"{e.id}: {e.problem}")
-                    continue
-                m = e.manifest
-                end = e.spent_at if e.spent_at is not None else m.created
-                mine = domain_uuid is None or m.domain_uuid == domain_uuid
-                if mine and end + retention <= t:
-                    # manifest first: a crash in between leaves a harmless marker,
-                    # never an unspent-looking manifest
-                    self._dir.unlink(e.id + MANIFEST_SUFFIX, missing_ok=True)
-                    rep.removed_manifests.append(e.id)
-                    if self._dir.unlink(e.id + SPENT_SUFFIX, missing_ok=True):
-                        rep.removed_markers.append(e.id)
-                else:
-                    referenced.add(m.sha256)
-            for name in sorted(names):
-                base, dot, ext = name.rpartition(".")
-                if not dot or not HEX64_RE.match(base):
-                    continue
-                if ext == "state" and base not in referenced:
-                    if self._dir.unlink(name, missing_ok=True):
-                        rep.removed_states.append(base)
-                elif ext == "spent" and (base + MANIFEST_SUFFIX) not in names:
-                    if self._dir.unlink(name, missing_ok=True):
-                        rep.removed_markers.append(base)
-            self._dir.sync()
-        return rep
-
-    def _gc_temp(self, rep: GcReport) -> None:
-        for name in self._dir.listdir():
-            if not name.startswith(TEMP_PREFIX):
-                continue
-            try:
-                validate_name(name)
-            except StoreError:
-                rep.problems.append(f"unexpected file name {name!r}")
-                continue
-            fd = self._dir.try_lock_file(name)
-            if fd is None:
-                if self._dir.exists(name):
-                    rep.skipped_busy.append(name)
-                continue
-            try:
-                if self._dir.unlink(name, missing_ok=True):
-                    rep.removed_temp.append(name)
-            finally:
-                if fd >= 0:
-                    os.close(fd)
+           domain_uuid: Optional[str] = None) -> "GcReport":
+        """Remove what is no longer needed (see :func:`.gc.collect`)."""
+        from .gc import collect  # gc imports this module
+        return collect(self, retention, now, domain_uuid=domain_uuid)
 
 
 class StateWriter:
@@ -371,6 +297,7 @@ class StateWriter:
         self._created = created
         self._hash = hashlib.sha256()
         self.length = 0
+        self._advised = 0
         self._fd: Optional[int]
         self._fd, self._temp = store._new_temp()
         self.manifest: Optional[Manifest] = None
@@ -396,7 +323,21 @@ class StateWriter:
             raise
         self._hash.update(data)
         self.length += n
+        if self.length - self._advised >= WRITEBACK_STEP:
+            self._start_writeback()
         return n
+
+    def _start_writeback(self) -> None:
+        """Start writing dirty pages now and drop the ones already on disk, so the
+        fsync in :meth:`commit` has little left to do and a multi-GiB state does not
+        evict the page cache.  Best effort: an fadvise failure changes nothing else."""
+        assert self._fd is not None
+        start = max(0, self._advised - WRITEBACK_STEP)
+        try:
+            os.posix_fadvise(self._fd, start, self.length - start, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
+        self._advised = self.length
 
     def commit(self) -> Manifest:
         """fsync, rename into place, write the manifest.  Returns the manifest
@@ -442,4 +383,4 @@ class StateWriter:
                 pass
 
 
-__all__ = ["Store", "StateWriter", "Entry", "GcReport", "StateMeta", "Manifest"]
+__all__ = ["Store", "StateWriter", "Entry", "StateMeta", "Manifest"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -30,7 +29,6 @@ from libvirt_mdev.cli.load import load_state
 from libvirt_mdev.errors import (MdevError, MdevMissing, StoreAccessError, StoreError,
                                  StoreIntegrityError, TokenError, TypeMismatch)
 from libvirt_mdev.store import Store, parse_token
-from libvirt_mdev.store.manifest import Manifest
 
 from .conftest import (MDEV, NOBODY, OTHER_MDEV, REPO, Stored, assert_one_line_error,
                        make_meta, make_sysfs, needs_root, run_cli)
@@ -439,3 +437,20 @@ def test_file_size_limit_during_write_is_a_clean_error(store: Store) -> None:
     assert p.stderr.strip().count("\n") == 0 and "file size limit" in p.stderr
     assert store.list() == []
     assert os.listdir(store.root) == [".lock"]
+
+
+@needs_root
+def test_symlink_planted_where_a_state_will_land_is_replaced_not_followed(store: Store,
+                                                                          tmp_path: Path) -> None:
+    """An attacker who guesses the content hash plants ``<sha>.state -> /victim``:
+    the commit renames over the link itself; the victim is untouched."""
+    import hashlib
+    data = b"predictable device state"
+    sha = hashlib.sha256(data).hexdigest()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    os.symlink(victim, store.root / f"{sha}.state")
+    m = store.put_state(make_meta(), data)
+    assert victim.read_bytes() == b"precious"
+    assert not os.path.islink(store.root / m.state_name)
+    assert store.verify(m.id).sha256 == sha
