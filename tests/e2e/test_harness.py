@@ -1,0 +1,105 @@
+"""The harness drives the real libvirtd 9.0 and QEMU 7.2: each test checks one thing others will rely on."""
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import record_timing
+from tests.harness import LibvirtHost
+from tests.harness.guests import GuestSpec, migratable_guest
+from tests.harness.qemu_vm import QemuVM
+
+pytestmark = pytest.mark.e2e
+
+QEVM_MAGIC = bytes.fromhex("5145564d")
+LIBVIRT_SAVE_MAGIC = b"LibvirtQemudSave"
+
+
+def vcpu_time_ns(host: LibvirtHost, domain: str) -> int:
+    stats = host.virsh("domstats", "--vcpu", domain).stdout
+    match = re.search(r"vcpu\.0\.time=(\d+)", stats)
+    assert match, f"no vcpu.0.time in domstats of {domain}: {stats}"
+    return int(match.group(1))
+
+
+def assert_guest_runs(host: LibvirtHost, domain: str) -> None:
+    """Running by libvirt, by QEMU, and its vCPU actually consumes time (the guest executes)."""
+    assert host.domstate(domain) == "running"
+    status = host.virsh("qemu-monitor-command", "--hmp", domain, "info status").stdout
+    assert "VM status: running" in status
+    before = vcpu_time_ns(host, domain)
+    deadline = time.monotonic() + 10
+    while vcpu_time_ns(host, domain) <= before:
+        assert time.monotonic() < deadline, f"vCPU time of {domain} stuck at {before} ns"
+        time.sleep(0.1)
+
+
+def define_and_start(host: LibvirtHost, spec: GuestSpec, workdir: Path) -> None:
+    xml = workdir / f"{spec.name}.xml"
+    xml.write_text(spec.to_xml())
+    host.virsh("define", str(xml))
+    host.virsh("start", spec.name)
+
+
+def remove_domain(host: LibvirtHost, name: str) -> None:
+    if host.domstate(name) != "shut off":
+        host.virsh("destroy", name)
+    host.virsh("undefine", name)
+
+
+def test_guest_defines_starts_and_runs(libvirt_host: LibvirtHost, tmp_path: Path) -> None:
+    spec = GuestSpec(name="lm-run", metadata=['<x:tag xmlns:x="urn:lm-test">hello</x:tag>'])
+    started = time.monotonic()
+    define_and_start(libvirt_host, spec, tmp_path)
+    record_timing("define+start lm-run", time.monotonic() - started)
+    try:
+        assert_guest_runs(libvirt_host, spec.name)
+        live = libvirt_host.virsh("dumpxml", spec.name).stdout
+        assert "urn:lm-test" in live and "qemu-xhci" in live and "<interface type='user'>" in live
+        conn = libvirt_host.libvirt_connect()
+        try:
+            assert conn.lookupByName(spec.name).UUIDString() == spec.uuid
+        finally:
+            conn.close()
+    finally:
+        remove_domain(libvirt_host, spec.name)
+
+
+def test_save_image_restores_and_runs(libvirt_host: LibvirtHost, real_save_image: Path,
+                                      real_save_guest: GuestSpec) -> None:
+    head = real_save_image.read_bytes()[:16]
+    assert head == LIBVIRT_SAVE_MAGIC
+    assert real_save_image.read_bytes().find(QEVM_MAGIC + b"\x00\x00\x00\x03") > 0
+    assert libvirt_host.domstate(real_save_guest.name) == "shut off"
+    started = time.monotonic()
+    libvirt_host.virsh("restore", str(real_save_image))
+    record_timing("virsh restore", time.monotonic() - started)
+    try:
+        assert_guest_runs(libvirt_host, real_save_guest.name)
+        assert real_save_guest.uuid in libvirt_host.virsh("domuuid", real_save_guest.name).stdout
+    finally:
+        libvirt_host.virsh("destroy", real_save_guest.name)
+
+
+def test_qmp_stream_has_qevm_header_and_loads(real_qmp_stream: Path, tmp_path: Path) -> None:
+    with real_qmp_stream.open("rb") as fh:
+        assert fh.read(8) == QEVM_MAGIC + (3).to_bytes(4, "big")
+    assert real_qmp_stream.stat().st_size > 64 * 1024
+    with QemuVM(tmp_path, name="qmp-dst", incoming_defer=True) as dst:
+        assert dst.status() == "inmigrate"
+        dst.incoming(f"exec:cat {real_qmp_stream}")
+        dst.wait_status("running", timeout=120)
+        assert dst.query_migrate().get("status") == "completed"
+
+
+def test_hooks_in_qemu_d_fire(libvirt_host: LibvirtHost, tmp_path: Path) -> None:
+    hooks_log = libvirt_host.host_path("/var/log/libvirt/hooks.log")
+    spec = migratable_guest("lm-hook")
+    define_and_start(libvirt_host, spec, tmp_path)
+    remove_domain(libvirt_host, spec.name)
+    lines = [line for line in hooks_log.read_text().splitlines() if line.startswith(f"{spec.name} ")]
+    assert lines == [f"{spec.name} {op} -" for op in
+                     ("prepare begin", "start begin", "started begin", "stopped end", "release end")]
