@@ -38,6 +38,7 @@ exception escaping from here is a bug.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Generic, Mapping, Optional, TypeVar, Union, overload
 
@@ -243,7 +244,8 @@ def parse_xml(xml: XMLInput, what: str = "domain XML") -> etree._Element:
     try:
         return etree.fromstring(data, _parser())
     except etree.XMLSyntaxError as exc:
-        raise XMLError(f"{what} is not well-formed: {exc}") from None
+        text = re.sub(r" \(<string>, line \d+\)$", "", str(exc))
+        raise XMLError(f"{what} is not well-formed: {text}") from None
 
 
 def _domain_root(xml: XMLInput) -> etree._Element:
@@ -475,7 +477,8 @@ def _insert_metadata(root: etree._Element) -> etree._Element:
 
 
 def _serialize(root: etree._Element, original: XMLInput) -> bytes:
-    head = original.lstrip()[:5] if isinstance(original, (bytes, bytearray)) else original.lstrip()[:5].encode()
-    if head == b"<?xml":
-        return etree.tostring(root.getroottree(), encoding="UTF-8", xml_declaration=True)
-    return etree.tostring(root.getroottree(), encoding="UTF-8", xml_declaration=False)
+    data = original.encode("utf-8") if isinstance(original, str) else bytes(original)
+    declared = data.lstrip()[:5] == b"<?xml"
+    out = etree.tostring(root.getroottree(), encoding="UTF-8", xml_declaration=declared)
+    trailing = data[len(data.rstrip()):]  # lxml drops the whitespace after the root
+    return out.rstrip() + trailing
