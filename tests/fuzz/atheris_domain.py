@@ -1,0 +1,13 @@
+"""atheris harness: run_domain_xml (see targets.py for the invariants, atheris_common.py to run it)."""
+from __future__ import annotations
+
+from tests.fuzz.atheris_common import main
+
+
+def _target():
+    from tests.fuzz.targets import run_domain_xml
+    return run_domain_xml
+
+
+if __name__ == "__main__":
+    main(_target)
