@@ -1,0 +1,54 @@
+"""Write a real QEMU stream with one injected synthetic VFIO device to stdout (for the
+concurrency and kill tests: streams are generated into pipes, never stored on disk).
+
+    python3 -m tests.faults.gen_stream REAL_STREAM SEED STATE_BYTES [SHA_OUT]
+
+The device is at PCI slot 5 (idstr ``0000:00:05.0/vfio``), its state is
+``SyntheticVfioDevice(seed=SEED)``; the SHA-256 of the state actually written is
+put in SHA_OUT at the end (computed while writing: no second pass).
+"""
+from __future__ import annotations
+
+import hashlib
+import sys
+
+from libvirt_mdev.stream.synth import SyntheticVfioDevice, inject
+
+IDSTR = "0000:00:05.0/vfio"
+
+
+class HashedDevice(SyntheticVfioDevice):
+    """A synthetic device that hashes the state as it hands it out."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.hasher = hashlib.sha256()
+
+    def take_state(self, n: int) -> bytes:
+        data = super().take_state(n)
+        self.hasher.update(data)
+        return data
+
+
+def device(seed: int, state_bytes: int) -> HashedDevice:
+    marker = b"STATE-OF-STREAM-%d-" % seed
+    return HashedDevice(idstr=IDSTR, precopy_size=min(state_bytes // 4, 8 << 20),
+                        stopcopy_size=state_bytes - min(state_bytes // 4, 8 << 20), seed=seed, marker=marker)
+
+
+def main(argv: list[str]) -> int:
+    src, seed, size = argv[0], int(argv[1]), int(argv[2])
+    dev = device(seed, size)
+    try:
+        inject(src, sys.stdout.buffer, [dev])
+        sys.stdout.buffer.flush()
+    except BrokenPipeError:
+        return 1
+    if len(argv) > 3:
+        with open(argv[3], "w") as fh:
+            fh.write(dev.hasher.hexdigest())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
