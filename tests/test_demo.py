@@ -8,9 +8,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_demo_runs_end_to_end():
-    r = subprocess.run(["bash", "examples/demo.sh"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(["bash", "examples/demo.sh"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       text=True, timeout=300)
     out = r.stdout
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, out
     assert "(exit status 6: 6 = type mismatch" in out
     assert "result: allowed (match)" in out
     assert "stripped.stream:0" in out and "example.stream:2" in out
