@@ -124,6 +124,7 @@ def to_json(result: CheckResult, info: DomainInfo, live: dict[str, Optional[Node
         row["source_live_type"] = m.type_id if m else None
         devices.append(row)
     ann = info.annotation
+    refusal = result.first_refusal()
     return {"domain": result.domain, "domain_uuid": result.domain_uuid,
             "source": src_uri, "dest": dest_uri,
             "allowed": result.allowed, "verdict": result.verdict.value, "exit_code": result.exit_code,
@@ -131,7 +132,7 @@ def to_json(result: CheckResult, info: DomainInfo, live: dict[str, Optional[Node
             "annotation_host": ann.host if ann else None,
             "require_annotation": result.require_annotation,
             "devices": devices, "store": store, "notes": notes,
-            "reason": result.first_refusal().reason(dest_uri) if result.first_refusal() else None}
+            "reason": refusal.reason(dest_uri) if refusal else None}
 
 
 _COLUMNS = ("MDEV UUID", "GUEST ADDR", "SOURCE TYPE", "DEST TYPE", "ON DEST", "VERDICT")
