@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -136,3 +137,35 @@ def test_command_runs_inside_host_b_namespaces(two_hosts) -> None:
     # /var/log/libvirt inside B is B's own log dir: the file written there appears under b.log_dir.
     b.run_in_ns(["sh", "-c", "echo marker > /var/log/libvirt/ns-probe"])
     assert (b.log_dir / "ns-probe").read_text() == "marker\n"
+
+
+@pytest.mark.slow
+def test_migration_through_a_relay_running_on_host_b(two_hosts, tmp_path: Path) -> None:
+    """The proxy path: B's QEMU listens on B's loopback only, a relay started "on B" carries the stream."""
+    a, b = two_hosts.a, two_hosts.b
+    port = 49160
+    spec = migratable_guest("lm-relay")
+    define_and_start(a, spec, tmp_path)
+    relay = None
+    try:
+        without = two_hosts.migrate(spec.name, "--listen-address", "127.0.0.1", port=port, check=False)
+        assert without.returncode != 0 and "Connection refused" in without.stderr
+        assert a.domstate(spec.name) == "running"
+        with (tmp_path / "relay.log").open("w") as relay_log:
+            relay = b.popen_in_ns(["socat", "-d", "-d", f"TCP-LISTEN:{port},bind={b.address},reuseaddr",
+                                   f"TCP:127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=relay_log)
+        two_hosts.wait_listening("B", port)
+        two_hosts.migrate(spec.name, "--listen-address", "127.0.0.1", port=port)
+        assert_guest_runs(b, spec.name)
+        assert a.domstate(spec.name) == "shut off"
+        relay.wait(timeout=30)  # without fork, socat exits once the single migration connection closed
+        log = (tmp_path / "relay.log").read_text()
+        assert "accepting connection from" in log and "exiting with status 0" in log
+    finally:
+        if relay is not None and relay.poll() is None:
+            relay.terminate()
+            relay.wait(timeout=10)
+        for host in (a, b):
+            if host.virsh("domstate", spec.name, check=False).stdout.strip() == "running":
+                host.virsh("destroy", spec.name)
+        a.virsh("undefine", spec.name)
