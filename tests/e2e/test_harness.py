@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import record_timing
-from tests.harness import LibvirtHost
+from tests.harness import HarnessError, LibvirtHost
+from tests.harness._proc import pid_alive
 from tests.harness.guests import GuestSpec, migratable_guest
 from tests.harness.qemu_vm import QemuVM
 
@@ -169,3 +170,17 @@ def test_migration_through_a_relay_running_on_host_b(two_hosts, tmp_path: Path) 
             if host.virsh("domstate", spec.name, check=False).stdout.strip() == "running":
                 host.virsh("destroy", spec.name)
         a.virsh("undefine", spec.name)
+
+
+def test_broken_host_fails_fast_with_the_reason_and_leaves_no_daemon(tmp_path: Path, e2e_tools: None) -> None:
+    host = LibvirtHost("bad", tmp_path, caps_cache=None,
+                       extra_files={"/etc/libvirt/libvirtd.conf": "this is = = not valid\n"})
+    started = time.monotonic()
+    with pytest.raises(HarnessError) as excinfo:
+        host.start()
+    assert time.monotonic() - started < 15
+    message = str(excinfo.value)
+    assert "host bad" in message and "libvirtd.conf" in message and "syntax error" in message
+    # virtlogd started before libvirtd failed; the failed start must have stopped it.
+    assert "virtlogd" in host.launched_pids
+    assert not any(pid_alive(pid) for pid in host.launched_pids.values())
