@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import record_timing
 from tests.harness import HarnessError, LibvirtHost
 from tests.harness._proc import pid_alive
-from tests.harness.guests import GuestSpec, migratable_guest
+from tests.harness.guests import RAM_FILL_ADDR, GuestSpec, migratable_guest
 from tests.harness.qemu_vm import QemuVM
 
 pytestmark = pytest.mark.e2e
@@ -184,3 +184,29 @@ def test_broken_host_fails_fast_with_the_reason_and_leaves_no_daemon(tmp_path: P
     # virtlogd started before libvirtd failed; the failed start must have stopped it.
     assert "virtlogd" in host.launched_pids
     assert not any(pid_alive(pid) for pid in host.launched_pids.values())
+
+
+def sample_pages(fill: Path, first: int = 0, last: int | None = None, count: int = 8) -> list[bytes]:
+    """Page-aligned 4 KiB pieces spread over fill[first:last]: each is one whole guest page, stored verbatim."""
+    data = fill.read_bytes()[first:last]
+    pages = len(data) // 4096
+    return [data[i * 4096:(i + 1) * 4096] for i in range(0, pages, max(1, pages // count))]
+
+
+def test_filled_save_image_carries_the_fill_bytes(real_save_image_filled: Path, ram_fill_file: Path) -> None:
+    image = real_save_image_filled.read_bytes()
+    assert image[:16] == LIBVIRT_SAVE_MAGIC
+    assert len(image) > ram_fill_file.stat().st_size
+    missing = [i for i, page in enumerate(sample_pages(ram_fill_file)) if image.find(page) < 0]
+    assert not missing, f"fill pages {missing} not found in the save image"
+
+
+def test_filled_qmp_stream_carries_all_ram(real_qmp_stream_filled: Path) -> None:
+    ram = real_qmp_stream_filled.parent / "qmp-ram.bin"
+    stream = real_qmp_stream_filled.read_bytes()
+    assert stream[:8] == QEVM_MAGIC + (3).to_bytes(4, "big")
+    assert len(stream) > 256 << 20
+    # SeaBIOS writes the low megabyte and tables at the top of RAM; the pages between stay as the file had them.
+    pages = sample_pages(ram, first=RAM_FILL_ADDR, last=-(1 << 20))
+    missing = [i for i, page in enumerate(pages) if stream.find(page) < 0]
+    assert not missing, f"RAM pages {missing} not found in the stream"
