@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Generator, Optional, Pattern
 
 from ..errors import StreamError, UnsupportedStream
-from ._util import need
+from ._util import need, pieces
 from .buffer import Input
-from .events import NEED_DATA, RamEos, RamMemSize, RamRecords
+from .events import RamEos, RamMemSize, RamRecords
 from .sections import SectionInfo
 from .wire import BE16, BE32, BE64, MAX_RAM_BLOCKS, XBZRLE_ENCODING_FLAG, RamFlag
 
@@ -167,15 +167,8 @@ def _page_record(inp: Input, info: SectionInfo, ctx: RamContext, off: int, hdr: 
     is_page = kind != _ZERO
     yield RamRecords(off, memoryview(b"".join(parts)), info.section_id, 1,
                      int(is_page), int(not is_page))
-    while body:
-        view = inp.take_upto(body)
-        if view is None:
-            if inp.eof:
-                raise StreamError("stream ends inside a RAM page", offset=inp.offset, section=sec)
-            yield NEED_DATA
-            continue
-        body -= len(view)
-        yield RamRecords(inp.offset - len(view), view, info.section_id, 0, 0, 0)
+    sid = info.section_id
+    yield from pieces(inp, body, "a RAM page", sec, lambda o, v: RamRecords(o, v, sid, 0, 0, 0))
 
 
 def _mem_size(inp: Input, info: SectionInfo, ctx: RamContext, off: int, hdr: memoryview,

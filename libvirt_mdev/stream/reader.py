@@ -32,7 +32,7 @@ from ..errors import StreamError, UnsupportedStream, UsageError
 from ._util import need, need_peek, printable_ascii
 from .buffer import Input
 from .events import (NEED_DATA, Command, Configuration, Eof, FileHeader, Opaque, SaveImageHeader,
-                     SectionEnd, SectionFooter, SectionFull, SectionHeader, SectionPart,
+                     SectionEnd, SectionFooter, SectionFull, SectionPart,
                      SectionStart, StreamEnd, VMDescription)
 from .ram import RamContext, read_ram
 from .saveimage import SAVE_MAGICS, read_save_image

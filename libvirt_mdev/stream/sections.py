@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Callable, Generator, Optional
 
 from ..errors import StreamError, UnsupportedStream
-from ._util import need, printable_ascii
+from ._util import need, pieces, printable_ascii
 from .buffer import Input
 from .events import NEED_DATA, Event, Opaque
 from .wire import (BE16, BE32, BE64, DIRTY_BITMAP_IDSTR, MAX_FULL_SECTION, MAX_SECTIONS,
@@ -276,15 +276,9 @@ def read_dirty_bitmap(inp: Input, info: SectionInfo) -> Generator[object, None, 
         elif not flags & (DirtyBitmapFlag.COMPLETE | DirtyBitmapFlag.EOS):
             raise StreamError(f"dirty-bitmap chunk with unknown flags 0x{flags:x}", offset=start, section=sec)
         yield Opaque(start, memoryview(b"".join(parts)), info.section_id, "dirty-bitmap")
-        while buf_len:
-            view = inp.take_upto(buf_len)
-            if view is None:
-                if inp.eof:
-                    raise StreamError("stream ends inside a dirty-bitmap buffer", offset=inp.offset, section=sec)
-                yield NEED_DATA
-                continue
-            buf_len -= len(view)
-            yield Opaque(inp.offset - len(view), view, info.section_id, "dirty-bitmap")
+        sid = info.section_id
+        yield from pieces(inp, buf_len, "a dirty-bitmap buffer", sec,
+                          lambda o, v: Opaque(o, v, sid, "dirty-bitmap"))
         if flags & DirtyBitmapFlag.EOS:
             return
 

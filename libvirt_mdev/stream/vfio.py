@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import Generator
 
 from ..errors import StreamError, UnsupportedStream
-from ._util import need
+from ._util import need, pieces
 from .buffer import Input
-from .events import (NEED_DATA, VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioConfigData,
+from .events import (VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioConfigData,
                      VfioMarker)
 from .sections import SectionInfo, SectionTable, scan_to_footer
 from .wire import BE64, MAX_VFIO_BLOCK, SectionType, VfioFlag
@@ -131,15 +131,5 @@ def _data_block(inp: Input, info: SectionInfo, off: int, marker: memoryview,
     if size == 0 and rtype == SectionType.SECTION_PART:
         framing.v1_evidence = True
     yield VfioBlockStart(off, memoryview(bytes(marker) + bytes(sz)), sid, size)
-    left = size
-    while left:
-        view = inp.take_upto(left)
-        if view is None:
-            if inp.eof:
-                raise StreamError(f"stream ends inside a VFIO data block ({left} of {size} bytes missing)",
-                                  offset=inp.offset, section=sec)
-            yield NEED_DATA
-            continue
-        left -= len(view)
-        yield VfioBlockData(inp.offset - len(view), view, sid)
+    yield from pieces(inp, size, "a VFIO data block", sec, lambda o, v: VfioBlockData(o, v, sid))
     yield VfioBlockEnd(inp.offset, b"", sid, size)
