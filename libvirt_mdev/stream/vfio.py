@@ -82,6 +82,10 @@ def read_vfio(inp: Input, info: SectionInfo, table: SectionTable, rtype: Section
         if flag is None:
             raise StreamError(f"unknown VFIO tag 0x{value:016x}", offset=off, section=sec)
         if flag == VfioFlag.DEV_DATA_STATE:
+            if rtype == SectionType.SECTION_FULL:
+                # QEMU's save_state never writes device data here; a loader would accept it
+                raise StreamError("VFIO device data inside the config (FULL) section", offset=off,
+                                  section=sec)
             yield from _data_block(inp, info, off, raw, rtype, framing)
             continue
         yield VfioMarker(off, raw, sid, flag)
