@@ -197,7 +197,8 @@ def next_record_ok(b: bytes, at_end: bool, table: SectionTable) -> Optional[bool
             return False if at_end else None
         (sid,) = BE32.unpack_from(b, 1)
         info = table.by_id.get(sid)
-        return info is not None and info.iterative and not info.ended
+        # structure only: a PART/END out of order is then refused with a precise message
+        return info is not None and info.iterative
     if t == SectionType.COMMAND:
         if len(b) < 5:
             return False if at_end else None
