@@ -225,8 +225,14 @@ def test_section_order_rules():
         parse(early)
     late = (encode_file_header() + ram_setup({"pc.ram": 8 * PAGE}) + ram_pages(end=True, pattern="Z")
             + full(5, "serial", b"\x01") + ram_pages(pattern="Z") + encode_eof())
-    with pytest.raises(StreamError, match="after the non-iterable"):
+    with pytest.raises(StreamError, match="after the END of section ram"):
         parse(late)
+    # an iterable still open when the device sections begin is refused too (early-setup rule),
+    # and a START after them
+    late_start = (encode_file_header() + full(5, "serial", b"\x01") + ram_setup({"pc.ram": 8 * PAGE})
+                  + encode_eof())
+    with pytest.raises(StreamError, match="after the non-iterable device sections began"):
+        parse(late_start)
 
 
 def test_vmdesc_must_be_json():
