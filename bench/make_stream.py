@@ -55,26 +55,35 @@ def template_parts(path: str) -> tuple[bytes, list[bytes], dict]:
 
 
 def ram_records(total_pages: int, zero_share: float, run: int, rng: random.Random):
-    """Yield chunks of CONTINUE page records (the first record names the block)."""
+    """Yield ~1 MiB chunks of page records: the first names the block, the rest CONTINUE.
+    Runs of zero or non-zero pages of random length up to *run* (real guest memory is
+    clustered)."""
     pool = [rng.randbytes(PAGE) for _ in range(64)]
+    zero_flags = int(RamFlag.ZERO | RamFlag.CONTINUE)  # plain ints: IntFlag arithmetic is slow
+    page_flags = int(RamFlag.PAGE | RamFlag.CONTINUE)
+    pack = BE64.pack
     out = bytearray()
-    page = 0
     first = True
+    page = 0
     while page < total_pages:
         n = min(rng.randint(1, run), total_pages - page)
         zero = rng.random() < zero_share
-        for _ in range(n):
-            flags = (RamFlag.ZERO if zero else RamFlag.PAGE)
-            if first:
-                out += BE64.pack(page * PAGE | flags) + bytes([len(BLOCK)]) + BLOCK.encode()
-                first = False
+        if first:
+            flags = int(RamFlag.ZERO if zero else RamFlag.PAGE)
+            out += pack(page * PAGE | flags) + bytes([len(BLOCK)]) + BLOCK.encode()
+            out += b"\x00" if zero else pool[0]
+            page, n, first = page + 1, n - 1, False
+        while n:
+            k = min(n, 100_000)
+            if zero:
+                out += b"".join([pack(i * PAGE | zero_flags) + b"\x00" for i in range(page, page + k)])
             else:
-                out += BE64.pack(page * PAGE | flags | RamFlag.CONTINUE)
-            out += b"\x00" if zero else pool[page & 63]
-            page += 1
-        if len(out) >= 1 << 20:
-            yield bytes(out)
-            out.clear()
+                out += b"".join([pack(i * PAGE | page_flags) + pool[i & 63] for i in range(page, page + k)])
+            page += k
+            n -= k
+            if len(out) >= 1 << 20:
+                yield bytes(out)
+                out.clear()
     if out:
         yield bytes(out)
 

@@ -17,13 +17,15 @@ import pytest
 
 from tests.harness import LibvirtHost, logging_hook
 from tests.harness.libvirt_host import set_default_caps_cache
-from tests.harness.guests import GuestSpec, full_guest
+from tests.harness.guests import GuestSpec, full_guest, make_ram_file
 from tests.harness.qemu_vm import QemuVM
 from tests.harness.twohosts import TwoHosts
 
 NO_E2E_ENV = "LIBVIRT_MDEV_NO_E2E"
 REQUIRED_TOOLS = ("libvirtd", "virtlogd", "virsh", "qemu-system-x86_64", "qemu-img", "unshare", "nsenter", "ip")
 SAVE_GUEST_NAME = "lm-save"
+FILLED_GUEST_NAME = "lm-save-filled"
+RAM_FILL_MIB = 64
 
 # Wall-clock seconds of harness steps, printed at the end of the run (pytest_terminal_summary).
 TIMINGS: dict[str, float] = {}
@@ -98,6 +100,21 @@ def real_save_guest(libvirt_host: LibvirtHost, harness_dir: Path) -> GuestSpec:
     return full_guest(SAVE_GUEST_NAME, harness_dir / "images")
 
 
+def save_running_guest(host: LibvirtHost, spec: GuestSpec, path: Path, label: str) -> Path:
+    """Define and start *spec* on *host*, let it run a moment, `virsh save` it to *path* (domain left shut off)."""
+    xml = path.with_suffix(".xml")
+    xml.write_text(spec.to_xml())
+    started = time.monotonic()
+    host.virsh("define", str(xml))
+    host.virsh("start", spec.name)
+    record_timing(f"define+start {label}", time.monotonic() - started)
+    time.sleep(1.0)  # let SeaBIOS run so device state is not all reset values
+    started = time.monotonic()
+    host.virsh("save", spec.name, str(path))
+    record_timing(f"virsh save {label}", time.monotonic() - started)
+    return path
+
+
 @pytest.fixture(scope="session")
 def real_save_image(libvirt_host: LibvirtHost, real_save_guest: GuestSpec, harness_dir: Path) -> Path:
     """A `virsh save` image of the RUNNING real_save_guest, made through the private libvirtd.
@@ -105,19 +122,30 @@ def real_save_image(libvirt_host: LibvirtHost, real_save_guest: GuestSpec, harne
     After this the domain is defined but shut off on libvirt_host; a test that `virsh restore`s the image must
     destroy the domain again when done.
     """
-    xml = harness_dir / f"{real_save_guest.name}.xml"
-    xml.write_text(real_save_guest.to_xml())
-    started = time.monotonic()
-    libvirt_host.virsh("define", str(xml))
-    record_timing("define save guest", time.monotonic() - started)
-    started = time.monotonic()
-    libvirt_host.virsh("start", real_save_guest.name)
-    record_timing("start guest", time.monotonic() - started)
-    time.sleep(1.0)  # let SeaBIOS run so device state is not all reset values
-    path = harness_dir / "real.save"
-    started = time.monotonic()
-    libvirt_host.virsh("save", real_save_guest.name, str(path))
-    record_timing("virsh save", time.monotonic() - started)
+    return save_running_guest(libvirt_host, real_save_guest, harness_dir / "real.save", "save guest")
+
+
+@pytest.fixture(scope="session")
+def ram_fill_file(harness_dir: Path) -> Path:
+    """RAM_FILL_MIB MiB of seeded random bytes that the *_filled fixtures load into guest RAM."""
+    return make_ram_file(harness_dir / "ram-fill.bin", RAM_FILL_MIB, seed=1)
+
+
+@pytest.fixture(scope="session")
+def real_save_image_filled(libvirt_host: LibvirtHost, harness_dir: Path, ram_fill_file: Path) -> Path:
+    """Like real_save_image (guest FILLED_GUEST_NAME), but ram_fill_file's bytes sit in guest RAM at
+    guests.RAM_FILL_ADDR, so the image carries that many MiB of non-zero RAM pages."""
+    spec = full_guest(FILLED_GUEST_NAME, harness_dir / "images")
+    spec.ram_fill = ram_fill_file
+    return save_running_guest(libvirt_host, spec, harness_dir / "real-filled.save", "filled guest")
+
+
+def qmp_stream(workdir: Path, path: Path, ram_file: Path | None, label: str) -> Path:
+    with QemuVM(workdir, name="qmp-src", memory_mib=256, ram_file=ram_file) as vm:
+        time.sleep(0.5)
+        started = time.monotonic()
+        vm.migrate_to_file(path)
+        record_timing(f"qmp migrate to file{label}", time.monotonic() - started)
     return path
 
 
@@ -125,14 +153,15 @@ def real_save_image(libvirt_host: LibvirtHost, real_save_guest: GuestSpec, harne
 def real_qmp_stream(e2e_tools: None, harness_dir: Path) -> Path:
     """A raw QEMU 7.2 migration stream (QMP `migrate` to `exec:cat > file`) of a running 256 MiB TCG VM with
     virtio-net (user), qemu-xhci, serial and a qcow2 virtio disk."""
-    workdir = harness_dir / "qmp"
-    path = harness_dir / "real.stream"
-    with QemuVM(workdir, name="qmp-src", memory_mib=256) as vm:
-        time.sleep(0.5)
-        started = time.monotonic()
-        vm.migrate_to_file(path)
-        record_timing("qmp migrate to file", time.monotonic() - started)
-    return path
+    return qmp_stream(harness_dir / "qmp", harness_dir / "real.stream", None, "")
+
+
+@pytest.fixture(scope="session")
+def real_qmp_stream_filled(e2e_tools: None, harness_dir: Path) -> Path:
+    """Like real_qmp_stream, but all 256 MiB of guest RAM are seeded random bytes (file-backed RAM), so the
+    stream is ~257 MiB of real pages. The RAM file is harness_dir / 'qmp-ram.bin' (make_ram_file seed 2)."""
+    ram = make_ram_file(harness_dir / "qmp-ram.bin", 256, seed=2)
+    return qmp_stream(harness_dir / "qmp-filled", harness_dir / "real-filled.stream", ram, " (filled)")
 
 
 @pytest.fixture(scope="session")

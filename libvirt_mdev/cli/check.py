@@ -7,7 +7,9 @@ reach both hosts.  Nothing is changed on either host.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
+from urllib.parse import urlsplit
 
 import click
 
@@ -30,7 +32,11 @@ would reach:
                    is on (default) (exit 8); run `libvirt-mdev annotate`
 A domain without mdevs is allowed (verdict no-mdev).  Exit 0 only when the
 migration would be allowed; 5 when a host cannot be reached, 12 when DOMAIN
-does not exist on SRC.
+does not exist on SRC, 10 when its XML or our metadata is malformed.
+require_annotation is read from this machine's configuration file (the
+destination's hook uses the destination's).  When DEST is this machine
+(qemu:///...), the trusted store is checked too (shown, not part of the
+verdict).
 
 \b
 Example (the bundled example hosts):
@@ -64,13 +70,33 @@ def check(app: AppContext, domain: str, src_uri: str, dest_uri: str, as_json: bo
     result = compare(info, lookup, require_annotation=require)
     live = {h.uuid: find_mdev(src_mdevs, h.uuid, src_uri) for h in info.hostdevs}
     notes = _notes(result, live)
-    store = {"ready": None,
-             "detail": "not known from here; on the destination run: libvirt-mdev store verify"}
+    store = store_readiness(dest_uri, app.config.store)
+    if store["ready"] is False:
+        notes.append(f"the destination store is not usable: {store['detail']}")
     if as_json:
         app.emit_json(to_json(result, info, live, store, notes, src_uri, dest_uri))
     else:
         click.echo(render_table(result, info, store, notes, src_uri, dest_uri))
     click.get_current_context().exit(result.exit_code)
+
+
+def store_readiness(dest_uri: str, root: Path) -> dict[str, Any]:
+    """Whether the destination's trusted store can be opened — knowable only when the
+    destination is this machine (``qemu:///…`` without a host); ``ready`` is ``None``
+    otherwise.  Informative: the verdict and exit code do not depend on it."""
+    parts = urlsplit(dest_uri)
+    driver, _, transport = parts.scheme.partition("+")
+    if driver != "qemu" or parts.hostname or transport not in ("", "unix"):
+        return {"ready": None, "detail": f"not known from here; on the destination run: "
+                                         f"libvirt-mdev store verify"}
+    from ..errors import StoreError
+    from ..store.store import Store
+
+    try:
+        Store.open(root).close()
+    except StoreError as exc:
+        return {"ready": False, "detail": exc.message}
+    return {"ready": True, "detail": f"{root} is owned by root with mode 0700"}
 
 
 def _notes(result: CheckResult, live: dict[str, Optional[NodedevMdev]]) -> list[str]:
@@ -98,6 +124,7 @@ def to_json(result: CheckResult, info: DomainInfo, live: dict[str, Optional[Node
         row["source_live_type"] = m.type_id if m else None
         devices.append(row)
     ann = info.annotation
+    refusal = result.first_refusal()
     return {"domain": result.domain, "domain_uuid": result.domain_uuid,
             "source": src_uri, "dest": dest_uri,
             "allowed": result.allowed, "verdict": result.verdict.value, "exit_code": result.exit_code,
@@ -105,7 +132,7 @@ def to_json(result: CheckResult, info: DomainInfo, live: dict[str, Optional[Node
             "annotation_host": ann.host if ann else None,
             "require_annotation": result.require_annotation,
             "devices": devices, "store": store, "notes": notes,
-            "reason": result.first_refusal().reason(dest_uri) if result.first_refusal() else None}
+            "reason": refusal.reason(dest_uri) if refusal else None}
 
 
 _COLUMNS = ("MDEV UUID", "GUEST ADDR", "SOURCE TYPE", "DEST TYPE", "ON DEST", "VERDICT")

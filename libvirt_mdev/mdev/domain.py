@@ -89,7 +89,7 @@ class XPathProp(Generic[T]):
     def __get__(self, obj: Optional["XMLElement"], objtype: Any = None) -> Any:
         if obj is None:
             return self
-        found = self._compiled(obj.node)
+        found: Any = self._compiled(obj.node)
         if isinstance(found, bool):  # boolean(...) XPaths
             return found
         if not found:
@@ -133,16 +133,16 @@ class _PciAddress(XMLElement):
     bus = XPathProp("./address[@type='pci']/@bus", _pci_int)
     slot = XPathProp("./address[@type='pci']/@slot", _pci_int)
     function = XPathProp("./address[@type='pci']/@function", _pci_int)
-    has_pci = XPathProp("boolean(./address[@type='pci'])")
+    has_pci = XPathProp[bool]("boolean(./address[@type='pci'])")
 
 
 class Hostdev(_PciAddress):
     """``<hostdev>``; the ``source`` uuid exists for ``type='mdev'`` only."""
 
     XML_NAME = "hostdev"
-    mode = XPathProp("./@mode")
-    type = XPathProp("./@type")
-    model = XPathProp("./@model")
+    mode = XPathProp[str]("./@mode")
+    type = XPathProp[str]("./@type")
+    model = XPathProp[str]("./@model")
     uuid = XPathProp("./source/address/@uuid", _uuid)
 
 
@@ -151,13 +151,13 @@ class Controller(_PciAddress):
 
     XML_NAME = "controller"
     index = XPathProp("./@index", _pci_int)
-    model = XPathProp("./@model")
+    model = XPathProp[str]("./@model")
     bus_nr = XPathProp("./target/@busNr", _pci_int)
 
 
 class DomainElement(XMLElement):
     XML_NAME = "domain"
-    name = XPathProp("./name/text()")
+    name = XPathProp[str]("./name/text()")
     uuid = XPathProp("./uuid/text()", _uuid)
 
 
@@ -443,6 +443,8 @@ def set_annotation(xml: XMLInput, annotation: Optional[Annotation]) -> bytes:
 
 def _remove_keep_tail(node: etree._Element) -> None:
     parent = node.getparent()
+    if parent is None:
+        raise XMLError("cannot remove the root element")  # never: we only remove children
     prev = node.getprevious()
     if prev is not None:
         prev.tail = node.tail

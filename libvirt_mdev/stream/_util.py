@@ -8,7 +8,7 @@ retry loop so a reader reads like straight-line code::
 """
 from __future__ import annotations
 
-from typing import Generator, Optional
+from typing import Callable, Generator, Optional
 
 from ..errors import StreamError
 from .buffer import Input
@@ -41,14 +41,21 @@ def need_peek(inp: Input, n: int, what: str, section: Optional[str] = None) -> G
         yield NEED_DATA
 
 
-def span(inp: Input, n: int, what: str, section: Optional[str] = None) -> Generator[object, None, None]:
-    """Wait until at least one byte of an *n*-byte span is available (helper for
-    readers that hand out large spans piecewise)."""
-    while inp.available() == 0:
-        if inp.eof:
-            raise StreamError(f"stream ends inside {what} ({n} bytes still expected)",
-                              offset=inp.offset, section=section)
-        yield NEED_DATA
+def pieces(inp: Input, n: int, what: str, section: Optional[str],
+           make: Callable[[int, memoryview], object]) -> Generator[object, None, None]:
+    """Hand out an *n*-byte span as zero-copy pieces (one per fed chunk), each wrapped
+    by ``make(offset, view)``.  Used for page bodies, device-state blocks, bitmaps."""
+    left = n
+    while left:
+        view = inp.take_upto(left)
+        if view is None:
+            if inp.eof:
+                raise StreamError(f"stream ends inside {what} ({left} of {n} bytes missing)",
+                                  offset=inp.offset, section=section)
+            yield NEED_DATA
+            continue
+        left -= len(view)
+        yield make(inp.offset - len(view), view)
 
 
 def join(parts: list[memoryview]) -> memoryview:

@@ -20,13 +20,22 @@ from dataclasses import dataclass, field
 from typing import Generator, Optional, Pattern
 
 from ..errors import StreamError, UnsupportedStream
-from ._util import need
+from ._util import need, pieces
 from .buffer import Input
-from .events import NEED_DATA, RamEos, RamMemSize, RamRecords
+from .events import RamEos, RamMemSize, RamRecords
 from .sections import SectionInfo
 from .wire import BE16, BE32, BE64, MAX_RAM_BLOCKS, XBZRLE_ENCODING_FLAG, RamFlag
 
-_TYPE_FLAGS = {RamFlag.ZERO, RamFlag.PAGE, RamFlag.XBZRLE, RamFlag.COMPRESS_PAGE}
+_TYPE_FLAGS = {int(RamFlag.ZERO), int(RamFlag.PAGE), int(RamFlag.XBZRLE), int(RamFlag.COMPRESS_PAGE)}
+# plain ints for the per-record path (IntFlag arithmetic builds enum members: slow)
+_CONTINUE = int(RamFlag.CONTINUE)
+_EOS = int(RamFlag.EOS)
+_MEM_SIZE = int(RamFlag.MEM_SIZE)
+_MULTIFD_FLUSH = int(RamFlag.MULTIFD_FLUSH)
+_HOOK = int(RamFlag.HOOK)
+_ZERO = int(RamFlag.ZERO)
+_PAGE = int(RamFlag.PAGE)
+_XBZRLE = int(RamFlag.XBZRLE)
 
 
 @dataclass
@@ -102,19 +111,19 @@ def read_ram(inp: Input, info: SectionInfo, ctx: RamContext,
         hdr = yield from need(inp, 8, "RAM record header", sec)
         (v,) = BE64.unpack(hdr)
         flags, addr = v & mask, v & ~mask
-        kind = flags & ~RamFlag.CONTINUE
-        if kind == RamFlag.EOS:
-            if flags != RamFlag.EOS:
+        kind = flags & ~_CONTINUE
+        if kind == _EOS:
+            if flags != _EOS:
                 raise StreamError(f"RAM EOS with extra flags 0x{flags:x}", offset=off, section=sec)
             yield RamEos(off, hdr, sid)
             return
-        if kind == RamFlag.MEM_SIZE:
+        if kind == _MEM_SIZE:
             yield (yield from _mem_size(inp, info, ctx, off, hdr, addr, setup))
             continue
-        if kind == RamFlag.MULTIFD_FLUSH:
+        if kind == _MULTIFD_FLUSH:
             yield RamRecords(off, hdr, sid, 1, 0, 0)
             continue
-        if kind == RamFlag.HOOK:
+        if kind == _HOOK:
             raise UnsupportedStream("RAM hook record (RDMA migration) in a byte stream", offset=off, section=sec)
         if kind not in _TYPE_FLAGS:
             raise StreamError(f"unknown RAM record flags 0x{flags:x}", offset=off, section=sec)
@@ -125,7 +134,7 @@ def _page_record(inp: Input, info: SectionInfo, ctx: RamContext, off: int, hdr: 
                  flags: int, kind: int) -> Generator[object, None, None]:
     sec = info.label
     parts = [bytes(hdr)]
-    if flags & RamFlag.CONTINUE:
+    if flags & _CONTINUE:
         if ctx.last_block is None:
             raise StreamError("RAM page CONTINUEs with no previous block", offset=off, section=sec)
     else:
@@ -137,11 +146,11 @@ def _page_record(inp: Input, info: SectionInfo, ctx: RamContext, off: int, hdr: 
         ctx.last_block = block
         parts += [bytes(n), bytes(name)]
     body = 0
-    if kind == RamFlag.ZERO:
+    if kind == _ZERO:
         parts.append(bytes((yield from need(inp, 1, "zero-page fill byte", sec))))
-    elif kind == RamFlag.PAGE:
+    elif kind == _PAGE:
         body = ctx.page_size
-    elif kind == RamFlag.XBZRLE:
+    elif kind == _XBZRLE:
         x = yield from need(inp, 3, "XBZRLE header", sec)
         if x[0] != XBZRLE_ENCODING_FLAG:
             raise StreamError(f"XBZRLE encoding flag 0x{x[0]:x}", offset=off, section=sec)
@@ -155,18 +164,11 @@ def _page_record(inp: Input, info: SectionInfo, ctx: RamContext, off: int, hdr: 
         if body > 2 * ctx.page_size + 64:
             raise StreamError(f"compressed page of {body} bytes", offset=off, section=sec)
         parts.append(bytes(x))
-    is_page = kind != RamFlag.ZERO
+    is_page = kind != _ZERO
     yield RamRecords(off, memoryview(b"".join(parts)), info.section_id, 1,
                      int(is_page), int(not is_page))
-    while body:
-        view = inp.take_upto(body)
-        if view is None:
-            if inp.eof:
-                raise StreamError("stream ends inside a RAM page", offset=inp.offset, section=sec)
-            yield NEED_DATA
-            continue
-        body -= len(view)
-        yield RamRecords(inp.offset - len(view), view, info.section_id, 0, 0, 0)
+    sid = info.section_id
+    yield from pieces(inp, body, "a RAM page", sec, lambda o, v: RamRecords(o, v, sid, 0, 0, 0))
 
 
 def _mem_size(inp: Input, info: SectionInfo, ctx: RamContext, off: int, hdr: memoryview,

@@ -26,13 +26,14 @@ other exception escaping :meth:`next_event` is a bug.
 """
 from __future__ import annotations
 
+import json
 from typing import Generator, Iterator, Optional, Union
 
 from ..errors import StreamError, UnsupportedStream, UsageError
 from ._util import need, need_peek, printable_ascii
 from .buffer import Input
 from .events import (NEED_DATA, Command, Configuration, Eof, FileHeader, Opaque, SaveImageHeader,
-                     SectionEnd, SectionFooter, SectionFull, SectionHeader, SectionPart,
+                     SectionEnd, SectionFooter, SectionFull, SectionPart,
                      SectionStart, StreamEnd, VMDescription)
 from .ram import RamContext, read_ram
 from .saveimage import SAVE_MAGICS, read_save_image
@@ -52,6 +53,9 @@ _HEADER_TYPES = {
     SectionType.SECTION_END: SectionEnd,
     SectionType.SECTION_FULL: SectionFull,
 }
+#: commands a precopy stream carries (FORMAT.md §2); everything else is refused
+_ALLOWED_COMMANDS = {MigCommand.OPEN_RETURN_PATH, MigCommand.PING, MigCommand.POSTCOPY_ADVISE,
+                     MigCommand.SWITCHOVER_START}
 _EXPECTED_VERSION = {KIND_RAM: RAM_VERSION, KIND_VFIO: VFIO_VERSION, KIND_DIRTY_BITMAP: DIRTY_BITMAP_VERSION}
 
 
@@ -237,12 +241,16 @@ class StreamParser:
         if fixed >= 0 and ln != fixed:
             raise StreamError(f"command {command.name} with length {ln} (QEMU requires {fixed})", offset=off)
         data = bytes((yield from need(inp, ln, f"command {command.name}")))
-        if command == MigCommand.PACKAGED:
-            raise UnsupportedStream("postcopy PACKAGED data: postcopy migrations cannot be filtered",
-                                    offset=off)
         if command == MigCommand.POSTCOPY_ADVISE and ln:
             raise UnsupportedStream("postcopy-ram is enabled; VFIO devices cannot use postcopy and "
                                     "the RAM block list cannot be delimited", offset=off)
+        if command not in _ALLOWED_COMMANDS:
+            # postcopy, COLO and recovery commands: VFIO devices cannot take part in them,
+            # and their variable-length data would be bytes we could not account for
+            raise UnsupportedStream(f"migration command {command.name} (postcopy, COLO or recovery) "
+                                    f"cannot be filtered", offset=off)
+        if self.table.non_iterable:
+            raise StreamError(f"command {command.name} after the device sections began", offset=off)
         return Command(off, memoryview(hdr + data), command, data)
 
     def _section(self, rtype: SectionType) -> Generator[object, None, None]:
@@ -316,6 +324,13 @@ class StreamParser:
         if n > MAX_VMDESC_LEN:
             raise StreamError(f"VM description of {n} bytes (limit {MAX_VMDESC_LEN})", offset=off)
         body = bytes((yield from need(inp, n, "VM description")))
+        try:
+            # strict JSON: QEMU writes ASCII JSON; raw binary here could hide records
+            desc = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise StreamError("VM description is not valid JSON", offset=off + 5) from None
+        if not isinstance(desc, dict):
+            raise StreamError("VM description is not a JSON object", offset=off + 5)
         yield VMDescription(off, memoryview(hdr + body), body)
         while True:
             if inp.available():

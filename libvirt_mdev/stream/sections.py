@@ -20,6 +20,18 @@ contains a footer *and* a well-formed record right after it is tiny, and a wrong
 split can only make a later check fail (fail closed); it cannot hide VFIO state,
 because VFIO state is only accepted inside sections whose idstr says VFIO, and those
 are parsed exactly.  An iterative section of a kind we cannot parse is refused.
+
+Why a wrong split matters, and how it is contained: if our split differs from QEMU's
+(the stream is crafted, and QEMU reads the body by its field layout), the two parsers
+*diverge* — QEMU may then read real records inside bytes we take for opaque data, and a
+VFIO section hidden there would reach the vendor driver unchecked.  So the grammar is
+made strict exactly where divergence could be exploited (SectionTable.phase rules):
+vmstate FULL sections only after every iterative section has ended (as QEMU 7.2–10.x
+write them), no iterative record after that, one FULL per section, no data blocks in a
+VFIO FULL section, no variable-length commands, a vmdesc that is strict JSON — and every
+scan-delimited body is searched (:class:`BodyGuard`) for the bytes a hidden VFIO section
+header or a hidden VFIO PART/END would need.  After a divergence, every byte QEMU could
+read as a record lies in such a guarded body, so a hidden VFIO section is refused.
 """
 from __future__ import annotations
 
@@ -28,7 +40,7 @@ from dataclasses import dataclass
 from typing import Callable, Generator, Optional
 
 from ..errors import StreamError, UnsupportedStream
-from ._util import need, printable_ascii
+from ._util import need, pieces, printable_ascii
 from .buffer import Input
 from .events import NEED_DATA, Event, Opaque
 from .wire import (BE16, BE32, BE64, DIRTY_BITMAP_IDSTR, MAX_FULL_SECTION, MAX_SECTIONS,
@@ -70,6 +82,7 @@ class SectionInfo:
     kind: str
     iterative: bool
     ended: bool = False
+    full_seen: bool = False
 
     @property
     def label(self) -> str:
@@ -81,22 +94,51 @@ class SectionTable:
 
     def __init__(self) -> None:
         self.by_id: dict[int, SectionInfo] = {}
+        self._by_name: dict[tuple[str, int], int] = {}
+        #: the non-iterable phase began (first FULL section): no iterative record after it
+        self.non_iterable = False
 
     def open(self, section_id: int, idstr: str, instance_id: int, version_id: int,
              iterative: bool, offset: int) -> SectionInfo:
+        if iterative and self.non_iterable:
+            raise StreamError(f"START of {idstr!r} after the non-iterable device sections began",
+                              offset=offset)
         known = self.by_id.get(section_id)
-        if known is not None:
-            if (known.idstr, known.instance_id) != (idstr, instance_id):
-                raise StreamError(f"section id {section_id} reused for {idstr!r}[{instance_id}] "
-                                  f"(it is {known.label})", offset=offset)
-            if iterative:
-                raise StreamError(f"second START for section {known.label}", offset=offset)
-            return known
-        if len(self.by_id) >= MAX_SECTIONS:
-            raise StreamError(f"more than {MAX_SECTIONS} sections", offset=offset)
-        info = SectionInfo(section_id, idstr, instance_id, version_id, kind_of(idstr), iterative)
-        self.by_id[section_id] = info
-        return info
+        if known is None:
+            other = self._by_name.get((idstr, instance_id))
+            if other is not None:
+                raise StreamError(f"{idstr!r}[{instance_id}] appears with section id {section_id} "
+                                  f"and {other}", offset=offset)
+            if len(self.by_id) >= MAX_SECTIONS:
+                raise StreamError(f"more than {MAX_SECTIONS} sections", offset=offset)
+            known = SectionInfo(section_id, idstr, instance_id, version_id, kind_of(idstr), iterative)
+            self.by_id[section_id] = known
+            self._by_name[(idstr, instance_id)] = section_id
+        elif (known.idstr, known.instance_id) != (idstr, instance_id):
+            raise StreamError(f"section id {section_id} reused for {idstr!r}[{instance_id}] "
+                              f"(it is {known.label})", offset=offset)
+        elif iterative:
+            raise StreamError(f"second START for section {known.label}", offset=offset)
+        if not iterative:
+            self._full(known, offset)
+        return known
+
+    def _full(self, info: SectionInfo, offset: int) -> None:
+        """Rules for FULL sections (see the theory above)."""
+        if info.full_seen:
+            raise StreamError(f"second FULL section for {info.label}", offset=offset)
+        if info.kind in (KIND_RAM, KIND_DIRTY_BITMAP):
+            raise StreamError(f"FULL section for the iterative handler {info.idstr!r}", offset=offset)
+        if info.kind == KIND_VFIO and not info.iterative:
+            raise StreamError(f"VFIO config section {info.label} without the device's setup (START) section",
+                              offset=offset)
+        still_open = [i.label for i in self.by_id.values() if i.iterative and not i.ended]
+        if still_open:
+            raise UnsupportedStream(f"device section {info.label} appears while iterative sections are "
+                                    f"still open ({', '.join(still_open[:3])}): QEMU >= 8.0 early-setup "
+                                    f"devices cannot be delimited safely there", offset=offset)
+        info.full_seen = True
+        self.non_iterable = True
 
     def continued(self, section_id: int, offset: int) -> SectionInfo:
         info = self.by_id.get(section_id)
@@ -104,7 +146,13 @@ class SectionTable:
             raise StreamError(f"PART/END for unknown section id {section_id}", offset=offset)
         if info.ended:
             raise StreamError(f"PART/END after the END of section {info.label}", offset=offset)
+        if self.non_iterable:
+            raise StreamError(f"PART/END of {info.label} after the non-iterable device sections began",
+                              offset=offset)
         return info
+
+    def vfio_ids(self) -> list[int]:
+        return [sid for sid, i in self.by_id.items() if i.kind == KIND_VFIO]
 
 
 # -- the footer scan ------------------------------------------------------------------
@@ -149,7 +197,8 @@ def next_record_ok(b: bytes, at_end: bool, table: SectionTable) -> Optional[bool
             return False if at_end else None
         (sid,) = BE32.unpack_from(b, 1)
         info = table.by_id.get(sid)
-        return info is not None and info.iterative and not info.ended
+        # structure only: a PART/END out of order is then refused with a precise message
+        return info is not None and info.iterative
     if t == SectionType.COMMAND:
         if len(b) < 5:
             return False if at_end else None
@@ -163,6 +212,46 @@ def next_record_ok(b: bytes, at_end: bool, table: SectionTable) -> Optional[bool
     return False
 
 
+#: a VFIO START/FULL header ends with "...vfio", be32 instance, be32 version (0 or 1)
+_HIDDEN_VFIO_HEADER = re.compile(rb"vfio(?=[\x00-\xff]{4}\x00\x00\x00[\x00\x01])")
+#: a VFIO PART/END header (type, be32 id) is followed by a VFIO marker
+_HIDDEN_VFIO_PART = re.compile(rb"[\x02\x03](?=[\x00-\xff]{4}\xff\xff\xff\xff\xef\x10\x00[\x01-\x06])")
+_GUARD_TAIL = 1 + 4 + 1 + 255 + 8
+
+
+class BodyGuard:
+    """Searches a scan-delimited body for a hidden VFIO section (see the theory above).
+
+    Fed the body piece by piece; keeps a short tail so a pattern split between pieces
+    is still seen."""
+
+    def __init__(self, info: SectionInfo, table: SectionTable) -> None:
+        self._info = info
+        self._vfio_ids = set(table.vfio_ids())
+        self._tail = b""
+
+    def feed(self, piece: memoryview, offset: int) -> None:
+        buf = self._tail + bytes(piece)
+        base = offset - len(self._tail)
+        for m in _HIDDEN_VFIO_HEADER.finditer(buf):
+            end = m.end()
+            for n in range(4, min(255, end - 6) + 1):
+                start = end - n
+                if buf[start - 1] == n and buf[start - 6] in (SectionType.SECTION_START, SectionType.SECTION_FULL):
+                    name = buf[start:end]
+                    if printable_ascii(name) and (name == b"vfio" or name.endswith(b"/vfio")):
+                        self._refuse(f"a VFIO section header ({name.decode()!r})", base + start - 6)
+        for m in _HIDDEN_VFIO_PART.finditer(buf):
+            (sid,) = BE32.unpack_from(buf, m.start() + 1)
+            if sid in self._vfio_ids:
+                self._refuse(f"a PART/END record of VFIO section id {sid}", base + m.start())
+        self._tail = buf[-_GUARD_TAIL:]
+
+    def _refuse(self, what: str, offset: int) -> None:
+        raise StreamError(f"{what} is hidden inside the body of {self._info.label}; the section "
+                          f"boundaries are ambiguous, refusing", offset=offset, section=self._info.label)
+
+
 def footer_bytes(section_id: int) -> bytes:
     return bytes([SectionType.SECTION_FOOTER]) + BE32.pack(section_id)
 
@@ -172,6 +261,13 @@ def scan_to_footer(inp: Input, info: SectionInfo, table: SectionTable, terminato
                    limit: int = MAX_FULL_SECTION) -> Generator[object, None, None]:
     """Hand out an unframed body as events built by *make* until ``terminator + footer``
     followed by a well-formed record; the terminator and footer are left unconsumed."""
+    guard = BodyGuard(info, table)
+    emit = make
+
+    def make(off: int, view: memoryview) -> Event:  # noqa: F811 - every body byte passes the guard
+        guard.feed(view, off)
+        return emit(off, view)
+
     pattern_bytes = terminator + footer_bytes(info.section_id)
     pattern = re.compile(re.escape(pattern_bytes))
     plen = len(pattern_bytes)
@@ -276,15 +372,9 @@ def read_dirty_bitmap(inp: Input, info: SectionInfo) -> Generator[object, None, 
         elif not flags & (DirtyBitmapFlag.COMPLETE | DirtyBitmapFlag.EOS):
             raise StreamError(f"dirty-bitmap chunk with unknown flags 0x{flags:x}", offset=start, section=sec)
         yield Opaque(start, memoryview(b"".join(parts)), info.section_id, "dirty-bitmap")
-        while buf_len:
-            view = inp.take_upto(buf_len)
-            if view is None:
-                if inp.eof:
-                    raise StreamError("stream ends inside a dirty-bitmap buffer", offset=inp.offset, section=sec)
-                yield NEED_DATA
-                continue
-            buf_len -= len(view)
-            yield Opaque(inp.offset - len(view), view, info.section_id, "dirty-bitmap")
+        sid = info.section_id
+        yield from pieces(inp, buf_len, "a dirty-bitmap buffer", sec,
+                          lambda o, v: Opaque(o, v, sid, "dirty-bitmap"))
         if flags & DirtyBitmapFlag.EOS:
             return
 

@@ -198,3 +198,38 @@ def inject(src_path: str, dst: BinaryIO, devices: list[SyntheticVfioDevice],
                     for piece in d.end_chunks(d.state_bytes - sent[id(d)]):
                         w.write_bytes(piece)
                     sent[id(d)] = d.state_bytes
+
+
+def write_minimal_stream(dst: BinaryIO, ram_pages: int = 256, seed: int = 1) -> None:
+    """A small stream with QEMU 7.2's shape and framing and made-up contents: header,
+    configuration, a RAM section (setup, one iteration, completion) with zero and
+    non-zero pages, a few device FULL sections, EOF and vmdesc.  For examples and
+    demos where no QEMU is at hand; :func:`inject` adds VFIO devices to it."""
+    from .wire import BE64, RamFlag
+    from .writer import encode_configuration, encode_eof, encode_file_header
+    page = 4096
+    rng = random.Random(seed)
+    ram = b""
+    for i in range(ram_pages):
+        zero = rng.random() < 0.6
+        flags = (RamFlag.ZERO if zero else RamFlag.PAGE) | (RamFlag.CONTINUE if i else 0)
+        ram += BE64.pack(i * page | flags) + (b"" if i else b"\x06pc.ram")
+        ram += b"\x00" if zero else rng.randbytes(page)
+    setup = (BE64.pack(ram_pages * page | RamFlag.MEM_SIZE) + b"\x06pc.ram" + BE64.pack(ram_pages * page)
+             + BE64.pack(RamFlag.EOS))
+    eos = BE64.pack(RamFlag.EOS)
+    out = [encode_file_header(), encode_configuration("pc-i440fx-7.2"),
+           encode_section_start(2, "ram", 0, 4) + setup + encode_footer(2),
+           encode_section_part(2) + ram + eos + encode_footer(2),
+           encode_section_part(2, end=True) + eos + encode_footer(2)]
+    devices = [("timer", 0, 2, 24), ("cpu", 0, 12, 1900), ("0000:00:02.0/virtio-net", 0, 11, 300),
+               ("serial", 0, 3, 40)]
+    desc = []
+    for sid, (name, inst, ver, size) in enumerate(devices, start=3):
+        body = rng.randbytes(size)
+        out.append(encode_section_start(sid, name, inst, ver, full=True) + body + encode_footer(sid))
+        desc.append({"name": name, "instance_id": inst, "size": size,
+                     "fields": [{"name": "data", "size": size, "type": "buffer"}]})
+    out.append(encode_eof())
+    out.append(encode_vmdesc(json.dumps({"page_size": page, "devices": desc}, separators=(",", ":")).encode()))
+    dst.write(b"".join(out))

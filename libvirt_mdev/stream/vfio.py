@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from typing import Generator
 
 from ..errors import StreamError, UnsupportedStream
-from ._util import need
+from ._util import need, pieces
 from .buffer import Input
-from .events import (NEED_DATA, VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioConfigData,
+from .events import (VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioConfigData,
                      VfioMarker)
 from .sections import SectionInfo, SectionTable, scan_to_footer
 from .wire import BE64, MAX_VFIO_BLOCK, SectionType, VfioFlag
@@ -82,6 +82,10 @@ def read_vfio(inp: Input, info: SectionInfo, table: SectionTable, rtype: Section
         if flag is None:
             raise StreamError(f"unknown VFIO tag 0x{value:016x}", offset=off, section=sec)
         if flag == VfioFlag.DEV_DATA_STATE:
+            if rtype == SectionType.SECTION_FULL:
+                # QEMU's save_state never writes device data here; a loader would accept it
+                raise StreamError("VFIO device data inside the config (FULL) section", offset=off,
+                                  section=sec)
             yield from _data_block(inp, info, off, raw, rtype, framing)
             continue
         yield VfioMarker(off, raw, sid, flag)
@@ -131,15 +135,5 @@ def _data_block(inp: Input, info: SectionInfo, off: int, marker: memoryview,
     if size == 0 and rtype == SectionType.SECTION_PART:
         framing.v1_evidence = True
     yield VfioBlockStart(off, memoryview(bytes(marker) + bytes(sz)), sid, size)
-    left = size
-    while left:
-        view = inp.take_upto(left)
-        if view is None:
-            if inp.eof:
-                raise StreamError(f"stream ends inside a VFIO data block ({left} of {size} bytes missing)",
-                                  offset=inp.offset, section=sec)
-            yield NEED_DATA
-            continue
-        left -= len(view)
-        yield VfioBlockData(inp.offset - len(view), view, sid)
+    yield from pieces(inp, size, "a VFIO data block", sec, lambda o, v: VfioBlockData(o, v, sid))
     yield VfioBlockEnd(inp.offset, b"", sid, size)

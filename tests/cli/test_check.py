@@ -127,3 +127,19 @@ def test_help_explains_verdicts_and_exit_codes(run_cli: Any) -> None:
 def test_missing_required_option_is_usage_error(run_cli: Any) -> None:
     r = run_cli("check", "demo", "--connect", SRC)
     assert r.returncode == 2 and "--dest" in r.stderr
+
+
+def test_store_readiness_only_for_a_local_destination(tmp_path: Path) -> None:
+    from libvirt_mdev.cli.check import store_readiness
+
+    good = tmp_path / "store"
+    good.mkdir(mode=0o700)
+    good.chmod(0o700)
+    assert store_readiness("qemu:///system", good)["ready"] is True
+    assert store_readiness("qemu+unix:///system?socket=/run/x.sock", good)["ready"] is True
+    bad = store_readiness("qemu:///system", tmp_path / "missing")
+    assert bad["ready"] is False and "does not exist" in bad["detail"]
+    good.chmod(0o755)
+    assert store_readiness("qemu:///system", good)["ready"] is False
+    for remote in ("qemu+ssh://dest/system", "qemu+tcp://10.0.0.2/system", DST):
+        assert store_readiness(remote, good)["ready"] is None

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import record_timing
-from tests.harness import LibvirtHost
-from tests.harness.guests import GuestSpec, migratable_guest
+from tests.harness import HarnessError, LibvirtHost
+from tests.harness._proc import pid_alive
+from tests.harness.guests import RAM_FILL_ADDR, GuestSpec, migratable_guest
 from tests.harness.qemu_vm import QemuVM
 
 pytestmark = pytest.mark.e2e
@@ -136,3 +138,75 @@ def test_command_runs_inside_host_b_namespaces(two_hosts) -> None:
     # /var/log/libvirt inside B is B's own log dir: the file written there appears under b.log_dir.
     b.run_in_ns(["sh", "-c", "echo marker > /var/log/libvirt/ns-probe"])
     assert (b.log_dir / "ns-probe").read_text() == "marker\n"
+
+
+@pytest.mark.slow
+def test_migration_through_a_relay_running_on_host_b(two_hosts, tmp_path: Path) -> None:
+    """The proxy path: B's QEMU listens on B's loopback only, a relay started "on B" carries the stream."""
+    a, b = two_hosts.a, two_hosts.b
+    port = 49160
+    spec = migratable_guest("lm-relay")
+    define_and_start(a, spec, tmp_path)
+    relay = None
+    try:
+        without = two_hosts.migrate(spec.name, "--listen-address", "127.0.0.1", port=port, check=False)
+        assert without.returncode != 0 and "Connection refused" in without.stderr
+        assert a.domstate(spec.name) == "running"
+        with (tmp_path / "relay.log").open("w") as relay_log:
+            relay = b.popen_in_ns(["socat", "-d", "-d", f"TCP-LISTEN:{port},bind={b.address},reuseaddr",
+                                   f"TCP:127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=relay_log)
+        two_hosts.wait_listening("B", port)
+        two_hosts.migrate(spec.name, "--listen-address", "127.0.0.1", port=port)
+        assert_guest_runs(b, spec.name)
+        assert a.domstate(spec.name) == "shut off"
+        relay.wait(timeout=30)  # without fork, socat exits once the single migration connection closed
+        log = (tmp_path / "relay.log").read_text()
+        assert "accepting connection from" in log and "exiting with status 0" in log
+    finally:
+        if relay is not None and relay.poll() is None:
+            relay.terminate()
+            relay.wait(timeout=10)
+        for host in (a, b):
+            if host.virsh("domstate", spec.name, check=False).stdout.strip() == "running":
+                host.virsh("destroy", spec.name)
+        a.virsh("undefine", spec.name)
+
+
+def test_broken_host_fails_fast_with_the_reason_and_leaves_no_daemon(tmp_path: Path, e2e_tools: None) -> None:
+    host = LibvirtHost("bad", tmp_path, caps_cache=None,
+                       extra_files={"/etc/libvirt/libvirtd.conf": "this is = = not valid\n"})
+    started = time.monotonic()
+    with pytest.raises(HarnessError) as excinfo:
+        host.start()
+    assert time.monotonic() - started < 15
+    message = str(excinfo.value)
+    assert "host bad" in message and "libvirtd.conf" in message and "syntax error" in message
+    # virtlogd started before libvirtd failed; the failed start must have stopped it.
+    assert "virtlogd" in host.launched_pids
+    assert not any(pid_alive(pid) for pid in host.launched_pids.values())
+
+
+def sample_pages(fill: Path, first: int = 0, last: int | None = None, count: int = 8) -> list[bytes]:
+    """Page-aligned 4 KiB pieces spread over fill[first:last]: each is one whole guest page, stored verbatim."""
+    data = fill.read_bytes()[first:last]
+    pages = len(data) // 4096
+    return [data[i * 4096:(i + 1) * 4096] for i in range(0, pages, max(1, pages // count))]
+
+
+def test_filled_save_image_carries_the_fill_bytes(real_save_image_filled: Path, ram_fill_file: Path) -> None:
+    image = real_save_image_filled.read_bytes()
+    assert image[:16] == LIBVIRT_SAVE_MAGIC
+    assert len(image) > ram_fill_file.stat().st_size
+    missing = [i for i, page in enumerate(sample_pages(ram_fill_file)) if image.find(page) < 0]
+    assert not missing, f"fill pages {missing} not found in the save image"
+
+
+def test_filled_qmp_stream_carries_all_ram(real_qmp_stream_filled: Path) -> None:
+    ram = real_qmp_stream_filled.parent / "qmp-ram.bin"
+    stream = real_qmp_stream_filled.read_bytes()
+    assert stream[:8] == QEVM_MAGIC + (3).to_bytes(4, "big")
+    assert len(stream) > 256 << 20
+    # SeaBIOS writes the low megabyte and tables at the top of RAM; the pages between stay as the file had them.
+    pages = sample_pages(ram, first=RAM_FILL_ADDR, last=-(1 << 20))
+    missing = [i for i, page in enumerate(pages) if stream.find(page) < 0]
+    assert not missing, f"RAM pages {missing} not found in the stream"

@@ -31,8 +31,8 @@ def mdev_hostdev(uuid: str, slot: int) -> str:
             f"<address type='pci' domain='0x0000' bus='0x00' slot='0x{slot:02x}' function='0x0'/></hostdev>")
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "LIBVIRT_MDEV_CONFIG": "/dev/null"}
+def cli(*args: str, config: str = "/dev/null") -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "LIBVIRT_MDEV_CONFIG": config}
     return subprocess.run([sys.executable, "-m", "libvirt_mdev.cli", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
@@ -90,3 +90,23 @@ def test_check_real_source_against_example_dest(libvirt_host: LibvirtHost, mdev_
     out = json.loads(r.stdout)
     assert r.returncode == 6 and out["verdict"] == "type-mismatch"
     assert [(d["uuid"], d["verdict"]) for d in out["devices"]] == [(U1, "match"), (U2, "type-mismatch")]
+
+
+def test_check_local_destination_reports_store_readiness(libvirt_host: LibvirtHost, mdev_domain: GuestSpec,
+                                                        tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir(mode=0o700)
+    store.chmod(0o700)
+    conf = tmp_path / "c.conf"
+    conf.write_text(f"[libvirt-mdev]\nstore = {store}\n")
+    # the private host as both source and destination: a local qemu URI, so the store is checked
+    r = cli("check", mdev_domain.name, "--connect", libvirt_host.uri, "--dest", libvirt_host.uri, "--json",
+            config=str(conf))
+    out = json.loads(r.stdout)
+    assert out["store"]["ready"] is True
+    assert r.returncode == 8 and out["verdict"] == "not-annotated"  # fresh domain, not annotated
+    store.chmod(0o755)
+    r = cli("check", mdev_domain.name, "--connect", libvirt_host.uri, "--dest", libvirt_host.uri, "--json",
+            config=str(conf))
+    out = json.loads(r.stdout)
+    assert out["store"]["ready"] is False and any("store is not usable" in n for n in out["notes"])

@@ -17,6 +17,10 @@ from lxml import etree
 from ._proc import run
 
 DEFAULT_MEMORY_MIB = 256
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+# Guest-physical address where ram_fill data is loaded: above SeaBIOS and its tables, which stay below 1 MiB
+# apart from the top of RAM, so the guest does not overwrite the data while it idles.
+RAM_FILL_ADDR = 16 << 20
 
 
 @dataclass
@@ -29,6 +33,9 @@ class GuestSpec:
     disk: an image file (see make_disk) attached as virtio disk vda; disk_format must match the file.
     metadata: XML fragments (strings) placed inside `<metadata>`, each with its own namespace.
     extra_devices: XML fragments appended to `<devices>` verbatim (e.g. mdev hostdevs).
+    ram_fill: a file QEMU's generic `loader` device copies into guest RAM at RAM_FILL_ADDR on start (through
+    `<qemu:commandline>`, which taints the domain but changes nothing else), so save images and migration
+    streams carry that many MiB of real, non-zero pages instead of zero-page flags. Must fit below memory_mib.
     """
 
     name: str
@@ -43,10 +50,11 @@ class GuestSpec:
     serial: bool = True
     metadata: Sequence[str] = ()
     extra_devices: Sequence[str] = ()
+    ram_fill: Path | None = None
     uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
 
     def to_xml(self) -> str:
-        dom = etree.Element("domain", type="qemu")
+        dom = etree.Element("domain", type="qemu", nsmap={"qemu": QEMU_NS} if self.ram_fill else None)
         _text(dom, "name", self.name)
         _text(dom, "uuid", self.uuid)
         if self.metadata:
@@ -63,6 +71,10 @@ class GuestSpec:
         _text(dom, "on_reboot", "restart")
         _text(dom, "on_crash", "destroy")
         self._devices(etree.SubElement(dom, "devices"))
+        if self.ram_fill is not None:
+            cmdline = etree.SubElement(dom, f"{{{QEMU_NS}}}commandline")
+            for value in ("-device", f"loader,file={self.ram_fill},addr={RAM_FILL_ADDR:#x},force-raw=on"):
+                etree.SubElement(cmdline, f"{{{QEMU_NS}}}arg", value=value)
         return etree.tostring(dom, pretty_print=True, encoding="unicode")
 
     def _devices(self, devices: etree._Element) -> None:
@@ -100,6 +112,22 @@ def make_disk(path: Path, size: str = "64M", fmt: str = "qcow2") -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     run(["qemu-img", "create", "-q", "-f", fmt, str(path), size])
+    return path
+
+
+def make_ram_file(path: Path, mib: int, seed: int = 0) -> Path:
+    """*mib* MiB of pseudo-random bytes (reproducible per seed) for ram_fill / QemuVM.ram_file.
+
+    Random, not a pattern, so no layer (zero-page detection, compression) can shrink it: the stream grows by
+    exactly that much RAM.
+    """
+    import random
+
+    rng = random.Random(seed)
+    path = Path(path)
+    with path.open("wb") as fh:
+        for _ in range(mib):
+            fh.write(rng.randbytes(1 << 20))
     return path
 
 

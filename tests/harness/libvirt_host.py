@@ -98,6 +98,8 @@ class LibvirtHost:
     log_filters: str = DEFAULT_LOG_FILTERS
     root: Path = field(init=False)
     _pids: dict[str, int] = field(init=False, default_factory=dict)
+    # Daemon pids of the last start(), kept after stop() so tests can check nothing outlived it.
+    launched_pids: dict[str, int] = field(init=False, default_factory=dict)
     start_seconds: float = field(init=False, default=0.0)
 
     def __post_init__(self) -> None:
@@ -171,6 +173,9 @@ class LibvirtHost:
         for sub, _ in BIND_MOUNTS:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         (self.run_dir / "mig").mkdir(exist_ok=True)
+        for daemon in ("virtlogd", "libvirtd"):
+            # A stale pid file from an earlier run could make stop() signal an unrelated, reused pid.
+            (self.run_dir / f"{daemon}.pid").unlink(missing_ok=True)
         self._append(self.etc_dir / "qemu.conf", self._qemu_conf())
         self._append(self.etc_dir / "libvirtd.conf", self._libvirtd_conf())
         self.hooks_dir.mkdir(parents=True, exist_ok=True)
@@ -199,19 +204,15 @@ class LibvirtHost:
         for _, mount in BIND_MOUNTS:
             # Bind-mount targets must exist; /run/libvirt is missing when no stock daemon ever ran here.
             Path(mount).mkdir(parents=True, exist_ok=True)
-        proc = run(self._launch_command(), check=False, timeout=READY_TIMEOUT)
-        if proc.returncode != 0:
-            raise HarnessError(f"host {self.name}: daemon launch failed (rc={proc.returncode}): {proc.stderr.strip()}\n"
-                               f"{tail(self.libvirtd_log)}")
-        for daemon in ("virtlogd", "libvirtd"):
-            pid = read_pid(self.run_dir / f"{daemon}.pid")
-            if pid is None:
-                raise HarnessError(f"host {self.name}: {daemon} wrote no pid file\n{tail(self.libvirtd_log)}")
-            self._pids[daemon] = pid
-        self._wait_ready(started + READY_TIMEOUT)
-        if self.warm_caps:
-            self.virsh("capabilities", timeout=READY_TIMEOUT)
-            self._harvest_caps()
+        try:
+            self._launch()
+            self._wait_ready(started + READY_TIMEOUT)
+            if self.warm_caps:
+                self.virsh("capabilities", timeout=READY_TIMEOUT)
+                self._harvest_caps()
+        except BaseException:
+            self.stop()  # whatever did start (often virtlogd) must not outlive a failed start
+            raise
         self.start_seconds = time.monotonic() - started
 
     def stop(self) -> None:
@@ -301,6 +302,19 @@ class LibvirtHost:
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
         return cmd
+
+    def _launch(self) -> None:
+        proc = run(self._launch_command(), check=False, timeout=READY_TIMEOUT)
+        for daemon in ("virtlogd", "libvirtd"):
+            pid = read_pid(self.run_dir / f"{daemon}.pid")
+            if pid is not None:
+                self._pids[daemon] = self.launched_pids[daemon] = pid
+        if proc.returncode != 0:
+            raise HarnessError(f"host {self.name}: daemon launch failed (rc={proc.returncode}): "
+                               f"{proc.stderr.strip()}\nlibvirtd.log tail:\n{tail(self.libvirtd_log)}")
+        for daemon in ("virtlogd", "libvirtd"):
+            if daemon not in self._pids:
+                raise HarnessError(f"host {self.name}: {daemon} wrote no pid file\n{tail(self.libvirtd_log)}")
 
     def _seed_caps(self) -> None:
         if self.caps_cache is None or not self.caps_cache.is_dir():

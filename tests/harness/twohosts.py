@@ -143,3 +143,12 @@ class TwoHosts:
         if migrateuri is not None:
             args += ["--migrateuri", migrateuri]
         return source.virsh(*args, *extra_args, check=check, timeout=timeout)
+
+    def wait_listening(self, side: str, port: int, timeout: float = 10.0) -> None:
+        """Wait until something listens on TCP *port* inside the host's network namespace (e.g. a proxy)."""
+        host = self.host(side)
+        deadline = time.monotonic() + timeout
+        while not host.run_in_ns(["ss", "-Hltn", f"sport = :{port}"]).stdout.strip():
+            if time.monotonic() > deadline:
+                raise HarnessError(f"nothing listens on port {port} on host {side} after {timeout:.0f}s")
+            time.sleep(0.05)

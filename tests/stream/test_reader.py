@@ -94,10 +94,17 @@ def test_error_is_sticky_and_feed_after_eof_is_misuse():
 
 
 def _stream_with(*records: bytes, ram: bool = True) -> bytes:
+    """header, RAM setup, *records*, RAM completion, EOF.  Records that are FULL sections
+    go after the RAM END, where QEMU puts the non-iterable device sections."""
     out = encode_file_header()
+    iterative = [r for r in records if r[:1] != b"\x04"]
+    full = [r for r in records if r[:1] == b"\x04"]
     if ram:
         out += ram_setup({"pc.ram": 8 * PAGE})
-    return out + b"".join(records) + encode_eof()
+    out += b"".join(iterative)
+    if ram:
+        out += ram_pages(end=True, pattern="Z")
+    return out + b"".join(full) + encode_eof()
 
 
 def test_unknown_iterative_section_is_refused():
@@ -131,6 +138,8 @@ def test_postcopy_and_packaged_are_refused():
         parse(_stream_with(encode_command(MigCommand.POSTCOPY_ADVISE, b"\x00" * 16)))
     with pytest.raises(StreamError, match="length 3"):
         parse(_stream_with(encode_command(MigCommand.PING, b"abc")))
+    with pytest.raises(UnsupportedStream, match="POSTCOPY_RAM_DISCARD"):
+        parse(_stream_with(encode_command(MigCommand.POSTCOPY_RAM_DISCARD, b"\x00\x03abc\x00")))
 
 
 def test_data_after_the_end_is_refused():
@@ -173,18 +182,63 @@ def test_vfio_unknown_tag_and_multifd_full_are_refused():
     bare_full = (encode_section_start(30, "0000:00:05.0/vfio", 0, 1, full=True)
                  + encode_vfio_marker(VfioFlag.END_OF_STATE) + encode_footer(30))
     with pytest.raises(UnsupportedStream, match="multifd"):
-        parse(_stream_with(s, bare_full))
+        parse(_stream_with(s, e, bare_full))
 
 
-def test_vfio_data_hidden_in_full_section_is_still_seen():
-    """QEMU's loader reads DATA_STATE blocks in a FULL section too; so must we."""
-    sid = 31
-    rec = (encode_section_start(sid, "0000:00:07.0/vfio", 0, 1, full=True) + encode_vfio_block(b"evil")
+def test_vfio_data_in_a_full_section_is_refused():
+    """QEMU's loader would read DATA_STATE blocks in a FULL section too; QEMU never writes
+    them there, so they are refused rather than passed."""
+    s, e, _c = vfio_records(31, b"x", idstr="0000:00:07.0/vfio")
+    rec = (encode_section_start(31, "0000:00:07.0/vfio", 0, 1, full=True) + encode_vfio_block(b"evil")
            + encode_vfio_marker(VfioFlag.DEV_CONFIG_STATE) + b"\x01" * 8
-           + encode_vfio_marker(VfioFlag.END_OF_STATE) + encode_footer(sid))
-    from libvirt_mdev.stream import VfioBlockEnd
-    evs = parse(_stream_with(rec))
-    assert [x.size for x in evs if isinstance(x, VfioBlockEnd)] == [4]
+           + encode_vfio_marker(VfioFlag.END_OF_STATE) + encode_footer(31))
+    with pytest.raises(StreamError, match="device data inside the config"):
+        parse(_stream_with(s, e, rec))
+
+
+def test_hidden_vfio_section_inside_a_vmstate_body_is_refused():
+    """The divergence attack: a fake footer + plausible record inside a device body would
+    let QEMU read a real VFIO section where we see opaque bytes.  The body guard refuses
+    bodies that carry a VFIO section header or a VFIO PART/END."""
+    s, e, c = vfio_records(30, b"x")
+    hidden = vfio_records(40, b"payload", idstr="0000:00:09.0/vfio")[0]
+    body = b"\x00" * 10 + encode_footer(5) + full(6, "fake", b"\x11" * 4)[:-5] + hidden + b"\x22" * 8
+    with pytest.raises(StreamError, match="VFIO section header .*hidden inside the body"):
+        parse(_stream_with(s, e, full(5, "serial", body), c))
+    part = encode_section_part(30, end=True) + encode_vfio_block(b"more")
+    with pytest.raises(StreamError, match="PART/END record of VFIO section id 30 is hidden"):
+        parse(_stream_with(s, e, full(5, "serial", b"\x00" * 7 + part + b"\x00" * 3), c))
+
+
+def test_section_order_rules():
+    s, e, c = vfio_records(30, b"x")
+    with pytest.raises(StreamError, match="second FULL"):
+        parse(_stream_with(s, e, full(5, "serial", b"\x01"), full(5, "serial", b"\x01")))
+    with pytest.raises(StreamError, match="appears with section id"):
+        parse(_stream_with(s, e, full(5, "serial", b"\x01"), full(6, "serial", b"\x01")))
+    with pytest.raises(StreamError, match="without the device's setup"):
+        parse(_stream_with(c))
+    with pytest.raises(StreamError, match="FULL section for the iterative handler 'ram'"):
+        parse(_stream_with(full(9, "ram", b""), ram=False))
+    early = encode_file_header() + ram_setup({"pc.ram": 8 * PAGE}) + full(5, "serial", b"\x01") + encode_eof()
+    with pytest.raises(UnsupportedStream, match="early-setup"):
+        parse(early)
+    late = (encode_file_header() + ram_setup({"pc.ram": 8 * PAGE}) + ram_pages(end=True, pattern="Z")
+            + full(5, "serial", b"\x01") + ram_pages(pattern="Z") + encode_eof())
+    with pytest.raises(StreamError, match="after the END of section ram"):
+        parse(late)
+    # an iterable still open when the device sections begin is refused too (early-setup rule),
+    # and a START after them
+    late_start = (encode_file_header() + full(5, "serial", b"\x01") + ram_setup({"pc.ram": 8 * PAGE})
+                  + encode_eof())
+    with pytest.raises(StreamError, match="after the non-iterable device sections began"):
+        parse(late_start)
+
+
+def test_vmdesc_must_be_json():
+    from libvirt_mdev.stream.writer import encode_vmdesc
+    with pytest.raises(StreamError, match="not valid JSON"):
+        parse(small_stream(vmdesc=False) + encode_vmdesc(b"{\x00\x01 not json"))
 
 
 def test_save_image_header_is_parsed():
