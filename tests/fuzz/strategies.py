@@ -78,8 +78,9 @@ def ram_records(draw, page_bits: int, block: str) -> tuple[bytes, int, int]:
 
 
 @st.composite
-def vmstate_full(draw, sid: int) -> bytes:
-    name = draw(st.sampled_from(VMSTATE_NAMES))
+def vmstate_full(draw, sid: int, index: int) -> bytes:
+    # QEMU gives each (idstr, instance) one section id: names are distinct per stream
+    name = VMSTATE_NAMES[index % len(VMSTATE_NAMES)]
     body = draw(st.binary(max_size=80))
     # bodies full of footer lookalikes of *other* ids and of ours followed by junk
     if draw(st.booleans()):
@@ -206,7 +207,7 @@ def valid_streams(draw, max_parts: int = 3, max_devices: int = 2) -> Built:
         b.vfio_state[sid] = state
     nfull = draw(st.integers(0, 4))
     for j in range(nfull):
-        out += draw(vmstate_full(100 + j))
+        out += draw(vmstate_full(100 + j, j))
         b.sections += 1
     for sid, (_s, _p, _e, full, _st, sizes) in devs:
         out += full

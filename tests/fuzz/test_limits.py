@@ -88,7 +88,7 @@ def _many_vfio(n: int) -> bytes:
 
 def _bitmap(buf_len: int) -> bytes:
     flags = DirtyBitmapFlag.BITS
-    return (HEAD + encode_section_start(3, "dirty-bitmap", 0, 1, full=True) + bytes([flags])
+    return (HEAD + encode_section_start(3, "dirty-bitmap", 0, 1) + bytes([flags])
             + b"\x00" * 12 + BE64.pack(buf_len))
 
 
