@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +31,7 @@ from .conftest import (DOM_UUID, ID_A, ID_B, MARK_A, MARK_B, U1, U2, ProxyEnv, S
                        wait_results)
 
 pytestmark = pytest.mark.e2e  # the recorded stream comes from a real QEMU run
+REPO = Path(__file__).resolve().parents[2]
 
 
 def offset_of(data: bytes, idstr: str, kind: type = SectionStart) -> int:
@@ -203,3 +208,40 @@ def test_json_result_is_serialisable(proxy_env: ProxyEnv, injected_stream) -> No
     wait_results(px)
     doc = json.loads(json.dumps(px.results[0].to_json()))
     assert doc["ok"] and doc["domain_name"] == "vm1" and len(doc["devices"]) == 2
+
+
+def test_socket_activation_serves_a_migration(proxy_env: ProxyEnv, injected_stream) -> None:
+    """The listening socket comes from systemd (LISTEN_FDS), as with the example .socket unit."""
+    tool = shutil.which("systemd-socket-activate")
+    if tool is None:
+        pytest.fail("systemd-socket-activate is missing (Debian package systemd)")
+    data, _ = injected_stream
+    proxy_env.arm()
+    sink = Sink()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = proxy_env.conf_file()
+    proc = subprocess.Popen([tool, "-l", f"127.0.0.1:{port}", "-E", f"PYTHONPATH={REPO}",
+                             sys.executable, "-m", "libvirt_mdev.cli", "--config", str(conf), "proxy",
+                             "--forward", str(sink.endpoint), "--once", "--json-log"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # systemd-socket-activate listens before it starts the proxy
+            try:
+                got = replay(port, data)
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[0]["event"] == "listening" and events[0]["listen"] == f"127.0.0.1:{port}"
+    assert events[1]["ok"] and events[1]["domain_name"] == "vm1", err
+    assert proc.returncode == 0 and not got.reset
+    assert sink.wait() and sink.data == data
