@@ -245,3 +245,35 @@ def test_socket_activation_serves_a_migration(proxy_env: ProxyEnv, injected_stre
     assert events[1]["ok"] and events[1]["domain_name"] == "vm1", err
     assert proc.returncode == 0 and not got.reset
     assert sink.wait() and sink.data == data
+
+
+def test_oversized_vfio_block_is_refused_before_its_bytes(proxy_env: ProxyEnv, injected_stream) -> None:
+    data, _ = injected_stream
+    block = offset_of(data, ID_A, VfioBlockStart)
+    bad = bytearray(data)
+    bad[block + 8:block + 16] = (1 << 62).to_bytes(8, "big")  # a block "of 4 EiB"
+    proxy_env.arm()
+    sink = Sink()
+    px = proxy_env.proxy(sink.endpoint)
+    replay(px.address.port, bytes(bad))
+    wait_results(px)
+    res = px.results[0]
+    assert not res.ok and res.error_kind == "stream" and "VFIO data block claims" in res.error
+    sink.wait()
+    assert len(sink.data) <= block and MARK_A not in sink.data
+
+
+def test_untrustworthy_store_refuses_before_connecting_the_destination(proxy_env: ProxyEnv,
+                                                                        injected_stream) -> None:
+    store = proxy_env.config.store
+    store.mkdir(mode=0o700)
+    store.chmod(0o755)  # others could read device state: the store refuses to be used
+    proxy_env.arm()
+    sink = Sink()
+    px = proxy_env.proxy(sink.endpoint)
+    replay(px.address.port, injected_stream[0])
+    wait_results(px)
+    res = px.results[0]
+    assert not res.ok and res.error_kind.startswith("store"), res
+    time.sleep(0.2)
+    assert sink.received == []
