@@ -1,8 +1,9 @@
-"""kill -9 at random points of strip and splice (issue 7 §4), in a loop.
+"""kill -9 at random points of strip, splice and the live proxy (issue 7 §4), in a loop.
 
 Every run kills one CLI process (strip of a stream carrying state, splice of such a
-stream, which stores and verifies it, or splice of a stripped stream, which resolves
-tokens) at a random moment: half uniformly over its run time, half in the last fifth,
+stream, which stores and verifies it, splice of a stripped stream, which resolves
+tokens, or ``proxy --once`` filtering the stream from a socket to a byte sink, armed
+by a pending record as the hook writes it) at a random moment: half uniformly over its run time, half in the last 30%,
 where the commit (fsync, rename, manifest, output rename) happens.  After every kill:
 
 * every manifest in the store either fails the loader's checks or names exactly the
@@ -35,11 +36,13 @@ from libvirt_mdev.store.tokens import issue_token, resolve_token
 from libvirt_mdev.stream import StreamEnd, iter_events
 
 from .gen_stream import device
+from .proxyrun import DestHost, HashSink, mdev_uuid, start_proxy
 
 REPO = Path(__file__).resolve().parents[2]
 RUNS = int(os.environ.get("LIBVIRT_MDEV_KILL_RUNS", "60"))
-STATE = 24 << 20
-MDEV = "7a1c0000-0000-4000-8000-00000000beef"
+STATE = 64 << 20
+PROXY_DOMAIN = 0xBEEF
+MDEV = mdev_uuid(PROXY_DOMAIN)
 
 
 def env() -> dict[str, str]:
@@ -51,17 +54,34 @@ def cli(*args: str) -> list[str]:
 
 
 def check_store(store_dir: Path, sha: str, length: int) -> int:
-    """The invariant; returns how many manifests the loader accepts."""
+    """The invariant; returns how many manifests the loader accepts.
+
+    The loader's steps: resolve the token (syntax, manifest checks, mdev binding, not
+    spent), then open the state and re-hash it (``open_verified``).  Every manifest is
+    resolved; each distinct state file is re-hashed once per call (manifests of the
+    same content share one file, and hashing it once per manifest would make the loop
+    quadratic).
+    """
     accepted = 0
     with Store.open(store_dir) as store:
+        by_state: dict[str, str] = {}
         for e in store.list():
             if e.manifest is None:
                 continue
             try:
                 m = resolve_token(store, issue_token(e.manifest), MDEV)
-                _m, fd = store.open_verified(m.id)
+                _m, fd = store.open_state(m.id)
+                os.close(fd)
             except MdevError:
                 continue  # refused by the loader: fine
+            assert (m.length, m.sha256) == (length, sha), f"manifest {m.id} names other bytes than were sent"
+            by_state.setdefault(m.state_name, m.id)
+            accepted += 1
+        for mid in by_state.values():
+            try:
+                _m, fd = store.open_verified(mid)
+            except MdevError:
+                continue
             try:
                 h = hashlib.sha256()
                 n = 0
@@ -70,8 +90,7 @@ def check_store(store_dir: Path, sha: str, length: int) -> int:
                     n += len(chunk)
             finally:
                 os.close(fd)
-            assert (n, h.hexdigest()) == (length, sha), f"loader accepts state {m.id} that differs from what was sent"
-            accepted += 1
+            assert (n, h.hexdigest()) == (length, sha), f"loader accepts state {mid} that differs from what was sent"
     return accepted
 
 
@@ -94,6 +113,16 @@ def gc_cleans(store_dir: Path) -> None:
     assert {n for n in names if n.endswith(".state")} <= referenced, names
 
 
+def proxied(host: DestHost, src: Path, migration_id: str) -> tuple[subprocess.Popen, HashSink, subprocess.Popen]:
+    """Arm the domain, start ``proxy --once`` towards a hashing sink, and send *src* to it."""
+    host.arm(PROXY_DOMAIN, migration_id)
+    sink = HashSink()
+    px, port = start_proxy(host, PROXY_DOMAIN, sink.port)
+    source = subprocess.Popen(["socat", "-u", f"OPEN:{src}", f"TCP:127.0.0.1:{port}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return px, sink, source
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
 def test_kill_9_at_random_points_of_strip_and_splice(real_qmp_stream: Path, tmp_path: Path):
@@ -108,7 +137,8 @@ def test_kill_9_at_random_points_of_strip_and_splice(real_qmp_stream: Path, tmp_
                    f"<source><address uuid='{MDEV}'/></source>"
                    "<address type='pci' domain='0x0000' bus='0x00' slot='0x05' function='0x0'/></hostdev>"
                    "</devices></domain>")
-    store_dir = tmp_path / "store"
+    host = DestHost(tmp_path, PROXY_DOMAIN + 1).setup()  # fake sysfs with our mdev, config, store
+    store_dir = host.store
     # a complete strip first: the stripped stream the splice runs read, and the run times
     ops = {
         "strip": lambda out: cli("strip", str(src), str(out), "--store", str(store_dir), "--domain-xml", str(xml)),
@@ -124,16 +154,28 @@ def test_kill_9_at_random_points_of_strip_and_splice(real_qmp_stream: Path, tmp_
         subprocess.run(ops[name](tmp_path / f"full-{name}"), check=True, cwd=REPO, env=env(), capture_output=True,
                        timeout=120)
         durations[name] = time.monotonic() - t
+    px, sink, source = proxied(host, src, "first")
+    t = time.monotonic()
+    assert px.wait(timeout=120) == 0 and source.wait(timeout=60) == 0 and sink.done.wait(60)
+    durations["proxy"] = time.monotonic() - t
+    assert sink.hasher.digest() == hashlib.sha256(src.read_bytes()).digest()
     assert check_store(store_dir, sha, STATE) >= 1
 
     killed = finished = 0
+    per_op = {name: 0 for name in durations}
     for run in range(RUNS):
-        name = rng.choice(sorted(ops))
+        name = rng.choice(sorted(durations))
+        per_op[name] += 1
         out = tmp_path / f"out-{run}"
         d = durations[name]
-        delay = rng.uniform(0, d) if rng.random() < 0.5 else rng.uniform(0.8 * d, 1.05 * d)
-        p = subprocess.Popen(ops[name](out), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+        delay = rng.uniform(0, d) if rng.random() < 0.5 else rng.uniform(0.7 * d, 1.0 * d)
+        extra: list = []
+        if name == "proxy":
+            p, sink, source = proxied(host, src, f"run-{run}")
+            extra = [source]
+        else:
+            p = subprocess.Popen(ops[name](out), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
         time.sleep(delay)
         if p.poll() is None:
             os.kill(p.pid, signal.SIGKILL)
@@ -141,6 +183,8 @@ def test_kill_9_at_random_points_of_strip_and_splice(real_qmp_stream: Path, tmp_
         else:
             finished += 1
         p.wait(timeout=60)
+        for q in extra:
+            q.wait(timeout=60)
         check_store(store_dir, sha, STATE)
         output_ok(out)
         gc_cleans(store_dir)
@@ -152,7 +196,7 @@ def test_kill_9_at_random_points_of_strip_and_splice(real_qmp_stream: Path, tmp_
     subprocess.run(ops["unstrip"](back), check=True, cwd=REPO, env=env(), capture_output=True, timeout=120)
     assert hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
     leftovers = [n for n in os.listdir(tmp_path) if ".tmp-" in n]
-    summary = {"runs": RUNS, "killed": killed, "finished_before_kill": finished,
+    summary = {"runs": RUNS, "per_op": per_op, "killed": killed, "finished_before_kill": finished,
                "durations_s": {k: round(v, 2) for k, v in durations.items()},
                "output_temp_files_left": len(leftovers)}
     print(f"\nkill loop: {json.dumps(summary)}")
