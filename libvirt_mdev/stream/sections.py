@@ -233,6 +233,9 @@ class BodyGuard:
     def feed(self, piece: memoryview, offset: int) -> None:
         buf = self._tail + bytes(piece)
         base = offset - len(self._tail)
+        # every hit in what we hold, then the earliest one: which refusal is reported
+        # must not depend on how the body was cut into pieces (found by fuzzing)
+        hits: list[tuple[int, str]] = []
         for m in _HIDDEN_VFIO_HEADER.finditer(buf):
             end = m.end()
             for n in range(4, min(255, end - 6) + 1):
@@ -240,11 +243,14 @@ class BodyGuard:
                 if buf[start - 1] == n and buf[start - 6] in (SectionType.SECTION_START, SectionType.SECTION_FULL):
                     name = buf[start:end]
                     if printable_ascii(name) and (name == b"vfio" or name.endswith(b"/vfio")):
-                        self._refuse(f"a VFIO section header ({name.decode()!r})", base + start - 6)
+                        hits.append((base + start - 6, f"a VFIO section header ({name.decode()!r})"))
         for m in _HIDDEN_VFIO_PART.finditer(buf):
             (sid,) = BE32.unpack_from(buf, m.start() + 1)
             if sid in self._vfio_ids:
-                self._refuse(f"a PART/END record of VFIO section id {sid}", base + m.start())
+                hits.append((base + m.start(), f"a PART/END record of VFIO section id {sid}"))
+        if hits:
+            offset, what = min(hits)
+            self._refuse(what, offset)
         self._tail = buf[-_GUARD_TAIL:]
 
     def _refuse(self, what: str, offset: int) -> None:
