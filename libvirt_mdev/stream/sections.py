@@ -95,6 +95,8 @@ class SectionTable:
     def __init__(self) -> None:
         self.by_id: dict[int, SectionInfo] = {}
         self._by_name: dict[tuple[str, int], int] = {}
+        #: ids of VFIO sections, kept as they open (every body's guard needs them)
+        self._vfio: set[int] = set()
         #: the non-iterable phase began (first FULL section): no iterative record after it
         self.non_iterable = False
 
@@ -114,6 +116,8 @@ class SectionTable:
             known = SectionInfo(section_id, idstr, instance_id, version_id, kind_of(idstr), iterative)
             self.by_id[section_id] = known
             self._by_name[(idstr, instance_id)] = section_id
+            if known.kind == KIND_VFIO:
+                self._vfio.add(section_id)
         elif (known.idstr, known.instance_id) != (idstr, instance_id):
             raise StreamError(f"section id {section_id} reused for {idstr!r}[{instance_id}] "
                               f"(it is {known.label})", offset=offset)
@@ -132,7 +136,9 @@ class SectionTable:
         if info.kind == KIND_VFIO and not info.iterative:
             raise StreamError(f"VFIO config section {info.label} without the device's setup (START) section",
                               offset=offset)
-        still_open = [i.label for i in self.by_id.values() if i.iterative and not i.ended]
+        # only the first FULL can find one open: after it no START/PART/END is accepted
+        still_open = [] if self.non_iterable else [i.label for i in self.by_id.values()
+                                                     if i.iterative and not i.ended]
         if still_open:
             raise UnsupportedStream(f"device section {info.label} appears while iterative sections are "
                                     f"still open ({', '.join(still_open[:3])}): QEMU >= 8.0 early-setup "
@@ -151,8 +157,8 @@ class SectionTable:
                               offset=offset)
         return info
 
-    def vfio_ids(self) -> list[int]:
-        return [sid for sid, i in self.by_id.items() if i.kind == KIND_VFIO]
+    def vfio_ids(self) -> set[int]:
+        return set(self._vfio)
 
 
 # -- the footer scan ------------------------------------------------------------------
