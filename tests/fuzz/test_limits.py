@@ -332,3 +332,47 @@ def test_many_sections_is_linear():
         return _many_sections(n) + encode_eof()
     small, big = _timed(data(4000), 1 << 20), _timed(data(8000), 1 << 20)
     assert big < 3.0 * small + 0.05, (small, big)
+
+
+_TOKEN_MEM_SCRIPT = textwrap.dedent(r"""
+    import json, os, resource, sys, tempfile
+    from libvirt_mdev.filter import FilterOptions, StreamFilter
+    from libvirt_mdev.store import Store
+    from libvirt_mdev.stream import StreamParser
+    from libvirt_mdev.stream.wire import VfioFlag
+    from libvirt_mdev.stream.writer import *
+    size, block = int(sys.argv[1]), int(sys.argv[2])
+    sid = 7
+    head = (encode_file_header() + encode_configuration("pc-i440fx-7.2")
+            + encode_section_start(sid, "0000:00:05.0/vfio", 0, 1) + encode_vfio_marker(VfioFlag.DEV_SETUP_STATE)
+            + encode_vfio_marker(VfioFlag.END_OF_STATE) + encode_footer(sid) + encode_section_part(sid, end=True))
+    chunk = encode_vfio_block(b"x" * block) * ((1 << 20) // (16 + block))
+    store = Store.open(os.path.join(tempfile.mkdtemp(), "s"), create=True)
+    p = StreamParser()
+    f = StreamFilter(store, p, FilterOptions(mode="token", verify=False), lambda b: None)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    p.feed(head)
+    fed = 0
+    while True:
+        for ev in p.events():
+            f.process(ev)
+        if fed >= size:
+            break
+        p.feed(chunk)
+        fed += len(chunk)
+    f.close()
+    print(json.dumps({"before": before, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known, reported to the lead: token mode (strip, proxy --mode token) holds "
+                                       "one token record per data block of an END section until the state is "
+                                       "committed; tiny blocks make that ~11x the input (filter.py is not ours)")
+def test_token_mode_memory_with_tiny_blocks_in_an_end_section():
+    r = subprocess.run([sys.executable, "-c", _TOKEN_MEM_SCRIPT, str(4 * MiB), "1"], cwd=REPO, capture_output=True,
+                       text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    # 4 MiB of input (262,144 one-byte blocks) must not cost 4x its size
+    assert out["peak"] - out["before"] < 16 * MiB, out
