@@ -8,8 +8,9 @@ Run from the repo root, e.g.::
 
 Every argument is passed to libFuzzer (``-runs``, ``-max_total_time``, ``-timeout``,
 ``-rss_limit_mb``, ``-artifact_prefix``...).  A crash file reproduces with the same
-command and the file as the only argument.  The number of executions is printed at exit
-(``LM_FUZZ_EXECS=<n>``) besides libFuzzer's own stats.
+command and the file as the only argument.  Count executions with ``-print_final_stats=1``
+(``stat::number_of_executed_units``); when a run is interrupted or crashes, the harness
+also prints ``LM_FUZZ_EXECS=<n>`` (libFuzzer's normal exit skips Python's atexit).
 """
 from __future__ import annotations
 
