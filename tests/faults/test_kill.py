@@ -102,7 +102,9 @@ def output_ok(out: Path) -> None:
     assert isinstance(evs[-1], StreamEnd), f"{out} exists but is incomplete"
 
 
-def gc_cleans(store_dir: Path) -> None:
+def gc_cleans(store_dir: Path) -> int:
+    """Run ``store gc``; check it left no temp and no orphan state.  Returns the number
+    of temp files it removed (a writer was killed mid-write)."""
     r = subprocess.run(cli("store", "gc", "--store", str(store_dir), "--retention", "86400", "--json"),
                        capture_output=True, text=True, cwd=REPO, env=env(), timeout=60)
     assert r.returncode == 0, r.stderr
@@ -111,6 +113,7 @@ def gc_cleans(store_dir: Path) -> None:
     with Store.open(store_dir) as store:
         referenced = {e.manifest.state_name for e in store.list() if e.manifest is not None}
     assert {n for n in names if n.endswith(".state")} <= referenced, names
+    return len(json.loads(r.stdout)["removed_temp"])
 
 
 def proxied(host: DestHost, src: Path, migration_id: str) -> tuple[subprocess.Popen, HashSink, subprocess.Popen]:
@@ -159,9 +162,10 @@ def test_kill_9_at_random_points_of_strip_and_splice(real_qmp_stream: Path, tmp_
     assert px.wait(timeout=120) == 0 and source.wait(timeout=60) == 0 and sink.done.wait(60)
     durations["proxy"] = time.monotonic() - t
     assert sink.hasher.digest() == hashlib.sha256(src.read_bytes()).digest()
-    assert check_store(store_dir, sha, STATE) >= 1
+    accepted = check_store(store_dir, sha, STATE)
+    assert accepted >= 1
 
-    killed = finished = 0
+    killed = finished = mid_write = committed = 0
     per_op = {name: 0 for name in durations}
     for run in range(RUNS):
         name = rng.choice(sorted(durations))
@@ -185,9 +189,11 @@ def test_kill_9_at_random_points_of_strip_and_splice(real_qmp_stream: Path, tmp_
         p.wait(timeout=60)
         for q in extra:
             q.wait(timeout=60)
-        check_store(store_dir, sha, STATE)
+        before = accepted
+        accepted = check_store(store_dir, sha, STATE)
+        committed += accepted > before
         output_ok(out)
-        gc_cleans(store_dir)
+        mid_write += gc_cleans(store_dir) > 0
         if out.exists():
             out.unlink()
     # at the end the store still serves the state, and the stripped stream still splices back
@@ -197,6 +203,7 @@ def test_kill_9_at_random_points_of_strip_and_splice(real_qmp_stream: Path, tmp_
     assert hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(src.read_bytes()).digest()
     leftovers = [n for n in os.listdir(tmp_path) if ".tmp-" in n]
     summary = {"runs": RUNS, "per_op": per_op, "killed": killed, "finished_before_kill": finished,
+               "runs_leaving_store_temp_files": mid_write, "runs_adding_a_manifest": committed,
                "durations_s": {k: round(v, 2) for k, v in durations.items()},
                "output_temp_files_left": len(leftovers)}
     print(f"\nkill loop: {json.dumps(summary)}")
