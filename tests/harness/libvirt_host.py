@@ -6,6 +6,7 @@ the machine's real libvirt (and other sessions' private hosts) stay untouched. E
 """
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
 import subprocess
@@ -240,6 +241,32 @@ class LibvirtHost:
 
     def domstate(self, domain: str) -> str:
         return self.virsh("domstate", domain).stdout.strip()
+
+    def vcpu_time_ns(self, domain: str) -> int:
+        """Cumulative vCPU 0 time from `virsh domstats --vcpu` (read from /proc, so it works without cgroups)."""
+        stats = self.virsh("domstats", "--vcpu", domain).stdout
+        match = re.search(r"vcpu\.0\.time=(\d+)", stats)
+        if not match:
+            raise HarnessError(f"host {self.name}: no vcpu.0.time in domstats of {domain}: {stats.strip()}")
+        return int(match.group(1))
+
+    def wait_guest_executes(self, domain: str, timeout: float = 10.0) -> None:
+        """Prove the guest really runs here: libvirt and QEMU say running and its vCPU time grows.
+
+        The idle SeaBIOS guest accrues ~10 ms of vCPU time per 1.5 s, so this takes up to ~1.5 s.
+        """
+        state = self.domstate(domain)
+        if state != "running":
+            raise HarnessError(f"host {self.name}: domain {domain} is {state!r}, not running")
+        status = self.virsh("qemu-monitor-command", "--hmp", domain, "info status").stdout
+        if "VM status: running" not in status:
+            raise HarnessError(f"host {self.name}: QEMU of {domain} says {status.strip()!r}")
+        before = self.vcpu_time_ns(domain)
+        deadline = time.monotonic() + timeout
+        while self.vcpu_time_ns(domain) <= before:
+            if time.monotonic() > deadline:
+                raise HarnessError(f"host {self.name}: vCPU time of {domain} stuck at {before} ns for {timeout:.0f}s")
+            time.sleep(0.1)
 
     def nsenter_args(self, *, net: bool = True, uts: bool = True) -> list[str]:
         """Prefix that runs a command in this host's mount (and net/UTS) namespaces, as libvirtd sees them."""
