@@ -103,6 +103,13 @@ def test_live_migration_between_two_hosts(two_hosts, tmp_path: Path) -> None:
                                ("migrate begin", "prepare begin", "start begin", "started begin")]
         a_hooks = a.host_path("/var/log/libvirt/hooks.log").read_text().splitlines()
         assert a_hooks[-2:] == [f"{spec.name} stopped end -", f"{spec.name} release end -"]
+        # Back again in peer-to-peer mode: B's daemon dials A's TCP listener from inside B's namespace, and
+        # the guest lands on A's inactive persistent definition.
+        started = time.monotonic()
+        two_hosts.migrate(spec.name, src="B", p2p=True)
+        record_timing("virsh migrate --live --p2p B->A", time.monotonic() - started)
+        a.wait_guest_executes(spec.name)
+        assert b.virsh("domstate", spec.name, check=False).returncode != 0  # transient on B: gone
     finally:
         for host in (a, b):
             if host.virsh("domstate", spec.name, check=False).stdout.strip() == "running":

@@ -6,6 +6,7 @@ the machine's real libvirt (and other sessions' private hosts) stay untouched. E
 """
 from __future__ import annotations
 
+import atexit
 import re
 import shlex
 import shutil
@@ -214,6 +215,8 @@ class LibvirtHost:
         except BaseException:
             self.stop()  # whatever did start (often virtlogd) must not outlive a failed start
             raise
+        # Safety net for an interrupted test run: daemons and guests must not outlive the Python process.
+        atexit.register(self.stop)
         self.start_seconds = time.monotonic() - started
 
     def stop(self) -> None:
@@ -228,6 +231,7 @@ class LibvirtHost:
         terminate([p for p in qemus if p], timeout=10.0)
         terminate([p for p in (self._pids.get("libvirtd"), self._pids.get("virtlogd")) if p], timeout=15.0)
         self._pids.clear()
+        atexit.unregister(self.stop)
 
     # ----- talking to it -----------------------------------------------------------------------------------
     def virsh(self, *args: str, check: bool = True, timeout: float = 180.0) -> subprocess.CompletedProcess:
