@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from . import caps_cache as _caps
 from ._proc import HarnessError, pid_alive, read_pid, run, tail, terminate
 
 # The stock paths a host gets its own copy of, and the per-host sub-directory that backs each one.
@@ -31,22 +32,9 @@ BIND_MOUNTS: tuple[tuple[str, str], ...] = (
 PRUNE_GLOBS: tuple[str, ...] = ("qemu/*.xml", "qemu/autostart", "qemu/networks/autostart/*", "hooks/*")
 # The capability probe of two QEMU binaries takes ~8 s; a bound well above it still catches a hung daemon.
 READY_TIMEOUT = 60.0
-# Where libvirtd keeps its QEMU capability cache, relative to the host root (is /var/cache/libvirt/qemu/...).
-CAPS_SUBDIR = Path("cache/qemu/capabilities")
-_default_caps_cache: Path | None = None
 # Migration and hook decisions at debug level, the rest at libvirt's default (warnings): enough to debug a
 # failed migration from the log without drowning it.
 DEFAULT_LOG_FILTERS = "1:qemu.qemu_migration 1:util.hook"
-
-
-def set_default_caps_cache(path: Path | None) -> None:
-    """Share probed QEMU capabilities between the hosts of this test run (saves ~8 s per host start).
-
-    libvirtd re-validates each cached file (binary ctimes, kernel, microcode, /dev/kvm access) and re-probes when
-    anything differs, so sharing cannot hand a host stale capabilities.
-    """
-    global _default_caps_cache
-    _default_caps_cache = Path(path) if path is not None else None
 
 
 @dataclass(frozen=True)
@@ -95,7 +83,7 @@ class LibvirtHost:
     hostname: str | None = None
     hosts_entries: Mapping[str, str] = field(default_factory=dict)
     host_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
-    caps_cache: Path | None = field(default_factory=lambda: _default_caps_cache)
+    caps_cache: Path | None = field(default_factory=_caps.default_caps_cache)
     warm_caps: bool = True
     log_filters: str = DEFAULT_LOG_FILTERS
     root: Path = field(init=False)
@@ -171,7 +159,10 @@ class LibvirtHost:
         shutil.copytree("/etc/libvirt", self.etc_dir, symlinks=True)
         for pattern in PRUNE_GLOBS:
             for victim in self.etc_dir.glob(pattern):
-                shutil.rmtree(victim) if victim.is_dir() and not victim.is_symlink() else victim.unlink()
+                if victim.is_dir() and not victim.is_symlink():
+                    shutil.rmtree(victim)
+                else:
+                    victim.unlink()
         for sub, _ in BIND_MOUNTS:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         (self.run_dir / "mig").mkdir(exist_ok=True)
@@ -202,7 +193,7 @@ class LibvirtHost:
         """
         started = time.monotonic()
         self.prepare()
-        self._seed_caps()
+        _caps.seed(self.caps_cache, self.root)
         for _, mount in BIND_MOUNTS:
             # Bind-mount targets must exist; /run/libvirt is missing when no stock daemon ever ran here.
             Path(mount).mkdir(parents=True, exist_ok=True)
@@ -211,7 +202,7 @@ class LibvirtHost:
             self._wait_ready(started + READY_TIMEOUT)
             if self.warm_caps:
                 self.virsh("capabilities", timeout=READY_TIMEOUT)
-                self._harvest_caps()
+                _caps.harvest(self.root, self.caps_cache, self.name)
         except BaseException:
             self.stop()  # whatever did start (often virtlogd) must not outlive a failed start
             raise
@@ -347,23 +338,6 @@ class LibvirtHost:
             if daemon not in self._pids:
                 raise HarnessError(f"host {self.name}: {daemon} wrote no pid file\n{tail(self.libvirtd_log)}")
 
-    def _seed_caps(self) -> None:
-        if self.caps_cache is None or not self.caps_cache.is_dir():
-            return
-        target = self.root / CAPS_SUBDIR
-        target.mkdir(parents=True, exist_ok=True)
-        for xml in self.caps_cache.glob("*.xml"):
-            shutil.copy2(xml, target / xml.name)
-
-    def _harvest_caps(self) -> None:
-        if self.caps_cache is None:
-            return
-        self.caps_cache.mkdir(parents=True, exist_ok=True)
-        for xml in (self.root / CAPS_SUBDIR).glob("*.xml"):
-            tmp = self.caps_cache / f".{xml.name}.{self.name}.tmp"
-            shutil.copy2(xml, tmp)
-            tmp.replace(self.caps_cache / xml.name)  # atomic: a concurrently starting host never sees half a file
-
     def _wait_ready(self, deadline: float) -> None:
         sock = self.run_dir / "libvirt-sock"
         last_err = ""
@@ -394,5 +368,4 @@ def pids_in_netns(netns: str) -> list[int]:
     return [int(p) for p in proc.stdout.split() if p.isdigit()]
 
 
-__all__ = ["HookFile", "LibvirtHost", "logging_hook", "pids_in_netns", "set_default_caps_cache", "HarnessError",
-           "READY_TIMEOUT"]
+__all__ = ["HookFile", "LibvirtHost", "logging_hook", "pids_in_netns", "HarnessError", "READY_TIMEOUT"]
