@@ -248,7 +248,7 @@ class LibvirtHost:
     def wait_guest_executes(self, domain: str, timeout: float = 10.0) -> None:
         """Prove the guest really runs here: libvirt and QEMU say running and its vCPU time grows.
 
-        The idle SeaBIOS guest accrues ~10 ms of vCPU time per 1.5 s, so this takes up to ~1.5 s.
+        The idle SeaBIOS guest accrues ~10 ms of vCPU time per 1.5 s, so this takes about 2-2.5 s.
         """
         state = self.domstate(domain)
         if state != "running":
