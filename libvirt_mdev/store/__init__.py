@@ -1,0 +1,26 @@
+"""The trusted device-state store (DESIGN.md §4).
+
+Public API (everything else is internal)::
+
+    from libvirt_mdev.store import Store, StateMeta, Manifest, issue_token, resolve_token, spend_token
+
+    store = Store.open(root, create=True)
+    with store.begin_state(StateMeta(idstr=..., instance_id=..., version_id=...,
+                                     vfio_framing="v1", migration_id=..., mdev_uuid=...)) as w:
+        for chunk in chunks:
+            w.write(chunk)            # bytes or memoryview; hashed on the fly
+        manifest = w.commit()         # fsync + rename + manifest; exception in the block = abort
+    token = issue_token(manifest)     # "mdev-state-v1:<manifest id>"
+
+All path and permission code lives in :mod:`.acl`.
+"""
+from __future__ import annotations
+
+from .manifest import FORMAT_VERSION, Manifest, StateMeta, parse_manifest
+from .gc import GcReport
+from .store import Entry, StateWriter, Store
+from .tokens import TOKEN_PREFIX, issue_token, parse_token, resolve_token, spend_token
+
+__all__ = ["FORMAT_VERSION", "Manifest", "StateMeta", "parse_manifest", "Entry", "GcReport",
+           "StateWriter", "Store", "TOKEN_PREFIX", "issue_token", "parse_token",
+           "resolve_token", "spend_token"]

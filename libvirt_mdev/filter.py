@@ -1,0 +1,390 @@
+"""The stream filter: VFIO device state out of the stream and into the trusted store.
+
+Theory of operation
+-------------------
+The filter consumes the parser's events and produces output bytes through a callback
+(a file writer offline, a socket in the proxy).  Everything that is not VFIO device
+data passes through as the exact input bytes.  For each VFIO device (one section id):
+
+* Its first section header is checked against the domain's mdev hostdevs, when the
+  domain is known (a save image carries it; the proxy gets it from the hook's pending
+  record): state for a device the domain does not have is refused *before* any of its
+  bytes are forwarded.
+* Each data block is streamed into a :class:`~libvirt_mdev.store.store.StateWriter`
+  (hashed as it goes).  The device's state is the concatenation of its blocks across
+  PART and END sections: exactly what the vendor driver would be given.
+* ``splice`` mode forwards every piece *after* the store accepted it, and commits the
+  state (fsync, rename, manifest) *before* forwarding the END_OF_STATE that lets QEMU
+  finish loading the device; with ``verify`` the committed file is re-hashed from disk
+  first.  A store failure therefore stops the stream before QEMU can use the state.
+* ``token`` mode (strip) forwards no device bytes at all: each data block is replaced
+  by a *token record* — a data block whose payload starts with :data:`TOKEN_MAGIC`
+  followed by JSON naming the migration, the device, the byte range it replaced and,
+  in the END section, the load token.  A token-aware vendor driver would receive the
+  token through the VFIO interface; today's QEMU would hand it to the vendor driver,
+  which rejects it (fail closed).  ``splice`` of such a stream resolves each record in
+  the store, verifies the state and writes the original blocks back, byte for byte.
+
+Token records arriving from a live peer are refused (``accept_tokens=False``): a
+source must never be able to name state that is already in our store.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Callable, Optional, Union
+
+from .errors import MdevError, MdevMissing, StoreIntegrityError, StreamError, TokenError
+from .store.manifest import Manifest, StateMeta
+from .store.store import StateWriter, Store
+from .store.tokens import issue_token, parse_token
+from .stream import (Eof, Event, SaveImageHeader, SectionHeader, StreamParser, VfioBlockData,
+                     VfioBlockEnd, VfioBlockStart, VfioMarker)
+from .stream.wire import SectionType, VfioFlag
+from .stream.writer import encode_vfio_block, encode_vfio_block_header
+
+Bytes = Union[bytes, bytearray, memoryview]
+Emit = Callable[[Bytes], None]
+
+#: first bytes of a token record's payload (a data block that stands for stripped state)
+TOKEN_MAGIC = b"\x00libvirt-mdev-token-v1\x00"
+#: token records are tiny; a larger block is device state, whatever its first bytes
+MAX_TOKEN_RECORD = 4096
+MODES = ("splice", "token")
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Which mdev a VFIO section belongs to, and its source type (from our annotation)."""
+
+    mdev_uuid: str
+    mdev_type: Optional[str]
+
+
+@dataclass
+class FilterOptions:
+    mode: str = "splice"
+    migration_id: str = field(default_factory=lambda: uuidlib.uuid4().hex)
+    domain_name: Optional[str] = None
+    domain_uuid: Optional[str] = None
+    source_host: Optional[str] = None
+    #: idstr -> binding; None when the domain is unknown (state is then stored unbound)
+    bindings: Optional[dict[str, Binding]] = None
+    #: whether token records in the input may be resolved (offline splice only)
+    accept_tokens: bool = False
+    #: re-hash each committed state file from disk before QEMU may finish loading it
+    verify: bool = True
+    #: take bindings from a save image's own domain XML when none were given
+    bind_from_save_image: bool = True
+
+
+@dataclass
+class DeviceResult:
+    idstr: str
+    instance_id: int
+    section_id: int
+    mdev_uuid: Optional[str]
+    mdev_type: Optional[str]
+    length: int
+    sha256: str
+    token: str
+    blocks: int
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def bindings_from_domain_xml(xml: Bytes) -> tuple[dict[str, Binding], Optional[str], Optional[str]]:
+    """(bindings by VFIO idstr, domain name, domain uuid) from a domain definition."""
+    from .mdev.domain import parse_domain
+    info = parse_domain(bytes(xml))
+    out: dict[str, Binding] = {}
+    for h in info.hostdevs:
+        if h.idstr is None:
+            continue
+        ann = info.annotation.get(h.uuid) if info.annotation else None
+        out[h.idstr] = Binding(h.uuid, ann.type_id if ann else None)
+    return out, info.name, info.uuid
+
+
+@dataclass
+class _Device:
+    idstr: str
+    instance_id: int
+    version_id: int
+    section_id: int
+    binding: Optional[Binding]
+    writer: Optional[StateWriter] = None
+    #: bytes of state so far (the offset of the next block in the state file)
+    length: int = 0
+    blocks: int = 0
+    manifest: Optional[Manifest] = None
+
+
+class StreamFilter:
+    """Feed it every event of one stream (:meth:`process`), then :meth:`finish`."""
+
+    def __init__(self, store: Store, parser: StreamParser, opts: FilterOptions, emit: Emit) -> None:
+        if opts.mode not in MODES:
+            raise MdevError(f"unknown filter mode {opts.mode!r}")
+        self.store = store
+        self.parser = parser
+        self.opts = opts
+        self._emit = emit
+        self._devices: dict[int, _Device] = {}
+        self._section: Optional[SectionHeader] = None
+        #: the block being handled: (device, declared size, held header, collected bytes or None)
+        self._block: Optional[tuple[_Device, int, bytes, Optional[bytearray]]] = None
+        self._held: list[bytes] = []  # token mode: records of the open END section
+        self._block_start_in_state = 0
+        #: manifest id -> fd of a state re-hashed once (splice of token records)
+        self._verified: dict[str, int] = {}
+        self.results: list[DeviceResult] = []
+
+    # -- event dispatch -------------------------------------------------------------------
+
+    def process(self, ev: Event) -> None:
+        t = type(ev)
+        if t is VfioBlockData:
+            self._block_data(ev)
+        elif t is VfioBlockStart:
+            self._block_start(ev)  # type: ignore[arg-type]
+        elif t is VfioBlockEnd:
+            self._block_end(ev)  # type: ignore[arg-type]
+        elif t is VfioMarker:
+            self._marker(ev)  # type: ignore[arg-type]
+        elif isinstance(ev, SectionHeader):
+            self._header(ev)
+        elif t is SaveImageHeader:
+            self._save_image(ev)  # type: ignore[arg-type]
+            self._emit(ev.raw)
+        elif t is Eof:
+            self._at_eof(ev)
+            self._emit(ev.raw)
+        else:
+            self._emit(ev.raw)
+
+    def _save_image(self, ev: SaveImageHeader) -> None:
+        if self.opts.bindings is None and self.opts.bind_from_save_image and ev.xml:
+            bindings, name, uuid = bindings_from_domain_xml(ev.xml)
+            self.opts.domain_name = self.opts.domain_name or name
+            self.opts.domain_uuid = self.opts.domain_uuid or uuid
+            # a domain with no mdev at all says nothing about VFIO sections: store such
+            # state unbound (the loader refuses unbound state) rather than guess
+            if bindings:
+                self.opts.bindings = bindings
+
+    def _header(self, ev: SectionHeader) -> None:
+        self._section = ev
+        if ev.kind == "vfio" and ev.section_id not in self._devices:
+            self._devices[ev.section_id] = self._new_device(ev)
+        self._emit(ev.raw)
+
+    def _new_device(self, ev: SectionHeader) -> _Device:
+        binding = None
+        if self.opts.bindings is not None:
+            binding = self.opts.bindings.get(ev.idstr)
+            if binding is None:
+                known = ", ".join(sorted(self.opts.bindings)) or "none"
+                raise MdevMissing(f"the stream carries state for VFIO device {ev.idstr!r}, which "
+                                  f"domain {self.opts.domain_name or '?'} does not have "
+                                  f"(its mdev devices: {known}); refusing")
+        return _Device(ev.idstr, ev.instance_id, ev.version_id, ev.section_id, binding)
+
+    # -- data blocks --------------------------------------------------------------------------
+
+    def _block_start(self, ev: VfioBlockStart) -> None:
+        dev = self._devices[ev.section_id]
+        small = ev.size <= MAX_TOKEN_RECORD
+        # a small block may be a token record: hold it whole before deciding
+        self._block = (dev, ev.size, bytes(ev.raw), bytearray() if small else None)
+        self._block_start_in_state = dev.length
+        if not small:
+            self._begin_state_block(dev, ev.size, bytes(ev.raw))
+
+    def _begin_state_block(self, dev: _Device, size: int, header: bytes) -> None:
+        if dev.writer is None and dev.manifest is None:
+            dev.writer = self.store.begin_state(self._meta(dev))
+        if dev.writer is None:
+            raise StreamError(f"VFIO device {dev.idstr}: data after its state was complete",
+                              offset=self.parser.offset)
+        dev.blocks += 1
+        if self.opts.mode == "splice":
+            self._emit(header)
+
+    def _state_piece(self, dev: _Device, piece: Bytes) -> None:
+        assert dev.writer is not None
+        dev.writer.write(piece)  # stored (and hashed) before anything is forwarded
+        dev.length += len(piece)
+        if self.opts.mode == "splice":
+            self._emit(piece)
+
+    def _block_data(self, ev: Event) -> None:
+        assert self._block is not None
+        dev, _size, _hdr, collected = self._block
+        if collected is not None:
+            collected += ev.raw
+        else:
+            self._state_piece(dev, ev.raw)
+
+    def _block_end(self, ev: VfioBlockEnd) -> None:
+        assert self._block is not None
+        dev, size, header, collected = self._block
+        self._block = None
+        if collected is not None:
+            if collected.startswith(TOKEN_MAGIC):
+                self._token_record(dev, bytes(collected))
+                return
+            self._begin_state_block(dev, size, header)
+            if collected:
+                self._state_piece(dev, collected)
+        if self.opts.mode == "token":
+            self._token_out(dev, self._block_start_in_state, size)
+
+    # -- token records ----------------------------------------------------------------------------
+
+    def _token_out(self, dev: _Device, offset: int, length: int) -> None:
+        rec = {"v": 1, "migration": self.opts.migration_id, "idstr": dev.idstr,
+               "instance": dev.instance_id, "offset": offset, "length": length}
+        sec = self._section
+        if sec is not None and sec.type == SectionType.SECTION_END:
+            self._held.append(json.dumps(rec, sort_keys=True).encode())  # token added at commit
+        else:
+            self._emit(encode_vfio_block(TOKEN_MAGIC + json.dumps(rec, sort_keys=True).encode()))
+
+    def _token_record(self, dev: _Device, payload: bytes) -> None:
+        """Splice: put the state a token record stands for back in the stream."""
+        if not self.opts.accept_tokens:
+            raise TokenError(f"VFIO device {dev.idstr}: the stream carries a token record; token "
+                             f"records are only accepted by an offline splice, refusing")
+        try:
+            rec = json.loads(payload[len(TOKEN_MAGIC):])
+            offset, length = int(rec["offset"]), int(rec["length"])
+            if rec["idstr"] != dev.idstr or int(rec["instance"]) != dev.instance_id:
+                raise TokenError(f"token record for device {rec['idstr']!r} found in the section of "
+                                 f"{dev.idstr!r} (swapped devices?)")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TokenError(f"VFIO device {dev.idstr}: malformed token record ({exc})") from None
+        manifest = self._find_manifest(rec)
+        if offset < 0 or length < 0 or offset + length > manifest.length:
+            raise TokenError(f"token record range {offset}+{length} outside the stored state "
+                             f"({manifest.length} bytes)")
+        fd = self._verified_fd(manifest)
+        dev.manifest = manifest
+        self._emit(encode_vfio_block_header(length))
+        pos = offset
+        while pos < offset + length:
+            chunk = os.pread(fd, min(1 << 20, offset + length - pos), pos)
+            if not chunk:
+                raise StoreIntegrityError(f"state {manifest.sha256} shorter than its manifest")
+            self._emit(chunk)
+            pos += len(chunk)
+        dev.blocks += 1
+
+    def _verified_fd(self, m: Manifest) -> int:
+        if m.id not in self._verified:
+            _m, fd = self.store.open_verified(m.id)
+            self._verified[m.id] = fd
+        return self._verified[m.id]
+
+    def _find_manifest(self, rec: dict[str, Any]) -> Manifest:
+        if "token" in rec:
+            return self.store.manifest(parse_token(rec["token"]))
+        # a PART record: its token comes later in the stream; find the state by identity
+        found = [e.manifest for e in self.store.list()
+                 if e.manifest is not None and e.manifest.migration_id == rec.get("migration")
+                 and e.manifest.idstr == rec["idstr"] and e.manifest.instance_id == int(rec["instance"])]
+        if len(found) != 1:
+            raise TokenError(f"token record of migration {rec.get('migration')!r} device {rec['idstr']!r}: "
+                             f"{'no' if not found else 'several'} matching states in the store")
+        return found[0]
+
+    # -- end of a device's state -------------------------------------------------------------------
+
+    def _marker(self, ev: VfioMarker) -> None:
+        sec = self._section
+        if (ev.marker == VfioFlag.END_OF_STATE and sec is not None
+                and sec.type == SectionType.SECTION_END and sec.kind == "vfio"):
+            dev = self._devices[ev.section_id]
+            self._commit(dev)
+            if self.opts.mode == "token" and dev.manifest is not None:
+                token = issue_token(dev.manifest)
+                for raw in self._held:
+                    rec = json.loads(raw)
+                    rec["token"] = token
+                    self._emit(encode_vfio_block(TOKEN_MAGIC + json.dumps(rec, sort_keys=True).encode()))
+                self._held.clear()
+        self._emit(ev.raw)
+
+    def _commit(self, dev: _Device) -> None:
+        if dev.writer is None:
+            if dev.manifest is None and dev.blocks == 0:
+                dev.writer = self.store.begin_state(self._meta(dev))  # a device with no state at all
+            else:
+                self._record(dev)  # spliced back from tokens: nothing new to store
+                return
+        writer, dev.writer = dev.writer, None
+        m = writer.commit()
+        if self.opts.verify:
+            vm = self.store.verify(m.id)
+            if vm.sha256 != m.sha256 or vm.length != dev.length:
+                raise StoreIntegrityError(f"state of {dev.idstr} changed on disk after it was stored")
+        dev.manifest = m
+        self._record(dev)
+
+    def _record(self, dev: _Device) -> None:
+        m = dev.manifest
+        if m is None:
+            return
+        self.results.append(DeviceResult(dev.idstr, dev.instance_id, dev.section_id, m.mdev_uuid,
+                                         m.mdev_type, m.length, m.sha256, issue_token(m), dev.blocks))
+
+    def _at_eof(self, ev: Event) -> None:
+        for dev in self._devices.values():
+            if dev.writer is not None:
+                raise StreamError(f"VFIO device {dev.idstr}: its state never completed (no END "
+                                  f"section before EOF)", offset=ev.offset)
+
+    def _meta(self, dev: _Device) -> StateMeta:
+        b = dev.binding
+        return StateMeta(idstr=dev.idstr, instance_id=dev.instance_id, version_id=dev.version_id,
+                         vfio_framing=_framing(self.parser.framing_of(dev.section_id)),
+                         migration_id=self.opts.migration_id,
+                         mdev_uuid=b.mdev_uuid if b else None, mdev_type=b.mdev_type if b else None,
+                         domain_name=self.opts.domain_name, domain_uuid=self.opts.domain_uuid,
+                         source_host=self.opts.source_host or socket.gethostname())
+
+    def close(self) -> None:
+        """Abort unfinished state writers (an error stopped the stream) and close fds."""
+        for dev in self._devices.values():
+            if dev.writer is not None:
+                dev.writer.abort()
+                dev.writer = None
+        for fd in self._verified.values():
+            os.close(fd)
+        self._verified.clear()
+
+
+def _framing(name: str) -> str:
+    return name if name in ("v1", "v2") else "v1"
+
+
+def filter_stream(src: BinaryIO, emit: Emit, store: Store, opts: FilterOptions,
+                  progress: Optional[Callable[[int], None]] = None) -> list[DeviceResult]:
+    """Run the filter over the stream in *src* (a file or pipe), emitting output bytes.
+
+    On any error the unfinished state writers are aborted (nothing half-written is left
+    that the loader would accept) and the error propagates.
+    """
+    from .stream import iter_events
+    parser = StreamParser()
+    flt = StreamFilter(store, parser, opts, emit)
+    try:
+        for ev in iter_events(src, parser, progress=progress):
+            flt.process(ev)
+    finally:
+        flt.close()
+    return flt.results

@@ -1,0 +1,504 @@
+"""Every path- and permission-sensitive file operation of libvirt-mdev, in one place.
+
+Why one module: the trusted store (and the hook's pending records) must be safe
+against a local attacker who can plant symlinks, hard links or files with the wrong
+owner or mode anywhere they can write.  Auditing that is only feasible if *all* such
+code lives here.  The rules, applied without exception:
+
+* A directory is opened once (``O_DIRECTORY | O_NOFOLLOW``) and held as a file
+  descriptor; every file is opened *relative to that fd* (``dir_fd=``), with
+  ``O_NOFOLLOW | O_CLOEXEC``.  No path is ever joined and re-resolved.
+* Names come from a fixed alphabet (:data:`NAME_RE`): no separators, no ``..``, no
+  NUL or newline, nothing absolute.  A bad name is refused before any syscall.
+* After every open, ``fstat`` on the fd: regular file, owned by the expected uid,
+  mode exactly 0600 (0700 for the directory), exactly one link (a hard link to a
+  file elsewhere would otherwise pass every other check).
+* New files are written under a unique temp name (``O_CREAT | O_EXCL``, 0600),
+  ``fsync``-ed, renamed into place relative to the dir fd, and the directory is
+  ``fsync``-ed: a crash leaves either nothing or a temp file, never a half-written
+  file under a final name.
+
+Any failure is a :class:`~libvirt_mdev.errors.StoreAccessError` naming the file and
+what was wrong.  Any other exception escaping from here is a bug.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import re
+import secrets
+import stat
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+from ..errors import InternalError, StoreAccessError, StoreError
+
+#: The only names we ever open: letters, digits, ``.``, ``_``, ``-``; 1..200 chars.
+#: (``.`` and ``..`` are refused separately.)  No ``/``, NUL, newline or space.
+NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,200}\Z")
+#: Prefix of in-progress files.  Readers never accept a name with this prefix.
+TEMP_PREFIX = ".tmp-"
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+#: Manifests, pending records and markers are small; refuse to read anything bigger.
+MAX_SMALL_FILE = 1 << 20
+
+_OPEN_BASE = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def validate_name(name: object, what: str = "file name") -> str:
+    """Return *name* if it is a plain name from the allowed alphabet.
+
+    Raises:
+        StoreAccessError: anything else (separators, ``..``, NUL, newline, empty,
+            too long, not a string).
+    """
+    if not isinstance(name, str) or not NAME_RE.match(name) or name in (".", ".."):
+        raise StoreAccessError(
+            f"refusing {what} {name!r}: only plain names of letters, digits, '.', '_' "
+            f"and '-' are allowed (no '/', '..', NUL or newline)")
+    return name
+
+
+def _mode_text(mode: int) -> str:
+    return f"{stat.S_IMODE(mode):04o}"
+
+
+@dataclass
+class SecureDir:
+    """An open, checked directory: the anchor of every file operation.
+
+    Use :meth:`open` (or :meth:`create_or_open`); close with :meth:`close` or as a
+    context manager.  ``uid`` is the owner every file must have (root in production).
+    """
+
+    path: Path
+    fd: int
+    uid: int = 0
+    _closed: bool = field(default=False, repr=False)
+
+    # ----------------------------------------------------------------- open / create
+    @classmethod
+    def open(cls, path: Union[str, os.PathLike[str]], *, create: bool = False,
+             uid: int = 0, what: str = "store") -> "SecureDir":
+        """Open directory *path*, checking it is a real directory (not a symlink),
+        owned by *uid*, mode exactly 0700.  With *create*, make it (0700, owner
+        *uid*) when it does not exist; its parent must exist.
+
+        Raises:
+            StoreAccessError: missing (without *create*), symlink, not a directory,
+                wrong owner or mode, or an OS error opening it.
+        """
+        p = Path(path)
+        if not p.is_absolute():
+            p = Path.cwd() / p
+        if create:
+            try:
+                os.mkdir(p, DIR_MODE)
+            except FileExistsError:
+                pass  # checked below exactly like a pre-existing directory
+            except OSError as exc:
+                raise StoreAccessError(f"cannot create {what} directory {p}: {exc.strerror}") from None
+            else:
+                # mkdir obeys the umask and creates with our euid: set both explicitly,
+                # through an fd so a racing rename cannot redirect the change.
+                fd = cls._open_dir_fd(p, what)
+                try:
+                    os.fchmod(fd, DIR_MODE)
+                    if os.fstat(fd).st_uid != uid:
+                        os.fchown(fd, uid, -1)
+                finally:
+                    os.close(fd)
+        fd = cls._open_dir_fd(p, what)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISDIR(st.st_mode):
+                raise StoreAccessError(f"{what} {p} is not a directory")
+            if st.st_uid != uid:
+                raise StoreAccessError(
+                    f"{what} directory {p} is owned by uid {st.st_uid}, expected uid {uid}; "
+                    f"fix with: chown {uid} {p}")
+            if stat.S_IMODE(st.st_mode) != DIR_MODE:
+                raise StoreAccessError(
+                    f"{what} directory {p} has mode {_mode_text(st.st_mode)}, expected 0700; "
+                    f"fix with: chmod 0700 {p}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path=p, fd=fd, uid=uid)
+
+    @staticmethod
+    def _open_dir_fd(p: Path, what: str) -> int:
+        try:
+            return os.open(p, os.O_RDONLY | os.O_DIRECTORY | _OPEN_BASE)
+        except FileNotFoundError:
+            raise StoreAccessError(f"{what} directory {p} does not exist "
+                                   f"(create it with mode 0700, owner root)") from None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                # O_NOFOLLOW on the last component gives ELOOP for a symlink.
+                if os.path.islink(p):
+                    raise StoreAccessError(f"{what} directory {p} is a symlink; refusing "
+                                           f"to follow it") from None
+                raise StoreAccessError(f"{what} {p} is not a directory") from None
+            raise StoreAccessError(f"cannot open {what} directory {p}: {exc.strerror}") from None
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+    def __enter__(self) -> "SecureDir":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ checking
+    def describe(self, name: str) -> str:
+        """The path of *name* for messages (never used to open anything)."""
+        return str(self.path / name)
+
+    def check_fd(self, fd: int, name: str) -> os.stat_result:
+        """The checks every opened file must pass: regular, owner, 0600, one link.
+
+        Raises:
+            StoreAccessError: naming the file and the first check it failed.
+        """
+        st = os.fstat(fd)
+        where = self.describe(name)
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreAccessError(f"{where} is not a regular file")
+        if st.st_uid != self.uid:
+            raise StoreAccessError(f"{where} is owned by uid {st.st_uid}, expected uid {self.uid}")
+        if stat.S_IMODE(st.st_mode) != FILE_MODE:
+            raise StoreAccessError(f"{where} has mode {_mode_text(st.st_mode)}, expected 0600")
+        if st.st_nlink != 1:
+            raise StoreAccessError(f"{where} has {st.st_nlink} hard links, expected 1 "
+                                   f"(a hard link may point at a file outside the store)")
+        return st
+
+    # ------------------------------------------------------------------- reading
+    def open_read(self, name: str, *, missing_ok: bool = False) -> Optional[int]:
+        """Open *name* read-only and return a checked fd (caller closes it).
+
+        Returns None when the file does not exist and *missing_ok* is set.
+
+        Raises:
+            StoreAccessError: bad name, symlink, not regular, wrong owner/mode/links.
+            StoreError: the file does not exist (without *missing_ok*).
+        """
+        validate_name(name)
+        try:
+            fd = os.open(name, os.O_RDONLY | _OPEN_BASE | os.O_NONBLOCK, dir_fd=self.fd)
+        except FileNotFoundError:
+            if missing_ok:
+                return None
+            raise StoreError(f"{self.describe(name)} does not exist") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StoreAccessError(f"{self.describe(name)} is a symlink; refusing to "
+                                       f"follow it") from None
+            raise StoreAccessError(f"cannot open {self.describe(name)}: {exc.strerror}") from None
+        try:
+            self.check_fd(fd, name)
+            # O_NONBLOCK only guarded against a planted FIFO blocking the open.
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def read_small(self, name: str, *, missing_ok: bool = False,
+                   limit: int = MAX_SMALL_FILE) -> Optional[bytes]:
+        """The whole content of a small checked file (manifest, record, marker)."""
+        fd = self.open_read(name, missing_ok=missing_ok)
+        if fd is None:
+            return None
+        try:
+            chunks = []
+            total = 0
+            while True:
+                b = os.read(fd, 65536)
+                if not b:
+                    break
+                total += len(b)
+                if total > limit:
+                    raise StoreAccessError(f"{self.describe(name)} is larger than {limit} bytes")
+                chunks.append(b)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def exists(self, name: str) -> bool:
+        """Whether *name* exists (as anything: a symlink counts, so it gets refused later)."""
+        validate_name(name)
+        try:
+            os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def lstat(self, name: str) -> Optional[os.stat_result]:
+        validate_name(name)
+        try:
+            return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def listdir(self) -> list[str]:
+        """Names in the directory (sorted).  Names outside the alphabet are returned
+        too, so callers can report them; they can never be opened."""
+        return sorted(os.listdir(self.fd))
+
+    # ------------------------------------------------------------------- writing
+    def create_temp(self, suffix: str = "") -> tuple[int, str]:
+        """Create a new, empty, exclusive temp file ``.tmp-<random><suffix>``, mode 0600.
+
+        Returns (fd opened for writing, name).  The caller either :meth:`commit_temp`
+        s it or :meth:`discard_temp` s it.
+        """
+        for _ in range(8):
+            name = validate_name(f"{TEMP_PREFIX}{secrets.token_hex(16)}{suffix}")
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_BASE,
+                             FILE_MODE, dir_fd=self.fd)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise StoreError(f"cannot create a file in {self.path}: {exc.strerror}") from None
+            try:
+                os.fchmod(fd, FILE_MODE)  # the umask may have removed bits we do not want anyway
+                if os.fstat(fd).st_uid != self.uid:
+                    os.fchown(fd, self.uid, -1)
+            except BaseException:
+                os.close(fd)
+                self.unlink(name, missing_ok=True)
+                raise
+            return fd, name
+        raise InternalError("could not find a free temp name in 8 tries")
+
+    def commit_temp(self, fd: int, temp_name: str, final_name: str, *,
+                    replace: bool = True) -> None:
+        """fsync + close *fd*, rename *temp_name* to *final_name*, fsync the directory.
+
+        With ``replace=False`` an existing *final_name* is an error (``FileExistsError``
+        is turned into StoreError); the temp file is then removed.
+
+        Raises:
+            StoreError: any OS error (ENOSPC, EIO...); the temp file is removed.
+        """
+        validate_name(final_name)
+        try:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if replace:
+                os.rename(temp_name, final_name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            else:
+                # link + unlink gives "fail if exists" atomically (rename cannot).
+                os.link(temp_name, final_name, src_dir_fd=self.fd, dst_dir_fd=self.fd,
+                        follow_symlinks=False)
+                os.unlink(temp_name, dir_fd=self.fd)
+            os.fsync(self.fd)
+        except FileExistsError:
+            self.unlink(temp_name, missing_ok=True)
+            raise StoreError(f"{self.describe(final_name)} already exists") from None
+        except OSError as exc:
+            self.unlink(temp_name, missing_ok=True)
+            raise StoreError(f"cannot store {self.describe(final_name)}: {exc.strerror}") from None
+
+    def discard_temp(self, fd: Optional[int], temp_name: str) -> None:
+        """Close and remove an uncommitted temp file (best effort, never raises OSError)."""
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.unlink(temp_name, missing_ok=True)
+
+    def write_atomic(self, name: str, data: bytes, *, replace: bool = True) -> None:
+        """Write a small file atomically (temp + fsync + rename + fsync dir)."""
+        validate_name(name)
+        fd, tmp = self.create_temp()
+        try:
+            write_all(fd, data, self.describe(name))
+        except BaseException:
+            self.discard_temp(fd, tmp)
+            raise
+        self.commit_temp(fd, tmp, name, replace=replace)
+
+    def unlink(self, name: str, *, missing_ok: bool = False) -> bool:
+        """Remove *name* (never follows anything: unlink acts on the entry itself).
+
+        Returns whether something was removed.
+        """
+        validate_name(name)
+        try:
+            os.unlink(name, dir_fd=self.fd)
+        except FileNotFoundError:
+            if missing_ok:
+                return False
+            raise StoreError(f"{self.describe(name)} does not exist") from None
+        except IsADirectoryError:
+            raise StoreAccessError(f"{self.describe(name)} is a directory") from None
+        except OSError as exc:
+            if missing_ok and exc.errno == errno.ENOENT:
+                return False
+            raise StoreError(f"cannot remove {self.describe(name)}: {exc.strerror}") from None
+        return True
+
+    def sync(self) -> None:
+        """fsync the directory (after unlinks that must be durable)."""
+        os.fsync(self.fd)
+
+    # ------------------------------------------------------------------- locking
+    @contextmanager
+    def locked(self, name: str, *, exclusive: bool) -> Iterator[None]:
+        """Hold ``flock`` on the lock file *name* (created 0600 on first use)."""
+        validate_name(name)
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | _OPEN_BASE, FILE_MODE, dir_fd=self.fd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise StoreAccessError(f"{self.describe(name)} is a symlink; refusing to "
+                                       f"follow it") from None
+            raise StoreAccessError(f"cannot open {self.describe(name)}: {exc.strerror}") from None
+        try:
+            self.check_fd(fd, name)
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def try_lock_file(self, name: str) -> Optional[int]:
+        """Open *name* and take a non-blocking exclusive flock on it.
+
+        Returns the fd (caller closes it, which releases the lock), or None when the
+        file vanished or another process holds the lock (a live writer).  Used by gc
+        to tell a crashed writer's temp file from one being written right now.
+        """
+        validate_name(name)
+        try:
+            fd = os.open(name, os.O_RDONLY | _OPEN_BASE | os.O_NONBLOCK, dir_fd=self.fd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return -1  # a symlink: nothing to lock, the caller may unlink the entry
+            raise StoreError(f"cannot open {self.describe(name)}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+
+def lock_fd(fd: int) -> None:
+    """Take an exclusive flock on a temp file we are writing (see :meth:`SecureDir.try_lock_file`)."""
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def write_all(fd: int, data: Union[bytes, bytearray, memoryview], where: str) -> int:
+    """Write all of *data* to *fd* (looping over short writes).
+
+    Raises:
+        StoreError: ENOSPC, EFBIG, EIO... named with *where*.
+    """
+    view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+    total = len(view)
+    done = 0
+    try:
+        while done < total:
+            done += os.write(fd, view[done:])
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise StoreError(f"no space left on device while writing {where}; "
+                             f"free space in the store and retry") from None
+        if exc.errno == errno.EFBIG:
+            raise StoreError(f"file size limit reached while writing {where}") from None
+        raise StoreError(f"cannot write {where}: {exc.strerror}") from None
+    return total
+
+
+def open_sink(path: Union[str, os.PathLike[str]]) -> int:
+    """Open the loader's delivery sink (a file or a sysfs attribute named by the
+    operator) for writing: never through a symlink as the last component, created
+    0600 when missing, truncated.
+
+    Raises:
+        StoreError: cannot open it (missing directory, symlink, permissions...).
+    """
+    p = os.fspath(path)
+    try:
+        return os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _OPEN_BASE, FILE_MODE)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreAccessError(f"sink {p} is a symlink; refusing to follow it") from None
+        raise StoreError(f"cannot open sink {p}: {exc.strerror}") from None
+
+
+class AtomicOutput:
+    """An output file (a stripped or spliced stream) that appears only when complete.
+
+    Written to ``.<name>.tmp-<random>`` beside *path* (0600, O_EXCL, no-follow), then
+    fsync'd and renamed over *path* by :meth:`commit`; :meth:`abort` (or leaving the
+    ``with`` block by an exception) removes the temp file.  So a failed or killed run
+    never leaves a half-written stream under the requested name.
+    """
+
+    def __init__(self, path: Union[str, os.PathLike[str]]) -> None:
+        self.path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        base = os.path.basename(self.path)
+        if not base or base in (".", ".."):
+            raise StoreError(f"output {self.path!r} is not a file name")
+        self._temp = os.path.join(directory, f".{base}.tmp-{os.urandom(6).hex()}")
+        try:
+            self.fd: Optional[int] = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_BASE,
+                                             FILE_MODE)
+        except OSError as exc:
+            raise StoreError(f"cannot create output in {directory}: {exc.strerror}") from None
+        self.file = os.fdopen(self.fd, "wb", buffering=0, closefd=False)
+
+    def write(self, data: Union[bytes, bytearray, memoryview]) -> int:
+        assert self.fd is not None
+        return write_all(self.fd, data, self.path)
+
+    def commit(self) -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(self._temp, self.path)
+        dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+            try:
+                os.unlink(self._temp)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "AtomicOutput":
+        return self
+
+    def __exit__(self, et: object, ev: object, tb: object) -> None:
+        if et is not None:
+            self.abort()
+        else:
+            self.commit()

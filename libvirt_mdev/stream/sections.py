@@ -1,0 +1,385 @@
+"""Section bookkeeping, the kinds of payload, and the footer scan for vmstate bodies.
+
+Theory of operation
+-------------------
+QEMU's loader picks a section's payload grammar from its *idstr* (the handler found by
+``find_se(idstr, instance_id)``), whatever the record type: a FULL section named
+``ram`` would be parsed as RAM records.  So do we: :func:`kind_of` maps an idstr to
+``ram``, ``vfio``, ``dirty-bitmap`` or ``vmstate``.  The first three are
+self-delimiting and parsed exactly.  ``vmstate`` payloads (every other device) carry
+no length: QEMU writes the fields raw and only the section footer ``7e <be32 id>``
+ends them, and that pattern is not escaped inside the payload.
+
+Rule used to end a vmstate body (and a VFIO config body), :func:`scan_to_footer`:
+the first occurrence of ``[terminator] 7e <be32 section_id>`` that is followed by a
+*well-formed next record* (:func:`next_record_ok`): EOF (then nothing, or VMDESCRIPTION
+with a sane length and ``{``), a START/FULL header with a printable idstr that does not
+contradict an id we already know, a PART/END for an open iterative section, or a
+COMMAND with a known number and QEMU's fixed length.  The chance that device data
+contains a footer *and* a well-formed record right after it is tiny, and a wrong
+split can only make a later check fail (fail closed); it cannot hide VFIO state,
+because VFIO state is only accepted inside sections whose idstr says VFIO, and those
+are parsed exactly.  An iterative section of a kind we cannot parse is refused.
+
+Why a wrong split matters, and how it is contained: if our split differs from QEMU's
+(the stream is crafted, and QEMU reads the body by its field layout), the two parsers
+*diverge* — QEMU may then read real records inside bytes we take for opaque data, and a
+VFIO section hidden there would reach the vendor driver unchecked.  So the grammar is
+made strict exactly where divergence could be exploited (SectionTable.phase rules):
+vmstate FULL sections only after every iterative section has ended (as QEMU 7.2–10.x
+write them), no iterative record after that, one FULL per section, no data blocks in a
+VFIO FULL section, no variable-length commands, a vmdesc that is strict JSON — and every
+scan-delimited body is searched (:class:`BodyGuard`) for the bytes a hidden VFIO section
+header or a hidden VFIO PART/END would need.  After a divergence, every byte QEMU could
+read as a record lies in such a guarded body, so a hidden VFIO section is refused.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Generator, Optional
+
+from ..errors import StreamError, UnsupportedStream
+from ._util import need, pieces, printable_ascii
+from .buffer import Input
+from .events import NEED_DATA, Event, Opaque
+from .wire import (BE16, BE32, BE64, DIRTY_BITMAP_IDSTR, MAX_FULL_SECTION, MAX_SECTIONS,
+                   MAX_VMDESC_LEN, MIG_COMMAND_LEN, RAM_IDSTR, VFIO_IDSTR_BARE,
+                   VFIO_IDSTR_SUFFIX, DirtyBitmapFlag, MigCommand, SectionType)
+
+KIND_RAM = "ram"
+KIND_VFIO = "vfio"
+KIND_DIRTY_BITMAP = "dirty-bitmap"
+KIND_VMSTATE = "vmstate"
+
+#: iterative handlers QEMU has that we refuse to guess at (FORMAT.md §6)
+KNOWN_UNPARSED_ITERATIVE = ("block", "s390-storage_attributes", "spapr/htab")
+
+
+def kind_of(idstr: str) -> str:
+    """The payload grammar QEMU's loader would apply to a section called *idstr*."""
+    if idstr == RAM_IDSTR:
+        return KIND_RAM
+    if idstr == VFIO_IDSTR_BARE or idstr.endswith(VFIO_IDSTR_SUFFIX):
+        return KIND_VFIO
+    if idstr == DIRTY_BITMAP_IDSTR:
+        return KIND_DIRTY_BITMAP
+    return KIND_VMSTATE
+
+
+def is_vfio_idstr(idstr: str) -> bool:
+    return kind_of(idstr) == KIND_VFIO
+
+
+@dataclass
+class SectionInfo:
+    """What the parser remembers about one section id."""
+
+    section_id: int
+    idstr: str
+    instance_id: int
+    version_id: int
+    kind: str
+    iterative: bool
+    ended: bool = False
+    full_seen: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.idstr}[{self.instance_id}] id {self.section_id}"
+
+
+class SectionTable:
+    """Section ids seen so far; enforces the loader's rules on PART/END ids."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, SectionInfo] = {}
+        self._by_name: dict[tuple[str, int], int] = {}
+        #: the non-iterable phase began (first FULL section): no iterative record after it
+        self.non_iterable = False
+
+    def open(self, section_id: int, idstr: str, instance_id: int, version_id: int,
+             iterative: bool, offset: int) -> SectionInfo:
+        if iterative and self.non_iterable:
+            raise StreamError(f"START of {idstr!r} after the non-iterable device sections began",
+                              offset=offset)
+        known = self.by_id.get(section_id)
+        if known is None:
+            other = self._by_name.get((idstr, instance_id))
+            if other is not None:
+                raise StreamError(f"{idstr!r}[{instance_id}] appears with section id {section_id} "
+                                  f"and {other}", offset=offset)
+            if len(self.by_id) >= MAX_SECTIONS:
+                raise StreamError(f"more than {MAX_SECTIONS} sections", offset=offset)
+            known = SectionInfo(section_id, idstr, instance_id, version_id, kind_of(idstr), iterative)
+            self.by_id[section_id] = known
+            self._by_name[(idstr, instance_id)] = section_id
+        elif (known.idstr, known.instance_id) != (idstr, instance_id):
+            raise StreamError(f"section id {section_id} reused for {idstr!r}[{instance_id}] "
+                              f"(it is {known.label})", offset=offset)
+        elif iterative:
+            raise StreamError(f"second START for section {known.label}", offset=offset)
+        if not iterative:
+            self._full(known, offset)
+        return known
+
+    def _full(self, info: SectionInfo, offset: int) -> None:
+        """Rules for FULL sections (see the theory above)."""
+        if info.full_seen:
+            raise StreamError(f"second FULL section for {info.label}", offset=offset)
+        if info.kind in (KIND_RAM, KIND_DIRTY_BITMAP):
+            raise StreamError(f"FULL section for the iterative handler {info.idstr!r}", offset=offset)
+        if info.kind == KIND_VFIO and not info.iterative:
+            raise StreamError(f"VFIO config section {info.label} without the device's setup (START) section",
+                              offset=offset)
+        still_open = [i.label for i in self.by_id.values() if i.iterative and not i.ended]
+        if still_open:
+            raise UnsupportedStream(f"device section {info.label} appears while iterative sections are "
+                                    f"still open ({', '.join(still_open[:3])}): QEMU >= 8.0 early-setup "
+                                    f"devices cannot be delimited safely there", offset=offset)
+        info.full_seen = True
+        self.non_iterable = True
+
+    def continued(self, section_id: int, offset: int) -> SectionInfo:
+        info = self.by_id.get(section_id)
+        if info is None or not info.iterative:
+            raise StreamError(f"PART/END for unknown section id {section_id}", offset=offset)
+        if info.ended:
+            raise StreamError(f"PART/END after the END of section {info.label}", offset=offset)
+        if self.non_iterable:
+            raise StreamError(f"PART/END of {info.label} after the non-iterable device sections began",
+                              offset=offset)
+        return info
+
+    def vfio_ids(self) -> list[int]:
+        return [sid for sid, i in self.by_id.items() if i.kind == KIND_VFIO]
+
+
+# -- the footer scan ------------------------------------------------------------------
+
+#: bytes of the next record header needed to judge it (type, id, len, idstr≤255, inst, ver)
+_LOOKAHEAD = 1 + 4 + 1 + 255 + 8
+
+
+def next_record_ok(b: bytes, at_end: bool, table: SectionTable) -> Optional[bool]:
+    """Is *b* the start of a well-formed top-level record?  ``None``: need more bytes."""
+    if not b:
+        return False if at_end else None
+    t = b[0]
+    if t == SectionType.EOF:
+        if len(b) == 1:
+            return True if at_end else None
+        if b[1] != SectionType.VMDESCRIPTION:
+            return False
+        if len(b) < 7:
+            return False if at_end else None
+        (n,) = BE32.unpack_from(b, 2)
+        return 0 < n <= MAX_VMDESC_LEN and b[6] == ord("{")
+    if t in (SectionType.SECTION_START, SectionType.SECTION_FULL):
+        if len(b) < 6:
+            return False if at_end else None
+        (sid,) = BE32.unpack_from(b, 1)
+        n = b[5]
+        if n == 0:
+            return False
+        if len(b) < 6 + n + 8:
+            return False if at_end else None
+        raw_id = b[6:6 + n]
+        if not printable_ascii(raw_id):
+            return False
+        (inst,) = BE32.unpack_from(b, 6 + n)
+        known = table.by_id.get(sid)
+        if known is None:
+            return True
+        return t == SectionType.SECTION_FULL and (known.idstr, known.instance_id) == (raw_id.decode(), inst)
+    if t in (SectionType.SECTION_PART, SectionType.SECTION_END):
+        if len(b) < 5:
+            return False if at_end else None
+        (sid,) = BE32.unpack_from(b, 1)
+        info = table.by_id.get(sid)
+        # structure only: a PART/END out of order is then refused with a precise message
+        return info is not None and info.iterative
+    if t == SectionType.COMMAND:
+        if len(b) < 5:
+            return False if at_end else None
+        (cmd,) = BE16.unpack_from(b, 1)
+        (ln,) = BE16.unpack_from(b, 3)
+        try:
+            fixed = MIG_COMMAND_LEN[MigCommand(cmd)]
+        except (ValueError, KeyError):
+            return False
+        return fixed < 0 or fixed == ln
+    return False
+
+
+#: a VFIO START/FULL header ends with "...vfio", be32 instance, be32 version (0 or 1)
+_HIDDEN_VFIO_HEADER = re.compile(rb"vfio(?=[\x00-\xff]{4}\x00\x00\x00[\x00\x01])")
+#: a VFIO PART/END header (type, be32 id) is followed by a VFIO marker
+_HIDDEN_VFIO_PART = re.compile(rb"[\x02\x03](?=[\x00-\xff]{4}\xff\xff\xff\xff\xef\x10\x00[\x01-\x06])")
+_GUARD_TAIL = 1 + 4 + 1 + 255 + 8
+
+
+class BodyGuard:
+    """Searches a scan-delimited body for a hidden VFIO section (see the theory above).
+
+    Fed the body piece by piece; keeps a short tail so a pattern split between pieces
+    is still seen."""
+
+    def __init__(self, info: SectionInfo, table: SectionTable) -> None:
+        self._info = info
+        self._vfio_ids = set(table.vfio_ids())
+        self._tail = b""
+
+    def feed(self, piece: memoryview, offset: int) -> None:
+        buf = self._tail + bytes(piece)
+        base = offset - len(self._tail)
+        for m in _HIDDEN_VFIO_HEADER.finditer(buf):
+            end = m.end()
+            for n in range(4, min(255, end - 6) + 1):
+                start = end - n
+                if buf[start - 1] == n and buf[start - 6] in (SectionType.SECTION_START, SectionType.SECTION_FULL):
+                    name = buf[start:end]
+                    if printable_ascii(name) and (name == b"vfio" or name.endswith(b"/vfio")):
+                        self._refuse(f"a VFIO section header ({name.decode()!r})", base + start - 6)
+        for m in _HIDDEN_VFIO_PART.finditer(buf):
+            (sid,) = BE32.unpack_from(buf, m.start() + 1)
+            if sid in self._vfio_ids:
+                self._refuse(f"a PART/END record of VFIO section id {sid}", base + m.start())
+        self._tail = buf[-_GUARD_TAIL:]
+
+    def _refuse(self, what: str, offset: int) -> None:
+        raise StreamError(f"{what} is hidden inside the body of {self._info.label}; the section "
+                          f"boundaries are ambiguous, refusing", offset=offset, section=self._info.label)
+
+
+def footer_bytes(section_id: int) -> bytes:
+    return bytes([SectionType.SECTION_FOOTER]) + BE32.pack(section_id)
+
+
+def scan_to_footer(inp: Input, info: SectionInfo, table: SectionTable, terminator: bytes,
+                   make: Callable[[int, memoryview], Event],
+                   limit: int = MAX_FULL_SECTION) -> Generator[object, None, None]:
+    """Hand out an unframed body as events built by *make* until ``terminator + footer``
+    followed by a well-formed record; the terminator and footer are left unconsumed."""
+    guard = BodyGuard(info, table)
+    emit = make
+
+    def make(off: int, view: memoryview) -> Event:  # noqa: F811 - every body byte passes the guard
+        guard.feed(view, off)
+        return emit(off, view)
+
+    pattern_bytes = terminator + footer_bytes(info.section_id)
+    pattern = re.compile(re.escape(pattern_bytes))
+    plen = len(pattern_bytes)
+    total = 0
+    while True:
+        idx = inp.search_in_chunk(pattern)
+        if idx < 0:
+            # no candidate wholly inside this chunk: hand out what cannot start one
+            n = inp.chunk_remaining() - (plen - 1)
+            if n <= 0:
+                if inp.available() >= plen:
+                    if inp.peek(plen) == pattern_bytes:
+                        idx = 0
+                    else:
+                        n = 1  # step over one byte at a chunk edge
+                elif inp.eof:
+                    raise StreamError("stream ends inside a section body (no footer)",
+                                      offset=inp.offset, section=info.label)
+                else:
+                    yield NEED_DATA
+                    continue
+            if idx < 0:
+                total += n
+                _check_limit(total, limit, inp, info)
+                off = inp.offset
+                view = inp.take(n) if n == 1 else inp.take_upto(n)
+                assert view is not None
+                yield make(off, view)
+                continue
+        if idx > 0:
+            total += idx
+            _check_limit(total, limit, inp, info)
+            off = inp.offset
+            view = inp.take_upto(idx)
+            assert view is not None and len(view) == idx
+            yield make(off, view)
+            continue
+        # a candidate starts here: judge the record after it
+        while True:
+            look = inp.peek_upto(plen + _LOOKAHEAD)
+            at_end = inp.eof and len(look) == inp.available()
+            verdict = next_record_ok(look[plen:], at_end, table)
+            if verdict is not None or at_end:
+                break
+            yield NEED_DATA
+        if verdict:
+            return
+        total += 1
+        _check_limit(total, limit, inp, info)
+        off = inp.offset
+        view = inp.take(1)
+        assert view is not None
+        yield make(off, view)
+
+
+def _check_limit(total: int, limit: int, inp: Input, info: SectionInfo) -> None:
+    if total > limit:
+        raise StreamError(f"section body longer than {limit} bytes without a footer",
+                          offset=inp.offset, section=info.label)
+
+
+# -- dirty-bitmap (migration/block-dirty-bitmap.c) ------------------------------------------
+
+#: one BITS buffer (QEMU sends bitmaps in chunks far below this)
+_MAX_BITMAP_BUF = 64 << 20
+
+
+def read_dirty_bitmap(inp: Input, info: SectionInfo) -> Generator[object, None, None]:
+    """Chunks until one carries EOS.  Emitted as opaque records (we never look inside)."""
+    sec = info.label
+    while True:
+        start = inp.offset
+        parts: list[bytes] = []
+        b = yield from need(inp, 1, "dirty-bitmap flags", sec)
+        parts.append(bytes(b))
+        flags = b[0]
+        if flags & DirtyBitmapFlag.EXTRA_FLAGS:
+            b = yield from need(inp, 1, "dirty-bitmap flags", sec)
+            parts.append(bytes(b))
+            flags = (flags << 8) | b[0]
+            if flags & DirtyBitmapFlag.EXTRA_FLAGS:
+                b = yield from need(inp, 2, "dirty-bitmap flags", sec)
+                parts.append(bytes(b))
+                flags = (flags << 16) | BE16.unpack(b)[0]
+        for name_flag in (DirtyBitmapFlag.DEVICE_NAME, DirtyBitmapFlag.BITMAP_NAME):
+            if flags & name_flag:
+                n = yield from need(inp, 1, "dirty-bitmap name", sec)
+                s = yield from need(inp, n[0], "dirty-bitmap name", sec)
+                parts += [bytes(n), bytes(s)]
+        buf_len = 0
+        if flags & DirtyBitmapFlag.START:
+            parts.append(bytes((yield from need(inp, 5, "dirty-bitmap start", sec))))
+        elif flags & DirtyBitmapFlag.BITS:
+            hdr = yield from need(inp, 12, "dirty-bitmap bits", sec)
+            parts.append(bytes(hdr))
+            if not flags & DirtyBitmapFlag.ZEROES:
+                sz = yield from need(inp, 8, "dirty-bitmap buffer size", sec)
+                parts.append(bytes(sz))
+                (buf_len,) = BE64.unpack(sz)
+                if buf_len > _MAX_BITMAP_BUF:
+                    raise StreamError(f"dirty-bitmap buffer of {buf_len} bytes", offset=inp.offset, section=sec)
+        elif not flags & (DirtyBitmapFlag.COMPLETE | DirtyBitmapFlag.EOS):
+            raise StreamError(f"dirty-bitmap chunk with unknown flags 0x{flags:x}", offset=start, section=sec)
+        yield Opaque(start, memoryview(b"".join(parts)), info.section_id, "dirty-bitmap")
+        sid = info.section_id
+        yield from pieces(inp, buf_len, "a dirty-bitmap buffer", sec,
+                          lambda o, v: Opaque(o, v, sid, "dirty-bitmap"))
+        if flags & DirtyBitmapFlag.EOS:
+            return
+
+
+def refuse_iterative(idstr: str, offset: int) -> UnsupportedStream:
+    what = "a handler we cannot parse" if idstr not in KNOWN_UNPARSED_ITERATIVE else "not supported"
+    return UnsupportedStream(f"iterative section {idstr!r} is {what}; its payload cannot be "
+                             f"delimited safely, refusing the stream", offset=offset)

@@ -1,0 +1,235 @@
+"""Synthetic VFIO devices, framed exactly as QEMU frames them, and their injection into
+real streams.  For tests, examples and benchmarks: this machine has no mdev hardware,
+so device state is made up, but every byte around it is QEMU's framing
+(hw/vfio/migration.c; FORMAT.md §5.3):
+
+========  ===============================================================================
+START     ``DEV_SETUP_STATE END_OF_STATE``
+PART      v1 (QEMU ≤ 7.2): ``DEV_DATA_STATE be64 n <n bytes> END_OF_STATE`` (n = 0 once
+          nothing is pending); v2 (≥ 8.1): an optional data block, then ``END_OF_STATE``
+END       data blocks, then ``END_OF_STATE``
+FULL      ``DEV_CONFIG_STATE <VFIOPCIDevice vmstate> END_OF_STATE``
+========  ===============================================================================
+
+:func:`inject` places them where QEMU would: the START after RAM's START (setup), one
+PART after each RAM PART (iterations), the END after RAM's END (completion), the FULL
+before EOF (the non-iterable phase); and it adds the device to the vmdesc JSON as QEMU
+does for an old-style ``save_state`` handler.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from typing import BinaryIO, Iterator, Optional
+
+from .drive import iter_events
+from .events import (Eof, SectionFooter, SectionHeader, VMDescription)
+from .sections import KIND_RAM
+from .writer import (StreamWriter, encode_footer, encode_section_part, encode_section_start,
+                     encode_vfio_block, encode_vfio_block_header, encode_vfio_marker, encode_vmdesc)
+from .wire import VFIO_VERSION, SectionType, VfioFlag
+
+#: QEMU ≥ 8.0's VFIO_MIG_DEFAULT_DATA_BUFFER_SIZE
+V2_BLOCK = 1 << 20
+#: synthetic state is made in blocks of this size, each seeded by (seed, index)
+_STATE_BLOCK = 1 << 16
+
+
+@dataclass
+class SyntheticVfioDevice:
+    """A made-up VFIO device: its identity, how much state it has, and where.
+
+    The state is a deterministic pseudo-random byte string (seeded), optionally starting
+    with *marker* so tests can prove the bytes left a stream.
+    """
+
+    idstr: str = "0000:00:05.0/vfio"
+    instance_id: int = 0
+    precopy_size: int = 0
+    stopcopy_size: int = 64 << 10
+    framing: str = "v1"
+    block_size: int = V2_BLOCK
+    config_size: int = 256 + 20
+    seed: int = 1
+    marker: bytes = b""
+    section_id: int = -1
+    _rng: random.Random = field(default=None, repr=False)  # type: ignore[assignment]
+    _made: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.framing not in ("v1", "v2"):
+            raise ValueError(f"framing must be v1 or v2, not {self.framing!r}")
+        if self.framing == "v2":
+            self.block_size = min(self.block_size, V2_BLOCK)
+        self.reset()
+
+    @property
+    def state_bytes(self) -> int:
+        return self.precopy_size + self.stopcopy_size
+
+    def reset(self) -> None:
+        self._made = 0
+
+    def _block(self, index: int) -> bytes:
+        """Block *index* of the pseudo-random state (independent of how it is read)."""
+        if self._rng is None or getattr(self, "_block_index", None) != index:
+            self._block_index = index
+            self._block_data = random.Random(f"{self.seed}:{index}").randbytes(_STATE_BLOCK)
+            self._rng = random.Random(0)  # marks the cache as filled
+        return self._block_data
+
+    def take_state(self, n: int) -> bytes:
+        """The next *n* bytes of this device's state (same bytes however it is split)."""
+        out = bytearray()
+        pos = self._made
+        end = pos + n
+        while pos < end:
+            if pos < len(self.marker):
+                piece = self.marker[pos:min(end, len(self.marker))]
+            else:
+                block = self._block(pos // _STATE_BLOCK)
+                k = pos % _STATE_BLOCK
+                piece = block[k:k + (end - pos)]
+            out += piece
+            pos += len(piece)
+        self._made = end
+        return bytes(out)
+
+    def expected_sha256(self) -> str:
+        """SHA-256 of the whole state (regenerated, constant memory)."""
+        twin = SyntheticVfioDevice(idstr=self.idstr, precopy_size=self.precopy_size,
+                                   stopcopy_size=self.stopcopy_size, seed=self.seed, marker=self.marker)
+        h = hashlib.sha256()
+        left = self.state_bytes
+        while left:
+            n = min(left, 1 << 20)
+            h.update(twin.take_state(n))
+            left -= n
+        return h.hexdigest()
+
+    def config_bytes(self) -> bytes:
+        """Stand-in for the VFIOPCIDevice vmstate: a PCI config space header + MSI-X."""
+        rng = random.Random(self.seed ^ 0x5A5A)
+        head = bytes.fromhex("de10") + bytes.fromhex("b21e")  # vendor/device ids (LE, as in config space)
+        return (head + rng.randbytes(self.config_size))[: self.config_size]
+
+    # -- records ---------------------------------------------------------------------------
+
+    def start_record(self) -> bytes:
+        return (encode_section_start(self.section_id, self.idstr, self.instance_id, VFIO_VERSION)
+                + encode_vfio_marker(VfioFlag.DEV_SETUP_STATE) + encode_vfio_marker(VfioFlag.END_OF_STATE)
+                + encode_footer(self.section_id))
+
+    def part_record(self, n: int) -> bytes:
+        body = b""
+        if n or self.framing == "v1":
+            body = encode_vfio_block(self.take_state(n))
+        return (encode_section_part(self.section_id) + body
+                + encode_vfio_marker(VfioFlag.END_OF_STATE) + encode_footer(self.section_id))
+
+    def end_chunks(self, n: int) -> Iterator[bytes]:
+        """The END record in pieces (its blocks may add up to hundreds of MiB)."""
+        yield encode_section_part(self.section_id, end=True)
+        while n:
+            k = min(n, self.block_size)
+            yield encode_vfio_block_header(k)
+            yield self.take_state(k)
+            n -= k
+        yield encode_vfio_marker(VfioFlag.END_OF_STATE) + encode_footer(self.section_id)
+
+    def full_record(self) -> bytes:
+        return (encode_section_start(self.section_id, self.idstr, self.instance_id, VFIO_VERSION, full=True)
+                + encode_vfio_marker(VfioFlag.DEV_CONFIG_STATE) + self.config_bytes()
+                + encode_vfio_marker(VfioFlag.END_OF_STATE) + encode_footer(self.section_id))
+
+    def vmdesc_entry(self) -> dict[str, object]:
+        size = 16 + self.config_size
+        return {"name": self.idstr, "instance_id": self.instance_id, "size": size,
+                "fields": [{"name": "data", "size": size, "type": "buffer"}]}
+
+
+def _scan(src: BinaryIO) -> tuple[int, int]:
+    """(largest section id, number of RAM PART records) of a stream."""
+    top, parts = -1, 0
+    for ev in iter_events(src):
+        if isinstance(ev, SectionHeader):
+            top = max(top, ev.section_id)
+            parts += ev.kind == KIND_RAM and ev.type == SectionType.SECTION_PART
+    return top, parts
+
+
+def inject(src_path: str, dst: BinaryIO, devices: list[SyntheticVfioDevice],
+           first_id: Optional[int] = None) -> None:
+    """Copy the stream (or save image) at *src_path* to *dst* with *devices* added."""
+    with open(src_path, "rb") as fh:
+        top, ram_parts = _scan(fh)
+    next_id = top + 1 if first_id is None else first_id
+    for dev in devices:
+        dev.section_id, next_id = next_id, next_id + 1
+        dev.reset()
+    sent = {id(d): 0 for d in devices}
+    per_part = {id(d): -(-d.precopy_size // ram_parts) if ram_parts else 0 for d in devices}
+    last: Optional[SectionHeader] = None
+    with open(src_path, "rb") as fh, StreamWriter(dst) as w:
+        for ev in iter_events(fh):
+            if isinstance(ev, Eof):
+                for d in devices:
+                    w.write_bytes(d.full_record())
+            if isinstance(ev, VMDescription):
+                desc = json.loads(ev.json)
+                desc.setdefault("devices", []).extend(d.vmdesc_entry() for d in devices)
+                w.write_bytes(encode_vmdesc(json.dumps(desc, separators=(",", ":")).encode()))
+                continue
+            w.write(ev)
+            if isinstance(ev, SectionHeader):
+                last = ev
+            if not (isinstance(ev, SectionFooter) and last is not None and last.kind == KIND_RAM):
+                continue
+            for d in devices:
+                if last.type == SectionType.SECTION_START:
+                    w.write_bytes(d.start_record())
+                elif last.type == SectionType.SECTION_PART:
+                    n = min(per_part[id(d)], d.precopy_size - sent[id(d)])
+                    sent[id(d)] += n
+                    w.write_bytes(d.part_record(n))
+                elif last.type == SectionType.SECTION_END:
+                    for piece in d.end_chunks(d.state_bytes - sent[id(d)]):
+                        w.write_bytes(piece)
+                    sent[id(d)] = d.state_bytes
+
+
+def write_minimal_stream(dst: BinaryIO, ram_pages: int = 256, seed: int = 1) -> None:
+    """A small stream with QEMU 7.2's shape and framing and made-up contents: header,
+    configuration, a RAM section (setup, one iteration, completion) with zero and
+    non-zero pages, a few device FULL sections, EOF and vmdesc.  For examples and
+    demos where no QEMU is at hand; :func:`inject` adds VFIO devices to it."""
+    from .wire import BE64, RamFlag
+    from .writer import encode_configuration, encode_eof, encode_file_header
+    page = 4096
+    rng = random.Random(seed)
+    ram = b""
+    for i in range(ram_pages):
+        zero = rng.random() < 0.6
+        flags = (RamFlag.ZERO if zero else RamFlag.PAGE) | (RamFlag.CONTINUE if i else 0)
+        ram += BE64.pack(i * page | flags) + (b"" if i else b"\x06pc.ram")
+        ram += b"\x00" if zero else rng.randbytes(page)
+    setup = (BE64.pack(ram_pages * page | RamFlag.MEM_SIZE) + b"\x06pc.ram" + BE64.pack(ram_pages * page)
+             + BE64.pack(RamFlag.EOS))
+    eos = BE64.pack(RamFlag.EOS)
+    out = [encode_file_header(), encode_configuration("pc-i440fx-7.2"),
+           encode_section_start(2, "ram", 0, 4) + setup + encode_footer(2),
+           encode_section_part(2) + ram + eos + encode_footer(2),
+           encode_section_part(2, end=True) + eos + encode_footer(2)]
+    devices = [("timer", 0, 2, 24), ("cpu", 0, 12, 1900), ("0000:00:02.0/virtio-net", 0, 11, 300),
+               ("serial", 0, 3, 40)]
+    desc = []
+    for sid, (name, inst, ver, size) in enumerate(devices, start=3):
+        body = rng.randbytes(size)
+        out.append(encode_section_start(sid, name, inst, ver, full=True) + body + encode_footer(sid))
+        desc.append({"name": name, "instance_id": inst, "size": size,
+                     "fields": [{"name": "data", "size": size, "type": "buffer"}]})
+    out.append(encode_eof())
+    out.append(encode_vmdesc(json.dumps({"page_size": page, "devices": desc}, separators=(",", ":")).encode()))
+    dst.write(b"".join(out))
