@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tests.harness.qemu_vm import QemuVM
 
 pytestmark = pytest.mark.e2e
 
+REPO = Path(__file__).resolve().parents[2]
 QEVM_MAGIC = bytes.fromhex("5145564d")
 LIBVIRT_SAVE_MAGIC = b"LibvirtQemudSave"
 
@@ -197,3 +199,27 @@ def test_filled_qmp_stream_carries_all_ram(real_qmp_stream_filled: Path) -> None
     pages = sample_pages(ram, first=RAM_FILL_ADDR, last=-(1 << 20))
     missing = [i for i, page in enumerate(pages) if stream.find(page) < 0]
     assert not missing, f"RAM pages {missing} not found in the stream"
+
+
+def test_qemu_that_fails_to_start_reports_its_stderr(tmp_path: Path) -> None:
+    vm = QemuVM(tmp_path, name="bad", with_disk=False, extra_args=["-device", "no-such-device"])
+    with pytest.raises(HarnessError) as excinfo:
+        vm.start()
+    assert "QEMU bad exited" in str(excinfo.value) and "no-such-device" in str(excinfo.value)
+    assert vm.proc is None
+
+
+def test_a_forgotten_qemu_is_stopped_when_python_exits(tmp_path: Path) -> None:
+    """The atexit safety net: a test process that never calls stop() must not leave QEMU behind."""
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from tests.harness.qemu_vm import QemuVM\n"
+        f"vm = QemuVM(Path({str(tmp_path)!r}), name='forgotten', with_disk=False)\n"
+        "vm.start()\n"
+        "print(vm.proc.pid, flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          check=True)
+    pid = int(proc.stdout.split()[0])
+    assert not pid_alive(pid), f"QEMU {pid} outlived the Python process that started it"
