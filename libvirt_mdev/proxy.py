@@ -33,6 +33,7 @@ two hosts' sockets.  For each connection from a source:
 ``mode="relay"`` skips all of that: a verbatim two-way relay for the *source* host
 of the UNIX-socket layout, where nothing is armed and the destination proxy filters.
 """
+from __future__ import annotations
 
 import os
 import socket
