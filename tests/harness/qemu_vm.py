@@ -120,6 +120,8 @@ class QemuVM:
             try:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
+                # __exit__ never runs when __enter__ fails: stop QEMU here or it outlives the test
+                self.stop()
                 raise HarnessError(f"QEMU {self.name}: QMP connect failed ({exc!r}); {tail(self.stderr_log)}") from exc
             raise HarnessError(f"QEMU {self.name} exited with {self.proc.returncode}: "
                                f"{tail(self.stderr_log)}") from exc
