@@ -19,8 +19,10 @@ data passes through as the exact input bytes.  For each VFIO device (one section
   first.  A store failure therefore stops the stream before QEMU can use the state.
 * ``token`` mode (strip) forwards no device bytes at all: each data block is replaced
   by a *token record* — a data block whose payload starts with :data:`TOKEN_MAGIC`
-  followed by JSON naming the migration, the device, the byte range it replaced and,
-  in the END section, the load token.  A token-aware vendor driver would receive the
+  followed by JSON naming the migration, the device and the byte range it replaced —
+  and the END section gets one more, *final* record carrying the load token (emitted
+  once the state is committed; records are never held back, so memory stays constant
+  however many blocks a stream has).  A token-aware vendor driver would receive the
   token through the VFIO interface; today's QEMU would hand it to the vendor driver,
   which rejects it (fail closed).  ``splice`` of such a stream resolves each record in
   the store, verifies the state and writes the original blocks back, byte for byte.
@@ -138,7 +140,6 @@ class StreamFilter:
         self._section: Optional[SectionHeader] = None
         #: the block being handled: (device, declared size, held header, collected bytes or None)
         self._block: Optional[tuple[_Device, int, bytes, Optional[bytearray]]] = None
-        self._held: list[bytes] = []  # token mode: records of the open END section
         self._block_start_in_state = 0
         #: manifest id -> fd of a state re-hashed once (splice of token records)
         self._verified: dict[str, int] = {}
@@ -246,14 +247,14 @@ class StreamFilter:
 
     # -- token records ----------------------------------------------------------------------------
 
-    def _token_out(self, dev: _Device, offset: int, length: int) -> None:
-        rec = {"v": 1, "migration": self.opts.migration_id, "idstr": dev.idstr,
-               "instance": dev.instance_id, "offset": offset, "length": length}
-        sec = self._section
-        if sec is not None and sec.type == SectionType.SECTION_END:
-            self._held.append(json.dumps(rec, sort_keys=True).encode())  # token added at commit
+    def _token_out(self, dev: _Device, offset: int, length: int, token: Optional[str] = None) -> None:
+        rec: dict[str, Any] = {"v": 1, "migration": self.opts.migration_id, "idstr": dev.idstr,
+                               "instance": dev.instance_id}
+        if token is None:
+            rec.update(offset=offset, length=length)
         else:
-            self._emit(encode_vfio_block(TOKEN_MAGIC + json.dumps(rec, sort_keys=True).encode()))
+            rec["token"] = token  # the final record: names the state, stands for no block
+        self._emit(encode_vfio_block(TOKEN_MAGIC + json.dumps(rec, sort_keys=True).encode()))
 
     def _token_record(self, dev: _Device, payload: bytes) -> None:
         """Splice: put the state a token record stands for back in the stream."""
@@ -262,13 +263,21 @@ class StreamFilter:
                              f"records are only accepted by an offline splice, refusing")
         try:
             rec = json.loads(payload[len(TOKEN_MAGIC):])
-            offset, length = int(rec["offset"]), int(rec["length"])
+            final = "token" in rec
+            offset, length = (0, 0) if final else (int(rec["offset"]), int(rec["length"]))
             if rec["idstr"] != dev.idstr or int(rec["instance"]) != dev.instance_id:
                 raise TokenError(f"token record for device {rec['idstr']!r} found in the section of "
                                  f"{dev.idstr!r} (swapped devices?)")
         except (ValueError, KeyError, TypeError) as exc:
             raise TokenError(f"VFIO device {dev.idstr}: malformed token record ({exc})") from None
         manifest = self._find_manifest(rec)
+        if final:
+            if dev.manifest is not None and dev.manifest.id != manifest.id:
+                raise TokenError(f"VFIO device {dev.idstr}: its token names other state than its "
+                                 f"range records")
+            self._verified_fd(manifest)  # the whole state is re-hashed before QEMU could finish
+            dev.manifest = manifest
+            return  # stands for no block of the original stream
         if offset < 0 or length < 0 or offset + length > manifest.length:
             raise TokenError(f"token record range {offset}+{length} outside the stored state "
                              f"({manifest.length} bytes)")
@@ -309,23 +318,18 @@ class StreamFilter:
         if (ev.marker == VfioFlag.END_OF_STATE and sec is not None
                 and sec.type == SectionType.SECTION_END and sec.kind == "vfio"):
             dev = self._devices[ev.section_id]
-            self._commit(dev)
-            if self.opts.mode == "token" and dev.manifest is not None:
-                token = issue_token(dev.manifest)
-                for raw in self._held:
-                    rec = json.loads(raw)
-                    rec["token"] = token
-                    self._emit(encode_vfio_block(TOKEN_MAGIC + json.dumps(rec, sort_keys=True).encode()))
-                self._held.clear()
+            if self._commit(dev) and self.opts.mode == "token" and dev.manifest is not None:
+                self._token_out(dev, 0, 0, token=issue_token(dev.manifest))
         self._emit(ev.raw)
 
-    def _commit(self, dev: _Device) -> None:
+    def _commit(self, dev: _Device) -> bool:
+        """Commit the device's state; True when new state was stored (not spliced back)."""
         if dev.writer is None:
             if dev.manifest is None and dev.blocks == 0:
                 dev.writer = self.store.begin_state(self._meta(dev))  # a device with no state at all
             else:
                 self._record(dev)  # spliced back from tokens: nothing new to store
-                return
+                return False
         writer, dev.writer = dev.writer, None
         m = writer.commit()
         if self.opts.verify:
@@ -334,6 +338,7 @@ class StreamFilter:
                 raise StoreIntegrityError(f"state of {dev.idstr} changed on disk after it was stored")
         dev.manifest = m
         self._record(dev)
+        return True
 
     def _record(self, dev: _Device) -> None:
         m = dev.manifest

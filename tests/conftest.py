@@ -16,7 +16,7 @@ from typing import Iterator
 import pytest
 
 from tests.harness import LibvirtHost, logging_hook
-from tests.harness.libvirt_host import set_default_caps_cache
+from tests.harness.caps_cache import set_default_caps_cache
 from tests.harness.guests import GuestSpec, full_guest, make_ram_file
 from tests.harness.qemu_vm import QemuVM
 from tests.harness.twohosts import TwoHosts

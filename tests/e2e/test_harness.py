@@ -1,8 +1,8 @@
 """The harness drives the real libvirtd 9.0 and QEMU 7.2: each test checks one thing others will rely on."""
 from __future__ import annotations
 
-import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,27 +16,9 @@ from tests.harness.qemu_vm import QemuVM
 
 pytestmark = pytest.mark.e2e
 
+REPO = Path(__file__).resolve().parents[2]
 QEVM_MAGIC = bytes.fromhex("5145564d")
 LIBVIRT_SAVE_MAGIC = b"LibvirtQemudSave"
-
-
-def vcpu_time_ns(host: LibvirtHost, domain: str) -> int:
-    stats = host.virsh("domstats", "--vcpu", domain).stdout
-    match = re.search(r"vcpu\.0\.time=(\d+)", stats)
-    assert match, f"no vcpu.0.time in domstats of {domain}: {stats}"
-    return int(match.group(1))
-
-
-def assert_guest_runs(host: LibvirtHost, domain: str) -> None:
-    """Running by libvirt, by QEMU, and its vCPU actually consumes time (the guest executes)."""
-    assert host.domstate(domain) == "running"
-    status = host.virsh("qemu-monitor-command", "--hmp", domain, "info status").stdout
-    assert "VM status: running" in status
-    before = vcpu_time_ns(host, domain)
-    deadline = time.monotonic() + 10
-    while vcpu_time_ns(host, domain) <= before:
-        assert time.monotonic() < deadline, f"vCPU time of {domain} stuck at {before} ns"
-        time.sleep(0.1)
 
 
 def define_and_start(host: LibvirtHost, spec: GuestSpec, workdir: Path) -> None:
@@ -58,7 +40,7 @@ def test_guest_defines_starts_and_runs(libvirt_host: LibvirtHost, tmp_path: Path
     define_and_start(libvirt_host, spec, tmp_path)
     record_timing("define+start lm-run", time.monotonic() - started)
     try:
-        assert_guest_runs(libvirt_host, spec.name)
+        libvirt_host.wait_guest_executes(spec.name)
         live = libvirt_host.virsh("dumpxml", spec.name).stdout
         assert "urn:lm-test" in live and "qemu-xhci" in live and "<interface type='user'>" in live
         conn = libvirt_host.libvirt_connect()
@@ -80,7 +62,7 @@ def test_save_image_restores_and_runs(libvirt_host: LibvirtHost, real_save_image
     libvirt_host.virsh("restore", str(real_save_image))
     record_timing("virsh restore", time.monotonic() - started)
     try:
-        assert_guest_runs(libvirt_host, real_save_guest.name)
+        libvirt_host.wait_guest_executes(real_save_guest.name)
         assert real_save_guest.uuid in libvirt_host.virsh("domuuid", real_save_guest.name).stdout
     finally:
         libvirt_host.virsh("destroy", real_save_guest.name)
@@ -117,12 +99,19 @@ def test_live_migration_between_two_hosts(two_hosts, tmp_path: Path) -> None:
         two_hosts.migrate(spec.name)
         record_timing("virsh migrate --live A->B", time.monotonic() - started)
         assert a.domstate(spec.name) == "shut off"
-        assert_guest_runs(b, spec.name)
+        b.wait_guest_executes(spec.name)
         b_hooks = b.host_path("/var/log/libvirt/hooks.log").read_text().splitlines()
         assert b_hooks[:4] == [f"{spec.name} {op} -" for op in
                                ("migrate begin", "prepare begin", "start begin", "started begin")]
         a_hooks = a.host_path("/var/log/libvirt/hooks.log").read_text().splitlines()
         assert a_hooks[-2:] == [f"{spec.name} stopped end -", f"{spec.name} release end -"]
+        # Back again in peer-to-peer mode: B's daemon dials A's TCP listener from inside B's namespace, and
+        # the guest lands on A's inactive persistent definition.
+        started = time.monotonic()
+        two_hosts.migrate(spec.name, src="B", p2p=True)
+        record_timing("virsh migrate --live --p2p B->A", time.monotonic() - started)
+        a.wait_guest_executes(spec.name)
+        assert b.virsh("domstate", spec.name, check=False).returncode != 0  # transient on B: gone
     finally:
         for host in (a, b):
             if host.virsh("domstate", spec.name, check=False).stdout.strip() == "running":
@@ -157,7 +146,7 @@ def test_migration_through_a_relay_running_on_host_b(two_hosts, tmp_path: Path) 
                                    f"TCP:127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=relay_log)
         two_hosts.wait_listening("B", port)
         two_hosts.migrate(spec.name, "--listen-address", "127.0.0.1", port=port)
-        assert_guest_runs(b, spec.name)
+        b.wait_guest_executes(spec.name)
         assert a.domstate(spec.name) == "shut off"
         relay.wait(timeout=30)  # without fork, socat exits once the single migration connection closed
         log = (tmp_path / "relay.log").read_text()
@@ -210,3 +199,30 @@ def test_filled_qmp_stream_carries_all_ram(real_qmp_stream_filled: Path) -> None
     pages = sample_pages(ram, first=RAM_FILL_ADDR, last=-(1 << 20))
     missing = [i for i, page in enumerate(pages) if stream.find(page) < 0]
     assert not missing, f"RAM pages {missing} not found in the stream"
+
+
+def test_qemu_that_fails_to_start_reports_its_stderr(tmp_path: Path) -> None:
+    vm = QemuVM(tmp_path, name="bad", with_disk=False, extra_args=["-device", "no-such-device"])
+    with pytest.raises(HarnessError) as excinfo:
+        vm.start()
+    assert "QEMU bad exited" in str(excinfo.value) and "no-such-device" in str(excinfo.value)
+    assert vm.proc is None
+
+
+def test_a_forgotten_qemu_is_stopped_when_python_exits(tmp_path: Path) -> None:
+    """The atexit safety net: a test process that never calls stop() must not leave QEMU behind."""
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from tests.harness.qemu_vm import QemuVM\n"
+        f"vm = QemuVM(Path({str(tmp_path)!r}), name='forgotten', with_disk=False)\n"
+        "vm.start()\n"
+        "print(vm.proc.pid, flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          check=True)
+    pid = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 5  # a loaded machine may take a moment to tear the process down
+    while pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(pid), f"QEMU {pid} outlived the Python process that started it"

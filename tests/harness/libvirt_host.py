@@ -6,6 +6,8 @@ the machine's real libvirt (and other sessions' private hosts) stay untouched. E
 """
 from __future__ import annotations
 
+import atexit
+import re
 import shlex
 import shutil
 import subprocess
@@ -15,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from . import caps_cache as _caps
 from ._proc import HarnessError, pid_alive, read_pid, run, tail, terminate
 
 # The stock paths a host gets its own copy of, and the per-host sub-directory that backs each one.
@@ -29,22 +32,9 @@ BIND_MOUNTS: tuple[tuple[str, str], ...] = (
 PRUNE_GLOBS: tuple[str, ...] = ("qemu/*.xml", "qemu/autostart", "qemu/networks/autostart/*", "hooks/*")
 # The capability probe of two QEMU binaries takes ~8 s; a bound well above it still catches a hung daemon.
 READY_TIMEOUT = 60.0
-# Where libvirtd keeps its QEMU capability cache, relative to the host root (is /var/cache/libvirt/qemu/...).
-CAPS_SUBDIR = Path("cache/qemu/capabilities")
-_default_caps_cache: Path | None = None
 # Migration and hook decisions at debug level, the rest at libvirt's default (warnings): enough to debug a
 # failed migration from the log without drowning it.
 DEFAULT_LOG_FILTERS = "1:qemu.qemu_migration 1:util.hook"
-
-
-def set_default_caps_cache(path: Path | None) -> None:
-    """Share probed QEMU capabilities between the hosts of this test run (saves ~8 s per host start).
-
-    libvirtd re-validates each cached file (binary ctimes, kernel, microcode, /dev/kvm access) and re-probes when
-    anything differs, so sharing cannot hand a host stale capabilities.
-    """
-    global _default_caps_cache
-    _default_caps_cache = Path(path) if path is not None else None
 
 
 @dataclass(frozen=True)
@@ -93,7 +83,7 @@ class LibvirtHost:
     hostname: str | None = None
     hosts_entries: Mapping[str, str] = field(default_factory=dict)
     host_uuid: str = field(default_factory=lambda: str(uuid.uuid4()))
-    caps_cache: Path | None = field(default_factory=lambda: _default_caps_cache)
+    caps_cache: Path | None = field(default_factory=_caps.default_caps_cache)
     warm_caps: bool = True
     log_filters: str = DEFAULT_LOG_FILTERS
     root: Path = field(init=False)
@@ -169,7 +159,10 @@ class LibvirtHost:
         shutil.copytree("/etc/libvirt", self.etc_dir, symlinks=True)
         for pattern in PRUNE_GLOBS:
             for victim in self.etc_dir.glob(pattern):
-                shutil.rmtree(victim) if victim.is_dir() and not victim.is_symlink() else victim.unlink()
+                if victim.is_dir() and not victim.is_symlink():
+                    shutil.rmtree(victim)
+                else:
+                    victim.unlink()
         for sub, _ in BIND_MOUNTS:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         (self.run_dir / "mig").mkdir(exist_ok=True)
@@ -200,7 +193,7 @@ class LibvirtHost:
         """
         started = time.monotonic()
         self.prepare()
-        self._seed_caps()
+        _caps.seed(self.caps_cache, self.root)
         for _, mount in BIND_MOUNTS:
             # Bind-mount targets must exist; /run/libvirt is missing when no stock daemon ever ran here.
             Path(mount).mkdir(parents=True, exist_ok=True)
@@ -209,10 +202,12 @@ class LibvirtHost:
             self._wait_ready(started + READY_TIMEOUT)
             if self.warm_caps:
                 self.virsh("capabilities", timeout=READY_TIMEOUT)
-                self._harvest_caps()
+                _caps.harvest(self.root, self.caps_cache, self.name)
         except BaseException:
             self.stop()  # whatever did start (often virtlogd) must not outlive a failed start
             raise
+        # Safety net for an interrupted test run: daemons and guests must not outlive the Python process.
+        atexit.register(self.stop)
         self.start_seconds = time.monotonic() - started
 
     def stop(self) -> None:
@@ -227,6 +222,7 @@ class LibvirtHost:
         terminate([p for p in qemus if p], timeout=10.0)
         terminate([p for p in (self._pids.get("libvirtd"), self._pids.get("virtlogd")) if p], timeout=15.0)
         self._pids.clear()
+        atexit.unregister(self.stop)
 
     # ----- talking to it -----------------------------------------------------------------------------------
     def virsh(self, *args: str, check: bool = True, timeout: float = 180.0) -> subprocess.CompletedProcess:
@@ -240,6 +236,32 @@ class LibvirtHost:
 
     def domstate(self, domain: str) -> str:
         return self.virsh("domstate", domain).stdout.strip()
+
+    def vcpu_time_ns(self, domain: str) -> int:
+        """Cumulative vCPU 0 time from `virsh domstats --vcpu` (read from /proc, so it works without cgroups)."""
+        stats = self.virsh("domstats", "--vcpu", domain).stdout
+        match = re.search(r"vcpu\.0\.time=(\d+)", stats)
+        if not match:
+            raise HarnessError(f"host {self.name}: no vcpu.0.time in domstats of {domain}: {stats.strip()}")
+        return int(match.group(1))
+
+    def wait_guest_executes(self, domain: str, timeout: float = 10.0) -> None:
+        """Prove the guest really runs here: libvirt and QEMU say running and its vCPU time grows.
+
+        The idle SeaBIOS guest accrues ~10 ms of vCPU time per 1.5 s, so this takes about 2-2.5 s.
+        """
+        state = self.domstate(domain)
+        if state != "running":
+            raise HarnessError(f"host {self.name}: domain {domain} is {state!r}, not running")
+        status = self.virsh("qemu-monitor-command", "--hmp", domain, "info status").stdout
+        if "VM status: running" not in status:
+            raise HarnessError(f"host {self.name}: QEMU of {domain} says {status.strip()!r}")
+        before = self.vcpu_time_ns(domain)
+        deadline = time.monotonic() + timeout
+        while self.vcpu_time_ns(domain) <= before:
+            if time.monotonic() > deadline:
+                raise HarnessError(f"host {self.name}: vCPU time of {domain} stuck at {before} ns for {timeout:.0f}s")
+            time.sleep(0.1)
 
     def nsenter_args(self, *, net: bool = True, uts: bool = True) -> list[str]:
         """Prefix that runs a command in this host's mount (and net/UTS) namespaces, as libvirtd sees them."""
@@ -316,23 +338,6 @@ class LibvirtHost:
             if daemon not in self._pids:
                 raise HarnessError(f"host {self.name}: {daemon} wrote no pid file\n{tail(self.libvirtd_log)}")
 
-    def _seed_caps(self) -> None:
-        if self.caps_cache is None or not self.caps_cache.is_dir():
-            return
-        target = self.root / CAPS_SUBDIR
-        target.mkdir(parents=True, exist_ok=True)
-        for xml in self.caps_cache.glob("*.xml"):
-            shutil.copy2(xml, target / xml.name)
-
-    def _harvest_caps(self) -> None:
-        if self.caps_cache is None:
-            return
-        self.caps_cache.mkdir(parents=True, exist_ok=True)
-        for xml in (self.root / CAPS_SUBDIR).glob("*.xml"):
-            tmp = self.caps_cache / f".{xml.name}.{self.name}.tmp"
-            shutil.copy2(xml, tmp)
-            tmp.replace(self.caps_cache / xml.name)  # atomic: a concurrently starting host never sees half a file
-
     def _wait_ready(self, deadline: float) -> None:
         sock = self.run_dir / "libvirt-sock"
         last_err = ""
@@ -363,5 +368,4 @@ def pids_in_netns(netns: str) -> list[int]:
     return [int(p) for p in proc.stdout.split() if p.isdigit()]
 
 
-__all__ = ["HookFile", "LibvirtHost", "logging_hook", "pids_in_netns", "set_default_caps_cache", "HarnessError",
-           "READY_TIMEOUT"]
+__all__ = ["HookFile", "LibvirtHost", "logging_hook", "pids_in_netns", "HarnessError", "READY_TIMEOUT"]

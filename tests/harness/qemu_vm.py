@@ -7,6 +7,7 @@ set identical run to run, so streams from two runs have the same sections.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import shlex
 import subprocess
 import time
@@ -94,12 +95,20 @@ class QemuVM:
         self.qmp_path.unlink(missing_ok=True)
         with self.stderr_log.open("wb") as err:
             self.proc = subprocess.Popen(self.command_line(), stdin=subprocess.DEVNULL, stdout=err, stderr=err)
+        # Safety net: a test that forgets stop() (or dies first) must not leave QEMU running after pytest exits.
+        atexit.register(self.stop)
+        try:
+            self._connect()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _connect(self) -> None:
         deadline = time.monotonic() + QMP_TIMEOUT
         while not self.qmp_path.exists():
             if self.proc.poll() is not None:
                 raise HarnessError(f"QEMU {self.name} exited with {self.proc.returncode}: {tail(self.stderr_log)}")
             if time.monotonic() > deadline:
-                self.stop()
                 raise HarnessError(f"QEMU {self.name} did not create {self.qmp_path} within {QMP_TIMEOUT:.0f}s")
             time.sleep(0.02)
         self._loop = asyncio.new_event_loop()
@@ -107,9 +116,15 @@ class QemuVM:
         try:
             self._run(self._qmp.connect(str(self.qmp_path)))
         except Exception as exc:
-            # __exit__ never runs when __enter__ fails: stop QEMU here or it outlives the test
-            self.stop()
-            raise HarnessError(f"QEMU {self.name}: cannot connect QMP at {self.qmp_path}: {exc}") from exc
+            # QEMU creates the QMP socket before it checks the devices, so a bad command line shows up here.
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                # __exit__ never runs when __enter__ fails: stop QEMU here or it outlives the test
+                self.stop()
+                raise HarnessError(f"QEMU {self.name}: QMP connect failed ({exc!r}); {tail(self.stderr_log)}") from exc
+            raise HarnessError(f"QEMU {self.name} exited with {self.proc.returncode}: "
+                               f"{tail(self.stderr_log)}") from exc
 
     def qmp(self, command: str, **arguments: Any) -> Any:
         """Execute one QMP command and return its result (qemu.qmp raises ExecuteError on an error reply)."""
@@ -160,21 +175,26 @@ class QemuVM:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        """Disconnect QMP and stop QEMU by its pid (SIGTERM, then SIGKILL); reaps it so no zombie stays."""
-        if self._qmp is not None and self._loop is not None:
-            try:
+        """Disconnect QMP and stop QEMU by its pid (SIGTERM, then SIGKILL); reaps it so no zombie stays.
+
+        The QEMU is stopped even when the QMP disconnect fails in any way (a dead VM, a cancelled coroutine).
+        """
+        try:
+            if self._qmp is not None and self._loop is not None:
                 self._run(self._qmp.disconnect())
-            except Exception:  # noqa: BLE001 - the VM may already be gone; stopping must still proceed
-                pass
-        self._qmp = None
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                terminate([self.proc.pid], timeout=10.0)
-            self.proc.wait(timeout=10)
-            self.proc = None
-        if self._loop is not None:
-            self._loop.close()
-            self._loop = None
+        except BaseException:  # noqa: BLE001 - stopping the process below matters more than a clean goodbye
+            pass
+        finally:
+            self._qmp = None
+            if self.proc is not None:
+                if self.proc.poll() is None:
+                    terminate([self.proc.pid], timeout=10.0)
+                self.proc.wait(timeout=10)
+                self.proc = None
+            if self._loop is not None:
+                self._loop.close()
+                self._loop = None
+            atexit.unregister(self.stop)
 
     def _run(self, coro: Any) -> Any:
         assert self._loop is not None

@@ -7,6 +7,7 @@ libvirtd dials B's QEMU over the veth. Names carry the pid and a counter so para
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import subprocess
@@ -81,6 +82,7 @@ class TwoHosts:
         except BaseException:
             self.stop()
             raise
+        atexit.register(self.stop)  # namespaces must not outlive an interrupted run
         self.start_seconds = time.monotonic() - started
 
     def _network_up(self) -> None:
@@ -124,20 +126,22 @@ class TwoHosts:
             terminate(pids_in_netns(ns), timeout=5.0)
             run(["ip", "netns", "del", ns], check=False)
         self._netns.clear()
+        atexit.unregister(self.stop)
 
     def host(self, side: str) -> LibvirtHost:
         return self.a if side.upper() == "A" else self.b
 
     def migrate(self, domain: str, *extra_args: str, src: str = "A", port: int | None = DEFAULT_MIGRATION_PORT,
-                migrateuri: str | None = None, check: bool = True,
+                migrateuri: str | None = None, p2p: bool = False, check: bool = True,
                 timeout: float = 180.0) -> subprocess.CompletedProcess:
         """`virsh -c SRC migrate --live DOMAIN DST --migrateuri tcp://<DST addr>:<port> EXTRA...`.
 
         Pass migrateuri to override (e.g. a proxy's address or a unix:// path under /run/libvirt/mig), or
-        port=None and migrateuri=None to let the destination advertise its own.
+        port=None and migrateuri=None to let the destination advertise its own. p2p=True makes the source daemon
+        talk to the destination's TCP listener (qemu+tcp://<addr>/system) itself, from inside its namespace.
         """
         source, dest = (self.a, self.b) if src.upper() == "A" else (self.b, self.a)
-        args = ["migrate", "--live", domain, dest.uri]
+        args = ["migrate", "--live", *(["--p2p"] if p2p else []), domain, dest.tcp_uri if p2p else dest.uri]
         if migrateuri is None and port is not None:
             migrateuri = f"tcp://{dest.address}:{port}"
         if migrateuri is not None:

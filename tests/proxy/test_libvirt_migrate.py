@@ -35,7 +35,7 @@ import pytest
 from libvirt_mdev.cli.hookcmd import HOOK_NAME, install, render_hook
 from libvirt_mdev.mdev.sysfs import make_fake_sysfs
 from libvirt_mdev.store.pending import list_pending
-from tests.e2e.test_harness import assert_guest_runs, define_and_start
+from tests.e2e.test_harness import define_and_start
 from tests.harness import HookFile, logging_hook
 from tests.harness.guests import migratable_guest
 from tests.harness.twohosts import TwoHosts
@@ -183,7 +183,7 @@ def test_virsh_migrate_tcp_through_the_proxy(setup: Setup, tmp_path: Path) -> No
         assert res["domain_name"] == spec.name and res["domain_uuid"] == spec.uuid
         assert res["bytes_in"] == res["bytes_out"] > 1 << 20 and res["sha256_in"] == res["sha256_out"]
         assert s.hosts.a.domstate(spec.name) == "shut off"
-        assert_guest_runs(b, spec.name)
+        b.wait_guest_executes(spec.name)
         lines = armed_lines(s.log(), spec.name)
         assert any("migrate begin" in ln and "armed" in ln and res["migration_id"] in ln for ln in lines)
         assert any(f"serving domain {spec.name} ({spec.uuid}) migration {res['migration_id']}" in ln
@@ -206,7 +206,7 @@ def test_virsh_migrate_unix_socket_through_relay_and_proxy(setup: Setup, tmp_pat
         res, carried = dest.result(), relay.result()
         assert res["ok"] and carried["ok"], (res, carried)
         assert res["domain_name"] == spec.name and carried["bytes_in"] == res["bytes_in"] > 1 << 20
-        assert_guest_runs(b, spec.name)
+        b.wait_guest_executes(spec.name)
         assert a.domstate(spec.name) == "shut off"
         assert any(f"serving domain {spec.name}" in ln for ln in armed_lines(s.log(), spec.name))
     finally:
@@ -225,7 +225,7 @@ def test_hook_refusal_shows_in_virsh_and_keeps_the_guest_on_a(setup: Setup, tmp_
         print(r.stderr.strip())
         assert (f"libvirt-mdev: incoming migration refused: domain {spec.name}: mdev {U2}: source type "
                 f"nvidia-222 but this host has type nvidia-224") in r.stderr
-        assert_guest_runs(s.hosts.a, spec.name)
+        s.hosts.a.wait_guest_executes(spec.name)
         assert b.virsh("domstate", spec.name, check=False).returncode != 0  # nothing left on B
         assert list_pending(b.host_path("/run/libvirt/libvirt-mdev")) == []
     finally:
@@ -250,7 +250,7 @@ def test_proxy_refusal_of_an_armed_type_mismatch_keeps_the_guest_on_a(setup: Set
         line = (f"mdev {U2} (0000:00:0a.0/vfio) was armed for type nvidia-224 but this host now has type "
                 f"nvidia-222")
         assert line in res["error"] and line in s.log()
-        assert_guest_runs(s.hosts.a, spec.name)
+        s.hosts.a.wait_guest_executes(spec.name)
         assert any("armed" in ln and "1 mdev(s) match" in ln for ln in armed_lines(s.log(), spec.name))
     finally:
         cleanup(s, spec.name, [proxy])
