@@ -181,9 +181,10 @@ class SignLayer:
         elif t is Configuration:
             self._hello()
         elif t is SectionFooter and _in_end(self._section):
-            d = self._devices.get(ev.section_id)  # type: ignore[attr-defined]
-            if d is not None and d.complete:
-                self._device(d)
+            done = self._devices.get(ev.section_id)  # type: ignore[attr-defined]
+            if done is not None and done.complete:
+                done.complete = False
+                self._device(done)
 
     def _device(self, d: _Hashing) -> None:
         b: Optional[Binding] = None
@@ -224,7 +225,7 @@ class ReplayGuard:
             data = d.read_small(name, missing_ok=True)
             last = json.loads(data)["seq"] if data else -1
             if seq <= last:
-                raise SignatureError(f"migration {migration} of domain {domain_uuid} is older than "
+                raise SignatureError(f"migration {migration} of domain {domain_uuid} is not newer than "
                                      f"one already received from key {signer} (replayed stream "
                                      f"refused)")
             d.write_atomic(name, json.dumps({"seq": seq, "migration": migration}).encode())
