@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Live migration through the proxy vs directly: QEMU's total-time and downtime.
+
+Two QEMU 7.2 TCG VMs on loopback, driven over QMP (tests/harness/qemu_vm.py).  Guest
+RAM is backed by a private mapping of a random file, so every page is non-zero and
+really travels (QEMU's zero-page detection would otherwise make RAM free).  The
+source's ``max-bandwidth`` is raised to 10 GiB/s (the default cap hides any cost).
+Rounds alternate direct / proxy so drift hits both alike.  The proxy runs as the real
+CLI in its own process (``libvirt-mdev proxy --once``), as in production; its peak
+RSS is read from ``/proc/<pid>/status`` (VmHWM) when it exits.
+
+    python3 bench/bench_proxy.py [--mib 1024] [--rounds 5] [--mode splice] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from libvirt_mdev.store.pending import write_pending  # noqa: E402
+from tests.harness.qemu_vm import QemuVM  # noqa: E402
+
+BANDWIDTH = 10 << 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def random_file(path: Path, mib: int) -> None:
+    if path.exists() and path.stat().st_size == mib << 20:
+        return
+    with open(path, "wb") as fh:
+        for _ in range(mib):
+            fh.write(os.urandom(1 << 20))
+
+
+def start_proxy(work: Path, qport: int, mode: str) -> tuple[subprocess.Popen, int]:
+    conf = work / "proxy.conf"
+    conf.write_text(f"[libvirt-mdev]\nstore = {work / 'store'}\nruntime_dir = {work / 'run'}\n"
+                    f"sysfs_root = {work / 'sys'}\nlog_file = {work / 'proxy.log'}\n")
+    write_pending(work / "run", {"domain_name": "bench", "domain_uuid": str(uuid.uuid4()),
+                                 "migration_id": f"bench-{time.monotonic_ns()}", "created": int(time.time()),
+                                 "devices": []})
+    proc = subprocess.Popen([sys.executable, "-m", "libvirt_mdev.cli", "--config", str(conf), "proxy",
+                             "--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{qport}", "--mode", mode,
+                             "--once", "--json-log"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    hello = json.loads(proc.stdout.readline())
+    return proc, int(hello["listen"].rsplit(":", 1)[1])
+
+
+def peak_rss_kib(pid: int) -> int:
+    """VmHWM of a live process (read just before it exits)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """user+system CPU seconds of a live process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one_round(work: Path, ram: Path, mib: int, via_proxy: bool, mode: str) -> dict:
+    qport = free_port()
+    with QemuVM(work, name="bsrc", memory_mib=mib, with_disk=False, ram_file=ram) as src, \
+            QemuVM(work, name="bdst", memory_mib=mib, with_disk=False, ram_file=ram,
+                   incoming_defer=True) as dst:
+        dst.incoming(f"tcp:127.0.0.1:{qport}")
+        proxy = None
+        port = qport
+        if via_proxy:
+            proxy, port = start_proxy(work, qport, mode)
+        time.sleep(0.3)
+        src.migrate(f"tcp:127.0.0.1:{port}", max_bandwidth=BANDWIDTH)
+        rss = 0
+        cpu = 0.0
+        info: dict = {}
+        while True:
+            info = src.query_migrate()
+            if proxy is not None and proxy.poll() is None:
+                try:
+                    rss = max(rss, peak_rss_kib(proxy.pid))
+                    cpu = cpu_seconds(proxy.pid)
+                except (FileNotFoundError, ProcessLookupError):
+                    pass
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.02)
+        if info.get("status") != "completed":
+            raise RuntimeError(f"migration {info.get('status')}: {info.get('error-desc')}")
+        dst.wait_status("running", 120)
+        out = {"total_ms": info["total-time"], "downtime_ms": info.get("downtime"),
+               "mbps": info.get("ram", {}).get("mbps"), "proxy_rss_kib": rss or None,
+               "proxy_cpu_s": round(cpu, 2) if proxy is not None else None}
+        if proxy is not None:
+            line = proxy.stdout.readline() if proxy.stdout else ""
+            proxy.wait(60)
+            session = json.loads(line) if line else {}
+            if not session.get("ok"):
+                raise RuntimeError(f"proxy session failed: {session}")
+            out["bytes"] = session["bytes_in"]
+        return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mib", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--mode", default="splice", choices=("splice", "token"))
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--workdir", type=Path)
+    a = ap.parse_args()
+    work = a.workdir or Path(tempfile.mkdtemp(prefix="bench-proxy-"))
+    work.mkdir(parents=True, exist_ok=True)
+    ram = work / "ram.bin"
+    random_file(ram, a.mib)
+    rows: dict[str, list[dict]] = {"direct": [], "proxy": []}
+    for i in range(a.rounds):
+        for kind in ("direct", "proxy"):
+            r = one_round(work, ram, a.mib, kind == "proxy", a.mode)
+            rows[kind].append(r)
+            print(f"round {i + 1} {kind:6s} total {r['total_ms']:6d} ms  downtime {r['downtime_ms']:4d} ms  "
+                  f"{r['mbps'] or 0:8.0f} Mbit/s" + (f"  rss {r['proxy_rss_kib'] / 1024:.0f} MiB cpu {r['proxy_cpu_s']} s"
+                                                     if r.get('proxy_rss_kib') else ""), file=sys.stderr)
+    med = {k: {"total_ms": statistics.median(r["total_ms"] for r in v),
+               "downtime_ms": statistics.median(r["downtime_ms"] for r in v)} for k, v in rows.items()}
+    summary = {"mib": a.mib, "rounds": a.rounds, "mode": a.mode, "median": med,
+               "total_ratio": round(med["proxy"]["total_ms"] / med["direct"]["total_ms"], 3),
+               "downtime_ratio": round(med["proxy"]["downtime_ms"] / max(1, med["direct"]["downtime_ms"]), 3),
+               "proxy_peak_rss_mib": round(max(r["proxy_rss_kib"] or 0 for r in rows["proxy"]) / 1024, 1),
+               "rows": rows}
+    if a.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"direct: total {med['direct']['total_ms']} ms, downtime {med['direct']['downtime_ms']} ms (median)")
+        print(f"proxy : total {med['proxy']['total_ms']} ms, downtime {med['proxy']['downtime_ms']} ms (median)")
+        print(f"ratio total {summary['total_ratio']}x, downtime {summary['downtime_ratio']}x, "
+              f"proxy peak RSS {summary['proxy_peak_rss_mib']} MiB")
+
+
+if __name__ == "__main__":
+    main()

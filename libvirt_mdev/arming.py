@@ -1,0 +1,95 @@
+"""Which armed migration a proxy connection serves, and whether it may still be served.
+
+The ``migrate begin`` hook arms an incoming migration by writing a *pending record*
+(:mod:`libvirt_mdev.store.pending`): the domain, a migration id, and each mdev's
+uuid, VFIO section idstr and source type.  The proxy turns that record into the
+filter's bindings.  Kept apart from :mod:`libvirt_mdev.proxy` (sockets and threads)
+because these are the policy decisions, testable without a socket:
+
+* exactly one record, or the one ``--domain`` names; none or several is a refusal;
+* a record is served by one connection at a time (multifd opens several: refused)
+  and only once (a replayed connection is refused, and the record is removed);
+* the armed types are checked against this host's sysfs *at connection time*: the
+  mdev may have been removed or re-created with another type since the hook ran.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional
+
+from .config import Config
+from .errors import MdevError, MdevMissing, NotFound, TypeMismatch
+from .filter import Binding
+
+
+class Claims:
+    """Which pending records are being (or were) served by this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.active: set[str] = set()
+        self.spent: set[str] = set()
+
+    def claim(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            uuid, mid = record["domain_uuid"], record["migration_id"]
+            if uuid in self.active:
+                raise MdevError(f"a second connection for the migration of domain {record['domain_name']} "
+                                f"(migration {mid}) is already being served; multifd (--parallel) "
+                                f"streams cannot be filtered: migrate without --parallel")
+            if mid in self.spent:
+                raise MdevError(f"migration {mid} of domain {record['domain_name']} was already served; "
+                                f"refusing a replayed connection")
+            self.active.add(uuid)
+
+    def release(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            self.active.discard(record["domain_uuid"])
+            self.spent.add(record["migration_id"])
+
+
+def select_pending(config: Config, domain: Optional[str]) -> dict[str, Any]:
+    """The pending record this connection serves (see the module docstring, step 1)."""
+    from .store.pending import list_pending
+
+    records = list_pending(config.runtime_dir)
+    if domain is not None:
+        records = [r for r in records if domain in (r["domain_uuid"], r["domain_name"])]
+        if not records:
+            raise NotFound(f"no incoming migration of domain {domain} is armed in {config.runtime_dir} "
+                           f"(the libvirt-mdev hook arms it at 'migrate begin'; is it installed?)")
+    if not records:
+        raise NotFound(f"no incoming migration is armed in {config.runtime_dir}: refusing the connection "
+                       f"(the libvirt-mdev hook arms one at 'migrate begin'; is it installed?)")
+    if len(records) > 1:
+        names = ", ".join(f"{r['domain_name']} ({r['domain_uuid']})" for r in records)
+        raise MdevError(f"{len(records)} incoming migrations are armed ({names}); cannot tell which one "
+                        f"this connection is for: run one proxy per domain with --domain")
+    return records[0]
+
+
+def check_local_types(record: dict[str, Any], sysfs_root: Any) -> None:
+    """Each armed mdev must exist here now, with the armed type.
+
+    Raises:
+        MdevMissing / TypeMismatch: one line naming the mdev and both types.
+    """
+    from .mdev.sysfs import SysfsEnv
+
+    env = SysfsEnv(sysfs_root)
+    name = record["domain_name"]
+    for dev in record["devices"]:
+        local = env.find(dev["mdev_uuid"])
+        if local is None:
+            raise MdevMissing(f"domain {name}: armed mdev {dev['mdev_uuid']} ({dev['idstr']}) no longer "
+                              f"exists on this host; refusing its migration")
+        if dev["type"] is not None and local.type_id != dev["type"]:
+            raise TypeMismatch(f"domain {name}: mdev {dev['mdev_uuid']} ({dev['idstr']}) was armed for type "
+                               f"{dev['type']} but this host now has type {local.type_id}; refusing")
+
+
+def bindings_from_pending(record: dict[str, Any]) -> dict[str, Binding]:
+    return {d["idstr"]: Binding(d["mdev_uuid"], d["type"]) for d in record["devices"]}
+
+
+__all__ = ["Claims", "select_pending", "check_local_types", "bindings_from_pending"]

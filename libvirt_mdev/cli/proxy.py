@@ -1,0 +1,91 @@
+"""``libvirt-mdev proxy``: run the live-migration proxy (a service; see examples/systemd/)."""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+from ..errors import UsageError
+from ..log import setup_logging
+from ..proxy import MODES, MigrationProxy, ProxyOptions, SessionResult
+from ..relay import Endpoint, listening_from_systemd
+from .context import AppContext, pass_app
+
+LOG_IDENT = "libvirt-mdev-proxy"
+
+
+@click.command("proxy")
+@click.option("--listen", "listen_addr", metavar="ADDR:PORT|unix:PATH",
+              help="Where the source connects (default: 'proxy_listen' in the configuration, or the "
+                   "socket systemd passes).  Use the destination's own address and the --migrateuri port.")
+@click.option("--forward", "forward_addr", required=True, metavar="HOST:PORT|unix:PATH",
+              help="The local QEMU's incoming address: 127.0.0.1:PORT with virsh --listen-address 127.0.0.1, "
+                   "or the unix socket of --migrateuri unix:///PATH.")
+@click.option("--mode", type=click.Choice(MODES), default=None,
+              help="splice (default: store, verify and forward device state), token (forward load tokens "
+                   "instead), relay (no filtering: the source host's end of the unix-socket layout).")
+@click.option("--domain", metavar="UUID|NAME", help="Serve only this domain's armed migration.")
+@click.option("--once", is_flag=True, help="Exit after the first migration (status: 0 ok, else the error's code).")
+@click.option("--json-log", is_flag=True, help="Print one JSON object per connection on stdout.")
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds to keep retrying the local QEMU.")
+@click.option("--digest", is_flag=True, help="Record SHA-256 of the bytes received and forwarded.")
+@click.option("--no-verify", is_flag=True, help="Skip re-hashing each stored state from disk.")
+@click.option("--store", "store_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Trusted store (default: 'store' in the configuration).")
+@click.option("--runtime-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the hook's pending records are (default: 'runtime_dir' in the configuration).")
+@click.option("-v", "--verbose", is_flag=True, help="Also log informational lines to stderr.")
+@pass_app
+def proxy(app: AppContext, listen_addr: Optional[str], forward_addr: str, mode: Optional[str],
+          domain: Optional[str], once: bool, json_log: bool, connect_timeout: float, digest: bool,
+          no_verify: bool, store_dir: Optional[Path], runtime_dir: Optional[Path], verbose: bool) -> int:
+    """Filter live migrations between a source and the local QEMU.
+
+    Serves the migration that the libvirt-mdev hook armed at 'migrate begin'.  Every
+    VFIO device's state is stored and verified on its way through (splice); state for
+    a device the domain does not have, a type mismatch, or any malformed byte closes
+    both connections: the migration fails and the source keeps the guest.
+    """
+    config = app.config.replace(store=store_dir, runtime_dir=runtime_dir)
+    setup_logging(LOG_IDENT, config.log_file, stderr_level=20 if verbose or app.debug else 30)
+    opts = ProxyOptions(forward=Endpoint.parse(forward_addr, "--forward"), mode=mode or config.mode,
+                        domain=domain, connect_timeout=connect_timeout, digest=digest, verify=not no_verify)
+    listener = listening_from_systemd()
+    addr = listen_addr or config.proxy_listen
+    if listener is None and not addr:
+        raise UsageError("say where to listen: --listen ADDR:PORT (or proxy_listen in the configuration)")
+
+    def on_result(res: SessionResult) -> None:
+        if json_log:
+            click.echo(json.dumps({"event": "session", **res.to_json()}))
+            sys.stdout.flush()
+
+    server = MigrationProxy(config, opts, on_result=on_result, listener=listener)
+    bound = server.address if listener is not None else server.bind(Endpoint.parse(addr, "--listen"))
+    _announce(json_log, bound, opts)
+    signal.signal(signal.SIGTERM, lambda *_: server.request_stop())
+    try:
+        first = server.serve(once=once)
+    finally:
+        server.stop()
+    if once:
+        if first is None:
+            return 1
+        return 0 if first.ok else first.exit_code
+    return 0
+
+
+def _announce(json_log: bool, bound: Endpoint, opts: ProxyOptions) -> None:
+    info: dict[str, Any] = {"event": "listening", "listen": str(bound), "forward": str(opts.forward),
+                            "mode": opts.mode}
+    if json_log:
+        click.echo(json.dumps(info))
+        sys.stdout.flush()
+    else:
+        click.echo(f"libvirt-mdev proxy: listening on {bound}, forwarding to {opts.forward} "
+                   f"(mode {opts.mode})", err=True)

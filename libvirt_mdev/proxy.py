@@ -1,0 +1,430 @@
+"""The live-migration proxy: filters one source→destination migration per connection.
+
+Theory of operation
+-------------------
+With ``virsh migrate --listen-address 127.0.0.1 --migrateuri tcp://DEST:PORT`` the
+destination QEMU listens on loopback and this proxy listens on DEST:PORT (DESIGN §8,
+LIBVIRT.md §2); with ``--migrateuri unix:///...`` it carries the bytes between the
+two hosts' sockets.  For each connection from a source:
+
+1. **Which domain.**  The ``migrate begin`` hook armed a *pending record* for the
+   incoming domain (:mod:`libvirt_mdev.store.pending`).  Exactly one record (or the
+   one ``--domain`` names) is served; none, or several without ``--domain``, is a
+   refusal.  A record already being served refuses extra connections: multifd
+   (``--parallel``) opens several, and those side channels cannot be filtered.
+2. **Which devices.**  The record lists each mdev (uuid, VFIO section idstr, source
+   type).  The types are checked again against this host's sysfs *now* — the mdev
+   may have been re-created since the hook ran — and become the filter's bindings:
+   state for a device the domain does not have is refused before any of its bytes
+   are forwarded (:class:`~libvirt_mdev.filter.StreamFilter`).
+3. **Relay.**  Connect to the local QEMU (retrying briefly: it may not listen yet),
+   relay destination→source verbatim (:class:`~libvirt_mdev.relay.ReturnPath`) and
+   source→destination through :class:`~libvirt_mdev.stream.StreamParser` and the
+   filter with the store.  Whatever the filter emits for one received chunk is sent
+   in one gathered ``sendmsg`` *after* the whole chunk was accepted, so the bytes of
+   a refused chunk never leave the proxy.
+4. **Fail closed.**  Any error — parse error, unknown section, oversize block, store
+   or verification failure, a truncated stream, a socket error — resets *both*
+   connections at once: the destination QEMU's incoming migration fails and the
+   source keeps running the guest.  One line says why (syslog + ``log_file``).
+5. **One migration per record.**  When the session ends (either way) the pending
+   record is removed, so a replayed connection finds nothing to serve.
+
+``mode="relay"`` skips all of that: a verbatim two-way relay for the *source* host
+of the UNIX-socket layout, where nothing is armed and the destination proxy filters.
+"""
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+from .config import Config
+from .arming import Claims, bindings_from_pending, check_local_types, select_pending
+from .errors import MdevError, UsageError
+from .filter import FilterOptions, StreamFilter
+from .log import get_logger
+from .relay import (Endpoint, ReturnPath, SocketReader, abort_socket, connect, listen,
+                    send_views, tune)
+from .stream import NEED_DATA, StreamParser
+
+MODES = ("splice", "token", "relay")
+log = get_logger("proxy")
+
+
+@dataclass
+class ProxyOptions:
+    forward: Endpoint
+    mode: str = "splice"
+    #: serve only this domain's pending record (uuid or name)
+    domain: Optional[str] = None
+    #: seconds to keep retrying the local QEMU
+    connect_timeout: float = 10.0
+    #: seconds to wait for the destination to close after the stream ended
+    drain_timeout: float = 30.0
+    #: SHA-256 of both directions' bytes (tests, audits; costs CPU on big streams)
+    digest: bool = False
+    #: re-hash each stored state from disk before QEMU may finish loading it
+    verify: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UsageError(f"unknown proxy mode {self.mode!r} (use one of {', '.join(MODES)})")
+
+
+@dataclass
+class SessionResult:
+    """What happened to one connection (logged; ``--json-log`` prints it)."""
+
+    peer: str
+    mode: str
+    ok: bool = False
+    error: Optional[str] = None
+    error_kind: Optional[str] = None
+    exit_code: int = 0
+    domain_name: Optional[str] = None
+    domain_uuid: Optional[str] = None
+    migration_id: Optional[str] = None
+    #: bytes received from the source / sent to the destination / returned to the source
+    bytes_in: int = 0
+    bytes_out: int = 0
+    bytes_back: int = 0
+    sha256_in: Optional[str] = None
+    sha256_out: Optional[str] = None
+    devices: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- one connection
+class Session:
+    """One source connection, from accept to both sockets closed."""
+
+    def __init__(self, config: Config, opts: ProxyOptions, claims: Claims, src: socket.socket,
+                 peer: str) -> None:
+        self.config, self.opts, self.claims = config, opts, claims
+        self.src: Optional[socket.socket] = src
+        self.dst: Optional[socket.socket] = None
+        self.result = SessionResult(peer=peer, mode=opts.mode)
+        self._abort_lock = threading.Lock()
+        self._aborted: Optional[str] = None
+        self._record: Optional[dict[str, Any]] = None
+
+    def run(self) -> SessionResult:
+        started = time.monotonic()
+        try:
+            if self.opts.mode == "relay":
+                self._relay()
+            else:
+                self._arm()
+                self._filtered()
+            self.result.ok = self._aborted is None
+            if self._aborted:
+                raise MdevError(self._aborted)
+        except Exception as exc:  # noqa: BLE001 - fail closed: every error ends the session the same way
+            self._fail(exc)
+        finally:
+            self._close()
+            if self._record is not None:
+                self._spend()
+            self.result.seconds = round(time.monotonic() - started, 3)
+        return self.result
+
+    # -- arming ---------------------------------------------------------------------------
+    def _arm(self) -> None:
+        record = select_pending(self.config, self.opts.domain)
+        self.claims.claim(record)
+        self._record = record
+        r = self.result
+        r.domain_name, r.domain_uuid, r.migration_id = (record["domain_name"], record["domain_uuid"],
+                                                        record["migration_id"])
+        check_local_types(record, self.config.sysfs_root)
+        devs = ", ".join(f"{d['mdev_uuid']}={d['idstr']}:{d['type']}" for d in record["devices"]) or "none"
+        log.info(f"connection from {r.peer}: serving domain {r.domain_name} ({r.domain_uuid}) "
+                 f"migration {r.migration_id}, mode {self.opts.mode}, armed mdevs: {devs}")
+
+    def _spend(self) -> None:
+        from .store.pending import read_pending, remove_pending
+
+        assert self._record is not None
+        self.claims.release(self._record)
+        try:
+            current = read_pending(self.config.runtime_dir, self._record["domain_uuid"])
+            # only our record: the hook may already have armed the domain's next migration
+            if current is not None and current["migration_id"] == self._record["migration_id"]:
+                remove_pending(self.config.runtime_dir, self._record["domain_uuid"])
+        except MdevError as exc:
+            log.warning(f"migration {self._record['migration_id']}: cannot remove its pending record: {exc}")
+
+    # -- byte paths -----------------------------------------------------------------------------
+    def _connect_dst(self) -> socket.socket:
+        self.dst = connect(self.opts.forward, self.opts.connect_timeout)
+        return self.dst
+
+    def _filtered(self) -> None:
+        from .store import Store
+
+        assert self.src is not None and self._record is not None
+        rec = self._record
+        fopts = FilterOptions(mode=self.opts.mode, migration_id=rec["migration_id"],
+                              domain_name=rec["domain_name"], domain_uuid=rec["domain_uuid"],
+                              bindings=bindings_from_pending(rec), accept_tokens=False,
+                              verify=self.opts.verify, bind_from_save_image=False)
+        with Store.open(self.config.store, create=True) as store:
+            dst = self._connect_dst()
+            back = self._start_return_path(dst)
+            out: list[Any] = []
+            parser = StreamParser(container="stream")
+            flt = StreamFilter(store, parser, fopts, out.append)
+            try:
+                self._pump(parser, flt, out, dst)
+            finally:
+                flt.close()
+            self._finish(back)
+            self.result.devices = [d.to_json() for d in flt.results]
+
+    def _pump(self, parser: StreamParser, flt: StreamFilter, out: list[Any], dst: socket.socket) -> None:
+        """Source→destination: read a chunk, run every event through the filter, then
+        send what it emitted in one gathered call (nothing of a refused chunk leaves)."""
+        assert self.src is not None
+        reader = SocketReader(self.src)
+        h_in = hashlib.sha256() if self.opts.digest else None
+        h_out = hashlib.sha256() if self.opts.digest else None
+        r = self.result
+        process = flt.process
+        while True:
+            data = reader.read()
+            n = len(data)
+            r.bytes_in += n
+            if h_in is not None:
+                h_in.update(data)
+            parser.feed(data)
+            while True:
+                ev = parser.next_event()
+                if ev is NEED_DATA:
+                    break
+                process(ev)  # type: ignore[arg-type]
+            del data
+            if out:
+                if h_out is not None:
+                    for piece in out:
+                        h_out.update(piece)
+                r.bytes_out += send_views(dst, out)
+                out.clear()
+            if n == 0:
+                break
+        if h_in is not None and h_out is not None:
+            r.sha256_in, r.sha256_out = h_in.hexdigest(), h_out.hexdigest()
+        if not parser.done:  # the parser raises for a truncated stream; this is a guard
+            raise MdevError("the source closed the connection before the end of the stream")
+
+    def _relay(self) -> None:
+        assert self.src is not None
+        log.info(f"connection from {self.result.peer}: relaying verbatim to {self.opts.forward}")
+        dst = self._connect_dst()
+        back = self._start_return_path(dst)
+        reader = SocketReader(self.src)
+        while True:
+            data = reader.read()
+            if not data:
+                break
+            self.result.bytes_in += len(data)
+            dst.sendall(data)
+            self.result.bytes_out += len(data)
+            del data
+        self._finish(back)
+
+    def _start_return_path(self, dst: socket.socket) -> ReturnPath:
+        assert self.src is not None
+        back = ReturnPath(dst, self.src, self._abort)
+        back.start()
+        return back
+
+    def _finish(self, back: ReturnPath) -> None:
+        """The source sent everything: let the destination see EOF, wait until it closes."""
+        assert self.dst is not None
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        back.join(self.opts.drain_timeout)
+        self.result.bytes_back = back.bytes
+        if back.is_alive():
+            log.warning(f"{self.result.peer}: the destination did not close within "
+                        f"{self.opts.drain_timeout:g}s after the stream ended")
+
+    # -- ending -----------------------------------------------------------------------------------
+    def _abort(self, why: str) -> None:
+        """Reset both connections at once (any thread)."""
+        with self._abort_lock:
+            if self._aborted is None:
+                self._aborted = why
+            src, dst, self.src, self.dst = self.src, self.dst, None, None
+        abort_socket(dst)
+        abort_socket(src)
+
+    def _fail(self, exc: BaseException) -> None:
+        first = self._aborted
+        self._abort(_line(exc))
+        r = self.result
+        r.ok = False
+        r.error = first or _line(exc)
+        r.error_kind = exc.kind if isinstance(exc, MdevError) else "internal"
+        r.exit_code = exc.exit_code if isinstance(exc, MdevError) else 70
+        who = f"domain {r.domain_name} migration {r.migration_id}" if r.domain_name else "connection"
+        log.error(f"{r.peer}: {who} REFUSED, both connections closed: {r.error}")
+
+    def _close(self) -> None:
+        src, dst, self.src, self.dst = self.src, self.dst, None, None
+        for s in (src, dst):
+            if s is not None:
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+def _line(exc: BaseException) -> str:
+    if isinstance(exc, MdevError):
+        return exc.message
+    if isinstance(exc, OSError):
+        return f"socket error: {exc.strerror or exc}"
+    return f"internal error ({type(exc).__name__}): {' '.join(str(exc).split())}"
+
+
+# --------------------------------------------------------------------------- the server
+class MigrationProxy:
+    """Accepts source connections and runs a :class:`Session` for each, in a thread.
+
+    Use :meth:`bind` (or pass a listening socket, e.g. systemd's), then
+    :meth:`serve` (blocks) — or :meth:`start` for a background thread in tests.
+    """
+
+    def __init__(self, config: Config, opts: ProxyOptions,
+                 on_result: Optional[Callable[[SessionResult], None]] = None,
+                 listener: Optional[socket.socket] = None) -> None:
+        self.config, self.opts = config, opts
+        self.on_result = on_result
+        self.claims = Claims()
+        self.results: list[SessionResult] = []
+        self._listener = listener
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+
+    def bind(self, ep: Endpoint) -> Endpoint:
+        """Listen on *ep*; returns the address actually bound (port 0 → a real port)."""
+        self._listener = listen(ep)
+        return self.address
+
+    @property
+    def address(self) -> Endpoint:
+        if self._listener is None:
+            raise UsageError("the proxy is not listening yet")
+        name = self._listener.getsockname()
+        if self._listener.family == socket.AF_UNIX:
+            return Endpoint(path=name)
+        return Endpoint(host=name[0], port=name[1])
+
+    def serve(self, once: bool = False) -> Optional[SessionResult]:
+        """Accept until :meth:`stop` (or, with *once*, until the first session ended;
+        extra connections meanwhile are still refused).  Returns the first session's
+        result with *once*."""
+        if self._listener is None:
+            raise UsageError("bind() the proxy before serve()")
+        self._listener.settimeout(0.2)
+        first: Optional[threading.Thread] = None
+        box: list[SessionResult] = []
+        try:
+            while not self._stop.is_set():
+                if once and first is not None and not first.is_alive():
+                    break
+                try:
+                    conn, addr = self._listener.accept()
+                except socket.timeout:
+                    continue
+                except OSError:
+                    if self._stop.is_set():
+                        break
+                    raise
+                conn.settimeout(None)
+                tune(conn)
+                t = threading.Thread(target=self._session, args=(conn, _peer(addr), box if first is None else None),
+                                     daemon=True, name="libvirt-mdev-session")
+                first = first or t
+                with self._lock:
+                    self._threads.append(t)
+                t.start()
+        finally:
+            self.join(self.opts.drain_timeout)
+        return box[0] if box else None
+
+    def _session(self, conn: socket.socket, peer: str, box: Optional[list[SessionResult]] = None) -> None:
+        res = Session(self.config, self.opts, self.claims, conn, peer).run()
+        if res.ok:
+            log.info(f"{peer}: domain {res.domain_name} migration {res.migration_id} done: "
+                     f"{res.bytes_in} bytes in, {res.bytes_out} out, {res.bytes_back} back, "
+                     f"{len(res.devices)} device state(s) stored, {res.seconds}s")
+        with self._lock:
+            self.results.append(res)
+        if box is not None:
+            box.append(res)
+        if self.on_result is not None:
+            self.on_result(res)
+
+    def start(self) -> "MigrationProxy":
+        """Serve in a background thread (tests, embedding)."""
+        self._thread = threading.Thread(target=self.serve, daemon=True, name="libvirt-mdev-proxy")
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float) -> None:
+        with self._lock:
+            threads = list(self._threads)
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+    def request_stop(self) -> None:
+        """Stop accepting (signal-handler safe); :meth:`serve` returns soon after."""
+        self._stop.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self._listener is not None:
+            if self._listener.family == socket.AF_UNIX:
+                _unlink_quietly(self._listener.getsockname())
+            self._listener.close()
+            self._listener = None
+
+    def __enter__(self) -> "MigrationProxy":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _peer(addr: Any) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]}:{addr[1]}"
+    return f"unix:{addr or '?'}"
+
+
+def _unlink_quietly(path: str) -> None:
+    import os
+
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+__all__ = ["MODES", "MigrationProxy", "ProxyOptions", "Session", "SessionResult"]
