@@ -40,18 +40,20 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .config import Config
 from .arming import Claims, bindings_from_pending, check_local_types, select_pending
 from .errors import MdevError, UsageError
 from .filter import FilterOptions, StreamFilter
+from .sigsource import refuse_tls, sign_context, verify_policy
 from .log import get_logger
 from .relay import (Endpoint, ReturnPath, SocketReader, abort_socket, connect, listen,
                     send_views, tune)
 from .stream import NEED_DATA, StreamParser
 
-MODES = ("splice", "token", "relay")
+MODES = ("splice", "token", "relay", "sign")
 log = get_logger("proxy")
 
 
@@ -69,6 +71,9 @@ class ProxyOptions:
     digest: bool = False
     #: re-hash each stored state from disk before QEMU may finish loading it
     verify: bool = True
+    #: ``sign`` mode: the domain's XML (default: ask libvirt at *libvirt_uri*)
+    domain_xml: Optional[Path] = None
+    libvirt_uri: str = "qemu:///system"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -120,6 +125,8 @@ class Session:
         try:
             if self.opts.mode == "relay":
                 self._relay()
+            elif self.opts.mode == "sign":
+                self._signed()
             else:
                 self._arm()
                 self._filtered()
@@ -182,13 +189,38 @@ class Session:
             parser = StreamParser(container="stream")
             flt = StreamFilter(store, parser, fopts, out.append)
             try:
-                self._pump(parser, flt, out, dst)
+                policy = verify_policy(self.config, store)
+                if policy is None:
+                    self._pump(parser, flt, out, dst)
+                else:  # verify and strip the source's signed statements (issue 8)
+                    from .sigstream import VerifyLayer
+                    layer = VerifyLayer(flt, policy)
+                    self._pump(parser, layer, out, dst)
+                    layer.finish()
             finally:
                 flt.close()
             self._finish(back)
             self.result.devices = [d.to_json() for d in flt.results]
 
-    def _pump(self, parser: StreamParser, flt: StreamFilter, out: list[Any], dst: socket.socket) -> None:
+    def _signed(self) -> None:
+        """Source host: sign each device's state on its way out (issue 8)."""
+        from .sigstream import SignLayer
+
+        assert self.src is not None
+        ctx = sign_context(self.config, self.src, domain=self.opts.domain,
+                           domain_xml=self.opts.domain_xml, libvirt_uri=self.opts.libvirt_uri)
+        self.result.domain_uuid, self.result.migration_id = ctx.domain_uuid, ctx.migration_id
+        log.info(f"connection from {self.result.peer}: signing migration {ctx.migration_id} of domain "
+                 f"{ctx.domain_uuid} with key {ctx.key.key_id}, forwarding to {self.opts.forward}")
+        dst = self._connect_dst()
+        back = self._start_return_path(dst)
+        out: list[Any] = []
+        layer = SignLayer(ctx, out.append)
+        self._pump(StreamParser(container="stream"), layer, out, dst)
+        self._finish(back)
+        self.result.devices = [s for s in layer.signed if s["kind"] == "device"]
+
+    def _pump(self, parser: StreamParser, flt: Any, out: list[Any], dst: socket.socket) -> None:
         """Source→destination: read a chunk, run every event through the filter, then
         send what it emitted in one gathered call (nothing of a refused chunk leaves)."""
         assert self.src is not None
@@ -200,6 +232,8 @@ class Session:
         while True:
             data = reader.read()
             n = len(data)
+            if r.bytes_in == 0:
+                refuse_tls(data)
             r.bytes_in += n
             if h_in is not None:
                 h_in.update(data)

@@ -54,7 +54,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Optional, Union
 
-from .errors import MdevMissing, SignatureError, UnsupportedStream
+from .errors import MdevMissing, SignatureError
 from .filter import Binding, DeviceResult, FilterOptions, StreamFilter
 from .sign import (SigningKey, TrustedKeys, device_statement, hello_statement,
                    manifest_signature, new_migration_id, sign_statement, verify_statement)
@@ -73,23 +73,6 @@ SIG_MAGIC = b"LMDS1\n"
 MAX_RECORD = 16384
 #: how old a hello may be (seconds): migration set-up time plus clock skew
 DEFAULT_MAX_AGE = 600
-#: first byte of a TLS handshake record (a ClientHello opens every TLS connection)
-TLS_HANDSHAKE = 0x16
-
-
-def refuse_tls(first: Bytes) -> None:
-    """Refuse a connection whose first byte starts a TLS handshake.
-
-    Raises:
-        UnsupportedStream: it is TLS (``virsh migrate --tls``): we can neither read
-            nor filter it (see SECURITY in the README).
-    """
-    if len(first) and first[0] == TLS_HANDSHAKE:
-        raise UnsupportedStream("this migration uses TLS (virsh migrate --tls): libvirt-mdev "
-                                "cannot filter or verify encrypted device state; migrate without "
-                                "--tls over the proxies (state is signed instead) or disable the proxy")
-
-
 def encode_record(body: bytes, signature: bytes) -> bytes:
     payload = SIG_MAGIC + body + b"\n" + base64.b64encode(signature)
     return (encode_section_start(SIG_SECTION_ID, SIG_IDSTR, 0, 1, full=True) + payload
@@ -418,5 +401,5 @@ def verify_stream(src: BinaryIO, emit: Emit, store: Store, opts: FilterOptions,
 
 
 __all__ = ["SIG_IDSTR", "SIG_SECTION_ID", "SignContext", "SignLayer", "VerifyLayer", "VerifyPolicy",
-           "ReplayGuard", "encode_record", "decode_record", "refuse_tls", "sign_stream",
+           "ReplayGuard", "encode_record", "decode_record", "sign_stream",
            "verify_stream"]

@@ -27,8 +27,14 @@ LOG_IDENT = "libvirt-mdev-proxy"
                    "or the unix socket of --migrateuri unix:///PATH.")
 @click.option("--mode", type=click.Choice(MODES), default=None,
               help="splice (default: store, verify and forward device state), token (forward load tokens "
-                   "instead), relay (no filtering: the source host's end of the unix-socket layout).")
-@click.option("--domain", metavar="UUID|NAME", help="Serve only this domain's armed migration.")
+                   "instead), relay (no filtering: the source host's end of the unix-socket layout), sign (the "
+                   "source host's end: add a signed statement for each device's state; needs keygen).")
+@click.option("--domain", metavar="UUID|NAME", help="Serve only this domain's armed migration (sign mode: "
+              "the domain being sent; default: the connecting QEMU's -uuid).")
+@click.option("--domain-xml", type=click.Path(dir_okay=False, path_type=Path),
+              help="sign mode: the domain's XML (default: ask libvirt at --libvirt-uri).")
+@click.option("--libvirt-uri", default="qemu:///system", show_default=True,
+              help="sign mode: where to read the domain's XML.")
 @click.option("--once", is_flag=True, help="Exit after the first migration (status: 0 ok, else the error's code).")
 @click.option("--json-log", is_flag=True, help="Print one JSON object per connection on stdout.")
 @click.option("--connect-timeout", type=float, default=10.0, show_default=True,
@@ -42,7 +48,7 @@ LOG_IDENT = "libvirt-mdev-proxy"
 @click.option("-v", "--verbose", is_flag=True, help="Also log informational lines to stderr.")
 @pass_app
 def proxy(app: AppContext, listen_addr: Optional[str], forward_addr: str, mode: Optional[str],
-          domain: Optional[str], once: bool, json_log: bool, connect_timeout: float, digest: bool,
+          domain: Optional[str], domain_xml: Optional[Path], libvirt_uri: str, once: bool, json_log: bool, connect_timeout: float, digest: bool,
           no_verify: bool, store_dir: Optional[Path], runtime_dir: Optional[Path], verbose: bool) -> int:
     """Filter live migrations between a source and the local QEMU.
 
@@ -54,7 +60,8 @@ def proxy(app: AppContext, listen_addr: Optional[str], forward_addr: str, mode: 
     config = app.config.replace(store=store_dir, runtime_dir=runtime_dir)
     setup_logging(LOG_IDENT, config.log_file, stderr_level=20 if verbose or app.debug else 30)
     opts = ProxyOptions(forward=Endpoint.parse(forward_addr, "--forward"), mode=mode or config.mode,
-                        domain=domain, connect_timeout=connect_timeout, digest=digest, verify=not no_verify)
+                        domain=domain, connect_timeout=connect_timeout, digest=digest, verify=not no_verify,
+                        domain_xml=domain_xml, libvirt_uri=libvirt_uri)
     listener = listening_from_systemd()
     addr = listen_addr or config.proxy_listen
     if listener is None and not addr:
