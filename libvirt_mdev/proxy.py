@@ -45,9 +45,10 @@ from typing import Any, Callable, Optional
 
 from .config import Config
 from .arming import Claims, bindings_from_pending, check_local_types, select_pending
-from .errors import MdevError, UsageError
+from .errors import MdevError, UnsupportedStream, UsageError
 from .filter import FilterOptions, StreamFilter
-from .sigsource import refuse_tls, sign_context, verify_policy
+from .sigsource import TLS_HANDSHAKE, peer_pid, refuse_tls, sign_context, verify_policy
+from .tlsbridge import TlsCreds, accept_tls, connect_tls
 from .log import get_logger
 from .relay import (Endpoint, ReturnPath, SocketReader, abort_socket, connect, listen,
                     send_views, tune)
@@ -74,6 +75,8 @@ class ProxyOptions:
     #: ``sign`` mode: the domain's XML (default: ask libvirt at *libvirt_uri*)
     domain_xml: Optional[Path] = None
     libvirt_uri: str = "qemu:///system"
+    #: TLS migrations: terminate the source's TLS and re-originate it to the local QEMU
+    tls: Optional[TlsCreds] = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -119,10 +122,14 @@ class Session:
         self._abort_lock = threading.Lock()
         self._aborted: Optional[str] = None
         self._record: Optional[dict[str, Any]] = None
+        #: the connecting process (UNIX sockets): the sign mode finds the domain from it
+        self.peer_pid = peer_pid(src)
 
     def run(self) -> SessionResult:
         started = time.monotonic()
         try:
+            if self.opts.mode != "relay":
+                self._tls_in()
             if self.opts.mode == "relay":
                 self._relay()
             elif self.opts.mode == "sign":
@@ -170,8 +177,22 @@ class Session:
 
     # -- byte paths -----------------------------------------------------------------------------
     def _connect_dst(self) -> socket.socket:
-        self.dst = connect(self.opts.forward, self.opts.connect_timeout)
+        raw = connect(self.opts.forward, self.opts.connect_timeout)
+        self.dst = raw if self.opts.tls is None else connect_tls(raw, self.opts.tls)
         return self.dst
+
+    def _tls_in(self) -> None:
+        """TLS or not, before anything else: refuse what we cannot read, terminate TLS
+        when we hold the host's migration certificates (--tls-dir)."""
+        assert self.src is not None
+        first = self.src.recv(1, socket.MSG_PEEK)
+        if self.opts.tls is None:
+            refuse_tls(first)
+        elif first != bytes([TLS_HANDSHAKE]):
+            raise UnsupportedStream("the source did not start TLS, but this proxy serves TLS "
+                                    "migrations (--tls-dir): use virsh migrate --tls")
+        else:
+            self.src = accept_tls(self.src, self.opts.tls, self.result.peer)
 
     def _filtered(self) -> None:
         from .store import Store
@@ -207,7 +228,7 @@ class Session:
         from .sigstream import SignLayer
 
         assert self.src is not None
-        ctx = sign_context(self.config, self.src, domain=self.opts.domain,
+        ctx = sign_context(self.config, self.peer_pid, domain=self.opts.domain,
                            domain_xml=self.opts.domain_xml, libvirt_uri=self.opts.libvirt_uri)
         self.result.domain_uuid, self.result.migration_id = ctx.domain_uuid, ctx.migration_id
         log.info(f"connection from {self.result.peer}: signing migration {ctx.migration_id} of domain "
@@ -232,8 +253,6 @@ class Session:
         while True:
             data = reader.read()
             n = len(data)
-            if r.bytes_in == 0:
-                refuse_tls(data)
             r.bytes_in += n
             if h_in is not None:
                 h_in.update(data)

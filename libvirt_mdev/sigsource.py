@@ -122,10 +122,10 @@ def source_bindings(xml: bytes, sysfs_root: Path) -> tuple[dict[str, Binding], O
     return out, uuid
 
 
-def sign_context(config: Config, sock: socket.socket, *, domain: Optional[str] = None,
+def sign_context(config: Config, pid: Optional[int], *, domain: Optional[str] = None,
                  domain_xml: Optional[Path] = None,
                  libvirt_uri: str = "qemu:///system") -> "SignContext":
-    """Everything the source layer signs for the connection *sock*.
+    """Everything the source layer signs for a connection from process *pid*.
 
     Raises:
         SignatureError: no host key (run keygen), cryptography missing.
@@ -139,7 +139,6 @@ def sign_context(config: Config, sock: socket.socket, *, domain: Optional[str] =
         raise _crypto_missing() from None
     key = load_signing_key(config.host_key)
     if domain is None:
-        pid = peer_pid(sock)
         domain = qemu_uuid_of(pid) if pid else None
         if domain is None:
             raise NotFound("cannot tell which domain this migration connection carries (not a QEMU "
