@@ -16,17 +16,20 @@ QEMU 7.2 (GnuTLS) on both ends and Python's ``ssl`` (OpenSSL) here: TLS 1.3.
 
 Why a bridge over a socketpair, not an ``SSLSocket`` in the proxy: the proxy reads the
 source and relays the return path in two threads, and one OpenSSL connection must not
-be used by two threads at once.  Here each TLS connection lives in its own asyncio
-loop (one thread, memory-BIO based), and the proxy gets the *plain* end of a
-socketpair, unchanged code on its side.
+be used by two threads at once.  Here each TLS connection is an OpenSSL object over
+memory BIOs owned by one thread (a ``select`` loop serving both directions), and the
+proxy gets the *plain* end of a socketpair: no change on its side.
 
-Two details that made it work with QEMU:
+Three details that made it work with QEMU:
 
-* no TLS 1.3 session tickets (``num_tickets = 0``): QEMU never reads them, and a
-  socket closed with unread data sends a reset that destroys data still in flight;
-* towards the local QEMU no ``close_notify`` is sent when the stream ends: the
-  destination QEMU closes the connection itself once it has loaded the state (it
-  does not read an alert, and would answer it with a reset).
+* no TLS 1.3 session tickets (``num_tickets = 0``): the source QEMU never reads them,
+  and a socket closed with unread data sends a reset, which makes the kernel drop
+  stream bytes still waiting in *our* receive buffer;
+* at the end of the stream the TLS side gets a bare FIN, never a ``close_notify``: the
+  destination QEMU stops reading once it has loaded the state and would answer the
+  alert with a reset; a FIN also tells the next hop (another proxy) the stream ended;
+* a reset or a bare EOF from a TLS peer ends the plain stream like a ``close_notify``:
+  whether the stream was complete is decided by the proxy's parser, not by TLS.
 
 Fail closed: a failed handshake or any TLS error closes the plain end with a reset,
 so the proxy session aborts both sides; a source that goes away early only ends the
@@ -34,7 +37,7 @@ plain stream, and the proxy's parser refuses a stream that is not complete.
 """
 from __future__ import annotations
 
-import asyncio
+import select
 import socket
 import ssl
 import struct
@@ -95,92 +98,122 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
-                half_close: bool) -> None:
-    while True:
-        data = await reader.read(CHUNK)
-        if not data:
-            break
-        writer.write(data)
-        await writer.drain()
-    if half_close:
-        writer.write_eof()
-
-
 class _Bridge:
-    """One TLS connection bridged to the plain end of a socketpair, in its own thread."""
+    """One TLS connection (OpenSSL over memory BIOs, driven by one thread) bridged to
+    the plain end of a socketpair that the proxy uses like any socket.
 
-    def __init__(self, tls_sock: socket.socket, ctx: ssl.SSLContext, server_side: bool,
+    One thread owns the TLS object, so it is never used concurrently; both directions
+    are served by one ``select`` loop.  Writes are blocking ``sendall``: both peers (a
+    QEMU, the proxy session) always read their sockets, so they cannot stall us.
+    """
+
+    def __init__(self, raw: socket.socket, ctx: ssl.SSLContext, server_side: bool,
                  hostname: Optional[str], what: str) -> None:
+        self.raw, self.what = raw, what
         self.plain, self._inner = socket.socketpair()
-        self._tls_sock, self._ctx = tls_sock, ctx
-        self._server_side, self._hostname, self.what = server_side, hostname, what
-        self.handshake = threading.Event()
-        self.error: Optional[str] = None
+        self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._tls = ctx.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=hostname)
         self.version: Optional[str] = None
-        self.thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True,
-                                       name=f"libvirt-mdev-tls-{what}")
+
+    # -- plumbing ---------------------------------------------------------------------------
+    def _flush(self) -> None:
+        data = self._out.read()
+        if data:
+            self.raw.sendall(data)
+
+    def _feed(self) -> bool:
+        """Move what the TLS peer sent into the incoming BIO; False at its EOF."""
+        try:
+            data = self.raw.recv(CHUNK)
+        except ConnectionResetError:
+            data = b""  # QEMU closes with a reset when it leaves bytes unread
+        if not data:
+            self._in.write_eof()
+            return False
+        self._in.write(data)
+        return True
 
     def start(self) -> socket.socket:
-        """Run the handshake; return the plain end, or raise with the reason it failed."""
-        self.thread.start()
-        self.handshake.wait(HANDSHAKE_TIMEOUT + 5)
-        if self.error is not None or self.version is None:
-            _reset(self.plain)
-            raise ConnectError(f"TLS {self.what}: {self.error or 'handshake did not finish'}")
+        """Run the handshake (in the caller's thread), then bridge in a new thread.
+
+        Raises:
+            ConnectError: the handshake failed; one line with OpenSSL's reason.
+        """
+        self.raw.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            while True:
+                try:
+                    self._tls.do_handshake()
+                    self._flush()
+                    break
+                except ssl.SSLWantReadError:
+                    self._flush()
+                    if not self._feed():
+                        raise ConnectionAbortedError("the peer closed the connection (does it trust "
+                                                     "our certificate's CA?)")
+        except (ssl.SSLError, OSError) as exc:
+            _reset(self.raw)
+            self.plain.close()
+            self._inner.close()
+            raise ConnectError(f"TLS {self.what}: handshake failed: "
+                               f"{' '.join(str(exc).split()) or type(exc).__name__}") from None
+        self.raw.settimeout(None)
+        self.version = self._tls.version()
+        threading.Thread(target=self._run, daemon=True, name=f"libvirt-mdev-tls-{self.what}").start()
         return self.plain
 
-    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        loop = asyncio.get_running_loop()
-        self._tls_sock.setblocking(False)
-        if self._server_side:
-            tr = asyncio.StreamReader(limit=CHUNK)
-            transport, proto = await loop.connect_accepted_socket(
-                lambda: asyncio.StreamReaderProtocol(tr), sock=self._tls_sock, ssl=self._ctx,
-                ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
-            return tr, asyncio.StreamWriter(transport, proto, tr, loop)
-        return await asyncio.open_connection(sock=self._tls_sock, ssl=self._ctx,
-                                             server_hostname=self._hostname,
-                                             ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
-
-    async def _run(self) -> None:
+    # -- the loop ---------------------------------------------------------------------------------
+    def _run(self) -> None:
+        tls_open, plain_open = True, True
         try:
-            tr, tw = await asyncio.wait_for(self._open(), HANDSHAKE_TIMEOUT)
-            self.version = tw.get_extra_info("ssl_object").version()
-        except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
-            self.error = f"handshake failed: {' '.join(str(exc).split()) or type(exc).__name__}"
-            self._tls_sock.close()
-            self._inner.close()
+            while tls_open or plain_open:
+                watch = [s for s, o in ((self.raw, tls_open), (self._inner, plain_open)) if o]
+                ready, _, _ = select.select(watch, [], [])
+                if self.raw in ready:
+                    tls_open = self._from_tls()
+                    if not tls_open and not plain_open:
+                        break
+                if self._inner in ready:
+                    plain_open = self._from_plain()
+        except (OSError, ssl.SSLError) as exc:
+            log.error(f"TLS {self.what}: {' '.join(str(exc).split())}; resetting the connection")
+            _reset(self._inner)
+            _reset(self.raw)
             return
-        finally:
-            self.handshake.set()
-        pr, pw = await asyncio.open_connection(sock=self._inner, limit=CHUNK)
-        # inbound: TLS peer -> plain (the stream from the source, or QEMU's return path)
-        tasks = [asyncio.ensure_future(_pipe(tr, pw, half_close=True)),
-                 asyncio.ensure_future(_pipe(pr, tw, half_close=False))]
-        done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        failed = [t for t in done if t.exception() is not None]
-        if failed:
-            why = failed[0].exception()
-            if tasks[0] in failed and isinstance(why, (ConnectionResetError, ssl.SSLError)):
-                # the TLS peer went away (QEMU closes with a reset): end the plain stream;
-                # the proxy's parser decides whether what came was complete
+        self._inner.close()
+        self.raw.close()
+
+    def _from_tls(self) -> bool:
+        """TLS peer → plain.  False once the TLS peer has ended (then so does the plain side)."""
+        more = self._feed()
+        while True:
+            try:
+                data = self._tls.read(CHUNK)
+            except ssl.SSLWantReadError:
+                self._flush()  # a key update or alert may need an answer
+                if more:
+                    return True
+                data = b""
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                data = b""  # close_notify, or a bare EOF: the proxy's parser judges completeness
+            if not data:
                 try:
-                    pw.write_eof()
+                    self._inner.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
-                await asyncio.wait([tasks[1]])
-            else:
-                log.error(f"TLS {self.what}: {why}; resetting the connection")
-                for t in tasks:
-                    t.cancel()
-                _reset(self._inner)
-                tw.transport.abort()
-                return
-        else:
-            await asyncio.wait(tasks)
-        tw.transport.abort()  # never a close_notify: the peer would answer it with a reset
-        pw.close()
+                return False
+            self._inner.sendall(data)
+
+    def _from_plain(self) -> bool:
+        """plain → TLS peer.  At the proxy's EOF: a bare FIN, never a close_notify (QEMU
+        would not read the alert and would answer it with a reset)."""
+        data = self._inner.recv(CHUNK)
+        if not data:
+            self.raw.shutdown(socket.SHUT_WR)
+            return False
+        self._tls.write(data)
+        self._flush()
+        return True
 
 
 def accept_tls(conn: socket.socket, creds: TlsCreds, peer: str) -> socket.socket:
