@@ -14,12 +14,31 @@ from libvirt_mdev.relay import Endpoint
 from libvirt_mdev.sign import SigningKey, generate_key, write_key_pair
 from libvirt_mdev.store.pending import write_pending
 from libvirt_mdev.tlsbridge import TlsCreds
+from qemu.qmp.qmp_client import ExecInterruptedError
+
 from tests.harness._proc import HarnessError
 from tests.harness.qemu_vm import QemuVM
 
 DOMAIN = "3c9a4f0e-6b1d-4e7a-9f2c-8d5e1a0b7c64"
 DOMAIN_XML = f"<domain type='qemu'><name>sigvm</name><uuid>{DOMAIN}</uuid><devices/></domain>"
 TLS_HOST = "lmdest"
+
+
+class VM(QemuVM):
+    """QemuVM that survives a start-up race: the harness connects to QMP as soon as the
+    socket file exists, which can be a moment before QEMU listens on it (seen as
+    'Connection refused' under load).  Retry the whole start; never leak the process."""
+
+    def start(self) -> None:
+        for attempt in range(3):
+            try:
+                super().start()
+                return
+            except Exception:  # noqa: BLE001 - qemu.qmp wraps the refusal in its own ConnectError
+                self.stop()
+                if attempt == 2:
+                    raise
+                time.sleep(0.2)
 
 
 @dataclass
@@ -81,10 +100,14 @@ def migrate(w: World, src_cfg: Config, dst_cfg: Optional[Config], *, qemu_tls: O
     dst_sock, dproxy_sock, sproxy_sock = d / "dst.sock", d / "dproxy.sock", d / "sproxy.sock"
     s_tls = src_proxy_tls or proxy_tls
     t_tls = dst_proxy_tls or proxy_tls
-    with QemuVM(d / "vm", name="sig-src", memory_mib=128, with_disk=False,
+    with VM(d / "vm", name="sig-src", memory_mib=128, with_disk=False,
                 extra_args=["-uuid", DOMAIN, *qemu_tls_args(qemu_tls, "client")]) as src, \
-            QemuVM(d / "vm", name="sig-dst", memory_mib=128, with_disk=False, incoming_defer=True,
+            VM(d / "vm", name="sig-dst", memory_mib=128, with_disk=False, incoming_defer=True,
                    extra_args=["-uuid", DOMAIN, *qemu_tls_args(qemu_tls, "server")]) as dst:
+        # with a return path the source waits for the destination's verdict, as libvirt's
+        # confirm phase does: a refused migration leaves the source running, never paused
+        for vm in (src, dst):
+            vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
         if qemu_tls is not None:
             dst.qmp("migrate-set-parameters", **{"tls-creds": "tls0"})
             src.qmp("migrate-set-parameters", **{"tls-creds": "tls0", "tls-hostname": TLS_HOST})
@@ -110,8 +133,9 @@ def migrate(w: World, src_cfg: Config, dst_cfg: Optional[Config], *, qemu_tls: O
                 src.wait_migration(60)
                 dst.wait_status("running", 30)
                 outcome = dst.status()
-            except HarnessError as exc:
-                outcome = f"failed: {exc}"
+            except (HarnessError, ExecInterruptedError, ConnectionError) as exc:
+                # a destination QEMU whose incoming migration failed exits: QMP goes away
+                outcome = f"failed: {type(exc).__name__}: {exc}"
             seconds = time.monotonic() - started
             time.sleep(0.3)
             for p in proxies:

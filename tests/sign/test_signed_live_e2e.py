@@ -37,6 +37,7 @@ def test_signed_live_migration_through_both_proxies(world):
     assert json.loads(guard.read_text())["migration"] == o.src_results[0].migration_id
     d = o.dst_results[0]
     assert d.bytes_out < d.bytes_in  # the signed record did not reach QEMU
+    assert d.bytes_back > 0  # QEMU's return path came back through both proxies
 
 
 def test_live_migration_signed_by_an_untrusted_key_is_aborted(world):

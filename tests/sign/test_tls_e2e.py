@@ -33,6 +33,7 @@ def test_tls_live_migration_through_both_proxies_signed_and_verified(world, pki)
     s, d = o.src_results[0], o.dst_results[0]
     assert s.ok and d.ok, (s.error, d.error)
     assert d.bytes_in > 100_000  # the proxy parsed the plain stream inside the TLS
+    assert d.bytes_back > 0 and s.bytes_back == d.bytes_back  # the return path crossed both bridges
     assert (world.dir / "store" / f"replay-{world.keys['a'].key_id}-{s.domain_uuid}.seq").exists()
 
 
