@@ -17,6 +17,7 @@ Example::
     require_annotation = yes
     require_signature = no
     proxy_listen =
+    arm_all = no
     log_file =
 """
 from __future__ import annotations
@@ -60,6 +61,10 @@ class Config:
     host_key: Path = Path("/etc/libvirt/libvirt-mdev/host.key")
     #: default ``ADDR:PORT`` for ``libvirt-mdev proxy --listen``
     proxy_listen: str = ""
+    #: arm the proxy at ``migrate begin`` for domains without mdevs too, so that every
+    #: incoming migration may pass a proxy that is always in the path (any VFIO state in
+    #: such a stream is refused: the domain has no device to bind it to)
+    arm_all: bool = False
     #: optional log file in addition to syslog (useful where no syslog daemon runs)
     log_file: Optional[Path] = None
     #: where the settings came from (for messages); not a key
@@ -113,7 +118,7 @@ def _parse(values: Mapping[str, str], where: str) -> dict[str, Any]:
             out[key] = value
         elif key == "retention":
             out[key] = _as_int(key, value, where)
-        elif key in ("require_annotation", "require_signature"):
+        elif key in ("require_annotation", "require_signature", "arm_all"):
             out[key] = _as_bool(key, value, where)
         else:
             out[key] = value

@@ -114,7 +114,7 @@ def _gate(call: Call) -> "tuple[DomainInfo, Any]":
 
 def _migrate_begin(call: Call) -> str:
     info, result = _gate(call)
-    if not info.hostdevs:
+    if not info.hostdevs and not call.config.arm_all:
         return "allowed: no mdev hostdevs (not armed)"
     if info.uuid is None:
         raise Refusal(f"domain {info.name} has no <uuid> in its XML")
@@ -130,7 +130,8 @@ def _migrate_begin(call: Call) -> str:
     record = {"domain_name": info.name, "domain_uuid": info.uuid,
               "migration_id": f"{now}-{_random_word()}", "created": now, "devices": devices}
     path = write_pending(call.config.runtime_dir, record)
-    return f"allowed: {len(devices)} mdev(s) match; armed {path} migration_id={record['migration_id']}"
+    what = f"{len(devices)} mdev(s) match" if devices else "no mdev hostdevs (arm_all)"
+    return f"allowed: {what}; armed {path} migration_id={record['migration_id']}"
 
 
 def _restore_begin(call: Call) -> str:

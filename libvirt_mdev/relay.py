@@ -231,7 +231,7 @@ def send_views(sock: socket.socket, views: Sequence[Bytes]) -> int:
 
 
 def abort_socket(sock: Optional[socket.socket]) -> None:
-    """Close *sock* at once with a reset (SO_LINGER 0), waking any thread blocked on it.
+    """Close *sock* at once with a reset (SO_LINGER 0), waking a thread blocked reading it.
 
     A reset rather than a FIN: the peer must see a failed connection, never a stream
     that merely ended."""
@@ -242,7 +242,9 @@ def abort_socket(sock: Optional[socket.socket]) -> None:
     except OSError:
         pass
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        # SHUT_RD wakes a thread blocked in recv on it without sending a FIN; the close
+        # then sends the reset
+        sock.shutdown(socket.SHUT_RD)
     except OSError:
         pass
     try:

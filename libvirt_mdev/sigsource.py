@@ -25,30 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from .config import Config
-from .errors import ConnectError, NotFound, SignatureError, UnsupportedStream
+from .errors import ConnectError, NotFound, SignatureError
 from .filter import Binding, bindings_from_domain_xml
 from .store.manifest import WORD_RE, is_uuid
 from .store.store import Store
 
 if TYPE_CHECKING:  # cryptography is an optional extra: imported only when signatures are used
     from .sigstream import SignContext, VerifyPolicy
-
-#: first byte of a TLS handshake record (a ClientHello opens every TLS connection)
-TLS_HANDSHAKE = 0x16
-
-
-def refuse_tls(first: bytes | memoryview) -> None:
-    """Refuse a connection whose first byte starts a TLS handshake.
-
-    Raises:
-        UnsupportedStream: it is TLS (``virsh migrate --tls``): we can neither read
-            nor filter it (see SECURITY in the README).
-    """
-    if len(first) and first[0] == TLS_HANDSHAKE:
-        raise UnsupportedStream("this migration uses TLS (virsh migrate --tls): libvirt-mdev "
-                                "cannot filter or verify encrypted device state; migrate without "
-                                "--tls over the proxies (state is signed instead) or disable the proxy")
-
 
 def _crypto_missing() -> SignatureError:
     return SignatureError("signed device state needs the 'cryptography' package "

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import ConfigError, ConnectError
+from .errors import ConfigError, ConnectError, UnsupportedStream
 from .log import get_logger
 
 log = get_logger("tls")
@@ -216,6 +216,37 @@ class _Bridge:
         return True
 
 
+#: first byte of a TLS handshake record (a ClientHello opens every TLS connection)
+TLS_HANDSHAKE = 0x16
+
+
+def refuse_tls(first: bytes | memoryview) -> None:
+    """Refuse a connection whose first byte starts a TLS handshake.
+
+    Raises:
+        UnsupportedStream: it is TLS (``virsh migrate --tls``): we can neither read
+            nor filter it (see SECURITY in the README).
+    """
+    if len(first) and first[0] == TLS_HANDSHAKE:
+        raise UnsupportedStream("this migration uses TLS (virsh migrate --tls): libvirt-mdev "
+                                "cannot filter or verify encrypted device state; migrate without "
+                                "--tls over the proxies (state is signed instead) or disable the proxy")
+
+
+def tls_in(sock: socket.socket, creds: Optional[TlsCreds], peer: str) -> socket.socket:
+    """Look at the source's first byte before anything else: refuse TLS we cannot read
+    (no *creds*), refuse plain text when we serve TLS, else terminate TLS.  Returns the
+    socket to read the plain stream from."""
+    first = sock.recv(1, socket.MSG_PEEK)
+    if creds is None:
+        refuse_tls(first)
+        return sock
+    if first != bytes([TLS_HANDSHAKE]):
+        raise UnsupportedStream("the source did not start TLS, but this proxy serves TLS migrations "
+                                "(--tls-dir): use virsh migrate --tls")
+    return accept_tls(sock, creds, peer)
+
+
 def accept_tls(conn: socket.socket, creds: TlsCreds, peer: str) -> socket.socket:
     """Terminate the TLS of an accepted source connection; returns the plain end.
 
@@ -234,4 +265,4 @@ def connect_tls(raw: socket.socket, creds: TlsCreds) -> socket.socket:
     return _Bridge(raw, creds.client_context(), False, creds.hostname, "to the local QEMU").start()
 
 
-__all__ = ["TlsCreds", "accept_tls", "connect_tls"]
+__all__ = ["TLS_HANDSHAKE", "TlsCreds", "accept_tls", "connect_tls", "refuse_tls", "tls_in"]

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
-import socket
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -56,7 +56,8 @@ LOG_IDENT = "libvirt-mdev-proxy"
 @click.option("-v", "--verbose", is_flag=True, help="Also log informational lines to stderr.")
 @pass_app
 def proxy(app: AppContext, listen_addr: Optional[str], forward_addr: str, mode: Optional[str],
-          domain: Optional[str], domain_xml: Optional[Path], libvirt_uri: str, once: bool, json_log: bool, connect_timeout: float, digest: bool,
+          domain: Optional[str], domain_xml: Optional[Path], libvirt_uri: str, once: bool, json_log: bool,
+          connect_timeout: float, digest: bool,
           no_verify: bool, store_dir: Optional[Path], runtime_dir: Optional[Path],
           tls_dir: Optional[Path], tls_hostname: Optional[str], verbose: bool) -> int:
     """Filter live migrations between a source and the local QEMU.

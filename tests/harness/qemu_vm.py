@@ -104,7 +104,12 @@ class QemuVM:
             time.sleep(0.02)
         self._loop = asyncio.new_event_loop()
         self._qmp = QMPClient(self.name)
-        self._run(self._qmp.connect(str(self.qmp_path)))
+        try:
+            self._run(self._qmp.connect(str(self.qmp_path)))
+        except Exception as exc:
+            # __exit__ never runs when __enter__ fails: stop QEMU here or it outlives the test
+            self.stop()
+            raise HarnessError(f"QEMU {self.name}: cannot connect QMP at {self.qmp_path}: {exc}") from exc
 
     def qmp(self, command: str, **arguments: Any) -> Any:
         """Execute one QMP command and return its result (qemu.qmp raises ExecuteError on an error reply)."""

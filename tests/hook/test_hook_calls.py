@@ -80,6 +80,19 @@ def test_migrate_begin_arms_nothing_unless_allowed_with_mdevs(hook_env: HookEnv,
     assert read_pending(hook_env.runtime_dir, DOM_UUID) is None
 
 
+def test_arm_all_arms_a_domain_without_mdevs_with_no_devices(hook_env: HookEnv) -> None:
+    """arm_all: the proxy may be always in the path; an mdev-less domain is armed with
+    no devices (the proxy then refuses any VFIO state in its stream)."""
+    hook_env.write_config(arm_all="yes")
+    r = hook_env.call("migrate", "begin", CASES["plain"][0])
+    assert r.returncode == 0, r.stderr
+    rec = read_pending(hook_env.runtime_dir, DOM_UUID)
+    assert rec is not None and rec["devices"] == [] and rec["domain_name"] == "vm1"
+    assert "no mdev hostdevs (arm_all)" in hook_env.log_lines()[-1]
+    # a mismatch is still refused, arm_all or not
+    assert hook_env.call("migrate", "begin", MISMATCH).returncode == 1
+
+
 def test_restore_begin_writes_no_pending_record(hook_env: HookEnv) -> None:
     assert hook_env.call("restore", "begin", MATCH).returncode == 0
     assert read_pending(hook_env.runtime_dir, DOM_UUID) is None

@@ -1,0 +1,308 @@
+"""One proxy connection: arm it, relay it, filter it, fail it closed (see :mod:`.proxy`).
+
+Split from :mod:`libvirt_mdev.proxy` (the listening server) so each module keeps one
+concern: this one owns a single source connection from accept to both sockets closed.
+"""
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from .arming import Claims, bindings_from_pending, check_local_types, select_pending
+from .config import Config
+from .errors import MdevError, UsageError
+from .filter import FilterOptions, StreamFilter
+from .log import get_logger
+from .relay import Endpoint, ReturnPath, SocketReader, abort_socket, connect, send_views
+from .sigsource import peer_pid, sign_context, verify_policy
+from .stream import NEED_DATA, StreamParser
+from .tlsbridge import TlsCreds, connect_tls, tls_in
+
+MODES = ("splice", "token", "relay", "sign")
+log = get_logger("proxy")
+
+
+@dataclass
+class ProxyOptions:
+    forward: Endpoint
+    mode: str = "splice"
+    #: serve only this domain's pending record (uuid or name)
+    domain: Optional[str] = None
+    #: seconds to keep retrying the local QEMU
+    connect_timeout: float = 10.0
+    #: seconds to wait for the destination to close after the stream ended
+    drain_timeout: float = 30.0
+    #: SHA-256 of both directions' bytes (tests, audits; costs CPU on big streams)
+    digest: bool = False
+    #: re-hash each stored state from disk before QEMU may finish loading it
+    verify: bool = True
+    #: ``sign`` mode (source host, issue 8): the domain's XML (default: ask libvirt at *libvirt_uri*)
+    domain_xml: Optional[Path] = None
+    libvirt_uri: str = "qemu:///system"
+    #: TLS migrations: terminate the source's TLS and re-originate it to the local QEMU
+    tls: Optional[TlsCreds] = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise UsageError(f"unknown proxy mode {self.mode!r} (use one of {', '.join(MODES)})")
+
+
+@dataclass
+class SessionResult:
+    """What happened to one connection (logged; ``--json-log`` prints it)."""
+
+    peer: str
+    mode: str
+    ok: bool = False
+    error: Optional[str] = None
+    error_kind: Optional[str] = None
+    exit_code: int = 0
+    domain_name: Optional[str] = None
+    domain_uuid: Optional[str] = None
+    migration_id: Optional[str] = None
+    #: bytes received from the source / sent to the destination / returned to the source
+    bytes_in: int = 0
+    bytes_out: int = 0
+    bytes_back: int = 0
+    sha256_in: Optional[str] = None
+    sha256_out: Optional[str] = None
+    devices: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- one connection
+class Session:
+    """One source connection, from accept to both sockets closed."""
+
+    def __init__(self, config: Config, opts: ProxyOptions, claims: Claims, src: socket.socket,
+                 peer: str) -> None:
+        self.config, self.opts, self.claims = config, opts, claims
+        self.src: Optional[socket.socket] = src
+        self.dst: Optional[socket.socket] = None
+        self.result = SessionResult(peer=peer, mode=opts.mode)
+        self._abort_lock = threading.Lock()
+        self._aborted: Optional[str] = None
+        self._record: Optional[dict[str, Any]] = None
+        #: the connecting process (UNIX sockets): the sign mode finds the domain from it
+        self.peer_pid = peer_pid(src)
+
+    def run(self) -> SessionResult:
+        started = time.monotonic()
+        try:
+            if self.opts.mode != "relay":
+                self.src = tls_in(self.src, self.opts.tls, self.result.peer)  # type: ignore[arg-type]
+            if self.opts.mode == "relay":
+                self._relay()
+            elif self.opts.mode == "sign":
+                self._signed()
+            else:
+                self._arm()
+                self._filtered()
+            self.result.ok = self._aborted is None
+            if self._aborted:
+                raise MdevError(self._aborted)
+        except Exception as exc:  # noqa: BLE001 - fail closed: every error ends the session the same way
+            self._fail(exc)
+        finally:
+            self._close()
+            if self._record is not None:
+                self._spend()
+            self.result.seconds = round(time.monotonic() - started, 3)
+        return self.result
+
+    # -- arming ---------------------------------------------------------------------------
+    def _arm(self) -> None:
+        record = select_pending(self.config, self.opts.domain)
+        self.claims.claim(record)
+        self._record = record
+        r = self.result
+        r.domain_name, r.domain_uuid, r.migration_id = (record["domain_name"], record["domain_uuid"],
+                                                        record["migration_id"])
+        check_local_types(record, self.config.sysfs_root)
+        devs = ", ".join(f"{d['mdev_uuid']}={d['idstr']}:{d['type']}" for d in record["devices"]) or "none"
+        log.info(f"connection from {r.peer}: serving domain {r.domain_name} ({r.domain_uuid}) "
+                 f"migration {r.migration_id}, mode {self.opts.mode}, armed mdevs: {devs}")
+
+    def _spend(self) -> None:
+        from .store.pending import read_pending, remove_pending
+
+        assert self._record is not None
+        self.claims.release(self._record)
+        try:
+            current = read_pending(self.config.runtime_dir, self._record["domain_uuid"])
+            # only our record: the hook may already have armed the domain's next migration
+            if current is not None and current["migration_id"] == self._record["migration_id"]:
+                remove_pending(self.config.runtime_dir, self._record["domain_uuid"])
+        except MdevError as exc:
+            log.warning(f"migration {self._record['migration_id']}: cannot remove its pending record: {exc}")
+
+    # -- byte paths -----------------------------------------------------------------------------
+    def _connect_dst(self) -> socket.socket:
+        raw = connect(self.opts.forward, self.opts.connect_timeout)
+        self.dst = raw if self.opts.tls is None else connect_tls(raw, self.opts.tls)
+        return self.dst
+
+    def _filtered(self) -> None:
+        from .store import Store
+
+        assert self.src is not None and self._record is not None
+        rec = self._record
+        fopts = FilterOptions(mode=self.opts.mode, migration_id=rec["migration_id"],
+                              domain_name=rec["domain_name"], domain_uuid=rec["domain_uuid"],
+                              bindings=bindings_from_pending(rec), accept_tokens=False,
+                              verify=self.opts.verify, bind_from_save_image=False)
+        with Store.open(self.config.store, create=True) as store:
+            dst = self._connect_dst()
+            back = self._start_return_path(dst)
+            out: list[Any] = []
+            parser = StreamParser(container="stream")
+            flt = StreamFilter(store, parser, fopts, out.append)
+            try:
+                policy = verify_policy(self.config, store)
+                if policy is None:
+                    self._pump(parser, flt, out, dst)
+                else:  # verify and strip the source's signed statements (issue 8)
+                    from .sigstream import VerifyLayer
+                    layer = VerifyLayer(flt, policy)
+                    self._pump(parser, layer, out, dst)
+                    layer.finish()
+            finally:
+                flt.close()
+            self._finish(back)
+            self.result.devices = [d.to_json() for d in flt.results]
+
+    def _signed(self) -> None:
+        """Source host: sign each device's state on its way out (issue 8)."""
+        from .sigstream import SignLayer
+
+        ctx = sign_context(self.config, self.peer_pid, domain=self.opts.domain,
+                           domain_xml=self.opts.domain_xml, libvirt_uri=self.opts.libvirt_uri)
+        self.result.domain_uuid, self.result.migration_id = ctx.domain_uuid, ctx.migration_id
+        log.info(f"connection from {self.result.peer}: signing migration {ctx.migration_id} of domain "
+                 f"{ctx.domain_uuid} with key {ctx.key.key_id}, forwarding to {self.opts.forward}")
+        dst = self._connect_dst()
+        back = self._start_return_path(dst)
+        out: list[Any] = []
+        layer = SignLayer(ctx, out.append)
+        self._pump(StreamParser(container="stream"), layer, out, dst)
+        self._finish(back)
+        self.result.devices = [s for s in layer.signed if s["kind"] == "device"]
+
+    def _pump(self, parser: StreamParser, flt: Any, out: list[Any], dst: socket.socket) -> None:
+        """Source→destination: read a chunk, run every event through the filter, then
+        send what it emitted in one gathered call (nothing of a refused chunk leaves)."""
+        assert self.src is not None
+        reader = SocketReader(self.src)
+        h_in = hashlib.sha256() if self.opts.digest else None
+        h_out = hashlib.sha256() if self.opts.digest else None
+        r = self.result
+        process = flt.process
+        while True:
+            data = reader.read()
+            n = len(data)
+            r.bytes_in += n
+            if h_in is not None:
+                h_in.update(data)
+            parser.feed(data)
+            while True:
+                ev = parser.next_event()
+                if ev is NEED_DATA:
+                    break
+                process(ev)  # type: ignore[arg-type]
+            del data
+            if out:
+                if h_out is not None:
+                    for piece in out:
+                        h_out.update(piece)
+                r.bytes_out += send_views(dst, out)
+                out.clear()
+            if n == 0:
+                break
+        if h_in is not None and h_out is not None:
+            r.sha256_in, r.sha256_out = h_in.hexdigest(), h_out.hexdigest()
+        if not parser.done:  # the parser raises for a truncated stream; this is a guard
+            raise MdevError("the source closed the connection before the end of the stream")
+
+    def _relay(self) -> None:
+        assert self.src is not None
+        log.info(f"connection from {self.result.peer}: relaying verbatim to {self.opts.forward}")
+        dst = self._connect_dst()
+        back = self._start_return_path(dst)
+        reader = SocketReader(self.src)
+        while True:
+            data = reader.read()
+            if not data:
+                break
+            self.result.bytes_in += len(data)
+            dst.sendall(data)
+            self.result.bytes_out += len(data)
+            del data
+        self._finish(back)
+
+    def _start_return_path(self, dst: socket.socket) -> ReturnPath:
+        assert self.src is not None
+        back = ReturnPath(dst, self.src, self._abort)
+        back.start()
+        return back
+
+    def _finish(self, back: ReturnPath) -> None:
+        """The source sent everything: let the destination see EOF, wait until it closes."""
+        assert self.dst is not None
+        try:
+            self.dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        back.join(self.opts.drain_timeout)
+        self.result.bytes_back = back.bytes
+        if back.is_alive():
+            log.warning(f"{self.result.peer}: the destination did not close within "
+                        f"{self.opts.drain_timeout:g}s after the stream ended")
+
+    # -- ending -----------------------------------------------------------------------------------
+    def _abort(self, why: str) -> None:
+        """Reset both connections at once (any thread)."""
+        with self._abort_lock:
+            if self._aborted is None:
+                self._aborted = why
+            src, dst, self.src, self.dst = self.src, self.dst, None, None
+        abort_socket(dst)
+        abort_socket(src)
+
+    def _fail(self, exc: BaseException) -> None:
+        first = self._aborted
+        self._abort(_line(exc))
+        r = self.result
+        r.ok = False
+        r.error = first or _line(exc)
+        r.error_kind = exc.kind if isinstance(exc, MdevError) else "internal"
+        r.exit_code = exc.exit_code if isinstance(exc, MdevError) else 70
+        who = f"domain {r.domain_name} migration {r.migration_id}" if r.domain_name else "connection"
+        log.error(f"{r.peer}: {who} REFUSED, both connections closed: {r.error}")
+
+    def _close(self) -> None:
+        src, dst, self.src, self.dst = self.src, self.dst, None, None
+        for s in (src, dst):
+            if s is not None:
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+
+def _line(exc: BaseException) -> str:
+    if isinstance(exc, MdevError):
+        return exc.message
+    if isinstance(exc, OSError):
+        return f"socket error: {exc.strerror or exc}"
+    return f"internal error ({type(exc).__name__}): {' '.join(str(exc).split())}"
+
+
+__all__ = ["MODES", "ProxyOptions", "Session", "SessionResult"]

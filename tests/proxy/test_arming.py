@@ -1,0 +1,99 @@
+"""The proxy's policy and plumbing without QEMU: which record, which types, addresses, sends."""
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+
+from libvirt_mdev.arming import Claims, bindings_from_pending, check_local_types, select_pending
+from libvirt_mdev.errors import MdevError, MdevMissing, NotFound, TypeMismatch, UsageError
+from libvirt_mdev.filter import Binding
+from libvirt_mdev.relay import Endpoint, send_views
+from libvirt_mdev.store.pending import read_pending
+
+from .conftest import DOM_UUID, ID_A, ID_B, U1, U2, ProxyEnv
+
+OTHER_UUID = "5a9c2a4e-7d1b-4b8e-8f57-0c1d2e3f4002"
+
+
+@pytest.mark.parametrize("text,expect", [
+    ("10.0.0.2:49152", Endpoint("10.0.0.2", 49152)),
+    ("[::1]:5000", Endpoint("::1", 5000)),
+    ("unix:/run/libvirt-mdev/m.sock", Endpoint(path="/run/libvirt-mdev/m.sock")),
+    ("unix:///run/libvirt/mig/x.sock", Endpoint(path="/run/libvirt/mig/x.sock")),
+])
+def test_endpoint_parse(text: str, expect: Endpoint) -> None:
+    assert Endpoint.parse(text) == expect
+
+
+@pytest.mark.parametrize("text", ["10.0.0.2", "host:", ":80", "h:99999", "unix:relative.sock", "h:port"])
+def test_endpoint_parse_refuses_bad_addresses(text: str) -> None:
+    with pytest.raises(UsageError, match="HOST:PORT|absolute"):
+        Endpoint.parse(text)
+
+
+def test_no_pending_record_is_a_refusal(proxy_env: ProxyEnv) -> None:
+    with pytest.raises(NotFound, match="no incoming migration is armed"):
+        select_pending(proxy_env.config, None)
+
+
+def test_one_record_is_served_several_need_domain(proxy_env: ProxyEnv) -> None:
+    rec = proxy_env.arm()
+    assert select_pending(proxy_env.config, None) == rec
+    other = proxy_env.arm([], name="vm2", uuid=OTHER_UUID)
+    with pytest.raises(MdevError, match="2 incoming migrations are armed .*--domain"):
+        select_pending(proxy_env.config, None)
+    assert select_pending(proxy_env.config, "vm2") == other
+    assert select_pending(proxy_env.config, DOM_UUID) == rec
+    with pytest.raises(NotFound, match="domain vm3"):
+        select_pending(proxy_env.config, "vm3")
+
+
+def test_armed_types_are_checked_against_local_sysfs(proxy_env: ProxyEnv) -> None:
+    rec = proxy_env.arm()
+    check_local_types(rec, proxy_env.config.sysfs_root)  # both match
+    rec["devices"][1]["type"] = "nvidia-223"
+    with pytest.raises(TypeMismatch, match=f"mdev {U2} .* armed for type nvidia-223 but this host now has "
+                                           f"type nvidia-224"):
+        check_local_types(rec, proxy_env.config.sysfs_root)
+    rec["devices"][1]["mdev_uuid"] = "4b20d080-1b54-4048-85b3-a6a62d165c09"
+    with pytest.raises(MdevMissing, match="no longer exists"):
+        check_local_types(rec, proxy_env.config.sysfs_root)
+
+
+def test_bindings_follow_the_record(proxy_env: ProxyEnv) -> None:
+    assert bindings_from_pending(proxy_env.arm()) == {ID_A: Binding(U1, "nvidia-222"),
+                                                     ID_B: Binding(U2, "nvidia-224")}
+
+
+def test_claims_refuse_a_second_connection_and_a_replay(proxy_env: ProxyEnv) -> None:
+    rec = proxy_env.arm()
+    claims = Claims()
+    claims.claim(rec)
+    with pytest.raises(MdevError, match="second connection .*--parallel"):
+        claims.claim(rec)
+    claims.release(rec)
+    with pytest.raises(MdevError, match="already served; refusing a replayed connection"):
+        claims.claim(rec)
+    assert read_pending(proxy_env.config.runtime_dir, DOM_UUID) == rec  # removal is the session's job
+
+
+def test_send_views_survives_partial_sends() -> None:
+    a, b = socket.socketpair()
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    views = [memoryview(bytes([i % 251]) * (i * 997 % 70000 + 1)) for i in range(1500)]  # > IOV_MAX pieces
+    want = b"".join(bytes(v) for v in views)
+    got = bytearray()
+
+    def drain() -> None:
+        while len(got) < len(want):
+            got.extend(b.recv(1 << 16))
+
+    t = threading.Thread(target=drain)
+    t.start()
+    assert send_views(a, views) == len(want)
+    t.join(30)
+    assert bytes(got) == want
+    a.close()
+    b.close()

@@ -1,0 +1,256 @@
+"""`virsh migrate --live` between two real libvirt hosts with our hook and proxy on B.
+
+Layout as a user runs it (README walkthrough): the hook in B's qemu.d arms the
+migration at `migrate begin`, the proxy runs on B (inside B's network and mount
+namespaces) and serves it:
+
+* TCP: ``--listen-address 127.0.0.1 --migrateuri tcp://B:PORT`` — B's QEMU listens on
+  loopback, the proxy on B's address and the same port;
+* UNIX: ``--migrateuri unix:///run/libvirt/mig/px.sock`` — a relay-mode proxy on A
+  listens on A's path and carries the bytes to B's proxy, which forwards them into
+  B's QEMU's socket at the same path.
+
+The guest has no real mdev (no hardware here).  B's config sets ``arm_all`` so an
+mdev-less domain is armed too (with no devices).  Refusals use a test hook
+``10-test-mdev`` that runs before ours: in mode ``add`` it adds an mdev hostdev
+(annotated with a type B lacks) to the incoming XML, so our hook refuses at
+`migrate begin` and virsh shows our line; in mode ``view`` it shows our hook that XML
+but prints nothing (libvirt starts the mdev-less guest), so the migration is armed
+with the mdev — and the proxy, whose sysfs has that mdev with another type now,
+refuses the connection.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import pytest
+
+from libvirt_mdev.cli.hookcmd import HOOK_NAME, install, render_hook
+from libvirt_mdev.mdev.sysfs import make_fake_sysfs
+from libvirt_mdev.store.pending import list_pending
+from tests.e2e.test_harness import assert_guest_runs, define_and_start
+from tests.harness import HookFile, logging_hook
+from tests.harness.guests import migratable_guest
+from tests.harness.twohosts import TwoHosts
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+U2 = "4b20d080-1b54-4048-85b3-a6a62d165c02"
+PARENT = "0000:3b:00.0"
+CONF = "/etc/libvirt/libvirt-mdev.conf"
+PROXY_CONF = "/etc/libvirt/libvirt-mdev-proxy.conf"
+LOG = "/var/log/libvirt/libvirt-mdev.log"
+MODE_FILE = "/var/lib/libvirt/test-mdev-mode"
+PORT = 49152
+SOCK = "/run/libvirt/mig/px.sock"
+
+#: the test hook: mode 'add' rewrites the incoming XML (adds an annotated mdev), mode
+#: 'view' lets our hook judge that XML but leaves libvirt's XML alone
+TEST_HOOK = """
+import io, os, sys
+data = sys.stdin.buffer.read()
+try:
+    mode = open(MODE_FILE).read().strip()
+except FileNotFoundError:
+    mode = ""
+if sys.argv[2:4] != ["migrate", "begin"] or not mode:
+    sys.exit(0)
+from libvirt_mdev.mdev.domain import AnnotatedMdev, Annotation, set_annotation
+kind, annotated = mode.split(":")
+dev = ("<hostdev mode='subsystem' type='mdev' model='vfio-pci'><source><address uuid='U2'/></source>"
+       "<address type='pci' domain='0x0000' bus='0x00' slot='0x0a' function='0x0'/></hostdev>")
+xml = data.decode().replace("</devices>", dev + "</devices>", 1)
+xml = set_annotation(xml, Annotation({"U2": AnnotatedMdev("U2", annotated, "0000:af:00.0")}, host="lmA"))
+if kind == "add":
+    sys.stdout.buffer.write(xml)
+    sys.exit(0)
+from libvirt_mdev.hook import main
+sys.exit(main(sys.argv[1:], io.BytesIO(xml), io.BytesIO(), sys.stderr, config_path=CONF))
+"""
+
+
+def config_text(sysfs: Path, arm_all: bool) -> str:
+    return (f"[libvirt-mdev]\nsysfs_root = {sysfs}\nruntime_dir = /run/libvirt/libvirt-mdev\n"
+            f"store = /var/lib/libvirt/mdev-state\nlog_file = {LOG}\narm_all = {'yes' if arm_all else 'no'}\n")
+
+
+@dataclass
+class Setup:
+    hosts: TwoHosts
+    sysfs: Path      # U2 is nvidia-224 (what the hook sees)
+    sysfs_now: Path  # U2 is nvidia-222 (the proxy's view in the 'mdev re-created' test)
+
+    def b_conf(self, arm_all: bool) -> None:
+        self.hosts.b.host_path(CONF).write_text(config_text(self.sysfs, arm_all))
+
+    def mode(self, mode: str) -> None:
+        self.hosts.b.host_path(MODE_FILE).write_text(mode)
+
+    def log(self) -> str:
+        path = self.hosts.b.host_path(LOG)
+        return path.read_text() if path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def setup(e2e_tools: None, harness_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    base = tmp_path_factory.mktemp("pxl")
+    make_fake_sysfs(base / "sys", parents={PARENT: ["nvidia-222", "nvidia-224"]},
+                    devices={U2: (PARENT, "nvidia-224")})
+    make_fake_sysfs(base / "sys-now", parents={PARENT: ["nvidia-222", "nvidia-224"]},
+                    devices={U2: (PARENT, "nvidia-222")})
+    ours, _ = install(base / "staging", Path(CONF))
+    test_hook = render_hook(sys.executable, CONF, [str(REPO)]).split("\n", 1)[0] + "\n" + \
+        TEST_HOOK.replace("MODE_FILE", repr(MODE_FILE)).replace("CONF", repr(CONF)).replace("'U2'", "'" + U2 + "'") \
+        .replace('"U2"', repr(U2))
+    test_hook = test_hook.replace("import io, os, sys", f"import io, os, sys\nsys.path.insert(0, {str(REPO)!r})")
+    hosts = TwoHosts(base / "two", hooks=[logging_hook()],
+                     hooks_b=[HookFile(name="10-test-mdev", content=test_hook),
+                              HookFile(name=HOOK_NAME, source=ours)],
+                     extra_files_b={CONF: config_text(base / "sys", True),
+                                    PROXY_CONF: config_text(base / "sys-now", False)})
+    hosts.start()
+    try:
+        yield Setup(hosts, base / "sys", base / "sys-now")
+    finally:
+        hosts.stop()
+
+
+class Proxy:
+    """`libvirt-mdev proxy --once --json-log` running "on" a host (its namespaces)."""
+
+    def __init__(self, host, *args: str, config: str = CONF) -> None:
+        self.proc = host.popen_in_ns([sys.executable, "-m", "libvirt_mdev.cli", "--config", config, "proxy",
+                                      "--once", "--json-log", *args],
+                                     env={**os.environ, "PYTHONPATH": str(REPO)},  # nsenter -m resets the cwd
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert line, self.proc.stderr.read() if self.proc.stderr else "proxy died"
+        self.hello = json.loads(line)
+
+    def result(self, timeout: float = 60) -> dict:
+        assert self.proc.stdout is not None
+        out, _ = self.proc.communicate(timeout=timeout)
+        return json.loads(out.splitlines()[0])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def cleanup(s: Setup, name: str, proxies: list[Optional[Proxy]]) -> None:
+    for p in proxies:
+        if p is not None:
+            p.stop()
+    for host in (s.hosts.a, s.hosts.b):
+        if host.virsh("domstate", name, check=False).stdout.strip() in ("running", "paused"):
+            host.virsh("destroy", name, check=False)
+    s.hosts.a.virsh("undefine", name, check=False)
+    s.mode("")
+
+
+def armed_lines(log: str, name: str) -> list[str]:
+    return [line for line in log.splitlines() if f"domain={name}:" in line or f"domain {name} " in line]
+
+
+def test_virsh_migrate_tcp_through_the_proxy(setup: Setup, tmp_path: Path) -> None:
+    s, b = setup, setup.hosts.b
+    s.b_conf(arm_all=True)
+    spec = migratable_guest("px-tcp")
+    define_and_start(s.hosts.a, spec, tmp_path)
+    addr = s.hosts.address("B")
+    proxy = Proxy(b, "--listen", f"{addr}:{PORT}", "--forward", f"127.0.0.1:{PORT}", "--digest")
+    try:
+        t0 = time.monotonic()
+        s.hosts.migrate(spec.name, "--listen-address", "127.0.0.1", port=PORT)
+        t1 = time.monotonic()
+        res = proxy.result()
+        print(f"virsh migrate {t1 - t0:.2f}s, proxy result after {time.monotonic() - t1:.2f}s, session {res['seconds']}s")
+        assert res["ok"], res
+        assert res["domain_name"] == spec.name and res["domain_uuid"] == spec.uuid
+        assert res["bytes_in"] == res["bytes_out"] > 1 << 20 and res["sha256_in"] == res["sha256_out"]
+        assert s.hosts.a.domstate(spec.name) == "shut off"
+        assert_guest_runs(b, spec.name)
+        lines = armed_lines(s.log(), spec.name)
+        assert any("migrate begin" in ln and "armed" in ln and res["migration_id"] in ln for ln in lines)
+        assert any(f"serving domain {spec.name} ({spec.uuid}) migration {res['migration_id']}" in ln
+                   for ln in lines)
+        assert list_pending(b.host_path("/run/libvirt/libvirt-mdev")) == []  # spent
+    finally:
+        cleanup(s, spec.name, [proxy])
+
+
+def test_virsh_migrate_unix_socket_through_relay_and_proxy(setup: Setup, tmp_path: Path) -> None:
+    s, a, b = setup, setup.hosts.a, setup.hosts.b
+    s.b_conf(arm_all=True)
+    spec = migratable_guest("px-unix")
+    define_and_start(a, spec, tmp_path)
+    addr = s.hosts.address("B")
+    dest = Proxy(b, "--listen", f"{addr}:{PORT + 1}", "--forward", f"unix:{SOCK}")
+    relay = Proxy(a, "--mode", "relay", "--listen", f"unix:{SOCK}", "--forward", f"{addr}:{PORT + 1}")
+    try:
+        s.hosts.migrate(spec.name, migrateuri=f"unix://{SOCK}")
+        res, carried = dest.result(), relay.result()
+        assert res["ok"] and carried["ok"], (res, carried)
+        assert res["domain_name"] == spec.name and carried["bytes_in"] == res["bytes_in"] > 1 << 20
+        assert_guest_runs(b, spec.name)
+        assert a.domstate(spec.name) == "shut off"
+        assert any(f"serving domain {spec.name}" in ln for ln in armed_lines(s.log(), spec.name))
+    finally:
+        cleanup(s, spec.name, [dest, relay])
+
+
+def test_hook_refusal_shows_in_virsh_and_keeps_the_guest_on_a(setup: Setup, tmp_path: Path) -> None:
+    s, b = setup, setup.hosts.b
+    s.b_conf(arm_all=True)
+    s.mode("add:nvidia-222")  # B has U2 as nvidia-224
+    spec = migratable_guest("px-ref")
+    define_and_start(s.hosts.a, spec, tmp_path)
+    try:
+        r = s.hosts.migrate(spec.name, "--listen-address", "127.0.0.1", port=PORT, check=False)
+        assert r.returncode != 0
+        print(r.stderr.strip())
+        assert (f"libvirt-mdev: incoming migration refused: domain {spec.name}: mdev {U2}: source type "
+                f"nvidia-222 but this host has type nvidia-224") in r.stderr
+        assert_guest_runs(s.hosts.a, spec.name)
+        assert b.virsh("domstate", spec.name, check=False).returncode != 0  # nothing left on B
+        assert list_pending(b.host_path("/run/libvirt/libvirt-mdev")) == []
+    finally:
+        cleanup(s, spec.name, [])
+
+
+def test_proxy_refusal_of_an_armed_type_mismatch_keeps_the_guest_on_a(setup: Setup, tmp_path: Path) -> None:
+    s, b = setup, setup.hosts.b
+    s.b_conf(arm_all=False)  # only the test hook's view arms (with the mdev)
+    s.mode("view:nvidia-224")
+    spec = migratable_guest("px-mis")
+    define_and_start(s.hosts.a, spec, tmp_path)
+    addr = s.hosts.address("B")
+    proxy = Proxy(b, "--listen", f"{addr}:{PORT}", "--forward", f"127.0.0.1:{PORT}", config=PROXY_CONF)
+    try:
+        started = time.monotonic()
+        r = s.hosts.migrate(spec.name, "--listen-address", "127.0.0.1", port=PORT, check=False)
+        assert r.returncode != 0, r.stdout
+        print(f"virsh ({time.monotonic() - started:.1f}s): {r.stderr.strip()}")
+        res = proxy.result()
+        assert not res["ok"] and res["error_kind"] == "type-mismatch" and res["domain_name"] == spec.name
+        line = (f"mdev {U2} (0000:00:0a.0/vfio) was armed for type nvidia-224 but this host now has type "
+                f"nvidia-222")
+        assert line in res["error"] and line in s.log()
+        assert_guest_runs(s.hosts.a, spec.name)
+        assert any("armed" in ln and "1 mdev(s) match" in ln for ln in armed_lines(s.log(), spec.name))
+    finally:
+        cleanup(s, spec.name, [proxy])
