@@ -5,8 +5,11 @@ UNIX-socket layout): the proxy must know the *domain* a connection carries, to s
 its uuid and each device's mdev uuid and type.  It finds it, in order:
 
 1. ``--domain UUID`` (or a name, looked up through libvirt);
-2. the connecting QEMU itself: on a UNIX socket, ``SO_PEERCRED`` gives the pid of the
-   QEMU that libvirt started, and its command line carries ``-uuid <domain uuid>``.
+2. the connecting process: on a UNIX socket ``SO_PEERCRED`` gives its pid; when it is
+   a QEMU (``migrate unix:...`` issued to QEMU directly) its ``-uuid`` names the domain;
+3. libvirt: for ``virsh migrate --migrateuri unix://...`` libvirtd itself connects and
+   hands the socket to QEMU, so the peer is libvirtd; then the one domain with an
+   outgoing migration job is the one (several at once: refused, pass ``--domain``).
 
 Then the devices: the domain XML (``--domain-xml FILE``, else libvirt's live XML for
 that uuid — the proxy is a service, not a hook, so it may call libvirt) gives each
@@ -76,11 +79,46 @@ def qemu_uuid_of(pid: int, proc: Path = Path("/proc")) -> Optional[str]:
     return None
 
 
-def _libvirt_xml(uri: str, domain: str) -> bytes:
+def _libvirt():  # type: ignore[no-untyped-def]
     try:
         import libvirt  # type: ignore[import-untyped]
     except ImportError:
-        raise ConnectError("libvirt-python is not installed: pass --domain-xml") from None
+        raise ConnectError("libvirt-python is not installed: pass --domain and --domain-xml") from None
+    return libvirt
+
+
+def migrating_domain(uri: str) -> str:
+    """The uuid of the one domain with an outgoing migration job at *uri*.
+
+    Raises:
+        NotFound: none or several (then the operator must say which: --domain).
+        ConnectError: libvirt cannot be reached.
+    """
+    libvirt = _libvirt()
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise ConnectError(f"cannot reach libvirt at {uri}: {' '.join(str(exc).split())}") from None
+    try:
+        found = []
+        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            try:
+                stats = dom.jobStats()
+            except libvirt.libvirtError:
+                continue
+            if (stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE
+                    and stats.get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_MIGRATION_OUT):
+                found.append(dom.UUIDString())
+    finally:
+        conn.close()
+    if len(found) != 1:
+        raise NotFound(f"{'no' if not found else len(found)} domains are migrating out at {uri}: cannot "
+                       f"tell which domain this connection carries; run the source proxy with --domain")
+    return str(found[0])
+
+
+def _libvirt_xml(uri: str, domain: str) -> bytes:
+    libvirt = _libvirt()
     try:
         conn = libvirt.open(uri)
         try:
@@ -123,9 +161,8 @@ def sign_context(config: Config, pid: Optional[int], *, domain: Optional[str] = 
     key = load_signing_key(config.host_key)
     if domain is None:
         domain = qemu_uuid_of(pid) if pid else None
-        if domain is None:
-            raise NotFound("cannot tell which domain this migration connection carries (not a QEMU "
-                           "on a unix socket, or no -uuid on its command line): pass --domain")
+    if domain is None:
+        domain = migrating_domain(libvirt_uri)
     xml = domain_xml.read_bytes() if domain_xml is not None else _libvirt_xml(libvirt_uri, domain)
     bindings, uuid = source_bindings(xml, config.sysfs_root)
     if is_uuid(domain) and uuid is not None and uuid != domain:
