@@ -36,7 +36,7 @@ What the destination layer does (in front of the :class:`~libvirt_mdev.filter.St
 * Each VFIO device: the END_OF_STATE that ends its END section (and that section's
   footer) is *held back*, so the filter does not commit the state and QEMU cannot
   finish loading the device, until the device statement has been verified against
-  what actually passed (hashed here, independently of the store) and against the
+  what actually passed (the store's writer hashed every byte of it) and against the
   domain's binding (idstr, mdev uuid and type, domain, migration, signer).  Then the
   signature goes into the manifest and the held events are released.
 * With ``require_signature``: a stream without hello, a device without statement, a
@@ -266,10 +266,6 @@ class VerifyLayer:
             self._section = ev
             if ev.kind == "vfio" and ev.section_id not in self._devices:
                 self._devices[ev.section_id] = _Hashing(ev.idstr, ev.instance_id)
-        elif t is VfioBlockData:
-            d = self._devices[ev.section_id]  # type: ignore[attr-defined]
-            d.h.update(ev.raw)
-            d.length += len(ev.raw)
         elif (t is VfioMarker and ev.marker == VfioFlag.END_OF_STATE  # type: ignore[attr-defined]
               and _in_end(self._section) and self._must_verify()):
             self._holding = ev.section_id  # type: ignore[attr-defined]
@@ -340,9 +336,14 @@ class VerifyLayer:
         if (stmt["idstr"], stmt["instance_id"]) != (d.idstr, d.instance_id):
             raise SignatureError(f"the statement after VFIO device {d.idstr} is for {stmt['idstr']} "
                                  f"(swapped devices?); refusing")
-        if (stmt["length"], stmt["sha256"]) != (d.length, d.h.hexdigest()):
-            raise SignatureError(f"VFIO device {d.idstr}: {d.length} bytes of state with SHA-256 "
-                                 f"{d.h.hexdigest()[:16]}... passed, but the source signed {stmt['length']} "
+        w = self.inner.writer_for(sid)
+        if w is None:
+            raise SignatureError(f"VFIO device {d.idstr}: its state was stored before it was verified")
+        # the store's writer hashed every byte that passed (and that QEMU got)
+        length, digest = w.length, w.hexdigest()
+        if (stmt["length"], stmt["sha256"]) != (length, digest):
+            raise SignatureError(f"VFIO device {d.idstr}: {length} bytes of state with SHA-256 "
+                                 f"{digest[:16]}... passed, but the source signed {stmt['length']} "
                                  f"bytes with {stmt['sha256'][:16]}... (state changed in transit); refusing")
         b = (self.inner.opts.bindings or {}).get(d.idstr)
         mine = (b.mdev_uuid, b.mdev_type) if b else (None, None)
@@ -350,9 +351,6 @@ class VerifyLayer:
             raise SignatureError(f"VFIO device {d.idstr}: signed for mdev {stmt['mdev_uuid']} of type "
                                  f"{stmt['mdev_type']}, but here it is mdev {mine[0]} of type {mine[1]}; "
                                  f"refusing")
-        w = self.inner.writer_for(sid)
-        if w is None:
-            raise SignatureError(f"VFIO device {d.idstr}: its state was stored before it was verified")
         w.signature, w.signer = manifest_signature(stmt, sig), stmt["signer"]
         held, self._held, self._holding = self._held, [], None
         for ev in held:

@@ -330,6 +330,10 @@ class StateWriter:
             self._start_writeback()
         return n
 
+    def hexdigest(self) -> str:
+        """SHA-256 of what was written so far (signature checks before the commit)."""
+        return self._hash.hexdigest()
+
     def _start_writeback(self) -> None:
         """Start writing dirty pages now and drop the ones already on disk, so the
         fsync in :meth:`commit` has little left to do and a multi-GiB state does not
