@@ -114,6 +114,8 @@ class _Bridge:
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._tls = ctx.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=hostname)
         self.version: Optional[str] = None
+        #: plain bytes received from the TLS peer
+        self.received = 0
 
     # -- plumbing ---------------------------------------------------------------------------
     def _flush(self) -> None:
@@ -197,11 +199,16 @@ class _Bridge:
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 data = b""  # close_notify, or a bare EOF: the proxy's parser judges completeness
             if not data:
+                if self.received == 0:
+                    log.error(f"TLS {self.what}: the peer closed the connection right after the "
+                              f"handshake without sending anything: it probably rejected our certificate "
+                              f"(a name mismatch? see virsh migrate --tls-destination and --tls-hostname)")
                 try:
                     self._inner.shutdown(socket.SHUT_WR)
                 except OSError:
                     pass
                 return False
+            self.received += len(data)
             self._inner.sendall(data)
 
     def _from_plain(self) -> bool:

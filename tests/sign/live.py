@@ -88,42 +88,42 @@ def qemu_tls_args(pki: Optional[Path], endpoint: str) -> list[str]:
     return ["-object", f"tls-creds-x509,id=tls0,dir={pki},endpoint={endpoint}{verify}"]
 
 
-def migrate(w: World, src_cfg: Config, dst_cfg: Optional[Config], *, qemu_tls: Optional[Path] = None,
-            proxy_tls: Optional[Path] = None, src_proxy_tls: Optional[Path] = None,
-            dst_proxy_tls: Optional[Path] = None) -> Outcome:
+def migrate(w: World, src_cfg: Config, dst_cfg: Optional[Config], *, src_qemu_tls: Optional[Path] = None,
+            tls_hostname: str = TLS_HOST, dst_qemu_tls: Optional[Path] = None,
+            src_proxy_tls: Optional[TlsCreds] = None, dst_proxy_tls: Optional[TlsCreds] = None) -> Outcome:
     """Source QEMU → sign proxy → [verify proxy →] destination QEMU.
 
-    qemu_tls: both QEMUs use TLS with this PKI; proxy_tls: both proxies hold it
-    (src_/dst_proxy_tls: only one).  Returns what each side saw.
+    src_qemu_tls / dst_qemu_tls: the QEMUs' x509 credential directories (TLS on);
+    tls_hostname: the name the source QEMU checks in the certificate of whoever it
+    connects to (libvirt's tls-hostname, ``virsh migrate --tls-destination``);
+    src_proxy_tls / dst_proxy_tls: the proxies' ``--tls-dir``/``--tls-hostname``.
     """
     d = w.dir
     dst_sock, dproxy_sock, sproxy_sock = d / "dst.sock", d / "dproxy.sock", d / "sproxy.sock"
-    s_tls = src_proxy_tls or proxy_tls
-    t_tls = dst_proxy_tls or proxy_tls
     with VM(d / "vm", name="sig-src", memory_mib=128, with_disk=False,
-                extra_args=["-uuid", DOMAIN, *qemu_tls_args(qemu_tls, "client")]) as src, \
+                extra_args=["-uuid", DOMAIN, *qemu_tls_args(src_qemu_tls, "client")]) as src, \
             VM(d / "vm", name="sig-dst", memory_mib=128, with_disk=False, incoming_defer=True,
-                   extra_args=["-uuid", DOMAIN, *qemu_tls_args(qemu_tls, "server")]) as dst:
+                   extra_args=["-uuid", DOMAIN, *qemu_tls_args(dst_qemu_tls, "server")]) as dst:
         # with a return path the source waits for the destination's verdict, as libvirt's
         # confirm phase does: a refused migration leaves the source running, never paused
         for vm in (src, dst):
             vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
-        if qemu_tls is not None:
+        if dst_qemu_tls is not None:
             dst.qmp("migrate-set-parameters", **{"tls-creds": "tls0"})
-            src.qmp("migrate-set-parameters", **{"tls-creds": "tls0", "tls-hostname": TLS_HOST})
+        if src_qemu_tls is not None:
+            src.qmp("migrate-set-parameters", **{"tls-creds": "tls0", "tls-hostname": tls_hostname})
         dst.incoming(f"unix:{dst_sock}")
         proxies = []
         first_hop = dst_sock
         if dst_cfg is not None:
-            opts = ProxyOptions(forward=Endpoint(path=str(dst_sock)),
-                                tls=TlsCreds(t_tls, TLS_HOST) if t_tls else None)
+            opts = ProxyOptions(forward=Endpoint(path=str(dst_sock)), tls=dst_proxy_tls)
             dp = MigrationProxy(dst_cfg, opts)
             dp.bind(Endpoint(path=str(dproxy_sock)))
             proxies.append(dp.start())
             first_hop = dproxy_sock
         sp = MigrationProxy(src_cfg, ProxyOptions(forward=Endpoint(path=str(first_hop)), mode="sign",
                                                   domain_xml=d / "dom.xml",
-                                                  tls=TlsCreds(s_tls, TLS_HOST) if s_tls else None))
+                                                  tls=src_proxy_tls))
         sp.bind(Endpoint(path=str(sproxy_sock)))
         proxies.append(sp.start())
         started = time.monotonic()

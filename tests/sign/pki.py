@@ -1,5 +1,6 @@
-"""A test PKI for QEMU TLS migrations, laid out like libvirt's ``migrate_tls_x509_cert_dir``:
-``ca-cert.pem``, ``server-cert.pem``/``server-key.pem``, ``client-cert.pem``/``client-key.pem``."""
+"""A test PKI for QEMU TLS migrations: per host a directory laid out like libvirt's
+``migrate_tls_x509_cert_dir``: ``ca-cert.pem``, ``server-cert.pem``/``server-key.pem``,
+``client-cert.pem``/``client-key.pem``."""
 from __future__ import annotations
 
 import datetime
@@ -22,12 +23,12 @@ def _usage(ca: bool) -> x509.KeyUsage:
                          encipher_only=False, decipher_only=False)
 
 
-def make_pki(out: Path, host: str) -> Path:
-    """A fresh CA and a server and a client certificate for *host* (also valid for 127.0.0.1)."""
-    out.mkdir(parents=True, exist_ok=True)
+def make_pki(out: Path, *hosts: str) -> dict[str, Path]:
+    """A fresh CA, and for each host a directory with the CA and that host's server and
+    client certificates (named for the host, also valid for 127.0.0.1)."""
     now = datetime.datetime.now(datetime.timezone.utc)
     ca_key = _key()
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"test migration CA {host}")])
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"test migration CA {out.name}")])
 
     def builder(name: x509.Name, pub: object) -> x509.CertificateBuilder:
         return (x509.CertificateBuilder().subject_name(name).issuer_name(ca_name).public_key(pub)
@@ -38,19 +39,25 @@ def make_pki(out: Path, host: str) -> Path:
     ca = (builder(ca_name, ca_key.public_key())
           .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
           .add_extension(_usage(True), critical=True).sign(ca_key, hashes.SHA256()))
-    (out / "ca-cert.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    for role, eku in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
-        k = _key()
-        cert = (builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]), k.public_key())
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .add_extension(_usage(False), critical=True)
-                .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
-                .add_extension(x509.SubjectAlternativeName(
-                    [x509.DNSName(host), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-                .sign(ca_key, hashes.SHA256()))
-        (out / f"{role}-cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        keyfile = out / f"{role}-key.pem"
-        keyfile.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()))
-        keyfile.chmod(0o600)
-    return out
+    dirs = {}
+    for host in hosts:
+        d = out / host
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "ca-cert.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        for role, eku in (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH)):
+            k = _key()
+            cert = (builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]), k.public_key())
+                    .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+                    .add_extension(_usage(False), critical=True)
+                    .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+                    .add_extension(x509.SubjectAlternativeName(
+                        [x509.DNSName(host), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                        critical=False)
+                    .sign(ca_key, hashes.SHA256()))
+            (d / f"{role}-cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+            keyfile = d / f"{role}-key.pem"
+            keyfile.write_bytes(k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+            keyfile.chmod(0o600)
+        dirs[host] = d
+    return dirs
