@@ -10,6 +10,9 @@ The layout the README documents (UNIX-socket migration, libvirt ≥ 6.8):
   ``trusted_keys``;
 * ``virsh migrate --live DOM B --migrateuri unix:///run/libvirt/mig/sig.sock``.
 
+With ``--tls`` (``virsh migrate --tls --tls-destination A``) both proxies also get
+``--tls-dir`` (libvirt's ``migrate_tls_x509_cert_dir``) and ``--tls-hostname B``.
+
 The guest has no mdev (no hardware here): the signed hello is what is verified live.
 """
 from __future__ import annotations
@@ -32,6 +35,8 @@ from tests.harness.guests import migratable_guest
 from tests.harness.libvirt_host import HookFile
 from tests.harness.twohosts import TwoHosts
 
+from .pki import make_pki
+
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,6 +45,7 @@ KEYDIR = "/etc/libvirt/libvirt-mdev"
 LOG = "/var/log/libvirt/libvirt-mdev.log"
 SOCK = "/run/libvirt/mig/sig.sock"
 PORT = 49160
+PKI = "/etc/libvirt/pki-migration"
 
 
 def b_config(trusted: str) -> str:
@@ -51,9 +57,16 @@ def b_config(trusted: str) -> str:
 def hosts(e2e_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
     base = tmp_path_factory.mktemp("sigl")
     ours, _ = install(base / "staging", Path(CONF))
+    pki = make_pki(base / "pki", "lmA", "lmB")
+    certs = {side: {f"{PKI}/{f.name}": f.read_bytes() for f in pki[f"lm{side}"].iterdir()} for side in "AB"}
     two = TwoHosts(base / "two", hooks=[logging_hook()], hooks_b=[HookFile(name=HOOK_NAME, source=ours)],
-                   extra_files_a={CONF: f"[libvirt-mdev]\nhost_key = {KEYDIR}/host.key\nlog_file = {LOG}\n"},
-                   extra_files_b={CONF: b_config(f"{KEYDIR}/a.pub")})
+                   extra_files_a={CONF: f"[libvirt-mdev]\nhost_key = {KEYDIR}/host.key\nlog_file = {LOG}\n",
+                                  **certs["A"]},
+                   extra_files_b={CONF: b_config(f"{KEYDIR}/a.pub"), **certs["B"]})
+    for host in (two.a, two.b):  # libvirt's TLS migration settings (qemu.conf)
+        plain = host._qemu_conf
+        host._qemu_conf = lambda plain=plain: (plain() + f'migrate_tls_x509_cert_dir = "{PKI}"\n'  # type: ignore
+                                               'migrate_tls_x509_verify = 1\n')
     two.start()
     try:
         # A's host key, as `libvirt-mdev keygen` makes it; B trusts A's public key, not another
@@ -99,15 +112,18 @@ class Proxy:
                 self.proc.wait(5)
 
 
-def run_migration(hosts: TwoHosts, name: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, dict, dict]:
+def run_migration(hosts: TwoHosts, name: str, tmp_path: Path,
+                  tls: bool = False) -> tuple[subprocess.CompletedProcess, dict, dict]:
     spec = migratable_guest(name)
     define_and_start(hosts.a, spec, tmp_path)
     addr = hosts.address("B")
-    dest = Proxy(hosts.b, "--listen", f"{addr}:{PORT}", "--forward", f"unix:{SOCK}")
-    src = Proxy(hosts.a, "--mode", "sign", "--listen", f"unix:{SOCK}", "--forward", f"{addr}:{PORT}")
+    tls_opts = ["--tls-dir", PKI, "--tls-hostname", "lmB"] if tls else []
+    dest = Proxy(hosts.b, "--listen", f"{addr}:{PORT}", "--forward", f"unix:{SOCK}", *tls_opts)
+    src = Proxy(hosts.a, "--mode", "sign", "--listen", f"unix:{SOCK}", "--forward", f"{addr}:{PORT}", *tls_opts)
     try:
         started = time.monotonic()
-        r = hosts.migrate(spec.name, migrateuri=f"unix://{SOCK}", check=False)
+        virsh_tls = ["--tls", "--tls-destination", "lmA"] if tls else []
+        r = hosts.migrate(spec.name, *virsh_tls, migrateuri=f"unix://{SOCK}", check=False)
         print(f"virsh migrate: {time.monotonic() - started:.2f}s rc={r.returncode} {r.stderr.strip()}")
         sres = src.result()
         print("source proxy:", sres)
@@ -152,4 +168,42 @@ def test_virsh_migrate_signed_by_an_untrusted_host_is_refused(hosts: TwoHosts, t
         assert_guest_runs(hosts.a, name)  # libvirt kept the guest on A
         assert hosts.b.virsh("domstate", name, check=False).returncode != 0
     finally:
+        cleanup(hosts, name)
+
+
+def test_virsh_migrate_tls_signed_on_a_verified_on_b(hosts: TwoHosts, tmp_path: Path) -> None:
+    """virsh migrate --tls: A's proxy terminates its QEMU's TLS (A's certificate, hence
+    --tls-destination A), signs, and re-originates TLS to B's proxy (checked for B's
+    name); B's proxy terminates it, verifies, and re-originates TLS to B's QEMU."""
+    hosts.b.host_path(CONF).write_text(b_config(f"{KEYDIR}/a.pub"))
+    name = "sig-tls"
+    try:
+        r, src, dest = run_migration(hosts, name, tmp_path, tls=True)
+        assert r.returncode == 0, r.stderr
+        assert src["ok"] and dest["ok"], (src, dest)
+        assert dest["bytes_in"] > dest["bytes_out"] > 1 << 20
+        assert_guest_runs(hosts.b, name)
+        assert hosts.a.domstate(name) == "shut off"
+    finally:
+        cleanup(hosts, name)
+
+
+def test_virsh_migrate_tls_into_a_proxy_without_certificates_is_refused(hosts: TwoHosts, tmp_path: Path) -> None:
+    hosts.b.host_path(CONF).write_text(b_config(f"{KEYDIR}/a.pub"))
+    name = "sig-tls-no"
+    spec = migratable_guest(name)
+    define_and_start(hosts.a, spec, tmp_path)
+    addr = hosts.address("B")
+    dest = Proxy(hosts.b, "--listen", f"{addr}:{PORT}", "--forward", f"unix:{SOCK}")  # no --tls-dir
+    relay = Proxy(hosts.a, "--mode", "relay", "--listen", f"unix:{SOCK}", "--forward", f"{addr}:{PORT}")
+    try:
+        r = hosts.migrate(spec.name, "--tls", "--tls-destination", "lmB", migrateuri=f"unix://{SOCK}",
+                          check=False)
+        res = dest.result(timeout=30)
+        assert r.returncode != 0
+        assert not res["ok"] and "uses TLS (virsh migrate --tls)" in res["error"], res
+        assert_guest_runs(hosts.a, name)
+    finally:
+        for p in (relay, dest):
+            p.stop()
         cleanup(hosts, name)
