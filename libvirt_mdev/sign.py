@@ -24,6 +24,8 @@ signature over anything else.  Two kinds:
             domain uuid, source host, signer.  Freshness and replay are judged on it.
 ``device``  after each VFIO device's state: migration id, domain uuid, source host,
             signer, time, idstr, instance id, mdev uuid, mdev type, length, sha256.
+``config``  after each VFIO device's config section (PCI config space and MSI-X that
+            QEMU writes to the device): the same without the mdev, over the config bytes.
 
 The destination stores a device statement's signature in the manifest's
 ``signature`` field as ``ed25519 v1 <time> <source migration id> <base64 signature>``
@@ -66,6 +68,7 @@ FIELDS: dict[str, dict[str, Any]] = {
     "hello": dict(_COMMON, seq=int),
     "device": dict(_COMMON, idstr=str, instance_id=int, mdev_uuid=(str, type(None)),
                    mdev_type=(str, type(None)), length=int, sha256=str),
+    "config": dict(_COMMON, idstr=str, instance_id=int, length=int, sha256=str),
 }
 
 
@@ -272,7 +275,7 @@ def check_statement(stmt: Any) -> dict[str, Any]:
     for k in ("domain_uuid", "mdev_uuid"):
         if stmt.get(k) is not None and not is_uuid(stmt[k]):
             raise SignatureError(f"signed statement field {k!r} is not a lowercase UUID")
-    if stmt["kind"] == "device" and not is_sha256(stmt["sha256"]):
+    if stmt["kind"] in ("device", "config") and not is_sha256(stmt["sha256"]):
         raise SignatureError("signed statement sha256 is not 64 lowercase hex digits")
     return stmt
 
@@ -312,6 +315,10 @@ def verify_statement(trusted: TrustedKeys, body: bytes, signature: bytes) -> dic
 
 def device_statement(**fields: Any) -> dict[str, Any]:
     return check_statement(dict(fields, v=STATEMENT_VERSION, kind="device"))
+
+
+def config_statement(**fields: Any) -> dict[str, Any]:
+    return check_statement(dict(fields, v=STATEMENT_VERSION, kind="config"))
 
 
 def hello_statement(**fields: Any) -> dict[str, Any]:

@@ -26,6 +26,8 @@ Where the source layer puts records:
   a migration id, a fresh sequence number (ns clock), the domain and the source host.
 * ``device`` right after the footer of each VFIO device's END section: its state is
   complete there, so its length and SHA-256 are known.
+* ``config`` right after the footer of each VFIO device's FULL (config) section: the
+  PCI config space and MSI-X table QEMU writes into the device are signed too.
 
 What the destination layer does (in front of the :class:`~libvirt_mdev.filter.StreamFilter`):
 
@@ -56,11 +58,12 @@ from typing import Any, BinaryIO, Callable, Optional, Union
 
 from .errors import MdevMissing, SignatureError
 from .filter import Binding, DeviceResult, FilterOptions, StreamFilter
-from .sign import (SigningKey, TrustedKeys, device_statement, hello_statement,
+from .sign import (SigningKey, TrustedKeys, config_statement, device_statement, hello_statement,
                    manifest_signature, new_migration_id, sign_statement, verify_statement)
 from .store.store import Store
 from .stream import (Command, Configuration, Eof, Event, FileHeader, Opaque, SectionFooter,
-                     SectionFull, SectionHeader, StreamParser, VfioBlockData, VfioMarker, iter_events)
+                     SectionFull, SectionHeader, StreamParser, VfioBlockData, VfioConfigData,
+                     VfioMarker, iter_events)
 from .stream.wire import SectionType, VfioFlag
 from .stream.writer import encode_footer, encode_section_start
 
@@ -117,6 +120,10 @@ class _Hashing:
     h: Any = field(default_factory=hashlib.sha256)
     length: int = 0
     complete: bool = False
+    #: the device's config section (FULL): hashed the same way
+    cfg: Any = field(default_factory=hashlib.sha256)
+    cfg_length: int = 0
+    cfg_complete: bool = False
 
 
 class SignLayer:
@@ -156,8 +163,15 @@ class SignLayer:
             self._section = ev
             if ev.kind == "vfio" and ev.section_id not in self._devices:
                 self._devices[ev.section_id] = _Hashing(ev.idstr, ev.instance_id)
-        elif t is VfioMarker and ev.marker == VfioFlag.END_OF_STATE and _in_end(self._section):  # type: ignore[attr-defined]
-            self._devices[ev.section_id].complete = True  # type: ignore[attr-defined]
+        elif t is VfioConfigData:
+            d = self._devices[ev.section_id]  # type: ignore[attr-defined]
+            d.cfg.update(ev.raw)
+            d.cfg_length += len(ev.raw)
+        elif t is VfioMarker and ev.marker == VfioFlag.END_OF_STATE:  # type: ignore[attr-defined]
+            if _in_end(self._section):
+                self._devices[ev.section_id].complete = True  # type: ignore[attr-defined]
+            elif _in_full(self._section):
+                self._devices[ev.section_id].cfg_complete = True  # type: ignore[attr-defined]
         self._emit(ev.raw)
         if t is FileHeader:
             self._hello_due = True
@@ -168,6 +182,13 @@ class SignLayer:
             if done is not None and done.complete:
                 done.complete = False
                 self._device(done)
+        elif t is SectionFooter and _in_full(self._section):
+            cfg = self._devices.get(ev.section_id)  # type: ignore[attr-defined]
+            if cfg is not None and cfg.cfg_complete:
+                cfg.cfg_complete = False
+                self._record(config_statement(idstr=cfg.idstr, instance_id=cfg.instance_id,
+                                              length=cfg.cfg_length, sha256=cfg.cfg.hexdigest(),
+                                              **self._common()))
 
     def _device(self, d: _Hashing) -> None:
         b: Optional[Binding] = None
@@ -184,6 +205,10 @@ class SignLayer:
 
 def _in_end(sec: Optional[SectionHeader]) -> bool:
     return sec is not None and sec.kind == "vfio" and sec.type == SectionType.SECTION_END
+
+
+def _in_full(sec: Optional[SectionHeader]) -> bool:
+    return sec is not None and sec.kind == "vfio" and sec.type == SectionType.SECTION_FULL
 
 
 # -- destination side --------------------------------------------------------------------------
@@ -239,6 +264,8 @@ class VerifyLayer:
         self._record: Optional[bytearray] = None
         self._held: list[Event] = []
         self._holding: Optional[int] = None
+        #: what the held END_OF_STATE ends: "device" (state, END section) or "config" (FULL)
+        self._held_kind = "device"
         self._devices: dict[int, _Hashing] = {}
         self.verified: list[dict[str, Any]] = []
 
@@ -256,7 +283,8 @@ class VerifyLayer:
                 self._held.append(_own(ev))
                 return
             d = self._devices[self._holding]
-            raise SignatureError(f"VFIO device {d.idstr}: its state is not followed by a signed "
+            what = "state" if self._held_kind == "device" else "config section"
+            raise SignatureError(f"VFIO device {d.idstr}: its {what} is not followed by a signed "
                                  f"statement (require_signature is on); refusing it")
         if self.policy.require and self.hello is None and _is_record_start(ev):
             raise SignatureError("the migration stream carries no signed statement from the source "
@@ -266,9 +294,14 @@ class VerifyLayer:
             self._section = ev
             if ev.kind == "vfio" and ev.section_id not in self._devices:
                 self._devices[ev.section_id] = _Hashing(ev.idstr, ev.instance_id)
+        elif t is VfioConfigData:
+            d = self._devices[ev.section_id]  # type: ignore[attr-defined]
+            d.cfg.update(ev.raw)
+            d.cfg_length += len(ev.raw)
         elif (t is VfioMarker and ev.marker == VfioFlag.END_OF_STATE  # type: ignore[attr-defined]
-              and _in_end(self._section) and self._must_verify()):
+              and (_in_end(self._section) or _in_full(self._section)) and self._must_verify()):
             self._holding = ev.section_id  # type: ignore[attr-defined]
+            self._held_kind = "device" if _in_end(self._section) else "config"
             self._held = [_own(ev)]
             return
         self.inner.process(ev)
@@ -293,7 +326,7 @@ class VerifyLayer:
         if stmt["kind"] == "hello":
             self._accept_hello(stmt)
         else:
-            self._accept_device(stmt, sig)
+            self._accept_held(stmt, sig)
 
     # -- checks ------------------------------------------------------------------------------
     def _accept_hello(self, stmt: dict[str, Any]) -> None:
@@ -319,12 +352,18 @@ class VerifyLayer:
         self.hello = stmt
         self.verified.append(stmt)
 
-    def _accept_device(self, stmt: dict[str, Any], sig: bytes) -> None:
+    def _accept_held(self, stmt: dict[str, Any], sig: bytes) -> None:
+        """A device or config statement: it must be about what was just held back."""
         sid = self._holding
         if sid is None:
-            raise SignatureError(f"a device statement for {stmt['idstr']} where no device state "
-                                 f"ended; refusing")
+            raise SignatureError(f"a {stmt['kind']} statement for {stmt['idstr']} where no VFIO device "
+                                 f"data ended; refusing")
         d = self._devices[sid]
+        if stmt["kind"] != self._held_kind:
+            what = "state" if self._held_kind == "device" else "config section"
+            raise SignatureError(f"a {stmt['kind']} statement for {stmt['idstr']} where the {what} of "
+                                 f"VFIO device {d.idstr} ended (expected its {self._held_kind} "
+                                 f"statement); refusing")
         hello = self.hello
         if hello is None:
             raise SignatureError("a device statement without a hello statement; refusing")
@@ -336,6 +375,18 @@ class VerifyLayer:
         if (stmt["idstr"], stmt["instance_id"]) != (d.idstr, d.instance_id):
             raise SignatureError(f"the statement after VFIO device {d.idstr} is for {stmt['idstr']} "
                                  f"(swapped devices?); refusing")
+        if stmt["kind"] == "config":
+            if (stmt["length"], stmt["sha256"]) != (d.cfg_length, d.cfg.hexdigest()):
+                raise SignatureError(f"VFIO device {d.idstr}: its config section ({d.cfg_length} bytes) "
+                                     f"is not what the source signed (changed in transit); refusing")
+        else:
+            self._check_state(stmt, sig, sid, d)
+        held, self._held, self._holding = self._held, [], None
+        for ev in held:
+            self.inner.process(ev)
+        self.verified.append(stmt)
+
+    def _check_state(self, stmt: dict[str, Any], sig: bytes, sid: int, d: _Hashing) -> None:
         w = self.inner.writer_for(sid)
         if w is None:
             raise SignatureError(f"VFIO device {d.idstr}: its state was stored before it was verified")
@@ -352,10 +403,6 @@ class VerifyLayer:
                                  f"{stmt['mdev_type']}, but here it is mdev {mine[0]} of type {mine[1]}; "
                                  f"refusing")
         w.signature, w.signer = manifest_signature(stmt, sig), stmt["signer"]
-        held, self._held, self._holding = self._held, [], None
-        for ev in held:
-            self.inner.process(ev)
-        self.verified.append(stmt)
 
     def finish(self) -> None:
         """Call at the end of the input: a held device or a half record is an error."""

@@ -36,8 +36,8 @@ def records(data: bytes) -> list[tuple[int, int, dict]]:
     return out
 
 
-def device_record(data: bytes, idstr: str) -> tuple[int, int, dict]:
-    return next(r for r in records(data) if r[2].get("idstr") == idstr)
+def device_record(data: bytes, idstr: str, kind: str = "device") -> tuple[int, int, dict]:
+    return next(r for r in records(data) if r[2].get("idstr") == idstr and r[2]["kind"] == kind)
 
 
 def refused(o: Outcome, *words: str) -> str:
@@ -73,12 +73,12 @@ def sids(plain_stream: bytes) -> dict[str, int]:
 def test_valid_signature_accepted_output_identical_and_manifests_signed(plain_stream, key_a, store):
     signed = sign(plain_stream, key_a)
     kinds = [r[2]["kind"] for r in records(signed)]
-    assert kinds == ["hello", "device", "device"]
+    assert kinds == ["hello", "device", "device", "config", "config"]
     o = verify(signed, store, [key_a])
     assert o.error is None
     assert o.output == plain_stream  # every record stripped, nothing else changed
     assert SIG_IDSTR.encode() not in o.output
-    assert [s["kind"] for s in o.verified] == ["hello", "device", "device"]
+    assert [s["kind"] for s in o.verified] == kinds
     trusted = TrustedKeys([key_a.public])
     for r in o.results:
         m = store.manifest(parse_token(r.token))
@@ -212,3 +212,36 @@ def test_forged_record_kinds_and_garbage_refused(plain_stream, key_a, store):
     for payload in (b"LMDS1\n{}\nAAAA", b"garbage", b"LMDS1\n" + b"{" * 9000 + b"\nAA"):
         o = verify(signed[:start] + HEADER + payload + FOOTER + signed[end:], store, [key_a])
         refused(o)
+
+
+def config_end_offset(plain: bytes, sid: int) -> int:
+    """Offset of the END_OF_STATE that ends the device's config (FULL) section."""
+    return plain.index(BE64.pack(VfioFlag.END_OF_STATE) + encode_footer(sid), plain.index(
+        bytes([4]) + BE32.pack(sid)))
+
+
+def test_tampered_config_section_refused_before_its_end_of_state(plain_stream, key_a, store, sids):
+    signed = bytearray(sign(plain_stream, key_a))
+    sid = sids[IDSTR_B]
+    cfg = signed.index(BE64.pack(VfioFlag.DEV_CONFIG_STATE), signed.index(bytes([4]) + BE32.pack(sid)))
+    signed[cfg + 8 + 40] ^= 0x20  # a byte of the PCI config space
+    o = verify(bytes(signed), store, [key_a])
+    refused(o, IDSTR_B, "config section", "changed in transit")
+    assert len(o.output) <= config_end_offset(plain_stream, sid)
+
+
+def test_config_statement_removed_refused(plain_stream, key_a, store, sids):
+    signed = sign(plain_stream, key_a)
+    start, end, _ = device_record(signed, IDSTR_A, "config")
+    o = verify(signed[:start] + signed[end:], store, [key_a])
+    refused(o, IDSTR_A, "config section is not followed by a signed statement")
+    assert plain_stream.startswith(o.output) and len(o.output) <= config_end_offset(plain_stream, sids[IDSTR_A])
+
+
+def test_config_statement_in_place_of_a_device_statement_refused(plain_stream, key_a, store, sids):
+    signed = sign(plain_stream, key_a)
+    d0, d1, _ = device_record(signed, IDSTR_A)
+    c0, c1, _ = device_record(signed, IDSTR_A, "config")
+    o = verify(signed[:d0] + signed[c0:c1] + signed[d1:], store, [key_a])
+    refused(o, "config statement", f"where the state of VFIO device {IDSTR_A} ended", "expected its device")
+    stops_before_end_of(o, plain_stream, IDSTR_A, sids)
