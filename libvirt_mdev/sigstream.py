@@ -1,24 +1,6 @@
 """Signed statements inside the migration stream: the source and destination layers.
 
-The record
-----------
-A signed statement travels as a top-level FULL section of its own::
-
-    04 <be32 0xfffffff0> <counted "libvirt-mdev/signed-statement"> <be32 0> <be32 1>
-    "LMDS1\\n" <canonical statement JSON> "\\n" <base64 Ed25519 signature>
-    7e ff ff ff f0
-
-Why this shape:
-
-* **QEMU fails closed on it.**  Its loader looks the idstr up among the machine's
-  devices, finds nothing and aborts the incoming migration ("Unknown savevm section
-  or instance").  So if a destination proxy were ever bypassed, a signed stream could
-  not be loaded by accident: the record never reaches a vendor driver (unlike a data
-  block inside the device's section would).
-* **Our codec needs no change to carry it.**  A FULL section of an unknown idstr is an
-  opaque vmstate body, ended by its footer.  The body is ASCII, so it can never
-  contain the footer's 0xff bytes: the boundary is exact.
-* The section id is far above anything QEMU assigns (it counts handlers from 0).
+The record format is in :mod:`.sigrecord`.
 
 Where the source layer puts records:
 
@@ -36,7 +18,7 @@ What the destination layer does (in front of the :class:`~libvirt_mdev.filter.St
   migration of this domain signed by that key (a replay guard kept in the store),
   domain uuid as expected.
 * Each VFIO device: the END_OF_STATE that ends its END section (and that section's
-  footer) is *held back*, so the filter does not commit the state and QEMU cannot
+  footer; likewise for its FULL config section) is *held back*, so the filter does not commit the state and QEMU cannot
   finish loading the device, until the device statement has been verified against
   what actually passed (the store's writer hashed every byte of it) and against the
   domain's binding (idstr, mdev uuid and type, domain, migration, signer).  Then the
@@ -47,11 +29,8 @@ What the destination layer does (in front of the :class:`~libvirt_mdev.filter.St
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Optional, Union
@@ -60,41 +39,19 @@ from .errors import MdevMissing, SignatureError
 from .filter import Binding, DeviceResult, FilterOptions, StreamFilter
 from .sign import (SigningKey, TrustedKeys, config_statement, device_statement, hello_statement,
                    manifest_signature, new_migration_id, sign_statement, verify_statement)
+from .sigrecord import (MAX_RECORD, SIG_IDSTR, SIG_SECTION_ID, ReplayGuard, decode_record,
+                        encode_record)
 from .store.store import Store
 from .stream import (Command, Configuration, Eof, Event, FileHeader, Opaque, SectionFooter,
                      SectionFull, SectionHeader, StreamParser, VfioBlockData, VfioConfigData,
                      VfioMarker, iter_events)
 from .stream.wire import SectionType, VfioFlag
-from .stream.writer import encode_footer, encode_section_start
 
 Bytes = Union[bytes, bytearray, memoryview]
 Emit = Callable[[Bytes], None]
 
-SIG_IDSTR = "libvirt-mdev/signed-statement"
-SIG_SECTION_ID = 0xFFFFFFF0
-SIG_MAGIC = b"LMDS1\n"
-MAX_RECORD = 16384
 #: how old a hello may be (seconds): migration set-up time plus clock skew
 DEFAULT_MAX_AGE = 600
-def encode_record(body: bytes, signature: bytes) -> bytes:
-    payload = SIG_MAGIC + body + b"\n" + base64.b64encode(signature)
-    return (encode_section_start(SIG_SECTION_ID, SIG_IDSTR, 0, 1, full=True) + payload
-            + encode_footer(SIG_SECTION_ID))
-
-
-def decode_record(payload: bytes) -> tuple[bytes, bytes]:
-    """(statement bytes, signature) of a record body.
-
-    Raises:
-        SignatureError: not a record of this version.
-    """
-    if not payload.startswith(SIG_MAGIC) or payload.count(b"\n") != 2:
-        raise SignatureError("malformed signed-statement record")
-    body, b64 = payload[len(SIG_MAGIC):].split(b"\n")
-    try:
-        return body, base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError):
-        raise SignatureError("signed-statement record: the signature is not base64") from None
 
 
 # -- source side -------------------------------------------------------------------------
@@ -212,31 +169,6 @@ def _in_full(sec: Optional[SectionHeader]) -> bool:
 
 
 # -- destination side --------------------------------------------------------------------------
-
-
-class ReplayGuard:
-    """Per (signer, domain): the newest hello sequence accepted, kept in the store.
-
-    A file ``replay-<key id>-<domain uuid>.seq`` (0600 root, written atomically under
-    its own lock); gc leaves it alone (not a content name).
-    """
-
-    LOCK = ".replay.lock"
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-
-    def advance(self, signer: str, domain_uuid: str, seq: int, migration: str) -> None:
-        name = f"replay-{signer}-{domain_uuid}.seq"
-        d = self.store.dir
-        with d.locked(self.LOCK, exclusive=True):
-            data = d.read_small(name, missing_ok=True)
-            last = json.loads(data)["seq"] if data else -1
-            if seq <= last:
-                raise SignatureError(f"migration {migration} of domain {domain_uuid} is not newer than "
-                                     f"one already received from key {signer} (replayed stream "
-                                     f"refused)")
-            d.write_atomic(name, json.dumps({"seq": seq, "migration": migration}).encode())
 
 
 @dataclass
@@ -445,6 +377,6 @@ def verify_stream(src: BinaryIO, emit: Emit, store: Store, opts: FilterOptions,
     return flt.results, layer
 
 
-__all__ = ["SIG_IDSTR", "SIG_SECTION_ID", "SignContext", "SignLayer", "VerifyLayer", "VerifyPolicy",
-           "ReplayGuard", "encode_record", "decode_record", "sign_stream",
-           "verify_stream"]
+# the record names are re-exported: callers need one import for the whole feature
+__all__ = ["SIG_IDSTR", "SIG_SECTION_ID", "MAX_RECORD", "SignContext", "SignLayer", "VerifyLayer",
+           "VerifyPolicy", "ReplayGuard", "encode_record", "decode_record", "sign_stream", "verify_stream"]
