@@ -33,11 +33,13 @@ two hosts' sockets.  For each connection from a source:
 ``mode="relay"`` skips all of that: a verbatim two-way relay for the *source* host
 of the UNIX-socket layout, where nothing is armed and the destination proxy filters.
 """
+from __future__ import annotations
 
 import os
 import socket
 import threading
 import time
+from collections import deque
 from typing import Any, Callable, Optional
 
 from .arming import Claims
@@ -45,6 +47,10 @@ from .config import Config
 from .errors import UsageError
 from .relay import Endpoint, listen, tune
 from .session import MODES, ProxyOptions, Session, SessionResult, log
+
+#: results kept in memory (:attr:`MigrationProxy.results`)
+KEEP_RESULTS = 256
+
 
 # --------------------------------------------------------------------------- the server
 class MigrationProxy:
@@ -60,7 +66,8 @@ class MigrationProxy:
         self.config, self.opts = config, opts
         self.on_result = on_result
         self.claims = Claims()
-        self.results: list[SessionResult] = []
+        #: the latest sessions' results (bounded: a service runs for months)
+        self.results: deque[SessionResult] = deque(maxlen=KEEP_RESULTS)
         self._listener = listener
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -108,6 +115,7 @@ class MigrationProxy:
                                      daemon=True, name="libvirt-mdev-session")
                 first = first or t
                 with self._lock:
+                    self._threads = [x for x in self._threads if x.is_alive()]
                     self._threads.append(t)
                 t.start()
         finally:

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from .arming import Claims, bindings_from_pending, check_local_types, select_pending
 from .config import Config
-from .errors import MdevError, UsageError
+from .errors import ConnectError, MdevError, UsageError
 from .filter import FilterOptions, StreamFilter
 from .log import get_logger
 from .relay import Endpoint, ReturnPath, SocketReader, abort_socket, connect, send_views
@@ -282,10 +282,15 @@ class Session:
         r = self.result
         r.ok = False
         r.error = first or _line(exc)
-        r.error_kind = exc.kind if isinstance(exc, MdevError) else "internal"
-        r.exit_code = exc.exit_code if isinstance(exc, MdevError) else 70
+        if isinstance(exc, MdevError):
+            r.error_kind, r.exit_code = exc.kind, exc.exit_code
+        elif isinstance(exc, OSError):  # a peer went away: the transport, not the content
+            r.error_kind, r.exit_code = ConnectError.kind, ConnectError.exit_code
+        else:
+            r.error_kind, r.exit_code = "internal", 70
         who = f"domain {r.domain_name} migration {r.migration_id}" if r.domain_name else "connection"
-        log.error(f"{r.peer}: {who} REFUSED, both connections closed: {r.error}")
+        verdict = "FAILED" if r.error_kind == ConnectError.kind else "REFUSED"
+        log.error(f"{r.peer}: {who} {verdict}, both connections closed: {r.error}")
 
     def _close(self) -> None:
         src, dst, self.src, self.dst = self.src, self.dst, None, None

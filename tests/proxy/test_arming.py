@@ -97,3 +97,13 @@ def test_send_views_survives_partial_sends() -> None:
     assert bytes(got) == want
     a.close()
     b.close()
+
+
+def test_example_config_loads() -> None:
+    from pathlib import Path
+
+    from libvirt_mdev.config import load_config
+
+    conf = load_config(Path(__file__).resolve().parents[2] / "examples" / "libvirt-mdev.conf")
+    assert conf.proxy_listen == "10.0.0.2:49300" and conf.arm_all is False and conf.mode == "splice"
+    Endpoint.parse(conf.proxy_listen)
