@@ -29,7 +29,7 @@ import pytest
 
 from libvirt_mdev.cli.hookcmd import HOOK_NAME, install
 from libvirt_mdev.sign import generate_key, write_key_pair
-from tests.e2e.test_harness import assert_guest_runs, define_and_start
+from tests.e2e.test_harness import define_and_start
 from tests.harness import logging_hook
 from tests.harness.guests import migratable_guest
 from tests.harness.libvirt_host import HookFile
@@ -149,7 +149,7 @@ def test_virsh_migrate_signed_on_a_verified_on_b(hosts: TwoHosts, tmp_path: Path
         assert src["ok"] and dest["ok"], (src, dest)
         assert src["domain_uuid"] == dest["domain_uuid"]  # A found the domain from its QEMU
         assert dest["bytes_in"] > dest["bytes_out"] > 1 << 20  # the signed hello was stripped on B
-        assert_guest_runs(hosts.b, name)
+        hosts.b.wait_guest_executes(name)
         assert hosts.a.domstate(name) == "shut off"
         guard = [p.name for p in hosts.b.host_path("/var/lib/libvirt/mdev-state").iterdir()
                  if p.name.startswith("replay-")]
@@ -165,7 +165,7 @@ def test_virsh_migrate_signed_by_an_untrusted_host_is_refused(hosts: TwoHosts, t
         r, src, dest = run_migration(hosts, name, tmp_path)
         assert r.returncode != 0
         assert not dest["ok"] and dest["exit_code"] == 11 and "unknown key" in dest["error"], dest
-        assert_guest_runs(hosts.a, name)  # libvirt kept the guest on A
+        hosts.a.wait_guest_executes(name)  # libvirt kept the guest on A
         assert hosts.b.virsh("domstate", name, check=False).returncode != 0
     finally:
         cleanup(hosts, name)
@@ -182,7 +182,7 @@ def test_virsh_migrate_tls_signed_on_a_verified_on_b(hosts: TwoHosts, tmp_path: 
         assert r.returncode == 0, r.stderr
         assert src["ok"] and dest["ok"], (src, dest)
         assert dest["bytes_in"] > dest["bytes_out"] > 1 << 20
-        assert_guest_runs(hosts.b, name)
+        hosts.b.wait_guest_executes(name)
         assert hosts.a.domstate(name) == "shut off"
     finally:
         cleanup(hosts, name)
@@ -202,7 +202,7 @@ def test_virsh_migrate_tls_into_a_proxy_without_certificates_is_refused(hosts: T
         res = dest.result(timeout=30)
         assert r.returncode != 0
         assert not res["ok"] and "uses TLS (virsh migrate --tls)" in res["error"], res
-        assert_guest_runs(hosts.a, name)
+        hosts.a.wait_guest_executes(name)
     finally:
         for p in (relay, dest):
             p.stop()
