@@ -265,10 +265,13 @@ def test_our_own_records_are_exact_and_outside_the_order_rules():
     evs = parse(data)
     assert [e.kind for e in evs if isinstance(e, SectionHeader)].count("libvirt-mdev") == 3
     assert reassembled(evs) == data
-    s, _e, _c = vfio_records(30, b"x")
-    binary = full(0xFFFFFFF0, "libvirt-mdev/signed-statement", b"LMDS1\n" + s)
+    binary = full(0xFFFFFFF0, "libvirt-mdev/signed-statement", b"LMDS1\n\x00\x01\xfe")
     with pytest.raises(StreamError, match="non-ASCII"):
         parse(encode_file_header() + binary + encode_eof())
+    s, _e, _c = vfio_records(30, b"x")
+    hiding = full(0xFFFFFFF0, "libvirt-mdev/signed-statement", b"LMDS1\n" + s)
+    with pytest.raises(StreamError, match="hidden|non-ASCII"):
+        parse(encode_file_header() + hiding + encode_eof())
     clash = full(2, "libvirt-mdev/x", b"ok")
     with pytest.raises(StreamError, match="with the id of section ram"):
         parse(encode_file_header() + ram_setup({"pc.ram": 8 * PAGE}) + clash + encode_eof())
