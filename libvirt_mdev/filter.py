@@ -362,6 +362,17 @@ class StreamFilter:
                          domain_name=self.opts.domain_name, domain_uuid=self.opts.domain_uuid,
                          source_host=self.opts.source_host or socket.gethostname())
 
+    def writer_for(self, section_id: int) -> Optional[StateWriter]:
+        """The open state writer of VFIO section *section_id* (created when the device
+        sent no data yet), so a signature layer can set its signature before the
+        commit.  None when the section is unknown or its state is already committed."""
+        dev = self._devices.get(section_id)
+        if dev is None:
+            return None
+        if dev.writer is None and dev.manifest is None and dev.blocks == 0:
+            dev.writer = self.store.begin_state(self._meta(dev))
+        return dev.writer
+
     def close(self) -> None:
         """Abort unfinished state writers (an error stopped the stream) and close fds."""
         for dev in self._devices.values():

@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from .arming import Claims, bindings_from_pending, check_local_types, select_pending
@@ -18,9 +19,11 @@ from .errors import ConnectError, MdevError, UsageError
 from .filter import FilterOptions, StreamFilter
 from .log import get_logger
 from .relay import Endpoint, ReturnPath, SocketReader, abort_socket, connect, send_views
+from .sigsource import peer_pid, sign_context, verify_policy
 from .stream import NEED_DATA, StreamParser
+from .tlsbridge import TlsCreds, connect_tls, tls_in
 
-MODES = ("splice", "token", "relay")
+MODES = ("splice", "token", "relay", "sign")
 log = get_logger("proxy")
 
 
@@ -38,6 +41,11 @@ class ProxyOptions:
     digest: bool = False
     #: re-hash each stored state from disk before QEMU may finish loading it
     verify: bool = True
+    #: ``sign`` mode (source host, issue 8): the domain's XML (default: ask libvirt at *libvirt_uri*)
+    domain_xml: Optional[Path] = None
+    libvirt_uri: str = "qemu:///system"
+    #: TLS migrations: terminate the source's TLS and re-originate it to the local QEMU
+    tls: Optional[TlsCreds] = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -83,12 +91,18 @@ class Session:
         self._abort_lock = threading.Lock()
         self._aborted: Optional[str] = None
         self._record: Optional[dict[str, Any]] = None
+        #: the connecting process (UNIX sockets): the sign mode finds the domain from it
+        self.peer_pid = peer_pid(src)
 
     def run(self) -> SessionResult:
         started = time.monotonic()
         try:
+            if self.opts.mode != "relay":
+                self.src = tls_in(self.src, self.opts.tls, self.result.peer)  # type: ignore[arg-type]
             if self.opts.mode == "relay":
                 self._relay()
+            elif self.opts.mode == "sign":
+                self._signed()
             else:
                 self._arm()
                 self._filtered()
@@ -132,7 +146,8 @@ class Session:
 
     # -- byte paths -----------------------------------------------------------------------------
     def _connect_dst(self) -> socket.socket:
-        self.dst = connect(self.opts.forward, self.opts.connect_timeout)
+        raw = connect(self.opts.forward, self.opts.connect_timeout)
+        self.dst = raw if self.opts.tls is None else connect_tls(raw, self.opts.tls)
         return self.dst
 
     def _filtered(self) -> None:
@@ -151,13 +166,37 @@ class Session:
             parser = StreamParser(container="stream")
             flt = StreamFilter(store, parser, fopts, out.append)
             try:
-                self._pump(parser, flt, out, dst)
+                policy = verify_policy(self.config, store)
+                if policy is None:
+                    self._pump(parser, flt, out, dst)
+                else:  # verify and strip the source's signed statements (issue 8)
+                    from .sigstream import VerifyLayer
+                    layer = VerifyLayer(flt, policy)
+                    self._pump(parser, layer, out, dst)
+                    layer.finish()
             finally:
                 flt.close()
             self._finish(back)
             self.result.devices = [d.to_json() for d in flt.results]
 
-    def _pump(self, parser: StreamParser, flt: StreamFilter, out: list[Any], dst: socket.socket) -> None:
+    def _signed(self) -> None:
+        """Source host: sign each device's state on its way out (issue 8)."""
+        from .sigstream import SignLayer
+
+        ctx = sign_context(self.config, self.peer_pid, domain=self.opts.domain,
+                           domain_xml=self.opts.domain_xml, libvirt_uri=self.opts.libvirt_uri)
+        self.result.domain_uuid, self.result.migration_id = ctx.domain_uuid, ctx.migration_id
+        log.info(f"connection from {self.result.peer}: signing migration {ctx.migration_id} of domain "
+                 f"{ctx.domain_uuid} with key {ctx.key.key_id}, forwarding to {self.opts.forward}")
+        dst = self._connect_dst()
+        back = self._start_return_path(dst)
+        out: list[Any] = []
+        layer = SignLayer(ctx, out.append)
+        self._pump(StreamParser(container="stream"), layer, out, dst)
+        self._finish(back)
+        self.result.devices = [s for s in layer.signed if s["kind"] == "device"]
+
+    def _pump(self, parser: StreamParser, flt: Any, out: list[Any], dst: socket.socket) -> None:
         """Source→destination: read a chunk, run every event through the filter, then
         send what it emitted in one gathered call (nothing of a refused chunk leaves)."""
         assert self.src is not None

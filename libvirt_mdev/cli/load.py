@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import click
 
-from ..errors import TypeMismatch
+from ..errors import SignatureError, TypeMismatch
 from ..mdev.sysfs import SysfsEnv
-from ..store import Store, resolve_token, spend_token
+from ..store import Manifest, Store, resolve_token, spend_token
 from ..store.acl import open_sink, write_all
 from .context import AppContext, pass_app
 
@@ -36,17 +36,43 @@ def dest_mdev_type(sysfs_root: Path, mdev_uuid: str) -> str:
     return SysfsEnv(sysfs_root).mdev(mdev_uuid).type_id
 
 
+def check_signature(m: Manifest, require: bool, trusted_keys: Sequence[Path]) -> Optional[str]:
+    """Re-verify the source signature recorded in manifest *m* (issue 8).
+
+    With *require* an unsigned state is refused; without it a signature present is
+    still checked when trusted keys are configured.  Returns the signer's key id.
+
+    Raises:
+        SignatureError: unsigned (when required), unknown key, or a signature that does
+            not cover this manifest's exact fields.
+    """
+    if not require and (m.signature is None or not trusted_keys):
+        return None
+    if m.signature is None:
+        raise SignatureError(f"state {m.id[:16]}... for mdev {m.mdev_uuid} carries no source "
+                             f"signature and require_signature is on; refusing to load it")
+    try:
+        from ..sign import TrustedKeys, verify_manifest
+    except ImportError:
+        raise SignatureError("require_signature is on but the 'cryptography' package is not "
+                             "installed (pip install 'libvirt-mdev[sign]'); refusing") from None
+    verify_manifest(m, TrustedKeys.from_files(trusted_keys))
+    return m.signer
+
+
 def load_state(store: Store, token: str, mdev_uuid: str, sysfs_root: Path,
-               sink: Optional[Path]) -> dict[str, Any]:
+               sink: Optional[Path], *, require_signature: bool = False,
+               trusted_keys: Sequence[Path] = ()) -> dict[str, Any]:
     """Do the whole load; returns what ``--json`` prints.
 
     Raises:
         TokenError, StoreAccessError, StoreIntegrityError, StoreError, MdevMissing,
-        TypeMismatch.  Any other exception is a bug.
+        TypeMismatch, SignatureError.  Any other exception is a bug.
     """
     m = resolve_token(store, token, mdev_uuid)
     m, fd = store.open_verified(m.id)
     try:
+        signer = check_signature(m, require_signature, trusted_keys)
         dest_type = dest_mdev_type(sysfs_root, mdev_uuid)
         if m.mdev_type is None:
             raise TypeMismatch(f"state for mdev {mdev_uuid} records no source mdev type; "
@@ -58,7 +84,7 @@ def load_state(store: Store, token: str, mdev_uuid: str, sysfs_root: Path,
         out: dict[str, Any] = {"token": token, "mdev_uuid": mdev_uuid, "manifest_id": m.id,
                                "sha256": m.sha256, "length": m.length,
                                "source_type": m.mdev_type, "dest_type": dest_type,
-                               "path": str(store.root / m.state_name)}
+                               "path": str(store.root / m.state_name), "signer": signer}
         if sink is not None:
             out["sink"] = str(sink)
             out["bytes_written"] = _copy_to_sink(fd, sink)
@@ -100,7 +126,9 @@ def load(app: AppContext, token: str, mdev_uuid: str, store_dir: Optional[Path],
     root = store_dir if store_dir is not None else app.config.store
     sysfs = sysfs_root if sysfs_root is not None else app.config.sysfs_root
     with Store.open(root) as store:
-        out = load_state(store, token, mdev_uuid, sysfs, sink)
+        out = load_state(store, token, mdev_uuid, sysfs, sink,
+                         require_signature=app.config.require_signature,
+                         trusted_keys=app.config.trusted_keys)
     if as_json:
         app.emit_json(out)
     elif sink is None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -13,6 +14,7 @@ from ..errors import UsageError
 from ..log import setup_logging
 from ..proxy import MODES, MigrationProxy, ProxyOptions, SessionResult
 from ..relay import Endpoint, listening_from_systemd
+from ..tlsbridge import TlsCreds
 from .context import AppContext, pass_app
 
 LOG_IDENT = "libvirt-mdev-proxy"
@@ -27,8 +29,14 @@ LOG_IDENT = "libvirt-mdev-proxy"
                    "or the unix socket of --migrateuri unix:///PATH.")
 @click.option("--mode", type=click.Choice(MODES), default=None,
               help="splice (default: store, verify and forward device state), token (forward load tokens "
-                   "instead), relay (no filtering: the source host's end of the unix-socket layout).")
-@click.option("--domain", metavar="UUID|NAME", help="Serve only this domain's armed migration.")
+                   "instead), relay (no filtering: the source host's end of the unix-socket layout), sign (the "
+                   "source host's end: add a signed statement for each device's state; needs keygen).")
+@click.option("--domain", metavar="UUID|NAME", help="Serve only this domain's armed migration (sign mode: "
+              "the domain being sent; default: the connecting QEMU's -uuid).")
+@click.option("--domain-xml", type=click.Path(dir_okay=False, path_type=Path),
+              help="sign mode: the domain's XML (default: ask libvirt at --libvirt-uri).")
+@click.option("--libvirt-uri", default="qemu:///system", show_default=True,
+              help="sign mode: where to read the domain's XML.")
 @click.option("--once", is_flag=True, help="Exit after the first migration (status: 0 ok, else the error's code).")
 @click.option("--json-log", is_flag=True, help="Print one JSON object per connection on stdout.")
 @click.option("--connect-timeout", type=float, default=10.0, show_default=True,
@@ -39,11 +47,19 @@ LOG_IDENT = "libvirt-mdev-proxy"
               help="Trusted store (default: 'store' in the configuration).")
 @click.option("--runtime-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Where the hook's pending records are (default: 'runtime_dir' in the configuration).")
+@click.option("--tls-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="TLS migrations (virsh migrate --tls): libvirt's migrate_tls_x509_cert_dir (normally "
+                   "/etc/pki/qemu); the proxy terminates the source's TLS with this host's server "
+                   "certificate and re-originates TLS to the local QEMU with its client certificate.")
+@click.option("--tls-hostname", metavar="NAME",
+              help="The name in the local QEMU's server certificate (default: this host's name).")
 @click.option("-v", "--verbose", is_flag=True, help="Also log informational lines to stderr.")
 @pass_app
 def proxy(app: AppContext, listen_addr: Optional[str], forward_addr: str, mode: Optional[str],
-          domain: Optional[str], once: bool, json_log: bool, connect_timeout: float, digest: bool,
-          no_verify: bool, store_dir: Optional[Path], runtime_dir: Optional[Path], verbose: bool) -> int:
+          domain: Optional[str], domain_xml: Optional[Path], libvirt_uri: str, once: bool, json_log: bool,
+          connect_timeout: float, digest: bool,
+          no_verify: bool, store_dir: Optional[Path], runtime_dir: Optional[Path],
+          tls_dir: Optional[Path], tls_hostname: Optional[str], verbose: bool) -> int:
     """Filter live migrations between a source and the local QEMU.
 
     Serves the migration that the libvirt-mdev hook armed at 'migrate begin'.  Every
@@ -54,7 +70,9 @@ def proxy(app: AppContext, listen_addr: Optional[str], forward_addr: str, mode: 
     config = app.config.replace(store=store_dir, runtime_dir=runtime_dir)
     setup_logging(LOG_IDENT, config.log_file, stderr_level=20 if verbose or app.debug else 30)
     opts = ProxyOptions(forward=Endpoint.parse(forward_addr, "--forward"), mode=mode or config.mode,
-                        domain=domain, connect_timeout=connect_timeout, digest=digest, verify=not no_verify)
+                        domain=domain, connect_timeout=connect_timeout, digest=digest, verify=not no_verify,
+                        domain_xml=domain_xml, libvirt_uri=libvirt_uri,
+                        tls=TlsCreds(tls_dir, tls_hostname or socket.getfqdn()) if tls_dir else None)
     listener = listening_from_systemd()
     addr = listen_addr or config.proxy_listen
     if listener is None and not addr:

@@ -443,6 +443,45 @@ def open_sink(path: Union[str, os.PathLike[str]]) -> int:
         raise StoreError(f"cannot open sink {p}: {exc.strerror}") from None
 
 
+def read_protected_file(path: Union[str, os.PathLike[str]], *, uid: int = 0, what: str = "file",
+                        limit: int = MAX_SMALL_FILE) -> bytes:
+    """Read a small configuration-like file that decides what we trust (a trusted
+    public key): never through a symlink, a regular file owned by *uid* that neither
+    group nor others may write.  (It may be world-readable: public keys are not secret.)
+
+    Raises:
+        StoreAccessError: missing, symlink, not regular, wrong owner, writable by others,
+            larger than *limit*.
+    """
+    p = os.fspath(path)
+    try:
+        fd = os.open(p, os.O_RDONLY | _OPEN_BASE | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise StoreAccessError(f"{what} {p} does not exist") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StoreAccessError(f"{what} {p} is a symlink; refusing to follow it") from None
+        raise StoreAccessError(f"cannot open {what} {p}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise StoreAccessError(f"{what} {p} is not a regular file")
+        if st.st_uid != uid:
+            raise StoreAccessError(f"{what} {p} is owned by uid {st.st_uid}, expected uid {uid}; "
+                                   f"fix with: chown {uid} {p}")
+        if st.st_mode & 0o022:
+            raise StoreAccessError(f"{what} {p} has mode {_mode_text(st.st_mode)}: others may "
+                                   f"change it; fix with: chmod go-w {p}")
+        if st.st_size > limit:
+            raise StoreAccessError(f"{what} {p} is larger than {limit} bytes")
+        data = os.read(fd, limit + 1)
+        if len(data) > limit:
+            raise StoreAccessError(f"{what} {p} is larger than {limit} bytes")
+        return data
+    finally:
+        os.close(fd)
+
+
 class AtomicOutput:
     """An output file (a stripped or spliced stream) that appears only when complete.
 

@@ -98,9 +98,10 @@ class Manifest:
     signer: Optional[str] = None     #: key id of the signer (issue 8)
 
     @classmethod
-    def build(cls, meta: StateMeta, *, length: int, sha256: str, created: int) -> "Manifest":
+    def build(cls, meta: StateMeta, *, length: int, sha256: str, created: int,
+              signature: Optional[str] = None, signer: Optional[str] = None) -> "Manifest":
         return cls(format=FORMAT_VERSION, length=length, sha256=sha256, created=created,
-                   **dataclasses.asdict(meta))
+                   signature=signature, signer=signer, **dataclasses.asdict(meta))
 
     def to_json(self) -> bytes:
         """The canonical bytes (what is stored and hashed)."""

@@ -301,6 +301,9 @@ class StateWriter:
         self._fd: Optional[int]
         self._fd, self._temp = store._new_temp()
         self.manifest: Optional[Manifest] = None
+        #: a verified source signature to record in the manifest (set before commit; issue 8)
+        self.signature: Optional[str] = None
+        self.signer: Optional[str] = None
 
     @property
     def temp_name(self) -> str:
@@ -327,6 +330,10 @@ class StateWriter:
             self._start_writeback()
         return n
 
+    def hexdigest(self) -> str:
+        """SHA-256 of what was written so far (signature checks before the commit)."""
+        return self._hash.hexdigest()
+
     def _start_writeback(self) -> None:
         """Start writing dirty pages now and drop the ones already on disk, so the
         fsync in :meth:`commit` has little left to do and a multi-GiB state does not
@@ -350,7 +357,8 @@ class StateWriter:
             raise UsageError("commit on a state writer that is already closed")
         digest = self._hash.hexdigest()
         created = int(time.time()) if self._created is None else self._created
-        m = Manifest.build(self.meta, length=self.length, sha256=digest, created=created)
+        m = Manifest.build(self.meta, length=self.length, sha256=digest, created=created,
+                           signature=self.signature, signer=self.signer)
         fd, self._fd = self._fd, None
         try:
             self._store._commit(fd, self._temp, digest, m)

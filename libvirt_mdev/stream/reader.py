@@ -37,9 +37,9 @@ from .events import (NEED_DATA, Command, Configuration, Eof, FileHeader, Opaque,
                      SectionStart, StreamEnd, VMDescription)
 from .ram import RamContext, read_ram
 from .saveimage import SAVE_MAGICS, read_save_image
-from .sections import (KIND_DIRTY_BITMAP, KIND_RAM, KIND_VFIO, KIND_VMSTATE, SectionInfo,
-                       SectionTable, footer_bytes, read_dirty_bitmap, refuse_iterative,
-                       scan_to_footer)
+from .sections import (KIND_DIRTY_BITMAP, KIND_OURS, KIND_RAM, KIND_VFIO, KIND_VMSTATE, SectionInfo,
+                       SectionTable, footer_bytes, kind_of, read_dirty_bitmap, read_our_record,
+                       refuse_iterative, scan_to_footer)
 from .vfio import FramingGuess, read_vfio
 from .wire import (BE16, BE32, CONFIG_SUB_CAPABILITIES, CONFIG_SUB_PAGE_BITS, CONFIG_SUB_UUID,
                    DEFAULT_TARGET_PAGE_BITS, DIRTY_BITMAP_VERSION, FILE_HEADER, MAX_CAPABILITIES,
@@ -267,6 +267,9 @@ class StreamParser:
                 raise StreamError(f"section id {sid} has an empty or non-printable idstr", offset=off)
             inst, ver = BE32.unpack_from(raw, 6 + n)[0], BE32.unpack_from(raw, 10 + n)[0]
             idstr = idb.decode()
+            if rtype == SectionType.SECTION_FULL and kind_of(idstr) == KIND_OURS:
+                yield from self._our_record(SectionInfo(sid, idstr, inst, ver, KIND_OURS, False), off, raw)
+                return
             info = self.table.open(sid, idstr, inst, ver, rtype == SectionType.SECTION_START, off)
             if rtype == SectionType.SECTION_START and info.kind == KIND_VMSTATE:
                 raise refuse_iterative(idstr, off)
@@ -287,12 +290,26 @@ class StreamParser:
         yield from self._payload(info, rtype)
         if rtype == SectionType.SECTION_END:
             info.ended = True
+        yield from self._footer(info)
+
+    def _footer(self, info: SectionInfo) -> Generator[object, None, None]:
+        inp = self._inp
         foff = inp.offset
         ft = yield from need(inp, 5, "section footer", info.label)
         if bytes(ft) != footer_bytes(info.section_id):
             raise StreamError(f"expected footer 7e {info.section_id:08x}, found {bytes(ft).hex(' ')}",
                               offset=foff, section=info.label)
         yield SectionFooter(foff, ft, info.section_id)
+
+    def _our_record(self, info: SectionInfo, off: int, raw: memoryview) -> Generator[object, None, None]:
+        """A libvirt-mdev record (sections.read_our_record): outside the section table."""
+        if self.table.by_id.get(info.section_id) is not None:
+            raise StreamError(f"libvirt-mdev record with the id of section "
+                              f"{self.table.by_id[info.section_id].label}", offset=off)
+        yield SectionFull(off, raw, SectionType.SECTION_FULL, info.section_id, info.idstr,
+                          info.instance_id, info.version_id, info.kind)
+        yield from read_our_record(self._inp, info, self.table)
+        yield from self._footer(info)
 
     def _payload(self, info: SectionInfo, rtype: SectionType) -> Generator[object, None, None]:
         if info.kind == KIND_RAM:

@@ -51,6 +51,12 @@ KIND_RAM = "ram"
 KIND_VFIO = "vfio"
 KIND_DIRTY_BITMAP = "dirty-bitmap"
 KIND_VMSTATE = "vmstate"
+#: libvirt-mdev's own records (signed statements): FULL sections named ``libvirt-mdev/...``
+#: that our destination proxy consumes; QEMU would refuse them (unknown section)
+KIND_OURS = "libvirt-mdev"
+OUR_IDSTR_PREFIX = "libvirt-mdev/"
+#: one of our records (a signed statement is a few hundred bytes)
+MAX_OUR_RECORD = 64 << 10
 
 #: iterative handlers QEMU has that we refuse to guess at (FORMAT.md §6)
 KNOWN_UNPARSED_ITERATIVE = ("block", "s390-storage_attributes", "spapr/htab")
@@ -64,6 +70,8 @@ def kind_of(idstr: str) -> str:
         return KIND_VFIO
     if idstr == DIRTY_BITMAP_IDSTR:
         return KIND_DIRTY_BITMAP
+    if idstr.startswith(OUR_IDSTR_PREFIX):
+        return KIND_OURS
     return KIND_VMSTATE
 
 
@@ -389,6 +397,26 @@ def read_dirty_bitmap(inp: Input, info: SectionInfo) -> Generator[object, None, 
                           lambda o, v: Opaque(o, v, sid, "dirty-bitmap"))
         if flags & DirtyBitmapFlag.EOS:
             return
+
+
+_OUR_BODY = re.compile(rb"[\n\x20-\x7e]*")
+
+
+def read_our_record(inp: Input, info: SectionInfo, table: SectionTable) -> Generator[object, None, None]:
+    """One of our own records: printable ASCII lines up to its footer.
+
+    Being ASCII, the body cannot contain its footer (``7e`` + an id with 0xff bytes) nor
+    any binary QEMU record, so its end is exact and nothing can hide in it; it takes no
+    part in the section-order rules (our proxies insert it anywhere between records)."""
+    sid = info.section_id
+    yield from scan_to_footer(inp, info, table, b"", lambda o, v: _our_piece(o, v, sid, info),
+                              limit=MAX_OUR_RECORD)
+
+
+def _our_piece(off: int, view: memoryview, sid: int, info: SectionInfo) -> Opaque:
+    if _OUR_BODY.fullmatch(view) is None:
+        raise StreamError("a libvirt-mdev record with non-ASCII bytes", offset=off, section=info.label)
+    return Opaque(off, view, sid, KIND_OURS)
 
 
 def refuse_iterative(idstr: str, offset: int) -> UnsupportedStream:

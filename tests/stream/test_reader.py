@@ -254,3 +254,24 @@ def test_save_image_header_is_parsed():
     gz = encode_header(b"LibvirtQemudSave", len(area), 1, 1, 0) + area
     with pytest.raises(UnsupportedStream, match="gzip"):
         parse(gz)
+
+
+def test_our_own_records_are_exact_and_outside_the_order_rules():
+    """libvirt-mdev/... FULL records (signed statements) may sit between iterative
+    sections; their ASCII body cannot hide a binary record."""
+    ours = full(0xFFFFFFF0, "libvirt-mdev/signed-statement", b"LMDS1\n{\"a\":1}\nQUJD")
+    data = (encode_file_header() + ours + ram_setup({"pc.ram": 8 * PAGE}) + ours
+            + ram_pages(end=True, pattern="Z") + ours + encode_eof())
+    evs = parse(data)
+    assert [e.kind for e in evs if isinstance(e, SectionHeader)].count("libvirt-mdev") == 3
+    assert reassembled(evs) == data
+    binary = full(0xFFFFFFF0, "libvirt-mdev/signed-statement", b"LMDS1\n\x00\x01\xfe")
+    with pytest.raises(StreamError, match="non-ASCII"):
+        parse(encode_file_header() + binary + encode_eof())
+    s, _e, _c = vfio_records(30, b"x")
+    hiding = full(0xFFFFFFF0, "libvirt-mdev/signed-statement", b"LMDS1\n" + s)
+    with pytest.raises(StreamError, match="hidden|non-ASCII"):
+        parse(encode_file_header() + hiding + encode_eof())
+    clash = full(2, "libvirt-mdev/x", b"ok")
+    with pytest.raises(StreamError, match="with the id of section ram"):
+        parse(encode_file_header() + ram_setup({"pc.ram": 8 * PAGE}) + clash + encode_eof())
