@@ -482,13 +482,40 @@ def read_protected_file(path: Union[str, os.PathLike[str]], *, uid: int = 0, wha
         os.close(fd)
 
 
+def _remove_stale_outputs(directory: str, prefix: str, mine: str) -> None:
+    """Unlink ``prefix*`` temp files in *directory* whose writer is gone (no flock held)."""
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix) and n != mine]
+    except OSError:
+        return
+    for name in names:
+        path = os.path.join(directory, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | _OPEN_BASE)
+        except OSError:
+            continue  # a symlink or gone: not ours to touch
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live writer holds it
+            os.unlink(path)
+        finally:
+            os.close(fd)
+
+
 class AtomicOutput:
     """An output file (a stripped or spliced stream) that appears only when complete.
 
-    Written to ``.<name>.tmp-<random>`` beside *path* (0600, O_EXCL, no-follow), then
-    fsync'd and renamed over *path* by :meth:`commit`; :meth:`abort` (or leaving the
-    ``with`` block by an exception) removes the temp file.  So a failed or killed run
-    never leaves a half-written stream under the requested name.
+    Written to ``.<name>.tmp-<random>`` beside *path* (0600, O_EXCL, no-follow, held
+    under an flock while written), then fsync'd and renamed over *path* by
+    :meth:`commit`; :meth:`abort` (or leaving the ``with`` block by an exception)
+    removes the temp file.  So a failed or killed run never leaves a half-written stream
+    under the requested name, and the temp files of killed runs (unlocked) are removed
+    by the next run that writes the same name.
     """
 
     def __init__(self, path: Union[str, os.PathLike[str]]) -> None:
@@ -497,13 +524,16 @@ class AtomicOutput:
         base = os.path.basename(self.path)
         if not base or base in (".", ".."):
             raise StoreError(f"output {self.path!r} is not a file name")
-        self._temp = os.path.join(directory, f".{base}.tmp-{os.urandom(6).hex()}")
+        prefix = f".{base}.tmp-"
+        self._temp = os.path.join(directory, prefix + os.urandom(6).hex())
         try:
             self.fd: Optional[int] = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_BASE,
                                              FILE_MODE)
         except OSError as exc:
             raise StoreError(f"cannot create output in {directory}: {exc.strerror}") from None
+        lock_fd(self.fd)
         self.file = os.fdopen(self.fd, "wb", buffering=0, closefd=False)
+        _remove_stale_outputs(directory, prefix, os.path.basename(self._temp))
 
     def write(self, data: Union[bytes, bytearray, memoryview]) -> int:
         assert self.fd is not None

@@ -177,6 +177,10 @@ def test_kill_9_mid_strip_leaves_nothing_the_loader_accepts(real_qmp_stream, tmp
     r = cli("store", "gc", "--store", str(store), "--json", check=True)
     assert json.loads(r.stdout)["removed_temp"]
     assert not [n for n in os.listdir(store) if n.startswith(".tmp")]
+    # the killed run's output temp file is removed by the next run writing the same name
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".out.tmp-")]
+    cli("strip", str(real_qmp_stream), str(out), "--store", str(store), check=True)
+    assert out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".out.tmp-")]
 
 
 @pytest.mark.e2e
