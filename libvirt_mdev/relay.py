@@ -29,9 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 from .errors import ConnectError, UsageError
-
-#: bytes per read from the source
-CHUNK = 1 << 20
+from .stream.drive import CHUNK, BufferPool
 #: requested socket buffer size (the kernel caps it at net.core.{r,w}mem_max)
 SOCK_BUF = 4 << 20
 #: sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call
@@ -181,29 +179,14 @@ def connect(ep: Endpoint, timeout: float, stop: Optional[threading.Event] = None
 class SocketReader:
     """``recv_into`` reusable chunk buffers (see the module docstring)."""
 
-    POOL = 4
-
     def __init__(self, sock: socket.socket, size: int = CHUNK) -> None:
         self._sock = sock
-        self._size = size
-        self._pool: list[bytearray] = []
+        self._pool = BufferPool(size)
 
-    def _free_buffer(self) -> bytearray:
-        for buf in self._pool:
-            try:
-                buf.append(0)  # fails while any memoryview of buf exists
-            except BufferError:
-                continue
-            buf.pop()
-            return buf
-        buf = bytearray(self._size)
-        if len(self._pool) < self.POOL:
-            self._pool.append(buf)
-        return buf
 
     def read(self) -> memoryview:
         """What the peer has sent so far (at least one byte), or empty at its EOF."""
-        buf = self._free_buffer()
+        buf = self._pool.get()
         with memoryview(buf) as view:
             n = self._sock.recv_into(view)
         return memoryview(buf)[:n]

@@ -38,16 +38,37 @@ def grow_pipe(fd: int, size: int = CHUNK) -> None:
         pass
 
 
-class ChunkReader:
-    """Read a file or pipe in chunks of up to *size* bytes into reusable buffers."""
+class BufferPool:
+    """Chunk buffers that are reused only once no memoryview of them is alive."""
 
     #: buffers kept for reuse; more are made (and dropped) if views pin them all
-    POOL = 4
+    KEEP = 4
+
+    def __init__(self, size: int = CHUNK) -> None:
+        self.size = size
+        self._pool: list[bytearray] = []
+
+    def get(self) -> bytearray:
+        for buf in self._pool:
+            try:
+                buf.append(0)  # fails while any memoryview of buf exists
+            except BufferError:
+                continue
+            buf.pop()
+            return buf
+        buf = bytearray(self.size)
+        if len(self._pool) < self.KEEP:
+            self._pool.append(buf)
+        return buf
+
+
+class ChunkReader:
+    """Read a file or pipe in chunks of up to *size* bytes into reusable buffers."""
 
     def __init__(self, src: BinaryIO, size: int = CHUNK) -> None:
         self._src = src
         self._size = size
-        self._pool: list[bytearray] = []
+        self._pool = BufferPool(size)
         try:
             self._fd: Optional[int] = src.fileno()
         except (AttributeError, OSError, ValueError):
@@ -58,23 +79,11 @@ class ChunkReader:
         if self._fd is not None:
             grow_pipe(self._fd, size)
 
-    def _free_buffer(self) -> bytearray:
-        for buf in self._pool:
-            try:
-                buf.append(0)  # fails while any memoryview of buf exists
-            except BufferError:
-                continue
-            buf.pop()
-            return buf
-        buf = bytearray(self._size)
-        if len(self._pool) < self.POOL:
-            self._pool.append(buf)
-        return buf
 
     def read(self) -> memoryview:
         """The next chunk (empty at the end).  Fills the buffer as far as the source
         gives data without waiting for more than one short read after the first."""
-        buf = self._free_buffer()
+        buf = self._pool.get()
         view = memoryview(buf)
         got = 0
         while got < self._size:
