@@ -162,6 +162,12 @@ class SecureDir:
         """The path of *name* for messages (never used to open anything)."""
         return str(self.path / name)
 
+    def open_error(self, name: str, exc: OSError) -> StoreAccessError:
+        """The one-line refusal for a failed open of *name* (a symlink, or the OS's reason)."""
+        if exc.errno == errno.ELOOP:
+            return StoreAccessError(f"{self.describe(name)} is a symlink; refusing to follow it")
+        return StoreAccessError(f"cannot open {self.describe(name)}: {exc.strerror}")
+
     def check_fd(self, fd: int, name: str) -> os.stat_result:
         """The checks every opened file must pass: regular, owner, 0600, one link.
 
@@ -199,10 +205,7 @@ class SecureDir:
                 return None
             raise StoreError(f"{self.describe(name)} does not exist") from None
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise StoreAccessError(f"{self.describe(name)} is a symlink; refusing to "
-                                       f"follow it") from None
-            raise StoreAccessError(f"cannot open {self.describe(name)}: {exc.strerror}") from None
+            raise self.open_error(name, exc) from None
         try:
             self.check_fd(fd, name)
             # O_NONBLOCK only guarded against a planted FIFO blocking the open.
@@ -364,10 +367,7 @@ class SecureDir:
         try:
             fd = os.open(name, os.O_RDWR | os.O_CREAT | _OPEN_BASE, FILE_MODE, dir_fd=self.fd)
         except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise StoreAccessError(f"{self.describe(name)} is a symlink; refusing to "
-                                       f"follow it") from None
-            raise StoreAccessError(f"cannot open {self.describe(name)}: {exc.strerror}") from None
+            raise self.open_error(name, exc) from None
         try:
             self.check_fd(fd, name)
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
