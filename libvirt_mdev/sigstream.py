@@ -83,6 +83,20 @@ class _Hashing:
     cfg_complete: bool = False
 
 
+class _Devices(dict[int, _Hashing]):
+    """The VFIO devices a layer has seen, by section id, with their running hashes
+    (the bookkeeping both the sign and the verify layer need)."""
+
+    def header(self, ev: SectionHeader) -> None:
+        if ev.kind == "vfio" and ev.section_id not in self:
+            self[ev.section_id] = _Hashing(ev.idstr, ev.instance_id)
+
+    def config(self, ev: Event) -> None:
+        d = self[ev.section_id]  # type: ignore[attr-defined]
+        d.cfg.update(ev.raw)
+        d.cfg_length += len(ev.raw)
+
+
 class SignLayer:
     """Source side: every input byte goes out unchanged, plus signed records."""
 
@@ -91,7 +105,7 @@ class SignLayer:
         self._emit = emit
         self._hello_due = False
         self._section: Optional[SectionHeader] = None
-        self._devices: dict[int, _Hashing] = {}
+        self._devices = _Devices()
         self.signed: list[dict[str, Any]] = []
 
     def _record(self, stmt: dict[str, Any]) -> None:
@@ -118,12 +132,9 @@ class SignLayer:
             d.length += len(ev.raw)
         elif isinstance(ev, SectionHeader):
             self._section = ev
-            if ev.kind == "vfio" and ev.section_id not in self._devices:
-                self._devices[ev.section_id] = _Hashing(ev.idstr, ev.instance_id)
+            self._devices.header(ev)
         elif t is VfioConfigData:
-            d = self._devices[ev.section_id]  # type: ignore[attr-defined]
-            d.cfg.update(ev.raw)
-            d.cfg_length += len(ev.raw)
+            self._devices.config(ev)
         elif t is VfioMarker and ev.marker == VfioFlag.END_OF_STATE:  # type: ignore[attr-defined]
             if _in_end(self._section):
                 self._devices[ev.section_id].complete = True  # type: ignore[attr-defined]
@@ -198,7 +209,7 @@ class VerifyLayer:
         self._holding: Optional[int] = None
         #: what the held END_OF_STATE ends: "device" (state, END section) or "config" (FULL)
         self._held_kind = "device"
-        self._devices: dict[int, _Hashing] = {}
+        self._devices = _Devices()
         self.verified: list[dict[str, Any]] = []
 
     # -- dispatch ------------------------------------------------------------------------------
@@ -224,12 +235,9 @@ class VerifyLayer:
                                  "host key? refusing")
         if isinstance(ev, SectionHeader):
             self._section = ev
-            if ev.kind == "vfio" and ev.section_id not in self._devices:
-                self._devices[ev.section_id] = _Hashing(ev.idstr, ev.instance_id)
+            self._devices.header(ev)
         elif t is VfioConfigData:
-            d = self._devices[ev.section_id]  # type: ignore[attr-defined]
-            d.cfg.update(ev.raw)
-            d.cfg_length += len(ev.raw)
+            self._devices.config(ev)
         elif (t is VfioMarker and ev.marker == VfioFlag.END_OF_STATE  # type: ignore[attr-defined]
               and (_in_end(self._section) or _in_full(self._section)) and self._must_verify()):
             self._holding = ev.section_id  # type: ignore[attr-defined]
