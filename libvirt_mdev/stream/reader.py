@@ -7,7 +7,7 @@ Theory of operation
 until it gets :data:`NEED_DATA`.  The offline tools, the proxy and the tests drive the
 same parser.  Internally the grammar is one generator (``_run``) that yields events or
 NEED_DATA; payload readers for each kind of section are generators too
-(ram.read_ram, vfio.read_vfio, sections.scan_to_footer, sections.read_dirty_bitmap),
+(ram.read_ram, vfio.read_vfio, sections.scan_to_footer, bitmap.read_dirty_bitmap),
 so the grammar reads top-down like QEMU's ``qemu_loadvm_state``.
 
 Shape of the input (FORMAT.md §1–3)::
@@ -37,8 +37,9 @@ from .events import (NEED_DATA, Command, Configuration, Eof, FileHeader, Opaque,
                      SectionStart, StreamEnd, VMDescription)
 from .ram import RamContext, read_ram
 from .saveimage import SAVE_MAGICS, read_save_image
+from .bitmap import read_dirty_bitmap
 from .sections import (KIND_DIRTY_BITMAP, KIND_OURS, KIND_RAM, KIND_VFIO, KIND_VMSTATE, SectionInfo,
-                       SectionTable, footer_bytes, kind_of, read_dirty_bitmap, read_our_record,
+                       SectionTable, footer_bytes, kind_of, read_our_record,
                        refuse_iterative, scan_to_footer)
 from .vfio import FramingGuess, read_vfio
 from .wire import (BE16, BE32, CONFIG_SUB_CAPABILITIES, CONFIG_SUB_PAGE_BITS, CONFIG_SUB_UUID,

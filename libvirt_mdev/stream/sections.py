@@ -40,12 +40,12 @@ from dataclasses import dataclass
 from typing import Callable, Generator, Optional
 
 from ..errors import StreamError, UnsupportedStream
-from ._util import need, pieces, printable_ascii
+from ._util import printable_ascii
 from .buffer import Input
 from .events import NEED_DATA, Event, Opaque
-from .wire import (BE16, BE32, BE64, DIRTY_BITMAP_IDSTR, MAX_FULL_SECTION, MAX_SECTIONS,
+from .wire import (BE16, BE32, DIRTY_BITMAP_IDSTR, MAX_FULL_SECTION, MAX_SECTIONS,
                    MAX_VMDESC_LEN, MIG_COMMAND_LEN, RAM_IDSTR, VFIO_IDSTR_BARE,
-                   VFIO_IDSTR_SUFFIX, DirtyBitmapFlag, MigCommand, SectionType)
+                   VFIO_IDSTR_SUFFIX, MigCommand, SectionType)
 
 KIND_RAM = "ram"
 KIND_VFIO = "vfio"
@@ -347,56 +347,6 @@ def _check_limit(total: int, limit: int, inp: Input, info: SectionInfo) -> None:
     if total > limit:
         raise StreamError(f"section body longer than {limit} bytes without a footer",
                           offset=inp.offset, section=info.label)
-
-
-# -- dirty-bitmap (migration/block-dirty-bitmap.c) ------------------------------------------
-
-#: one BITS buffer (QEMU sends bitmaps in chunks far below this)
-_MAX_BITMAP_BUF = 64 << 20
-
-
-def read_dirty_bitmap(inp: Input, info: SectionInfo) -> Generator[object, None, None]:
-    """Chunks until one carries EOS.  Emitted as opaque records (we never look inside)."""
-    sec = info.label
-    while True:
-        start = inp.offset
-        parts: list[bytes] = []
-        b = yield from need(inp, 1, "dirty-bitmap flags", sec)
-        parts.append(bytes(b))
-        flags = b[0]
-        if flags & DirtyBitmapFlag.EXTRA_FLAGS:
-            b = yield from need(inp, 1, "dirty-bitmap flags", sec)
-            parts.append(bytes(b))
-            flags = (flags << 8) | b[0]
-            if flags & DirtyBitmapFlag.EXTRA_FLAGS:
-                b = yield from need(inp, 2, "dirty-bitmap flags", sec)
-                parts.append(bytes(b))
-                flags = (flags << 16) | BE16.unpack(b)[0]
-        for name_flag in (DirtyBitmapFlag.DEVICE_NAME, DirtyBitmapFlag.BITMAP_NAME):
-            if flags & name_flag:
-                n = yield from need(inp, 1, "dirty-bitmap name", sec)
-                s = yield from need(inp, n[0], "dirty-bitmap name", sec)
-                parts += [bytes(n), bytes(s)]
-        buf_len = 0
-        if flags & DirtyBitmapFlag.START:
-            parts.append(bytes((yield from need(inp, 5, "dirty-bitmap start", sec))))
-        elif flags & DirtyBitmapFlag.BITS:
-            hdr = yield from need(inp, 12, "dirty-bitmap bits", sec)
-            parts.append(bytes(hdr))
-            if not flags & DirtyBitmapFlag.ZEROES:
-                sz = yield from need(inp, 8, "dirty-bitmap buffer size", sec)
-                parts.append(bytes(sz))
-                (buf_len,) = BE64.unpack(sz)
-                if buf_len > _MAX_BITMAP_BUF:
-                    raise StreamError(f"dirty-bitmap buffer of {buf_len} bytes", offset=inp.offset, section=sec)
-        elif not flags & (DirtyBitmapFlag.COMPLETE | DirtyBitmapFlag.EOS):
-            raise StreamError(f"dirty-bitmap chunk with unknown flags 0x{flags:x}", offset=start, section=sec)
-        yield Opaque(start, memoryview(b"".join(parts)), info.section_id, "dirty-bitmap")
-        sid = info.section_id
-        yield from pieces(inp, buf_len, "a dirty-bitmap buffer", sec,
-                          lambda o, v: Opaque(o, v, sid, "dirty-bitmap"))
-        if flags & DirtyBitmapFlag.EOS:
-            return
 
 
 _OUR_BODY = re.compile(rb"[\n\x20-\x7e]*")
