@@ -1,10 +1,11 @@
-"""The configuration file: ``/etc/libvirt/libvirt-mdev.conf`` (INI, one section).
+"""The configuration: ``/etc/libvirt/libvirt-mdev.conf`` (INI, one section) as :class:`Config`.
 
 Why a fixed path: libvirt replaces a hook's environment (only PATH, HOME, LC_ALL=C and
-a few more survive, LIBVIRT.md §1), so the installed hook cannot be pointed elsewhere
-by an environment variable.  ``install-hook --config PATH`` bakes another path into
-the installed hook instead.  For the CLI and the tests, ``LIBVIRT_MDEV_CONFIG`` names
-another file, and command-line options override the file.
+a few more survive, docs/hook.md), so the installed hook
+cannot be pointed elsewhere by an environment variable: ``install-hook`` bakes the
+path of the file the CLI reads (``--config``, ``$LIBVIRT_MDEV_CONFIG`` or this one)
+into the installed hook instead.  For the CLI and the tests, ``LIBVIRT_MDEV_CONFIG``
+names another file, and command-line options override the file.
 
 Example::
 
@@ -19,32 +20,62 @@ Example::
     proxy_listen =
     arm_all = no
     log_file =
+    log_level = info
+    require_guard = yes
+    migration_socket_dir =
+    guard_ports =
+    qemu_conf = /etc/libvirt/qemu.conf
+    qemu_run_dir = /run/libvirt/qemu
+
+Reading, checking and trusting the file is :mod:`.configfile`'s (the hook's quick
+paths use it without this module's imports); this module turns its values into the
+typed :class:`Config` everyone else uses.
 """
 from __future__ import annotations
 
-import configparser
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from .configfile import (
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_HOST_KEY,
+    DEFAULT_LOG_LEVEL,
+    DEFAULT_QEMU_RUN_DIR,
+    DEFAULT_RUNTIME_DIR,
+    DEFAULT_STORE,
+    ENV_VAR,
+    LOG_LEVELS,
+    MODES,
+    OPTIONAL_PATH_KEYS,
+    PATH_KEYS,
+    SECTION,
+    check_trusted_path,
+    parse_ports,
+    read_file,
+)
+from .configfile import config_path as _config_path
 
-DEFAULT_PATH = Path("/etc/libvirt/libvirt-mdev.conf")
-ENV_VAR = "LIBVIRT_MDEV_CONFIG"
-SECTION = "libvirt-mdev"
-MODES = ("splice", "token")
+if TYPE_CHECKING:
+    from .configfile import Value
+
+DEFAULT_PATH = Path(DEFAULT_CONFIG_PATH)
+
+__all__ = ["DEFAULT_PATH", "ENV_VAR", "LOG_LEVELS", "MODES", "SECTION", "Config", "check_trusted_path", "config_from_values",
+           "config_path", "load_config", "parse_ports"]
 
 
 @dataclass(frozen=True)
 class Config:
     """Settings shared by the hook, the proxy and the CLI."""
 
-    #: root of the trusted store (0700 root; DESIGN §4)
-    store: Path = Path("/var/lib/libvirt/mdev-state")
+    #: root of the trusted store (0700 root; SECURITY.md)
+    store: Path = Path(DEFAULT_STORE)
     #: pending records written by the hook and consumed by the proxy
-    runtime_dir: Path = Path("/run/libvirt-mdev")
+    runtime_dir: Path = Path(DEFAULT_RUNTIME_DIR)
     #: sysfs mount point; tests point it at a fake tree
     sysfs_root: Path = Path("/sys")
     #: what the filter does with device state: ``splice`` (verify and forward) or ``token``
@@ -58,7 +89,7 @@ class Config:
     #: public key files of trusted source hosts (signed state, issue 8)
     trusted_keys: tuple[Path, ...] = ()
     #: this host's signing key
-    host_key: Path = Path("/etc/libvirt/libvirt-mdev/host.key")
+    host_key: Path = Path(DEFAULT_HOST_KEY)
     #: default ``ADDR:PORT`` for ``libvirt-mdev proxy --listen``
     proxy_listen: str = ""
     #: arm the proxy at ``migrate begin`` for domains without mdevs too, so that every
@@ -66,100 +97,66 @@ class Config:
     #: such a stream is refused: the domain has no device to bind it to)
     arm_all: bool = False
     #: optional log file in addition to syslog (useful where no syslog daemon runs)
-    log_file: Optional[Path] = None
+    log_file: Path | None = None
+    #: ``info`` logs every decision; ``debug`` also the hook's no-op calls (which cost time on
+    #: every libvirt domain operation, so they are not logged by default)
+    log_level: str = DEFAULT_LOG_LEVEL
+    #: the UNIX-socket layout's guarded directory: the destination QEMU's incoming socket must
+    #: lie directly inside it (root-owned, no access for others; docs/guard.md).  Empty: the
+    #: UNIX layout is not guarded and the hook refuses UNIX incoming endpoints.
+    migration_socket_dir: Path | None = None
+    #: refuse to arm (hook) and to forward (proxy) unless the no-bypass guard is in place.
+    #: ``no`` only on test rigs: without the guard the proxy can be bypassed (docs/guard.md)
+    require_guard: bool = True
+    #: TCP ports the nftables guard covers besides qemu.conf's migration port range
+    #: (``49300 49400-49410``): the ports proxies forward to on loopback
+    guard_ports: tuple[tuple[int, int], ...] = ()
+    #: libvirt's QEMU driver configuration (``migration_port_min``/``max``, ``group``)
+    qemu_conf: Path = Path("/etc/libvirt/qemu.conf")
+    #: where libvirt keeps ``<domain>.pid`` of running QEMUs
+    qemu_run_dir: Path = Path(DEFAULT_QEMU_RUN_DIR)
+    #: vendor driver version rule (issue 17): off, same, same-or-newer (libvirt_mdev/mdev/policy.py)
+    match_driver_version: str = "off"
+    #: require the same parent device model (PCI vendor:device) as recorded on the source
+    match_parent_model: bool = False
     #: where the settings came from (for messages); not a key
     source: str = field(default="<defaults>", compare=False)
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         """A copy with *changes* applied (CLI options override the file)."""
         clean = {k: v for k, v in changes.items() if v is not None}
         return dataclasses.replace(self, **clean)
 
 
-_BOOL = {"1": True, "yes": True, "true": True, "on": True,
-         "0": False, "no": False, "false": False, "off": False}
-
-
-def _as_bool(key: str, value: str, where: str) -> bool:
-    try:
-        return _BOOL[value.strip().lower()]
-    except KeyError:
-        raise ConfigError(f"{where}: {key} must be yes or no, not {value!r}") from None
-
-
-def _as_int(key: str, value: str, where: str) -> int:
-    try:
-        n = int(value.strip())
-    except ValueError:
-        raise ConfigError(f"{where}: {key} must be a whole number, not {value!r}") from None
-    if n < 0:
-        raise ConfigError(f"{where}: {key} must not be negative")
-    return n
-
-
-def _parse(values: Mapping[str, str], where: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    known = {f.name for f in dataclasses.fields(Config)} - {"source"}
-    for key, raw in values.items():
-        if key not in known:
-            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
-        value = raw.strip()
-        if key in ("store", "runtime_dir", "sysfs_root", "host_key"):
-            if not value.startswith("/"):
-                raise ConfigError(f"{where}: {key} must be an absolute path, not {value!r}")
-            out[key] = Path(value)
-        elif key == "log_file":
-            out[key] = Path(value) if value else None
-        elif key == "trusted_keys":
-            out[key] = tuple(Path(p) for p in value.replace(",", " ").split())
-        elif key == "mode":
-            if value not in MODES:
-                raise ConfigError(f"{where}: mode must be one of {', '.join(MODES)}, not {value!r}")
-            out[key] = value
-        elif key == "retention":
-            out[key] = _as_int(key, value, where)
-        elif key in ("require_annotation", "require_signature", "arm_all"):
-            out[key] = _as_bool(key, value, where)
-        else:
-            out[key] = value
-    return out
-
-
-def config_path(explicit: Optional[os.PathLike[str] | str] = None,
-                environ: Optional[Mapping[str, str]] = None) -> Path:
+def config_path(explicit: os.PathLike[str] | str | None = None,
+                environ: Mapping[str, str] | None = None) -> Path:
     """Which file to read: *explicit*, else ``$LIBVIRT_MDEV_CONFIG``, else the fixed path."""
-    if explicit:
-        return Path(explicit)
-    env = os.environ if environ is None else environ
-    if env.get(ENV_VAR):
-        return Path(env[ENV_VAR])
-    return DEFAULT_PATH
+    return Path(_config_path(explicit, environ))
 
 
-def load_config(explicit: Optional[os.PathLike[str] | str] = None,
-                environ: Optional[Mapping[str, str]] = None) -> Config:
+def config_from_values(values: Mapping[str, Value], source: str) -> Config:
+    """The :class:`Config` of :func:`libvirt_mdev.configfile.read_file`'s checked values."""
+    typed: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in PATH_KEYS or (key in OPTIONAL_PATH_KEYS and value is not None):
+            typed[key] = Path(str(value))
+        elif key == "trusted_keys":
+            assert isinstance(value, tuple)
+            typed[key] = tuple(Path(str(p)) for p in value)
+        else:
+            typed[key] = value
+    return Config(**typed, source=source)
+
+
+def load_config(explicit: os.PathLike[str] | str | None = None,
+                environ: Mapping[str, str] | None = None) -> Config:
     """Read the configuration.  A missing *default* file means "all defaults"; a
     missing file that was asked for explicitly is an error.
 
     Raises:
-        ConfigError: unreadable file, syntax error, unknown key or bad value.
+        ConfigError: unreadable file, syntax error, unknown key, bad value, or a file
+            (or key file) someone other than root could change.
     """
-    path = config_path(explicit, environ)
-    asked = path != DEFAULT_PATH
-    parser = configparser.ConfigParser(interpolation=None, default_section="__none__")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            parser.read_file(fh)
-    except FileNotFoundError:
-        if asked:
-            raise ConfigError(f"configuration file {path} does not exist") from None
-        return Config()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read configuration file {path}: {exc}") from None
-    except configparser.Error as exc:
-        raise ConfigError(f"{path}: {' '.join(str(exc).split())}") from None
-    extra = [s for s in parser.sections() if s != SECTION]
-    if extra:
-        raise ConfigError(f"{path}: unknown section [{extra[0]}] (only [{SECTION}] is read)")
-    values = dict(parser.items(SECTION)) if parser.has_section(SECTION) else {}
-    return Config(**_parse(values, str(path)), source=str(path))
+    path = str(config_path(explicit, environ))
+    values = read_file(path)
+    return config_from_values(values, path) if os.path.lexists(path) else Config()

@@ -10,7 +10,7 @@ in step.
 code  class                  meaning
 ====  =====================  ==========================================================
 1     MdevError              any other refusal
-2     UsageError             bad command line / option values (click uses 2 as well)
+2     UsageError             bad command line or option values
 3     StreamError            the migration stream or save image is malformed or unsafe
 4     StoreError             trusted store: permissions, integrity, tokens
 5     ConnectError           libvirt (or a socket peer) could not be reached
@@ -21,6 +21,7 @@ code  class                  meaning
 10    XMLError               domain / node-device XML is malformed
 11    SignatureError         a device-state signature is missing or invalid
 12    NotFound               a domain (or other named object) does not exist
+13    GuardError             QEMU's incoming endpoint is reachable past the proxy
 70    InternalError          a bug in libvirt-mdev (please report it)
 ====  =====================  ==========================================================
 
@@ -29,7 +30,11 @@ exit code 70 with a one-line message (and a traceback only with ``--debug``).
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+#: not ``typing.TYPE_CHECKING``: the hook imports this module on every call, and
+#: ``typing`` (like ``re``) costs its quick paths milliseconds (issue 15, bench/bench_hook.py)
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
 
 
 class MdevError(Exception):
@@ -52,6 +57,14 @@ class MdevError(Exception):
         return out
 
 
+class AlreadyExists(MdevError):
+    """The operator asked to create something that exists (a key pair, a hook file);
+    the message names the option that replaces it.  A plain refusal (exit 1): nothing
+    is wrong with the stream, the store or a signature."""
+
+    kind = "exists"
+
+
 class UsageError(MdevError):
     """The caller used an API or command wrongly (our side, not the stream's)."""
 
@@ -70,8 +83,8 @@ class StreamError(MdevError):
     exit_code = 3
     kind = "stream"
 
-    def __init__(self, message: str, offset: Optional[int] = None,
-                 section: Optional[str] = None, **details: Any) -> None:
+    def __init__(self, message: str, offset: int | None = None,
+                 section: str | None = None, **details: Any) -> None:
         self.offset = offset
         self.section = section
         text = message
@@ -171,6 +184,14 @@ class NotFound(MdevError):
     kind = "not-found"
 
 
+class GuardError(MdevError):
+    """The guard that keeps the destination QEMU's incoming endpoint reachable only
+    through the proxy is missing, or the endpoint is one it does not cover."""
+
+    exit_code = 13
+    kind = "guard"
+
+
 class InternalError(MdevError):
     """Programming error inside libvirt-mdev; never raised for bad input."""
 
@@ -181,6 +202,17 @@ class InternalError(MdevError):
         super().__init__(f"programming error: {message}", **details)
 
 
+def exit_code_table() -> dict[int, str]:
+    """code -> meaning, read from the table in this module's docstring (its one home;
+    the man page generator and the tests read it from here)."""
+    table: dict[int, str] = {}
+    for line in (__doc__ or "").splitlines():
+        words = line.split(None, 2)  # code, class, meaning
+        if len(words) == 3 and words[0].isdigit() and not line[0].isspace():
+            table[int(words[0])] = words[2].strip()
+    return table
+
+
 def exit_code_for(exc: BaseException) -> int:
     """The process exit code for *exc* (70 for anything that is not ours)."""
     if isinstance(exc, MdevError):
@@ -188,9 +220,28 @@ def exit_code_for(exc: BaseException) -> int:
     return InternalError.exit_code
 
 
+#: how every line libvirt-mdev writes about an error starts (the CLI's stderr, the hook's
+#: refusal that virsh shows); :func:`one_line` is the one formatter
+PREFIX = "libvirt-mdev: "
+
+
+def describe(exc: BaseException) -> str:
+    """*exc* as one line without :data:`PREFIX`: an :class:`MdevError`'s message, or
+    anything else as an internal error naming its type (a bug: exit code 70)."""
+    if isinstance(exc, MdevError):
+        return exc.message
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"internal error ({type(exc).__name__}): {text}"
+
+
 def one_line(exc: BaseException) -> str:
     """A one-line, human message for *exc*, prefixed the way our tools print errors."""
+    return PREFIX + describe(exc)
+
+
+def error_json(exc: BaseException) -> dict[str, Any]:
+    """*exc* as the ``{"kind", "exit_code", "message", ...}`` object of ``--json`` output
+    (anything not an :class:`MdevError` as :class:`InternalError`'s kind and code)."""
     if isinstance(exc, MdevError):
-        return f"libvirt-mdev: {exc.message}"
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return f"libvirt-mdev: internal error ({type(exc).__name__}): {text}"
+        return exc.to_json()
+    return {"kind": InternalError.kind, "exit_code": InternalError.exit_code, "message": describe(exc)}

@@ -29,21 +29,34 @@ data passes through as the exact input bytes.  For each VFIO device (one section
 
 Token records arriving from a live peer are refused (``accept_tokens=False``): a
 source must never be able to name state that is already in our store.
+
+Refused means gone (issue 11): every state the filter stores belongs to one stream
+transaction (:class:`~libvirt_mdev.store.store.StreamTxn`) and is committed *held*.  It
+becomes loadable only when the whole stream is accepted: at the stream's end
+(``accept_at_end``, the proxy) or by the caller's explicit :meth:`StreamFilter.accept`
+after its output is complete (strip, splice).  :meth:`StreamFilter.abort` — and
+:meth:`StreamFilter.close` of a stream that was not accepted — marks the stream refused
+with its reason before the caller reports the refusal.
+
+Bindings are exact on (idstr, instance id): a device's VFIO section has one instance
+(0), and each binding is used by one section at most, so one mdev never gets two
+states (two tokens) from one stream.
 """
 from __future__ import annotations
 
 import json
 import os
 import socket
+import sys
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Optional, Union
 
 from .errors import MdevError, MdevMissing, StoreIntegrityError, StreamError, TokenError
 from .store.manifest import Manifest, StateMeta
-from .store.store import StateWriter, Store
+from .store.store import StateWriter, Store, StreamTxn
 from .store.tokens import issue_token, parse_token
-from .stream import (Eof, Event, SaveImageHeader, SectionHeader, StreamParser, VfioBlockData,
+from .stream import (Eof, Event, SaveImageHeader, SectionHeader, StreamEnd, StreamParser, VfioBlockData,
                      VfioBlockEnd, VfioBlockStart, VfioMarker)
 from .stream.wire import SectionType, VfioFlag
 from .stream.writer import encode_vfio_block, encode_vfio_block_header
@@ -64,6 +77,8 @@ class Binding:
 
     mdev_uuid: str
     mdev_type: Optional[str]
+    #: the VFIO section's instance id: a hostdev registers exactly one, instance 0
+    instance_id: int = 0
 
 
 @dataclass
@@ -81,6 +96,13 @@ class FilterOptions:
     verify: bool = True
     #: take bindings from a save image's own domain XML when none were given
     bind_from_save_image: bool = True
+    #: what the stored states are for (store gc keeps ``image`` states until spent)
+    stream_kind: str = "migration"
+    #: what holds them (a stripped image's path), for ``store list``
+    holder: Optional[str] = None
+    #: accept the stream when its end passed every check (the proxy); offline tools
+    #: accept explicitly once their output is complete
+    accept_at_end: bool = True
 
 
 @dataclass
@@ -144,6 +166,10 @@ class StreamFilter:
         #: manifest id -> fd of a state re-hashed once (splice of token records)
         self._verified: dict[str, int] = {}
         self.results: list[DeviceResult] = []
+        self._txn: Optional[StreamTxn] = None
+        #: the refusal recorded for this stream (None: not refused)
+        self.refused: Optional[str] = None
+        self.accepted = False
 
     # -- event dispatch -------------------------------------------------------------------
 
@@ -165,6 +191,10 @@ class StreamFilter:
         elif t is Eof:
             self._at_eof(ev)
             self._emit(ev.raw)
+        elif t is StreamEnd:
+            self._emit(ev.raw)
+            if self.opts.accept_at_end:
+                self.accept()
         else:
             self._emit(ev.raw)
 
@@ -188,11 +218,17 @@ class StreamFilter:
         binding = None
         if self.opts.bindings is not None:
             binding = self.opts.bindings.get(ev.idstr)
-            if binding is None:
-                known = ", ".join(sorted(self.opts.bindings)) or "none"
-                raise MdevMissing(f"the stream carries state for VFIO device {ev.idstr!r}, which "
-                                  f"domain {self.opts.domain_name or '?'} does not have "
-                                  f"(its mdev devices: {known}); refusing")
+            if binding is None or binding.instance_id != ev.instance_id:
+                known = ", ".join(f"{k} instance {b.instance_id}"
+                                  for k, b in sorted(self.opts.bindings.items())) or "none"
+                raise MdevMissing(f"the stream carries state for VFIO device {ev.idstr!r}, which domain "
+                                  f"{self.opts.domain_name or '?'} does not have (instance {ev.instance_id}; "
+                                  f"its mdev devices: {known}); refusing")
+            for other in self._devices.values():
+                if other.binding is not None and other.binding.mdev_uuid == binding.mdev_uuid:
+                    raise MdevMissing(f"the stream carries two states for mdev {binding.mdev_uuid} "
+                                      f"({other.idstr} instance {other.instance_id} and {ev.idstr} "
+                                      f"instance {ev.instance_id}); refusing")
         return _Device(ev.idstr, ev.instance_id, ev.version_id, ev.section_id, binding)
 
     # -- data blocks --------------------------------------------------------------------------
@@ -208,7 +244,7 @@ class StreamFilter:
 
     def _begin_state_block(self, dev: _Device, size: int, header: bytes) -> None:
         if dev.writer is None and dev.manifest is None:
-            dev.writer = self.store.begin_state(self._meta(dev))
+            dev.writer = self._begin(dev)
         if dev.writer is None:
             raise StreamError(f"VFIO device {dev.idstr}: data after its state was complete",
                               offset=self.parser.offset)
@@ -293,6 +329,11 @@ class StreamFilter:
             pos += len(chunk)
         dev.blocks += 1
 
+    def _begin(self, dev: _Device) -> StateWriter:
+        if self._txn is None:
+            self._txn = self.store.open_stream(self.opts.stream_kind, self.opts.holder)
+        return self.store.begin_state(self._meta(dev), stream=self._txn)
+
     def _verified_fd(self, m: Manifest) -> int:
         if m.id not in self._verified:
             _m, fd = self.store.open_verified(m.id)
@@ -301,11 +342,15 @@ class StreamFilter:
 
     def _find_manifest(self, rec: dict[str, Any]) -> Manifest:
         if "token" in rec:
-            return self.store.manifest(parse_token(rec["token"]))
+            mid = parse_token(rec["token"])
+            m = self.store.manifest(mid)
+            self.store.check_loadable(mid)  # a refused or unfinished stream's state never returns
+            return m
         # a PART record: its token comes later in the stream; find the state by identity
         found = [e.manifest for e in self.store.list()
                  if e.manifest is not None and e.manifest.migration_id == rec.get("migration")
-                 and e.manifest.idstr == rec["idstr"] and e.manifest.instance_id == int(rec["instance"])]
+                 and e.manifest.idstr == rec["idstr"] and e.manifest.instance_id == int(rec["instance"])
+                 and e.status in ("ready", "spent")]
         if len(found) != 1:
             raise TokenError(f"token record of migration {rec.get('migration')!r} device {rec['idstr']!r}: "
                              f"{'no' if not found else 'several'} matching states in the store")
@@ -326,7 +371,7 @@ class StreamFilter:
         """Commit the device's state; True when new state was stored (not spliced back)."""
         if dev.writer is None:
             if dev.manifest is None and dev.blocks == 0:
-                dev.writer = self.store.begin_state(self._meta(dev))  # a device with no state at all
+                dev.writer = self._begin(dev)  # a device with no state at all
             else:
                 self._record(dev)  # spliced back from tokens: nothing new to store
                 return False
@@ -370,11 +415,54 @@ class StreamFilter:
         if dev is None:
             return None
         if dev.writer is None and dev.manifest is None and dev.blocks == 0:
-            dev.writer = self.store.begin_state(self._meta(dev))
+            dev.writer = self._begin(dev)
         return dev.writer
 
+    # -- the stream's decision ----------------------------------------------------------------
+
+    def accept(self) -> None:
+        """The whole stream passed every check (and, offline, its output is complete):
+        make every state it stored loadable, in one atomic step."""
+        if self.refused is not None or self.accepted:
+            return
+        for dev in self._devices.values():
+            if dev.writer is not None:
+                raise StreamError(f"VFIO device {dev.idstr}: its state never completed",
+                                  offset=self.parser.offset)
+        if self._txn is not None:
+            self._txn.accept()
+        self.accepted = True
+
+    def abort(self, reason: str) -> None:
+        """The stream is refused (any failure, any layer, any time — also after it was
+        accepted): no state it stored will ever be loaded or spliced, and ``store list``
+        shows *reason*.  Call it before reporting the refusal.  Idempotent."""
+        if self.refused is not None:
+            return
+        self.refused = " ".join(str(reason).split()) or "refused"
+        for dev in self._devices.values():
+            if dev.writer is not None:
+                dev.writer.abort()
+                dev.writer = None
+        if self._txn is not None:
+            try:
+                self._txn.refuse(self.refused)
+            except MdevError:
+                # cannot record it (disk full, I/O error): the stream stays "open", which is
+                # never loadable either, and gc marks it refused once this process is gone
+                pass
+
     def close(self) -> None:
-        """Abort unfinished state writers (an error stopped the stream) and close fds."""
+        """Abort unfinished state writers and close fds.  A stream that was not
+        accepted is refused here (the reason is the exception in flight, if any): so a
+        caller that only has ``try/finally: close()`` never leaves its states loadable."""
+        if not self.accepted and self.refused is None:
+            exc = sys.exc_info()[1]
+            if exc is None:
+                why = "the stream was not accepted (it ended early or its consumer failed)"
+            else:
+                why = exc.message if isinstance(exc, MdevError) else f"{type(exc).__name__}: {exc}"
+            self.abort(why)
         for dev in self._devices.values():
             if dev.writer is not None:
                 dev.writer.abort()
@@ -382,6 +470,14 @@ class StreamFilter:
         for fd in self._verified.values():
             os.close(fd)
         self._verified.clear()
+
+    def __enter__(self) -> "StreamFilter":
+        return self
+
+    def __exit__(self, et: object, ev: object, tb: object) -> None:
+        if isinstance(ev, BaseException) and self.refused is None:
+            self.abort(ev.message if isinstance(ev, MdevError) else f"{type(ev).__name__}: {ev}")
+        self.close()
 
 
 def _framing(name: str) -> str:

@@ -5,17 +5,36 @@ often run no syslog daemon, so ``log_file`` in the config gives a place the test
 (and an admin on such a box) can read.  stderr is *not* a log target for the hook:
 libvirt shows the hook's stderr to the virsh user, so only the one-line refusal
 goes there.
+
+Every logged message has its control characters escaped (:func:`escape_controls`):
+values such as a domain name come from outside (a domain XML, a stream) and a name
+with an encoded newline would otherwise write a forged second line into the log.
 """
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any
+
+from .hooklog import escape_controls
 
 LOGGER_NAME = "libvirt-mdev"
 _FORMAT = "%(asctime)s libvirt-mdev[%(process)d] %(levelname)s %(name)s: %(message)s"
+class SafeFormatter(logging.Formatter):
+    """A formatter whose message part is :func:`escape_controls`-ed (tracebacks, which
+    only ``--debug`` shows, stay multi-line but every line of them is indented)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        saved = record.message
+        record.message = escape_controls(saved)
+        try:
+            return super().formatMessage(record)
+        finally:
+            record.message = saved
+
+    def formatException(self, ei: Any) -> str:
+        return "\n".join("  | " + escape_controls(line) for line in super().formatException(ei).splitlines())
 
 
 def get_logger(name: str = "") -> logging.Logger:
@@ -23,8 +42,8 @@ def get_logger(name: str = "") -> logging.Logger:
     return logging.getLogger(f"{LOGGER_NAME}.{name}" if name else LOGGER_NAME)
 
 
-def setup_logging(ident: str, log_file: Optional[Path] = None, *,
-                  syslog: bool = True, stderr_level: Optional[int] = None,
+def setup_logging(ident: str, log_file: Path | None = None, *,
+                  syslog: bool = True, stderr_level: int | None = None,
                   level: int = logging.INFO) -> logging.Logger:
     """Attach handlers once per process.  Safe to call again (handlers are replaced)."""
     root = get_logger()
@@ -34,25 +53,27 @@ def setup_logging(ident: str, log_file: Optional[Path] = None, *,
     root.setLevel(level)
     root.propagate = False
     if syslog and os.path.exists("/dev/log"):
+        from logging.handlers import SysLogHandler  # here, not at the top: ~10 ms the hook's quiet calls need not pay
+
         try:
-            sh = logging.handlers.SysLogHandler(address="/dev/log",
-                                                facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+            sh = SysLogHandler(address="/dev/log",
+                                                facility=SysLogHandler.LOG_DAEMON)
             sh.ident = f"{ident}: "
-            sh.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+            sh.setFormatter(SafeFormatter("%(levelname)s %(message)s"))
             root.addHandler(sh)
         except OSError:
             pass  # no syslog socket we can use: the other handlers still work
     if log_file is not None:
         try:
             fh = logging.FileHandler(log_file, encoding="utf-8")
-            fh.setFormatter(logging.Formatter(_FORMAT))
+            fh.setFormatter(SafeFormatter(_FORMAT))
             root.addHandler(fh)
         except OSError:
             pass
     if stderr_level is not None:
         eh = logging.StreamHandler()
         eh.setLevel(stderr_level)
-        eh.setFormatter(logging.Formatter("libvirt-mdev: %(levelname)s: %(message)s"))
+        eh.setFormatter(SafeFormatter("libvirt-mdev: %(levelname)s: %(message)s"))
         root.addHandler(eh)
     if not root.handlers:
         root.addHandler(logging.NullHandler())

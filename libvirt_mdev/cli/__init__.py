@@ -14,11 +14,12 @@ import importlib
 import importlib.util
 import json
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
 
 import click
 
-from ..errors import MdevError, exit_code_for, one_line
+from ..configfile import DEFAULT_CONFIG_PATH, ENV_VAR
+from ..errors import MdevError, UsageError, error_json, exit_code_for, one_line
 from .context import AppContext
 
 #: verb -> (module, one-line summary for --help without importing the module)
@@ -34,6 +35,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "uninstall-hook": ("libvirt_mdev.cli.hookcmd", "Remove the libvirt qemu hook from qemu.d."),
     "proxy": ("libvirt_mdev.cli.proxy", "Filter a live migration between the source and the local QEMU."),
     "keygen": ("libvirt_mdev.cli.keygen", "Create this host's signing key pair."),
+    "sign": ("libvirt_mdev.cli.signcmd", "Sign the device state of a stripped save image with this host's key."),
+    "guard": ("libvirt_mdev.cli.guardcmd",
+              "Install or check the guard that keeps QEMU's incoming endpoint behind the proxy."),
+    "pending": ("libvirt_mdev.cli.pendingcmd", "List or clear armed incoming migrations (pending records)."),
+    "place": ("libvirt_mdev.cli.place", "Ask many destinations which of them can take DOMAIN's mdevs, and why not."),
 }
 
 
@@ -47,13 +53,13 @@ class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return [name for name, (mod, _) in COMMANDS.items() if _module_exists(mod)]
 
-    def get_command(self, ctx: click.Context, name: str) -> Optional[click.Command]:
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         entry = COMMANDS.get(name)
         if entry is None or not _module_exists(entry[0]):
             return None
         module = importlib.import_module(entry[0])
         attr = name.replace("-", "_")
-        cmd = getattr(module, attr, None) or getattr(module, "cli")
+        cmd = getattr(module, attr, None) or module.cli
         return cmd  # type: ignore[no-any-return]
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -69,29 +75,39 @@ def _module_exists(modname: str) -> bool:
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"],
                                               "auto_envvar_prefix": "LIBVIRT_MDEV"})
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
-              help="Configuration file (default: $LIBVIRT_MDEV_CONFIG or /etc/libvirt/libvirt-mdev.conf).")
+@click.option("--config", "config_path", type=click.Path(), metavar="FILE", default=None, envvar=ENV_VAR,
+              help=f"Configuration file libvirt-mdev reads, and install-hook bakes into the hook (default: "
+                   f"${ENV_VAR}, else {DEFAULT_CONFIG_PATH}). A file named here or in ${ENV_VAR} must exist "
+                   f"and be valid, whichever command runs.")
 @click.option("--debug", is_flag=True, help="Log debug messages to stderr and show tracebacks of internal errors.")
 @click.version_option(package_name="libvirt-mdev")
 @click.pass_context
-def cli(ctx: click.Context, config_path: Optional[str], debug: bool) -> None:
+def cli(ctx: click.Context, config_path: str | None, debug: bool) -> None:
     """Safe live migration and save/restore of VMs with mediated devices (mdev).
 
     The migration stream is untrusted: libvirt-mdev takes each VFIO device's state
     out of it into a root-only store, checks that source and destination mdev types
-    match, and hands the destination a load token.  See `man`-style documentation in
-    README.md.  Exit status: 0 ok, 2 usage, 3 stream rejected, 4 store, 5 cannot
-    connect, 6 type mismatch, 7 mdev missing, 8 not annotated, 9 config, 10 bad XML,
-    11 signature, 12 not found, 70 internal error.
+    match, and hands the destination a load token.  Every command has --help;
+    the manual is libvirt-mdev(1), one page per command (libvirt-mdev-COMMAND(1))
+    and libvirt-mdev.conf(5).  Exit status: 0 ok, 1 other refusal, 2 usage,
+    3 stream rejected, 4 store, 5 cannot connect, 6 type mismatch, 7 mdev
+    missing, 8 not annotated, 9 config, 10 bad XML, 11 signature, 12 not found,
+    70 internal error.
     """
-    ctx.obj = AppContext(config_path=config_path, debug=debug)
+    source = ctx.get_parameter_source("config_path")
+    app = AppContext(config_path=config_path, debug=debug,
+                     config_source={click.core.ParameterSource.COMMANDLINE: "option",
+                                    click.core.ParameterSource.ENVIRONMENT: "env"}.get(source) if source else None)
+    ctx.obj = app
+    if config_path and not ctx.resilient_parsing:
+        app.check_explicit_config()
 
 
 def _wants_json(args: Sequence[str]) -> bool:
     return "--json" in args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Console-script entry point.  Returns (and exits with) the process status."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -102,8 +118,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except click.exceptions.Abort:
         click.echo("libvirt-mdev: aborted", err=True)
         code = 1
-    except click.ClickException as exc:
-        exc.show()
+    except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # click >= 8.2: a bare group prints its help
+            exc.show()
+            code = exc.exit_code
+        else:
+            code = report_usage(exc, args, json_mode=_wants_json(args))
+    except click.ClickException as exc:  # e.g. click.FileError: one line too, with click's exit code
+        report_error(MdevError(exc.format_message()), json_mode=False)
         code = exc.exit_code
     except MdevError as exc:
         code = report_error(exc, json_mode=_wants_json(args))
@@ -112,7 +134,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         code = 130
     except BrokenPipeError:
         code = 0
-    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+    except Exception as exc:
         if "--debug" in args:
             raise
         code = report_error(exc, json_mode=_wants_json(args))
@@ -121,14 +143,39 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return code
 
 
+def _command_path(args: Sequence[str]) -> str:
+    """The (sub)command that *args* name, for errors click raises without a context
+    (an option's missing value): the leading words that are command names."""
+    cmd: click.Command = cli
+    ctx = click.Context(cli, info_name="libvirt-mdev")
+    words = ["libvirt-mdev"]
+    for arg in args:
+        if arg.startswith("-"):
+            continue
+        sub = cmd.get_command(ctx, arg) if isinstance(cmd, click.Group) else None
+        if sub is None:
+            break
+        words.append(arg)
+        cmd = sub
+    return " ".join(words)
+
+
+def report_usage(exc: click.UsageError, args: Sequence[str] = (), json_mode: bool = False) -> int:
+    """A command-line mistake as one line (click prints three): the problem and where
+    to look, e.g. ``libvirt-mdev: inspect: Missing argument 'PATH' (see: libvirt-mdev inspect --help)``."""
+    path = exc.ctx.command_path if exc.ctx is not None else _command_path(args)
+    where = path.split(" ", 1)[1] + ": " if " " in path else ""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    err = UsageError(f"{where}{message} (see: {path} --help)")
+    click.echo(one_line(err), err=True)
+    if json_mode:
+        click.echo(json.dumps({"error": {**err.to_json(), "exit_code": exc.exit_code}}))
+    return exc.exit_code
+
+
 def report_error(exc: BaseException, json_mode: bool = False) -> int:
     """Print *exc* as one line on stderr (and as JSON on stdout with --json)."""
     click.echo(one_line(exc), err=True)
     if json_mode:
-        body: dict[str, Any]
-        if isinstance(exc, MdevError):
-            body = exc.to_json()
-        else:
-            body = {"kind": "internal", "exit_code": 70, "message": one_line(exc)}
-        click.echo(json.dumps({"error": body}))
+        click.echo(json.dumps({"error": error_json(exc)}))
     return exit_code_for(exc)

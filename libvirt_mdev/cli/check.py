@@ -1,42 +1,60 @@
 """``libvirt-mdev check DOMAIN --connect SRC --dest DST``: would this migration be allowed?
 
-The operator's dry run (DESIGN §6).  It applies the same rule as the destination's
-hook (:func:`libvirt_mdev.mdev.types.compare`) but reads the destination's mdevs
-through libvirt node devices instead of sysfs, so it works from any machine that can
-reach both hosts.  Nothing is changed on either host.
+The operator's and the orchestrator's dry run (docs/check.md).  It applies the same
+rule as the destination's hook (:func:`libvirt_mdev.mdev.types.compare`, reached
+through :mod:`libvirt_mdev.mdev.dryrun`) but reads the destination's mdevs through
+libvirt node devices instead of sysfs, so it works from any machine that can reach
+both hosts.  Nothing is changed on either host.  With several ``--dest`` it is the
+placement query (:mod:`libvirt_mdev.cli.place`).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import urlsplit
 
 import click
 
-from ..mdev.domain import DomainInfo, parse_domain
-from ..mdev.nodedev import NodedevMdev, domain_xml, find_mdev, list_mdevs, lookup_domain, open_connection
-from ..mdev.types import CheckResult, DestMdev, DeviceCheck, Verdict, compare
+from ..errors import UsageError
+from ..mdev.dryrun import DestReport, DeviceReport, SourceView, evaluate, read_dest, read_source
+from ..mdev.policy import DriverVersionRule, MatchPolicy
+from ..mdev.sysfs import SysfsEnv
 from .context import AppContext, pass_app
+
+SCHEMA = "libvirt-mdev/check/2"
 
 HELP = """Dry run: would migrating DOMAIN from SRC to DEST be allowed?
 
 \b
-For every mdev hostdev of DOMAIN (as defined on SRC) it shows the guest
-address, the source type recorded by `libvirt-mdev annotate`, the type the
-mdev with the same uuid has on DEST, and the verdict the destination's hook
-would reach:
-  match            same type: allowed
-  type-mismatch    DEST has the mdev with another type: refused (exit 6)
+For every mdev hostdev of DOMAIN it shows the guest address, the mdev the
+destination would use, the type the source really has now (SRC's node
+devices), the type recorded by `libvirt-mdev annotate`, the destination's
+type, and the verdict that would really decide:
+  match            allowed
+  type-mismatch    DEST's mdev has another type: refused (exit 6)
+  driver-mismatch  vendor driver version rule fails (exit 6)
+  parent-mismatch  parent device model rule fails (exit 6)
   missing-on-dest  DEST has no active mdev with that uuid: refused (exit 7)
   not-annotated    no source type recorded: refused when require_annotation
                    is on (default) (exit 8); run `libvirt-mdev annotate`
-A domain without mdevs is allowed (verdict no-mdev).  Exit 0 only when the
-migration would be allowed; 5 when a host cannot be reached, 12 when DOMAIN
-does not exist on SRC, 10 when its XML or our metadata is malformed.
-require_annotation is read from this machine's configuration file (the
-destination's hook uses the destination's).  When DEST is this machine
-(qemu:///...), the trusted store is checked too (shown, not part of the
-verdict).
+A mismatch or a missing mdev is reported even when the annotation is also
+missing (both facts are listed; the exit code is the most serious).  A
+domain without mdevs is allowed (verdict no-mdev).
+
+\b
+Orchestrators that give the guest another mdev on DEST (OpenStack Nova,
+KubeVirt): --dest-xml FILE checks the destination XML you will pass to
+libvirt (devices are paired by guest PCI address).  When DEST has no usable
+mdev, the free mdevs of the source's type on DEST and the parents'
+available_instances are listed (what to remap to, or create with mdevctl).
+
+\b
+Several --dest: ask them all at once (placement, same as `libvirt-mdev place`).
+Exit 0 only when the migration would be allowed; 5 when a host cannot be
+reached, 12 when DOMAIN does not exist on SRC, 10 when an XML is malformed.
+require_annotation and the match_* policy are read from this machine's
+configuration file (the destination's hook uses the destination's).
+JSON schema: docs/check.md.
 
 \b
 Example (the bundled example hosts):
@@ -46,38 +64,62 @@ Example (the bundled example hosts):
 """
 
 
+def policy_options(f: Any) -> Any:
+    f = click.option("--match-parent-model/--no-match-parent-model", "match_parent_model", default=None,
+                     help="Require the same parent device model (default: config match_parent_model).")(f)
+    f = click.option("--match-driver-version", "match_driver_version", default=None,
+                     type=click.Choice([r.value for r in DriverVersionRule]),
+                     help="Vendor driver version rule (default: config match_driver_version, else off).")(f)
+    f = click.option("--dest-sysfs", "dest_sysfs", type=click.Path(file_okay=False, exists=True, path_type=Path),
+                     default=None, help="The destination's sysfs (running on the destination: /sys): adds the "
+                                        "vendor driver version, which libvirt does not report.")(f)
+    return f
+
+
+def resolve_policy(app: AppContext, driver_version: str | None, parent_model: bool | None) -> MatchPolicy:
+    """Options override the configuration file."""
+    base = MatchPolicy.from_config(app.config)
+    return MatchPolicy.parse(driver_version if driver_version is not None else base.driver_version,
+                             parent_model if parent_model is not None else base.parent_model)
+
+
 @click.command("check", help=HELP)
 @click.argument("domain")
 @click.option("--connect", "-c", "src_uri", required=True, metavar="SRC",
               help="libvirt URI of the source host (where DOMAIN runs or is defined).")
-@click.option("--dest", "-d", "dest_uri", required=True, metavar="DEST",
-              help="libvirt URI of the destination host.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--dest", "-d", "dest_uris", required=True, multiple=True, metavar="DEST",
+              help="libvirt URI of the destination host (repeat for placement).")
+@click.option("--dest-xml", "dest_xml", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="The destination domain XML an orchestrator passes to libvirt (virsh migrate --xml).")
+@policy_options
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (docs/check.md).")
 @pass_app
-def check(app: AppContext, domain: str, src_uri: str, dest_uri: str, as_json: bool) -> None:
-    require = app.config.require_annotation
-    src = open_connection(src_uri, readonly=True)
-    dest = open_connection(dest_uri, readonly=True)
-    dom = lookup_domain(src, domain)
-    info = parse_domain(domain_xml(dom))
-    dest_mdevs = list_mdevs(dest) if info.hostdevs else {}
-    src_mdevs = list_mdevs(src) if info.hostdevs else {}
+def check(app: AppContext, domain: str, src_uri: str, dest_uris: tuple[str, ...], dest_xml: Path | None,
+          dest_sysfs: Path | None, match_driver_version: str | None, match_parent_model: bool | None,
+          as_json: bool) -> None:
+    policy = resolve_policy(app, match_driver_version, match_parent_model)
+    if len(dest_uris) > 1:
+        if dest_sysfs is not None:
+            raise UsageError("--dest-sysfs describes one destination: give exactly one --dest with it")
+        from .place import run_placement
 
-    def lookup(uuid: str) -> Optional[DestMdev]:
-        m = find_mdev(dest_mdevs, uuid, dest_uri)
-        return DestMdev(m.type_id, m.parent) if m else None
-
-    result = compare(info, lookup, require_annotation=require)
-    live = {h.uuid: find_mdev(src_mdevs, h.uuid, src_uri) for h in info.hostdevs}
-    notes = _notes(result, live)
+        run_placement(app, domain, src_uri, dest_uris, dest_xml, policy, as_json)
+        return
+    dest_uri = dest_uris[0]
+    source = read_source(src_uri, domain)
+    xml = dest_xml.read_bytes() if dest_xml is not None else None
+    dest = read_dest(dest_uri, SysfsEnv(dest_sysfs) if dest_sysfs else None)
+    report = evaluate(source, dest, dest_xml=xml, require_annotation=app.config.require_annotation,
+                      policy=policy)
     store = store_readiness(dest_uri, app.config.store)
+    notes = list(report.notes)
     if store["ready"] is False:
         notes.append(f"the destination store is not usable: {store['detail']}")
     if as_json:
-        app.emit_json(to_json(result, info, live, store, notes, src_uri, dest_uri))
+        app.emit_json(to_json(report, source, store, notes, dest_xml, policy, app.config.require_annotation))
     else:
-        click.echo(render_table(result, info, store, notes, src_uri, dest_uri))
-    click.get_current_context().exit(result.exit_code)
+        click.echo(render(report, source, store, notes, dest_xml, policy))
+    click.get_current_context().exit(report.exit_code)
 
 
 def store_readiness(dest_uri: str, root: Path) -> dict[str, Any]:
@@ -87,8 +129,8 @@ def store_readiness(dest_uri: str, root: Path) -> dict[str, Any]:
     parts = urlsplit(dest_uri)
     driver, _, transport = parts.scheme.partition("+")
     if driver != "qemu" or parts.hostname or transport not in ("", "unix"):
-        return {"ready": None, "detail": f"not known from here; on the destination run: "
-                                         f"libvirt-mdev store verify"}
+        return {"ready": None, "detail": "not known from here; on the destination run: "
+                                         "libvirt-mdev store verify"}
     from ..errors import StoreError
     from ..store.store import Store
 
@@ -99,70 +141,99 @@ def store_readiness(dest_uri: str, root: Path) -> dict[str, Any]:
     return {"ready": True, "detail": f"{root} is owned by root with mode 0700"}
 
 
-def _notes(result: CheckResult, live: dict[str, Optional[NodedevMdev]]) -> list[str]:
-    """Warnings that do not change the verdict but an operator should see."""
-    out: list[str] = []
-    for d in result.devices:
-        m = live.get(d.uuid)
-        if d.source_type and m is not None and m.type_id != d.source_type:
-            out.append(f"mdev {d.uuid}: annotated type {d.source_type} but the source now has "
-                       f"{m.type_id}; re-run libvirt-mdev annotate")
-        if d.verdict is Verdict.NOT_ANNOTATED and m is not None:
-            out.append(f"mdev {d.uuid}: the source has type {m.type_id} but it is not recorded; "
-                       f"run libvirt-mdev annotate {result.domain} --connect SRC")
-    if not result.require_annotation and any(d.verdict is Verdict.NOT_ANNOTATED for d in result.devices):
-        out.append("require_annotation is off: unannotated mdevs are not checked")
+# --------------------------------------------------------------------------- JSON
+def report_json(report: DestReport) -> dict[str, Any]:
+    """The per-destination part of the JSON (shared with ``place``; docs/check.md)."""
+    gate = report.gate
+    refusal = gate.first_refusal() if gate else None
+    return {"dest": report.dest, "allowed": report.allowed, "verdict": report.verdict,
+            "exit_code": report.exit_code,
+            "gate_verdict": gate.verdict.value if gate else None,
+            "gate_reason": refusal.reason(report.dest) if refusal else None,
+            "can_take": report.can_take, "how": report.how, "remap": report.remap, "why": report.why,
+            "remap_plan": report.plan or None,
+            "devices": [d.to_json() for d in report.devices], "policy_unchecked": report.unchecked,
+            "notes": report.notes, "error": report.error}
+
+
+def to_json(report: DestReport, source: SourceView, store: dict[str, Any], notes: list[str],
+            dest_xml: Path | None, policy: MatchPolicy, require_annotation: bool) -> dict[str, Any]:
+    ann = source.info.annotation
+    out: dict[str, Any] = {"schema": SCHEMA, "domain": source.info.name, "domain_uuid": source.info.uuid,
+                           "source": source.uri, "dest_xml": str(dest_xml) if dest_xml else None,
+                           "annotated": ann is not None, "annotation_host": ann.host if ann else None,
+                           "require_annotation": require_annotation, "policy": policy.to_json()}
+    out.update(report_json(report))
+    out["notes"] = notes
+    out["store"] = store
+    out["reason"] = None if report.allowed else report.why
     return out
 
 
-def to_json(result: CheckResult, info: DomainInfo, live: dict[str, Optional[NodedevMdev]],
-            store: dict[str, Any], notes: list[str], src_uri: str, dest_uri: str) -> dict[str, Any]:
-    devices = []
-    for d in result.devices:
-        row = d.to_json()
-        m = live.get(d.uuid)
-        row["source_live_type"] = m.type_id if m else None
-        devices.append(row)
-    ann = info.annotation
-    refusal = result.first_refusal()
-    return {"domain": result.domain, "domain_uuid": result.domain_uuid,
-            "source": src_uri, "dest": dest_uri,
-            "allowed": result.allowed, "verdict": result.verdict.value, "exit_code": result.exit_code,
-            "annotated": result.annotated,
-            "annotation_host": ann.host if ann else None,
-            "require_annotation": result.require_annotation,
-            "devices": devices, "store": store, "notes": notes,
-            "reason": refusal.reason(dest_uri) if refusal else None}
+# --------------------------------------------------------------------------- text
+_COLUMNS = ("GUEST ADDR", "MDEV UUID", "SOURCE TYPE", "ANNOTATED", "DEST TYPE", "ON DEST", "VERDICT")
 
 
-_COLUMNS = ("MDEV UUID", "GUEST ADDR", "SOURCE TYPE", "DEST TYPE", "ON DEST", "VERDICT")
+def _row(d: DeviceReport) -> tuple[str, ...]:
+    g = d.gate
+    verdict = ", ".join(v.value for v in d.problems) or d.verdict.value
+    return (g.guest_address or "-", g.uuid, d.live_type or "(unknown)", g.source_type or "(none)",
+            g.dest_type or "-", "yes" if g.present else "no", verdict)
 
 
-def _row(d: DeviceCheck) -> tuple[str, ...]:
-    return (d.uuid, d.guest_address or "-", d.source_type or "(none)", d.dest_type or "-",
-            "yes" if d.present else "no", d.verdict.value)
+def _details(d: DeviceReport) -> list[str]:
+    out = []
+    g = d.gate
+    if d.source_uuid != g.uuid:
+        out.append(f"    source mdev {d.source_uuid} (paired by {g.matched_by or 'guest address'})")
+    if g.detail:
+        out.append(f"    {g.detail}")
+    if d.free or d.parents:
+        free = ", ".join(f"{m.uuid} ({m.parent})" for m in d.free) or "none"
+        out.append(f"    free {d.wanted_type} mdevs on dest: {free}")
+        for parent, n in d.parents:
+            out.append(f"    parent {parent}: available_instances {n if n is not None else 'unknown'} for "
+                       f"{d.wanted_type}" + (" (can create)" if n else ""))
+    elif d.problems and any(p.value in ("missing-on-dest", "type-mismatch") for p in d.problems) and d.wanted_type:
+        out.append(f"    no free {d.wanted_type} mdev on dest and no parent offers {d.wanted_type}")
+    return out
 
 
-def render_table(result: CheckResult, info: DomainInfo, store: dict[str, Any], notes: list[str],
-                 src_uri: str, dest_uri: str) -> str:
-    ann = info.annotation
-    lines = [f"domain:    {result.domain}" + (f" ({result.domain_uuid})" if result.domain_uuid else ""),
-             f"source:    {src_uri}", f"dest:      {dest_uri}",
-             "annotated: " + (f"yes (by {ann.host})" if ann and ann.host else "yes" if ann else "no"), ""]
-    if result.devices:
-        rows = [_COLUMNS] + [_row(d) for d in result.devices]
-        widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+def table(devices: list[DeviceReport]) -> list[str]:
+    rows = [_COLUMNS] + [_row(d) for d in devices]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(rows[0], widths, strict=True)).rstrip()]
+    for d, r in zip(devices, rows[1:], strict=True):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        lines += _details(d)
+    return lines
+
+
+def render(report: DestReport, source: SourceView, store: dict[str, Any], notes: list[str],
+           dest_xml: Path | None, policy: MatchPolicy) -> str:
+    info, ann = source.info, source.info.annotation
+    lines = [f"domain:    {info.name}" + (f" ({info.uuid})" if info.uuid else ""),
+             f"source:    {source.uri}", f"dest:      {report.dest}"]
+    if dest_xml is not None:
+        lines.append(f"dest xml:  {dest_xml}")
+    lines += ["annotated: " + (f"yes (by {ann.host})" if ann and ann.host else "yes" if ann else "no"),
+              f"policy:    {policy.describe()}", ""]
+    if report.devices:
+        lines += table(report.devices)
     else:
         lines.append("no mdev hostdevs: nothing to check (verdict no-mdev)")
     lines.append("")
     lines.append(f"dest store: {'ready' if store['ready'] else 'not ready' if store['ready'] is False else 'unknown'}"
                  f" ({store['detail']})")
     lines += [f"note: {n}" for n in notes]
-    refusal = result.first_refusal()
-    if result.allowed:
-        lines.append(f"result: allowed ({result.verdict.value})")
+    gate = report.gate
+    if gate is not None and report.devices and gate.verdict.value != report.verdict:
+        lines.append(f"hook now: {'allowed' if gate.allowed else 'refused'} ({gate.verdict.value}) — "
+                     f"the row verdicts above are what decides once that is fixed")
+    if report.allowed:
+        lines.append(f"result: allowed ({report.verdict})")
     else:
-        lines.append(f"result: refused ({result.verdict.value}, exit {result.exit_code}): "
-                     f"{refusal.reason('the destination') if refusal else ''}")
+        lines.append(f"result: refused ({report.verdict}, exit {report.exit_code}): {report.why}")
+        if report.can_take:
+            lines.append(f"orchestrator: can take it with another mdev here: {report.plan}")
     return "\n".join(lines)

@@ -1,14 +1,16 @@
 """``libvirt-mdev install-hook`` / ``uninstall-hook``: put the qemu hook into ``qemu.d``.
 
 The installed file is ``hooks/qemu`` with three things baked in, because libvirt runs
-hooks with a replaced environment (LIBVIRT.md §1) and its PATH may find a different
+hooks with a replaced environment (docs/hook.md) and its PATH may find a different
 ``python3`` than the one libvirt-mdev is installed for:
 
 * the shebang: the absolute interpreter running this command (``sys.executable``),
   with ``-IS`` (one shebang argument: ``-I -S``): no PYTHON* variable, user site or ``.pth`` file (arbitrary code run
   at start-up, as root, on every hook call) changes what the hook imports, and
   start-up is ~40 ms faster on hosts with slow ``.pth`` files;
-* ``CONFIG``: the configuration file the hook reads (``--config``);
+* ``CONFIG``: the configuration file the hook reads: the one this command reads
+  (``--config``, ``$LIBVIRT_MDEV_CONFIG`` or the default; ``--config`` means the same
+  before and after ``install-hook``), as an absolute path;
 * ``SYS_PATH``: where ``libvirt_mdev`` and ``lxml`` were imported from (``-S`` drops
   site-packages, so the hook names them itself).
 
@@ -20,15 +22,15 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import click
 
-from ..config import DEFAULT_PATH
+from ..config import DEFAULT_PATH, ENV_VAR
 from ..errors import MdevError, UsageError
+from .context import AppContext, pass_app
 
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks/qemu.d")
-#: runs after lower-numbered site hooks, before anything named 9x (byte order, LIBVIRT.md §1)
+#: runs after lower-numbered site hooks, before anything named 9x (byte order, docs/hook.md)
 HOOK_NAME = "50-libvirt-mdev"
 MARKER = "# libvirt-mdev qemu hook -- installed by `libvirt-mdev install-hook`"
 #: the repository copy (hooks/qemu) must equal HOOK_TEMPLATE rendered with the defaults (tested)
@@ -89,7 +91,7 @@ def _is_ours(path: Path) -> bool:
     return MARKER.encode() in head
 
 
-def install(hooks_dir: Path, config: Path, python: Optional[str] = None,
+def install(hooks_dir: Path, config: Path, python: str | None = None,
             name: str = HOOK_NAME) -> tuple[Path, str]:
     """Install (or update) the hook.  Returns its path and what happened
     (``installed`` / ``updated`` / ``unchanged``).
@@ -150,24 +152,50 @@ _DIR_HELP = f"libvirt's qemu hook directory (default {DEFAULT_HOOKS_DIR})."
 @click.command("install-hook")
 @click.option("--hooks-dir", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_HOOKS_DIR,
               show_default=False, help=_DIR_HELP)
-@click.option("--config", "hook_config", type=click.Path(dir_okay=False, path_type=Path), default=DEFAULT_PATH,
-              help=f"Configuration file the hook reads (default {DEFAULT_PATH}); baked into the hook.")
+@click.option("--config", "hook_config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              metavar="FILE", help="The global --config, given after the command: the configuration file "
+                                   f"libvirt-mdev reads, baked into the hook (default: ${ENV_VAR}, "
+                                   f"else {DEFAULT_PATH}). A file named must exist and be valid.")
 @click.option("--name", default=HOOK_NAME, show_default=True, help="File name inside the hook directory.")
-def install_hook(hooks_dir: Path, hook_config: Path, name: str) -> None:
+@pass_app
+def install_hook(app: AppContext, hooks_dir: Path, hook_config: Path | None, name: str) -> None:
     """Install the libvirt qemu hook as HOOKS_DIR/50-libvirt-mdev (mode 0755).
 
     \b
     The hook gates `migrate begin` and `restore begin` on matching mdev types
     and arms the live-migration proxy.  It runs with this Python
-    (sys.executable) and reads only the --config file: libvirt gives hooks
-    no useful environment.  Idempotent; refuses to overwrite a file that is
-    not ours.  libvirt looks for hooks when it starts: if this host had no
-    qemu hook before, restart libvirtd (or virtqemud) once.
+    (sys.executable) and reads the configuration file this command reads
+    (--config, $LIBVIRT_MDEV_CONFIG or the default), whose absolute path is
+    baked into it: libvirt gives hooks no useful environment.  Idempotent;
+    refuses to overwrite a file that is not ours.  libvirt looks for hooks
+    when it starts: if this host had no qemu hook before, restart libvirtd
+    (or virtqemud) once.  Says so when the no-bypass guard is not in place
+    (`libvirt-mdev guard install`).
     """
-    path, state = install(hooks_dir, hook_config, name=name)
-    click.echo(f"{state} {path} (python {sys.executable}, config {hook_config})")
-    if not hook_config.exists():
-        click.echo(f"note: {hook_config} does not exist yet; the hook uses the defaults until it does", err=True)
+    config = app.use_config(hook_config)
+    path, state = install(hooks_dir, config, name=name)
+    click.echo(f"{state} {path} (python {sys.executable}, config {config})")
+    if not os.path.lexists(config):  # only the default may be missing: a file named must exist
+        click.echo(f"note: {config} does not exist yet; the hook uses the defaults until it does", err=True)
+    problem = _guard_note(config)
+    if problem:
+        click.echo(f"note: incoming migrations to be armed will be refused until a guard is in place: {problem} "
+                   f"(docs/guard.md)", err=True)
+
+
+def _guard_note(config_path: Path) -> str | None:
+    """Why the no-bypass guard is not in place for the hook's config (None: it is).
+
+    install-hook does not install the nftables guard itself: rules belong to libvirtd's
+    network namespace and must be restored at boot, which admins arrange their own way
+    (``guard install`` from a unit, or /etc/nftables.conf from ``guard show``)."""
+    try:
+        from ..config import load_config
+        from ..live.guard import guard_problem
+
+        return guard_problem(load_config(config_path))
+    except MdevError as exc:
+        return exc.message
 
 
 @click.command("uninstall-hook")

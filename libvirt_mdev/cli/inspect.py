@@ -8,6 +8,7 @@ from typing import BinaryIO, Callable, Iterator, Optional
 import click
 
 from ..errors import NotFound, UsageError
+from ..io.compress import open_image
 from ..stream import StreamParser, iter_events
 from ..summary import StreamSummary, Summarizer
 from .context import AppContext, pass_app
@@ -41,13 +42,15 @@ def progress_reader(app: AppContext, src: BinaryIO, label: str) -> Iterator[Opti
 
 
 def summarize(app: AppContext, path: str) -> StreamSummary:
-    src = open_input(path)
+    raw = open_input(path)
     parser = StreamParser()
     summ = Summarizer()
-    with src:
-        for progress in progress_reader(app, src, "inspect"):
-            for ev in iter_events(src, parser, progress=progress):
-                summ.add(ev)
+    with raw:
+        for progress in progress_reader(app, raw, "inspect"):
+            # a compressed save image is read through libvirt's own decompressor
+            with open_image(raw) as src:
+                for ev in iter_events(src, parser, progress=progress):
+                    summ.add(ev)
     return summ.finish(parser)
 
 
@@ -100,8 +103,10 @@ def print_table(s: StreamSummary, all_sections: bool) -> None:
 def inspect(app: AppContext, path: str, as_json: bool, all_sections: bool) -> None:
     """List the sections and VFIO devices of a migration stream or save image.
 
-    PATH is a raw QEMU migration stream (QMP `migrate` to a file) or a libvirt
-    save image (`virsh save`, managed save); `-` reads standard input.  The whole
+    PATH is a raw QEMU migration stream (QMP `migrate` to a file, mapped-ram
+    included) or a libvirt save image (`virsh save`, managed save) in any
+    --image-format: raw, sparse, or gzip/bzip2/xz/lzop/zstd (read through that
+    program, as libvirt does); `-` reads standard input.  The whole
     stream is parsed exactly as the filter would: a malformed, truncated or unsafe
     stream is an error (exit 3) naming the byte offset.  Nothing is written.
 

@@ -2,9 +2,17 @@
 
 It stands in for the kernel interface the seed proposes (a vendor driver resolving
 a token like a firmware name): resolve the token inside the trusted store, check
-the files' owner/mode, re-hash the state, compare the manifest's source mdev type
-with the live type of the destination mdev, spend the token, then deliver — print
-the state file's path, or write the verified bytes to ``--sink``.
+the files' owner/mode, re-hash the state, check the destination mdev that will
+really load it — as this host's sysfs shows it now — against the source facts the
+manifest records, under the configured match policy (the same rule ``migrate begin``
+and the proxy apply: :func:`libvirt_mdev.mdev.gate.recheck`), spend the token, then
+deliver — print the state file's path, or write the verified bytes to ``--sink``.
+
+The policy (``match_driver_version``, ``match_parent_model``: :mod:`libvirt_mdev.mdev.policy`)
+compares the manifest's ``driver_version`` / ``parent_model`` (the source's, as
+``annotate`` recorded them) with the destination's; a rule that is on and cannot be
+decided — a manifest stored without those fields, a sysfs that shows no version —
+refuses (exit 6, like a type mismatch).
 
 The token is spent *before* delivery: of two concurrent loaders only one gets the
 state, and a failed delivery needs a new migration (fail closed, never replay).
@@ -12,31 +20,41 @@ state, and a failed delivery needs a new migration (fail closed, never replay).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import click
 
 from ..errors import SignatureError, TypeMismatch
-from ..mdev.sysfs import SysfsEnv
+from ..mdev.gate import recheck, recorded_source
+from ..mdev.policy import MatchPolicy
+from ..mdev.types import DeviceCheck
 from ..store import Manifest, Store, resolve_token, spend_token
-from ..store.acl import open_sink, write_all
+from ..store.acl import write_all
+from ..store.layout import CHUNK
+from ..store.output import open_sink
 from .context import AppContext, pass_app
 
-CHUNK = 1 << 20
 
-
-def dest_mdev_type(sysfs_root: Path, mdev_uuid: str) -> str:
-    """The live type of *mdev_uuid* on this host (sysfs, as the hook reads it).
+def check_destination(m: Manifest, mdev_uuid: str, sysfs_root: Path, policy: MatchPolicy) -> DeviceCheck:
+    """Judge the mdev *mdev_uuid* that will load the state of *m*, as sysfs shows it now.
 
     Raises:
+        TypeMismatch: *m* records no source type; another type; a policy rule fails or
+            cannot be decided.
         MdevMissing: no such active mdev under *sysfs_root*.
-        MdevError: its type cannot be read.
+        MdevError: its sysfs node cannot be read.
     """
-    return SysfsEnv(sysfs_root).mdev(mdev_uuid).type_id
+    if m.mdev_type is None:
+        raise TypeMismatch(f"state for mdev {mdev_uuid} records no source mdev type; refusing to load it",
+                           mdev=mdev_uuid)
+    src = recorded_source(mdev_uuid, m.mdev_type, m.driver_version, m.parent_model)
+    domain = m.domain_name or m.domain_uuid or "(unnamed)"
+    return recheck(domain, mdev_uuid, src, sysfs_root, policy, idstr=m.idstr)
 
 
-def check_signature(m: Manifest, require: bool, trusted_keys: Sequence[Path]) -> Optional[str]:
+def check_signature(m: Manifest, require: bool, trusted_keys: Sequence[Path]) -> str | None:
     """Re-verify the source signature recorded in manifest *m* (issue 8).
 
     With *require* an unsigned state is refused; without it a signature present is
@@ -52,7 +70,7 @@ def check_signature(m: Manifest, require: bool, trusted_keys: Sequence[Path]) ->
         raise SignatureError(f"state {m.id[:16]}... for mdev {m.mdev_uuid} carries no source "
                              f"signature and require_signature is on; refusing to load it")
     try:
-        from ..sign import TrustedKeys, verify_manifest
+        from ..sign.keys import TrustedKeys, verify_manifest
     except ImportError:
         raise SignatureError("require_signature is on but the 'cryptography' package is not "
                              "installed (pip install 'libvirt-mdev[sign]'); refusing") from None
@@ -61,9 +79,9 @@ def check_signature(m: Manifest, require: bool, trusted_keys: Sequence[Path]) ->
 
 
 def load_state(store: Store, token: str, mdev_uuid: str, sysfs_root: Path,
-               sink: Optional[Path], *, require_signature: bool = False,
-               trusted_keys: Sequence[Path] = ()) -> dict[str, Any]:
-    """Do the whole load; returns what ``--json`` prints.
+               sink: Path | None, *, require_signature: bool = False,
+               trusted_keys: Sequence[Path] = (), policy: MatchPolicy | None = None) -> dict[str, Any]:
+    """Do the whole load under *policy* (default: type only); returns what ``--json`` prints.
 
     Raises:
         TokenError, StoreAccessError, StoreIntegrityError, StoreError, MdevMissing,
@@ -73,17 +91,16 @@ def load_state(store: Store, token: str, mdev_uuid: str, sysfs_root: Path,
     m, fd = store.open_verified(m.id)
     try:
         signer = check_signature(m, require_signature, trusted_keys)
-        dest_type = dest_mdev_type(sysfs_root, mdev_uuid)
-        if m.mdev_type is None:
-            raise TypeMismatch(f"state for mdev {mdev_uuid} records no source mdev type; "
-                               f"refusing to load it into type {dest_type}")
-        if m.mdev_type != dest_type:
-            raise TypeMismatch(f"state for mdev {mdev_uuid} was saved from type {m.mdev_type}, "
-                               f"but the mdev here has type {dest_type}; refusing to load it")
+        policy = policy or MatchPolicy()
+        dest = check_destination(m, mdev_uuid, sysfs_root, policy)
         spend_token(store, token, mdev_uuid)
         out: dict[str, Any] = {"token": token, "mdev_uuid": mdev_uuid, "manifest_id": m.id,
                                "sha256": m.sha256, "length": m.length,
-                               "source_type": m.mdev_type, "dest_type": dest_type,
+                               "source_type": m.mdev_type, "dest_type": dest.dest_type,
+                               "source_driver_version": m.driver_version,
+                               "dest_driver_version": dest.dest_driver_version,
+                               "source_parent_model": m.parent_model, "dest_parent_model": dest.dest_parent_model,
+                               "policy": policy.to_json(),
                                "path": str(store.root / m.state_name), "signer": signer}
         if sink is not None:
             out["sink"] = str(sink)
@@ -120,15 +137,15 @@ def _copy_to_sink(fd: int, sink: Path) -> int:
               help="sysfs mount point (default: the configured sysfs_root, normally /sys).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_app
-def load(app: AppContext, token: str, mdev_uuid: str, store_dir: Optional[Path],
-         sink: Optional[Path], sysfs_root: Optional[Path], as_json: bool) -> int:
+def load(app: AppContext, token: str, mdev_uuid: str, store_dir: Path | None,
+         sink: Path | None, sysfs_root: Path | None, as_json: bool) -> int:
     """Resolve TOKEN in the trusted store, verify it and deliver the state for --mdev."""
     root = store_dir if store_dir is not None else app.config.store
     sysfs = sysfs_root if sysfs_root is not None else app.config.sysfs_root
     with Store.open(root) as store:
         out = load_state(store, token, mdev_uuid, sysfs, sink,
                          require_signature=app.config.require_signature,
-                         trusted_keys=app.config.trusted_keys)
+                         trusted_keys=app.config.trusted_keys, policy=MatchPolicy.from_config(app.config))
     if as_json:
         app.emit_json(out)
     elif sink is None:

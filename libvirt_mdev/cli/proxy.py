@@ -6,18 +6,20 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import click
 
 from ..errors import UsageError
+from ..live.limits import ProxyLimits
+from ..live.proxy import MODES, MigrationProxy, ProxyOptions, SessionResult
+from ..live.relay import Endpoint, listening_from_systemd
+from ..live.tlsbridge import TlsCreds
 from ..log import setup_logging
-from ..proxy import MODES, MigrationProxy, ProxyOptions, SessionResult
-from ..relay import Endpoint, listening_from_systemd
-from ..tlsbridge import TlsCreds
 from .context import AppContext, pass_app
 
 LOG_IDENT = "libvirt-mdev-proxy"
+_D = ProxyLimits()
 
 
 @click.command("proxy")
@@ -53,13 +55,30 @@ LOG_IDENT = "libvirt-mdev-proxy"
                    "certificate and re-originates TLS to the local QEMU with its client certificate.")
 @click.option("--tls-hostname", metavar="NAME",
               help="The name in the local QEMU's server certificate (default: this host's name).")
+@click.option("--first-bytes-timeout", type=float, default=_D.first_bytes_timeout, show_default=True,
+              help="Seconds from accept to the first byte; silent connections are reset.")
+@click.option("--header-timeout", type=float, default=_D.header_timeout, show_default=True,
+              help="Seconds from accept to a complete QEMU file header (TLS handshake included); only then is "
+                   "a connection bound to the armed migration.")
+@click.option("--progress-timeout", type=float, default=_D.progress_timeout, show_default=True,
+              help="The stream must bring at least --progress-min-bytes in every window of this many seconds.")
+@click.option("--progress-min-bytes", type=int, default=_D.progress_min_bytes, show_default=True,
+              help="See --progress-timeout.")
+@click.option("--max-unarmed", type=int, default=_D.max_unarmed, show_default=True,
+              help="Connections held without a QEMU header; beyond it the oldest is reset.")
+@click.option("--max-sessions", type=int, default=_D.max_sessions, show_default=True,
+              help="Migrations served at once.")
+@click.option("--max-handshakes", type=int, default=_D.max_handshakes, show_default=True,
+              help="TLS handshakes in progress; beyond it the oldest is reset.")
 @click.option("-v", "--verbose", is_flag=True, help="Also log informational lines to stderr.")
 @pass_app
-def proxy(app: AppContext, listen_addr: Optional[str], forward_addr: str, mode: Optional[str],
-          domain: Optional[str], domain_xml: Optional[Path], libvirt_uri: str, once: bool, json_log: bool,
+def proxy(app: AppContext, listen_addr: str | None, forward_addr: str, mode: str | None,
+          domain: str | None, domain_xml: Path | None, libvirt_uri: str, once: bool, json_log: bool,
           connect_timeout: float, digest: bool,
-          no_verify: bool, store_dir: Optional[Path], runtime_dir: Optional[Path],
-          tls_dir: Optional[Path], tls_hostname: Optional[str], verbose: bool) -> int:
+          no_verify: bool, store_dir: Path | None, runtime_dir: Path | None,
+          tls_dir: Path | None, tls_hostname: str | None, first_bytes_timeout: float,
+          header_timeout: float, progress_timeout: float, progress_min_bytes: int, max_unarmed: int,
+          max_sessions: int, max_handshakes: int, verbose: bool) -> int:
     """Filter live migrations between a source and the local QEMU.
 
     Serves the migration that the libvirt-mdev hook armed at 'migrate begin'.  Every
@@ -67,12 +86,17 @@ def proxy(app: AppContext, listen_addr: Optional[str], forward_addr: str, mode: 
     a device the domain does not have, a type mismatch, or any malformed byte closes
     both connections: the migration fails and the source keeps the guest.
     """
+    limits = ProxyLimits(first_bytes_timeout=first_bytes_timeout, header_timeout=header_timeout,
+                         progress_timeout=progress_timeout, progress_min_bytes=progress_min_bytes,
+                         max_unarmed=max_unarmed, max_sessions=max_sessions, max_handshakes=max_handshakes)  # checks them before any work
     config = app.config.replace(store=store_dir, runtime_dir=runtime_dir)
     setup_logging(LOG_IDENT, config.log_file, stderr_level=20 if verbose or app.debug else 30)
     opts = ProxyOptions(forward=Endpoint.parse(forward_addr, "--forward"), mode=mode or config.mode,
                         domain=domain, connect_timeout=connect_timeout, digest=digest, verify=not no_verify,
-                        domain_xml=domain_xml, libvirt_uri=libvirt_uri,
+                        domain_xml=domain_xml, libvirt_uri=libvirt_uri, limits=limits,
                         tls=TlsCreds(tls_dir, tls_hostname or socket.getfqdn()) if tls_dir else None)
+    if opts.tls is not None:
+        opts.tls.check()
     listener = listening_from_systemd()
     addr = listen_addr or config.proxy_listen
     if listener is None and not addr:

@@ -22,14 +22,16 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import libvirt
 
 from ..errors import ConnectError, MdevError, NotFound, XMLError
 from .domain import parse_xml
 from .names import is_name, is_uuid
+from .sysfs import hex_id
 
 _NAME_UUID_RE = re.compile(r"^mdev_([0-9a-fA-F]{8}(?:_[0-9a-fA-F]{4}){3}_[0-9a-fA-F]{12})(?:_(.+))?$")
 _PCI_NAME_RE = re.compile(r"^pci_([0-9a-f]{4})_([0-9a-f]{2})_([0-9a-f]{2})_([0-9a-f])$")
@@ -42,7 +44,7 @@ class NodedevMdev:
     uuid: str
     type_id: str
     #: parent device address (``0000:af:00.0``) or libvirt's parent name if not PCI
-    parent: Optional[str]
+    parent: str | None
     #: libvirt node device name
     name: str
     active: bool = True
@@ -100,7 +102,7 @@ def domain_xml(dom: libvirt.virDomain, flags: int = 0) -> str:
         raise ConnectError(f"cannot read the definition of domain {dom.name()}: {_msg(exc)}") from None
 
 
-def parse_nodedev_mdev(xml: str, active: bool = True) -> Optional[NodedevMdev]:
+def parse_nodedev_mdev(xml: str, active: bool = True) -> NodedevMdev | None:
     """The mdev described by node device *xml*, or ``None`` if it is not an mdev.
 
     Raises:
@@ -127,7 +129,7 @@ def parse_nodedev_mdev(xml: str, active: bool = True) -> Optional[NodedevMdev]:
                        name=name, active=active)
 
 
-def _parent_address(parent_name: Optional[str]) -> Optional[str]:
+def _parent_address(parent_name: str | None) -> str | None:
     """``pci_0000_af_00_0`` → ``0000:af:00.0`` (the form sysfs and mdevctl use)."""
     if not parent_name:
         return None
@@ -137,6 +139,24 @@ def _parent_address(parent_name: Optional[str]) -> Optional[str]:
     return parent_name
 
 
+def _node_devices(conn: libvirt.virConnect, cap_flag: int) -> Iterator[tuple[Any, str]]:
+    """(node device, its XML) for every node device of *conn* with capability *cap_flag*.
+
+    Raises:
+        ConnectError: libvirt failed to list the devices or to read one's XML.
+    """
+    try:
+        devs = conn.listAllDevices(cap_flag)
+    except libvirt.libvirtError as exc:
+        raise ConnectError(f"cannot list node devices on {conn.getURI()}: {_msg(exc)}") from None
+    for dev in devs:
+        try:
+            xml = dev.XMLDesc(0)
+        except libvirt.libvirtError as exc:
+            raise ConnectError(f"cannot read node device {dev.name()}: {_msg(exc)}") from None
+        yield dev, xml
+
+
 def list_mdevs(conn: libvirt.virConnect) -> dict[str, list[NodedevMdev]]:
     """Every mdev node device of *conn*, by uuid (one uuid may sit under several parents).
 
@@ -144,16 +164,8 @@ def list_mdevs(conn: libvirt.virConnect) -> dict[str, list[NodedevMdev]]:
         ConnectError: libvirt failed to list node devices.
         XMLError: a node device's XML is malformed.
     """
-    try:
-        devs = conn.listAllDevices(libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_MDEV)
-    except libvirt.libvirtError as exc:
-        raise ConnectError(f"cannot list node devices on {conn.getURI()}: {_msg(exc)}") from None
     out: dict[str, list[NodedevMdev]] = {}
-    for dev in devs:
-        try:
-            xml = dev.XMLDesc(0)
-        except libvirt.libvirtError as exc:
-            raise ConnectError(f"cannot read node device {dev.name()}: {_msg(exc)}") from None
+    for dev, xml in _node_devices(conn, libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_MDEV):
         mdev = parse_nodedev_mdev(xml, active=_is_active(dev))
         if mdev is not None:
             out.setdefault(mdev.uuid, []).append(mdev)
@@ -169,7 +181,7 @@ def _is_active(dev: Any) -> bool:
 
 
 def find_mdev(mdevs: dict[str, list[NodedevMdev]], uuid: str, host: str,
-              include_inactive: bool = False) -> Optional[NodedevMdev]:
+              include_inactive: bool = False) -> NodedevMdev | None:
     """The active mdev *uuid* in a :func:`list_mdevs` result, or ``None``.
 
     With *include_inactive*, a defined-only mdev counts too (``annotate`` of a shut-off
@@ -184,3 +196,86 @@ def find_mdev(mdevs: dict[str, list[NodedevMdev]], uuid: str, host: str,
         raise MdevError(f"mdev {uuid} is active more than once on {host} with different types "
                         f"({', '.join(sorted(m.type_id for m in cands))}); remove the stale one with mdevctl")
     return cands[0] if cands else None
+
+
+@dataclass(frozen=True)
+class NodedevParent:
+    """A device that can host mdevs, as libvirt reports it (``mdev_types`` capability)."""
+
+    name: str
+    #: PCI address (``0000:3b:00.0``) or libvirt's name if not PCI
+    address: str
+    #: PCI ``vendor:device`` (``10de:1eb8``), the policy's parent model
+    model: str | None
+    driver: str | None
+    #: type id -> available_instances (``None`` when libvirt does not say)
+    available: dict[str, int | None]
+
+
+def parse_nodedev_parent(xml: str) -> NodedevParent | None:
+    """The mdev parent described by node device *xml*, or ``None`` if it offers no mdev types.
+
+    Raises:
+        XMLError: malformed XML.
+    """
+    root = parse_xml(xml, "node device XML")
+    name = (root.findtext("./name") or "").strip()
+    types = root.find(".//capability[@type='mdev_types']")
+    if types is None:
+        return None
+    available: dict[str, int | None] = {}
+    for t in types.iterfind("./type"):
+        tid = t.get("id") or ""
+        if not is_name(tid):
+            raise XMLError(f"node device {name}: mdev type without a valid id")
+        text = (t.findtext("./availableInstances") or "").strip()
+        available[tid] = int(text) if text.isdigit() else None
+    vendor = root.find("./capability[@type='pci']/vendor")
+    product = root.find("./capability[@type='pci']/product")
+    model = None
+    if vendor is not None and product is not None and vendor.get("id") and product.get("id"):
+        model = f"{hex_id(vendor.get('id') or '')}:{hex_id(product.get('id') or '')}"
+    driver = (root.findtext("./driver/name") or "").strip() or None
+    return NodedevParent(name=name, address=_parent_address(name) or name, model=model, driver=driver,
+                         available=available)
+
+
+def list_parents(conn: libvirt.virConnect) -> dict[str, NodedevParent]:
+    """Every mdev parent of *conn*, by address (``CAP_MDEV_TYPES``: the test driver takes it).
+
+    Raises:
+        ConnectError: libvirt failed to list node devices.
+        XMLError: a node device's XML is malformed.
+    """
+    out: dict[str, NodedevParent] = {}
+    for _dev, xml in _node_devices(conn, libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_MDEV_TYPES):
+        parent = parse_nodedev_parent(xml)
+        if parent is not None:
+            out[parent.address] = parent
+    return out
+
+
+def mdevs_in_use(conn: libvirt.virConnect) -> dict[str, str]:
+    """mdev uuid -> name of the domain (running or defined) on *conn* whose XML names it.
+
+    An mdev a defined domain names is not free for another guest, even while that
+    domain is shut off.
+
+    Raises:
+        ConnectError: libvirt failed to list domains or read one.
+    """
+    from .domain import parse_domain  # lxml: only the CLI gets here
+
+    try:
+        doms = conn.listAllDomains(0)
+    except libvirt.libvirtError as exc:
+        raise ConnectError(f"cannot list domains on {conn.getURI()}: {_msg(exc)}") from None
+    out: dict[str, str] = {}
+    for dom in doms:
+        try:
+            info = parse_domain(domain_xml(dom))
+        except XMLError:
+            continue  # a domain we cannot read names no mdev we could offer with confidence
+        for h in info.hostdevs:
+            out.setdefault(h.uuid, info.name)
+    return out

@@ -7,13 +7,19 @@ the kernel's view directly (LIBVIRT.md §5, mdevctl's ``load_from_sysfs``):
 * the type id is the basename of the *fully resolved* ``mdev_type`` link (libvirt and
   mdevctl both canonicalize, so a relative or chained link gives the same answer);
 * the parent is the basename of the canonical device dir's parent;
-* ``mdev_type/device_api`` is the model (``vfio-pci``).
+* ``mdev_type/device_api`` is the model (``vfio-pci``);
+* the vendor driver is the basename of the parent's ``driver`` link, its version the
+  ``version`` file of the driver's kernel module (``driver/module`` →
+  ``/sys/module/<name>/version``, which modules declaring ``MODULE_VERSION`` have —
+  the NVIDIA vGPU manager does); the parent model is the parent's PCI ``vendor`` and
+  ``device`` ids, ``10de:1eb8``.  These three are facts for the compatibility
+  policy (:mod:`.policy`): ``None`` when sysfs does not show them.
 
 Vocabulary as mdevctl's: an mdev is *active* when its sysfs node exists; we never
 look at *defined* (persisted) mdevs — only active ones can receive state.
 
 The sysfs root is configurable (config ``sysfs_root``) so tests and ``examples/`` use
-a fake tree built by :func:`make_fake_sysfs`.  No lxml, no libvirt: the hook imports
+a fake tree (the test kit builds one: ``testkit/fakesysfs.py``).  No lxml, no libvirt: the hook imports
 this.
 """
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Union
 
 from ..errors import MdevError, MdevMissing, UsageError
 from .names import is_name, is_uuid
@@ -36,9 +42,22 @@ class SysfsMdev:
     uuid: str
     type_id: str
     parent: str
-    device_api: Optional[str]
+    device_api: str | None
     #: the type's human name (``GRID T4-1B``), optional in sysfs
-    type_name: Optional[str] = None
+    type_name: str | None = None
+    #: the parent's vendor driver, its module version, and its PCI ``vendor:device``
+    driver: str | None = None
+    driver_version: str | None = None
+    parent_model: str | None = None
+
+
+@dataclass(frozen=True)
+class ParentFacts:
+    """What the policy compares about an mdev's parent device."""
+
+    driver: str | None = None
+    driver_version: str | None = None
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -48,8 +67,8 @@ class MdevTypeInfo:
     type_id: str
     device_api: str
     available_instances: int
-    name: Optional[str] = None
-    description: Optional[str] = None
+    name: str | None = None
+    description: str | None = None
 
 
 class SysfsEnv:
@@ -92,15 +111,26 @@ class SysfsEnv:
         if not is_name(type_id) or not is_name(parent):
             raise MdevError(f"mdev {uuid} under {self.root} has an unusable type "
                             f"{type_id!r} or parent {parent!r}", mdev=uuid)
-        return SysfsMdev(uuid=uuid, type_id=type_id, parent=parent,
-                         device_api=device_api, type_name=type_name)
+        facts = parent_facts(dev_dir.parent, self.root)
+        return SysfsMdev(uuid=uuid, type_id=type_id, parent=parent, device_api=device_api, type_name=type_name,
+                         driver=facts.driver, driver_version=facts.driver_version, parent_model=facts.model)
 
-    def find(self, uuid: str) -> Optional[SysfsMdev]:
+    def find(self, uuid: str) -> SysfsMdev | None:
         """Like :meth:`mdev` but ``None`` when the mdev is absent."""
         try:
             return self.mdev(uuid)
         except MdevMissing:
             return None
+
+    def parent(self, name: str) -> ParentFacts:
+        """Driver, driver version and model of the mdev parent *name* (``class/mdev_bus``)."""
+        if not is_name(name):
+            raise UsageError(f"{name!r} is not an mdev parent name")
+        try:
+            pdir = Path(os.path.realpath(self.parent_base() / name, strict=True))
+        except (OSError, RuntimeError):
+            return ParentFacts()
+        return parent_facts(pdir, self.root)
 
     def parents(self) -> list[str]:
         """Names of the devices that can host mdevs (``class/mdev_bus`` entries)."""
@@ -129,7 +159,42 @@ class SysfsEnv:
         return out
 
 
-def _read_optional(path: Path) -> Optional[str]:
+def parent_facts(pdir: Path, root: Path) -> ParentFacts:
+    """Read what sysfs shows of a parent device; anything unreadable is ``None``.
+
+    Informative by itself: the policy refuses when a rule it needs is ``None``.
+    """
+    driver = version = None
+    try:
+        ddir = Path(os.path.realpath(pdir / "driver", strict=True))
+        driver = ddir.name if is_name(ddir.name) else None
+        try:
+            mdir = Path(os.path.realpath(ddir / "module", strict=True))
+        except (OSError, RuntimeError):  # built-in driver or no module link: try /sys/module/<driver>
+            mdir = root / "module" / ddir.name
+        version = _clean(_read_optional(mdir / "version"))
+    except (OSError, RuntimeError):
+        pass
+    model = None
+    try:
+        vendor, device = _read_optional(pdir / "vendor"), _read_optional(pdir / "device")
+        if vendor and device:
+            model = _clean(f"{hex_id(vendor)}:{hex_id(device)}")
+    except OSError:
+        pass
+    return ParentFacts(driver, version, model)
+
+
+def hex_id(text: str) -> str:
+    """A PCI id as sysfs (``0x10de``) or node device XML (``0x10de``, ``10DE``) writes it → ``10de``."""
+    return text.strip().lower().removeprefix("0x")
+
+
+def _clean(text: str | None) -> str | None:
+    return text if text and is_name(text) else None
+
+
+def _read_optional(path: Path) -> str | None:
     try:
         return path.read_text(encoding="utf-8", errors="replace").strip()
     except FileNotFoundError:
@@ -140,84 +205,3 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror} ({exc.filename})" if exc.filename else exc.strerror
     return str(exc) or type(exc).__name__
-
-
-# --------------------------------------------------------------------------- fake trees
-@dataclass(frozen=True)
-class FakeType:
-    """A type offered by a fake parent (the files of ``mdev_supported_types/<type>/``)."""
-
-    name: Optional[str] = None
-    device_api: str = "vfio-pci"
-    available_instances: int = 4
-    description: Optional[str] = None
-
-
-TypeSpec = Union[FakeType, Mapping[str, object], None]
-
-
-def _fake_type(spec: TypeSpec) -> FakeType:
-    if spec is None:
-        return FakeType()
-    if isinstance(spec, FakeType):
-        return spec
-    return FakeType(**spec)  # type: ignore[arg-type]
-
-
-def make_fake_sysfs(root: PathLike,
-                    parents: Mapping[str, Union[Mapping[str, TypeSpec], Sequence[str]]],
-                    devices: Optional[Mapping[str, tuple[str, str]]] = None) -> SysfsEnv:
-    """Build a fake sysfs tree under *root* that looks like the kernel's, symlinks and all.
-
-    *parents* maps a parent address (``0000:af:00.0``) to its types (type id → a
-    :class:`FakeType`, a dict of its fields, or ``None``; a plain list of ids also
-    works).  *devices* maps mdev uuid → ``(parent, type_id)``.  Links are relative, so
-    the tree can be moved.  Layout::
-
-        devices/pci0000:00/<parent>/mdev_supported_types/<type>/{name,device_api,
-            available_instances,description,create,devices/<uuid> -> ../../../<uuid>}
-        devices/pci0000:00/<parent>/<uuid>/{mdev_type -> ../mdev_supported_types/<type>, remove}
-        class/mdev_bus/<parent> -> ../../devices/pci0000:00/<parent>
-        bus/mdev/devices/<uuid> -> ../../../devices/pci0000:00/<parent>/<uuid>
-
-    Returns the :class:`SysfsEnv` for *root*.  Raises :class:`UsageError` for a device
-    whose parent or type is not declared.
-    """
-    rootp = Path(root)
-    pci = rootp / "devices" / "pci0000:00"
-    (rootp / "class" / "mdev_bus").mkdir(parents=True, exist_ok=True)
-    (rootp / "bus" / "mdev" / "devices").mkdir(parents=True, exist_ok=True)
-    declared: dict[str, set[str]] = {}
-    for parent, types in parents.items():
-        pdir = pci / parent
-        pdir.mkdir(parents=True, exist_ok=True)
-        _symlink(f"../../devices/pci0000:00/{parent}", rootp / "class" / "mdev_bus" / parent)
-        type_map = {t: None for t in types} if not isinstance(types, Mapping) else types
-        declared[parent] = set(type_map)
-        for type_id, spec in type_map.items():
-            ft = _fake_type(spec)
-            tdir = pdir / "mdev_supported_types" / type_id
-            (tdir / "devices").mkdir(parents=True, exist_ok=True)
-            (tdir / "device_api").write_text(ft.device_api + "\n")
-            (tdir / "available_instances").write_text(f"{ft.available_instances}\n")
-            (tdir / "create").write_text("")
-            if ft.name is not None:
-                (tdir / "name").write_text(ft.name + "\n")
-            if ft.description is not None:
-                (tdir / "description").write_text(ft.description + "\n")
-    for uuid, (parent, type_id) in (devices or {}).items():
-        if type_id not in declared.get(parent, ()):
-            raise UsageError(f"fake mdev {uuid}: parent {parent} has no type {type_id}")
-        ddir = pci / parent / uuid
-        ddir.mkdir(exist_ok=True)
-        (ddir / "remove").write_text("")
-        _symlink(f"../mdev_supported_types/{type_id}", ddir / "mdev_type")
-        _symlink(f"../../../{uuid}", pci / parent / "mdev_supported_types" / type_id / "devices" / uuid)
-        _symlink(f"../../../devices/pci0000:00/{parent}/{uuid}", rootp / "bus" / "mdev" / "devices" / uuid)
-    return SysfsEnv(rootp)
-
-
-def _symlink(target: str, link: Path) -> None:
-    if os.path.lexists(link):
-        link.unlink()
-    link.symlink_to(target)

@@ -12,15 +12,14 @@ Public API (everything else is internal)::
         manifest = w.commit()         # fsync + rename + manifest; exception in the block = abort
     token = issue_token(manifest)     # "mdev-state-v1:<manifest id>"
 
-All path and permission code lives in :mod:`.acl`.
+All path and permission code lives in :mod:`.acl`; the file names in :mod:`.layout`.
 """
 from __future__ import annotations
 
-from .manifest import FORMAT_VERSION, Manifest, StateMeta, parse_manifest
 from .gc import GcReport
+from .manifest import FORMAT_VERSION, Manifest, StateMeta, parse_manifest
 from .store import Entry, StateWriter, Store
 from .tokens import TOKEN_PREFIX, issue_token, parse_token, resolve_token, spend_token
 
-__all__ = ["FORMAT_VERSION", "Manifest", "StateMeta", "parse_manifest", "Entry", "GcReport",
-           "StateWriter", "Store", "TOKEN_PREFIX", "issue_token", "parse_token",
-           "resolve_token", "spend_token"]
+__all__ = ["FORMAT_VERSION", "TOKEN_PREFIX", "Entry", "GcReport", "Manifest", "StateMeta", "StateWriter", "Store",
+           "issue_token", "parse_manifest", "parse_token", "resolve_token", "spend_token"]

@@ -1,9 +1,12 @@
 """Every path- and permission-sensitive file operation of libvirt-mdev, in one place.
 
-Why one module: the trusted store (and the hook's pending records) must be safe
+Why one place: the trusted store (and the hook's pending records) must be safe
 against a local attacker who can plant symlinks, hard links or files with the wrong
 owner or mode anywhere they can write.  Auditing that is only feasible if *all* such
-code lives here.  The rules, applied without exception:
+code lives here: this module (:class:`SecureDir`, every operation relative to a held
+directory fd) and :mod:`.paths` (the rules' constants and the only two opens by
+path).  Files a user names for output are :mod:`.output`'s.  The rules, applied
+without exception:
 
 * A directory is opened once (``O_DIRECTORY | O_NOFOLLOW``) and held as a file
   descriptor; every file is opened *relative to that fd* (``dir_fd=``), with
@@ -26,52 +29,35 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import re
 import secrets
 import stat
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Union
+from typing import Self
 
 from ..errors import InternalError, StoreAccessError, StoreError
-
-#: The only names we ever open: letters, digits, ``.``, ``_``, ``-``; 1..200 chars.
-#: (``.`` and ``..`` are refused separately.)  No ``/``, NUL, newline or space.
-NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,200}\Z")
-#: Prefix of in-progress files.  Readers never accept a name with this prefix.
-TEMP_PREFIX = ".tmp-"
-FILE_MODE = 0o600
-DIR_MODE = 0o700
-#: Manifests, pending records and markers are small; refuse to read anything bigger.
-MAX_SMALL_FILE = 1 << 20
-
-_OPEN_BASE = os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def validate_name(name: object, what: str = "file name") -> str:
-    """Return *name* if it is a plain name from the allowed alphabet.
-
-    Raises:
-        StoreAccessError: anything else (separators, ``..``, NUL, newline, empty,
-            too long, not a string).
-    """
-    if not isinstance(name, str) or not NAME_RE.match(name) or name in (".", ".."):
-        raise StoreAccessError(
-            f"refusing {what} {name!r}: only plain names of letters, digits, '.', '_' "
-            f"and '-' are allowed (no '/', '..', NUL or newline)")
-    return name
-
-
-def _mode_text(mode: int) -> str:
-    return f"{stat.S_IMODE(mode):04o}"
+from .paths import (
+    DIR_MODE,
+    FILE_MODE,
+    MAX_SMALL_FILE,
+    NAME_RE,
+    OPEN_BASE,
+    TEMP_PREFIX,
+    PathArg,
+    mode_text,
+    open_checked_dir,
+    read_protected_file,
+    validate_name,
+)
 
 
 @dataclass
 class SecureDir:
     """An open, checked directory: the anchor of every file operation.
 
-    Use :meth:`open` (or :meth:`create_or_open`); close with :meth:`close` or as a
+    Use :meth:`open`; close with :meth:`close` or as a
     context manager.  ``uid`` is the owner every file must have (root in production).
     """
 
@@ -82,76 +68,22 @@ class SecureDir:
 
     # ----------------------------------------------------------------- open / create
     @classmethod
-    def open(cls, path: Union[str, os.PathLike[str]], *, create: bool = False,
-             uid: int = 0, what: str = "store") -> "SecureDir":
-        """Open directory *path*, checking it is a real directory (not a symlink),
-        owned by *uid*, mode exactly 0700.  With *create*, make it (0700, owner
-        *uid*) when it does not exist; its parent must exist.
+    def open(cls, path: PathArg, *, create: bool = False, uid: int = 0, what: str = "store") -> SecureDir:
+        """Open directory *path* (:func:`.paths.open_checked_dir`: a real directory,
+        owner *uid*, mode 0700; with *create*, made so when missing).
 
         Raises:
-            StoreAccessError: missing (without *create*), symlink, not a directory,
-                wrong owner or mode, or an OS error opening it.
+            StoreAccessError: missing, symlink, not a directory, wrong owner or mode.
         """
-        p = Path(path)
-        if not p.is_absolute():
-            p = Path.cwd() / p
-        if create:
-            try:
-                os.mkdir(p, DIR_MODE)
-            except FileExistsError:
-                pass  # checked below exactly like a pre-existing directory
-            except OSError as exc:
-                raise StoreAccessError(f"cannot create {what} directory {p}: {exc.strerror}") from None
-            else:
-                # mkdir obeys the umask and creates with our euid: set both explicitly,
-                # through an fd so a racing rename cannot redirect the change.
-                fd = cls._open_dir_fd(p, what)
-                try:
-                    os.fchmod(fd, DIR_MODE)
-                    if os.fstat(fd).st_uid != uid:
-                        os.fchown(fd, uid, -1)
-                finally:
-                    os.close(fd)
-        fd = cls._open_dir_fd(p, what)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISDIR(st.st_mode):
-                raise StoreAccessError(f"{what} {p} is not a directory")
-            if st.st_uid != uid:
-                raise StoreAccessError(
-                    f"{what} directory {p} is owned by uid {st.st_uid}, expected uid {uid}; "
-                    f"fix with: chown {uid} {p}")
-            if stat.S_IMODE(st.st_mode) != DIR_MODE:
-                raise StoreAccessError(
-                    f"{what} directory {p} has mode {_mode_text(st.st_mode)}, expected 0700; "
-                    f"fix with: chmod 0700 {p}")
-        except BaseException:
-            os.close(fd)
-            raise
+        p, fd = open_checked_dir(path, create=create, uid=uid, what=what)
         return cls(path=p, fd=fd, uid=uid)
-
-    @staticmethod
-    def _open_dir_fd(p: Path, what: str) -> int:
-        try:
-            return os.open(p, os.O_RDONLY | os.O_DIRECTORY | _OPEN_BASE)
-        except FileNotFoundError:
-            raise StoreAccessError(f"{what} directory {p} does not exist "
-                                   f"(create it with mode 0700, owner root)") from None
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                # O_NOFOLLOW on the last component gives ELOOP for a symlink.
-                if os.path.islink(p):
-                    raise StoreAccessError(f"{what} directory {p} is a symlink; refusing "
-                                           f"to follow it") from None
-                raise StoreAccessError(f"{what} {p} is not a directory") from None
-            raise StoreAccessError(f"cannot open {what} directory {p}: {exc.strerror}") from None
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
             os.close(self.fd)
 
-    def __enter__(self) -> "SecureDir":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -181,14 +113,14 @@ class SecureDir:
         if st.st_uid != self.uid:
             raise StoreAccessError(f"{where} is owned by uid {st.st_uid}, expected uid {self.uid}")
         if stat.S_IMODE(st.st_mode) != FILE_MODE:
-            raise StoreAccessError(f"{where} has mode {_mode_text(st.st_mode)}, expected 0600")
+            raise StoreAccessError(f"{where} has mode {mode_text(st.st_mode)}, expected 0600")
         if st.st_nlink != 1:
             raise StoreAccessError(f"{where} has {st.st_nlink} hard links, expected 1 "
                                    f"(a hard link may point at a file outside the store)")
         return st
 
     # ------------------------------------------------------------------- reading
-    def open_read(self, name: str, *, missing_ok: bool = False) -> Optional[int]:
+    def open_read(self, name: str, *, missing_ok: bool = False) -> int | None:
         """Open *name* read-only and return a checked fd (caller closes it).
 
         Returns None when the file does not exist and *missing_ok* is set.
@@ -199,7 +131,7 @@ class SecureDir:
         """
         validate_name(name)
         try:
-            fd = os.open(name, os.O_RDONLY | _OPEN_BASE | os.O_NONBLOCK, dir_fd=self.fd)
+            fd = os.open(name, os.O_RDONLY | OPEN_BASE | os.O_NONBLOCK, dir_fd=self.fd)
         except FileNotFoundError:
             if missing_ok:
                 return None
@@ -216,7 +148,7 @@ class SecureDir:
         return fd
 
     def read_small(self, name: str, *, missing_ok: bool = False,
-                   limit: int = MAX_SMALL_FILE) -> Optional[bytes]:
+                   limit: int = MAX_SMALL_FILE) -> bytes | None:
         """The whole content of a small checked file (manifest, record, marker)."""
         fd = self.open_read(name, missing_ok=missing_ok)
         if fd is None:
@@ -245,7 +177,7 @@ class SecureDir:
             return False
         return True
 
-    def lstat(self, name: str) -> Optional[os.stat_result]:
+    def lstat(self, name: str) -> os.stat_result | None:
         validate_name(name)
         try:
             return os.stat(name, dir_fd=self.fd, follow_symlinks=False)
@@ -267,7 +199,7 @@ class SecureDir:
         for _ in range(8):
             name = validate_name(f"{TEMP_PREFIX}{secrets.token_hex(16)}{suffix}")
             try:
-                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_BASE,
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | OPEN_BASE,
                              FILE_MODE, dir_fd=self.fd)
             except FileExistsError:
                 continue
@@ -277,9 +209,12 @@ class SecureDir:
                 os.fchmod(fd, FILE_MODE)  # the umask may have removed bits we do not want anyway
                 if os.fstat(fd).st_uid != self.uid:
                     os.fchown(fd, self.uid, -1)
-            except BaseException:
+            except BaseException as exc:
                 os.close(fd)
                 self.unlink(name, missing_ok=True)
+                if isinstance(exc, OSError):
+                    raise StoreAccessError(f"cannot give a new file in {self.path} owner uid {self.uid}: "
+                                           f"{exc.strerror}; run as root") from None
                 raise
             return fd, name
         raise InternalError("could not find a free temp name in 8 tries")
@@ -315,7 +250,7 @@ class SecureDir:
             self.unlink(temp_name, missing_ok=True)
             raise StoreError(f"cannot store {self.describe(final_name)}: {exc.strerror}") from None
 
-    def discard_temp(self, fd: Optional[int], temp_name: str) -> None:
+    def discard_temp(self, fd: int | None, temp_name: str) -> None:
         """Close and remove an uncommitted temp file (best effort, never raises OSError)."""
         if fd is not None:
             try:
@@ -365,7 +300,7 @@ class SecureDir:
         """Hold ``flock`` on the lock file *name* (created 0600 on first use)."""
         validate_name(name)
         try:
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | _OPEN_BASE, FILE_MODE, dir_fd=self.fd)
+            fd = os.open(name, os.O_RDWR | os.O_CREAT | OPEN_BASE, FILE_MODE, dir_fd=self.fd)
         except OSError as exc:
             raise self.open_error(name, exc) from None
         try:
@@ -375,7 +310,7 @@ class SecureDir:
         finally:
             os.close(fd)  # releases the lock
 
-    def try_lock_file(self, name: str) -> Optional[int]:
+    def try_lock_file(self, name: str) -> int | None:
         """Open *name* and take a non-blocking exclusive flock on it.
 
         Returns the fd (caller closes it, which releases the lock), or None when the
@@ -384,7 +319,7 @@ class SecureDir:
         """
         validate_name(name)
         try:
-            fd = os.open(name, os.O_RDONLY | _OPEN_BASE | os.O_NONBLOCK, dir_fd=self.fd)
+            fd = os.open(name, os.O_RDONLY | OPEN_BASE | os.O_NONBLOCK, dir_fd=self.fd)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -404,7 +339,7 @@ def lock_fd(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def write_all(fd: int, data: Union[bytes, bytearray, memoryview], where: str) -> int:
+def write_all(fd: int, data: bytes | bytearray | memoryview, where: str) -> int:
     """Write all of *data* to *fd* (looping over short writes).
 
     Raises:
@@ -426,148 +361,5 @@ def write_all(fd: int, data: Union[bytes, bytearray, memoryview], where: str) ->
     return total
 
 
-def open_sink(path: Union[str, os.PathLike[str]]) -> int:
-    """Open the loader's delivery sink (a file or a sysfs attribute named by the
-    operator) for writing: never through a symlink as the last component, created
-    0600 when missing, truncated.
-
-    Raises:
-        StoreError: cannot open it (missing directory, symlink, permissions...).
-    """
-    p = os.fspath(path)
-    try:
-        return os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _OPEN_BASE, FILE_MODE)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise StoreAccessError(f"sink {p} is a symlink; refusing to follow it") from None
-        raise StoreError(f"cannot open sink {p}: {exc.strerror}") from None
-
-
-def read_protected_file(path: Union[str, os.PathLike[str]], *, uid: int = 0, what: str = "file",
-                        limit: int = MAX_SMALL_FILE) -> bytes:
-    """Read a small configuration-like file that decides what we trust (a trusted
-    public key): never through a symlink, a regular file owned by *uid* that neither
-    group nor others may write.  (It may be world-readable: public keys are not secret.)
-
-    Raises:
-        StoreAccessError: missing, symlink, not regular, wrong owner, writable by others,
-            larger than *limit*.
-    """
-    p = os.fspath(path)
-    try:
-        fd = os.open(p, os.O_RDONLY | _OPEN_BASE | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise StoreAccessError(f"{what} {p} does not exist") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise StoreAccessError(f"{what} {p} is a symlink; refusing to follow it") from None
-        raise StoreAccessError(f"cannot open {what} {p}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise StoreAccessError(f"{what} {p} is not a regular file")
-        if st.st_uid != uid:
-            raise StoreAccessError(f"{what} {p} is owned by uid {st.st_uid}, expected uid {uid}; "
-                                   f"fix with: chown {uid} {p}")
-        if st.st_mode & 0o022:
-            raise StoreAccessError(f"{what} {p} has mode {_mode_text(st.st_mode)}: others may "
-                                   f"change it; fix with: chmod go-w {p}")
-        if st.st_size > limit:
-            raise StoreAccessError(f"{what} {p} is larger than {limit} bytes")
-        data = os.read(fd, limit + 1)
-        if len(data) > limit:
-            raise StoreAccessError(f"{what} {p} is larger than {limit} bytes")
-        return data
-    finally:
-        os.close(fd)
-
-
-def _remove_stale_outputs(directory: str, prefix: str, mine: str) -> None:
-    """Unlink ``prefix*`` temp files in *directory* whose writer is gone (no flock held)."""
-    try:
-        names = [n for n in os.listdir(directory) if n.startswith(prefix) and n != mine]
-    except OSError:
-        return
-    for name in names:
-        path = os.path.join(directory, name)
-        try:
-            fd = os.open(path, os.O_RDONLY | _OPEN_BASE)
-        except OSError:
-            continue  # a symlink or gone: not ours to touch
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # a live writer holds it
-            os.unlink(path)
-        finally:
-            os.close(fd)
-
-
-class AtomicOutput:
-    """An output file (a stripped or spliced stream) that appears only when complete.
-
-    Written to ``.<name>.tmp-<random>`` beside *path* (0600, O_EXCL, no-follow, held
-    under an flock while written), then fsync'd and renamed over *path* by
-    :meth:`commit`; :meth:`abort` (or leaving the ``with`` block by an exception)
-    removes the temp file.  So a failed or killed run never leaves a half-written stream
-    under the requested name, and the temp files of killed runs (unlocked) are removed
-    by the next run that writes the same name.
-    """
-
-    def __init__(self, path: Union[str, os.PathLike[str]]) -> None:
-        self.path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(self.path))
-        base = os.path.basename(self.path)
-        if not base or base in (".", ".."):
-            raise StoreError(f"output {self.path!r} is not a file name")
-        prefix = f".{base}.tmp-"
-        self._temp = os.path.join(directory, prefix + os.urandom(6).hex())
-        try:
-            self.fd: Optional[int] = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_BASE,
-                                             FILE_MODE)
-        except OSError as exc:
-            raise StoreError(f"cannot create output in {directory}: {exc.strerror}") from None
-        lock_fd(self.fd)
-        self.file = os.fdopen(self.fd, "wb", buffering=0, closefd=False)
-        _remove_stale_outputs(directory, prefix, os.path.basename(self._temp))
-
-    def write(self, data: Union[bytes, bytearray, memoryview]) -> int:
-        assert self.fd is not None
-        return write_all(self.fd, data, self.path)
-
-    def commit(self) -> None:
-        if self.fd is None:
-            return
-        fd, self.fd = self.fd, None
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(self._temp, self.path)
-        dfd = os.open(os.path.dirname(os.path.abspath(self.path)), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-    def abort(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-            try:
-                os.unlink(self._temp)
-            except FileNotFoundError:
-                pass
-
-    def __enter__(self) -> "AtomicOutput":
-        return self
-
-    def __exit__(self, et: object, ev: object, tb: object) -> None:
-        if et is not None:
-            self.abort()
-        else:
-            self.commit()
+__all__ = ["DIR_MODE", "FILE_MODE", "MAX_SMALL_FILE", "NAME_RE", "TEMP_PREFIX", "SecureDir", "lock_fd",
+           "read_protected_file", "validate_name", "write_all"]

@@ -18,7 +18,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import StoreIntegrityError, UsageError
 
@@ -31,6 +31,10 @@ UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{
 #: migration ids, host names, mdev type ids: a conservative printable alphabet
 WORD_RE = re.compile(r"[A-Za-z0-9._:@+-]{1,255}\Z")
 MAX_TEXT = 1024
+#: fields added after format 1 shipped.  They are left out of the canonical bytes when
+#: unset, so a manifest without them keeps its exact bytes and id (and a reader that
+#: predates them still reads it); a stored ``null`` is not canonical and is refused.
+LATER_FIELDS = frozenset({"driver_version", "parent_model"})
 
 
 def _text_ok(value: str) -> bool:
@@ -59,11 +63,16 @@ class StateMeta:
     version_id: int
     vfio_framing: str               #: ``v1`` or ``v2``
     migration_id: str               #: unique per migration (hook/proxy/strip run)
-    mdev_uuid: Optional[str] = None
-    mdev_type: Optional[str] = None  #: source mdev type id, e.g. ``nvidia-63``
-    domain_name: Optional[str] = None
-    domain_uuid: Optional[str] = None
-    source_host: Optional[str] = None
+    mdev_uuid: str | None = None
+    mdev_type: str | None = None  #: source mdev type id, e.g. ``nvidia-63``
+    domain_name: str | None = None
+    domain_uuid: str | None = None
+    source_host: str | None = None
+    #: the source mdev's vendor driver version and its parent's PCI ``vendor:device``,
+    #: as ``annotate`` recorded them: what ``load`` checks under the match policy
+    #: (:mod:`libvirt_mdev.mdev.policy`)
+    driver_version: str | None = None
+    parent_model: str | None = None
 
     def check(self) -> None:
         """Validate field values (the filter builds these from untrusted input).
@@ -86,26 +95,29 @@ class Manifest:
     version_id: int
     vfio_framing: str
     migration_id: str
-    mdev_uuid: Optional[str]
-    mdev_type: Optional[str]
-    domain_name: Optional[str]
-    domain_uuid: Optional[str]
-    source_host: Optional[str]
+    mdev_uuid: str | None
+    mdev_type: str | None
+    domain_name: str | None
+    domain_uuid: str | None
+    source_host: str | None
     length: int                     #: bytes in the ``.state`` file
     sha256: str                     #: of the ``.state`` file; also its name
     created: int                    #: unix seconds
-    signature: Optional[str] = None  #: base64 Ed25519 signature (issue 8)
-    signer: Optional[str] = None     #: key id of the signer (issue 8)
+    signature: str | None = None  #: base64 Ed25519 signature (issue 8)
+    signer: str | None = None     #: key id of the signer (issue 8)
+    driver_version: str | None = None  #: the source's, see :class:`StateMeta`
+    parent_model: str | None = None    #: the source's, see :class:`StateMeta`
 
     @classmethod
     def build(cls, meta: StateMeta, *, length: int, sha256: str, created: int,
-              signature: Optional[str] = None, signer: Optional[str] = None) -> "Manifest":
+              signature: str | None = None, signer: str | None = None) -> Manifest:
         return cls(format=FORMAT_VERSION, length=length, sha256=sha256, created=created,
                    signature=signature, signer=signer, **dataclasses.asdict(meta))
 
     def to_json(self) -> bytes:
-        """The canonical bytes (what is stored and hashed)."""
-        return json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"),
+        """The canonical bytes (what is stored and hashed); :data:`LATER_FIELDS` appear only when set."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k not in LATER_FIELDS}
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"),
                           ensure_ascii=True, allow_nan=False).encode("ascii")
 
     @property
@@ -134,6 +146,7 @@ _META_TYPES: dict[str, Any] = {
     "idstr": str, "instance_id": int, "version_id": int, "vfio_framing": str,
     "migration_id": str, "mdev_uuid": _OPT_STR, "mdev_type": _OPT_STR,
     "domain_name": _OPT_STR, "domain_uuid": _OPT_STR, "source_host": _OPT_STR,
+    "driver_version": _OPT_STR, "parent_model": _OPT_STR,
 }
 _MANIFEST_TYPES: dict[str, Any] = dict(_META_TYPES, format=int, length=int, sha256=str,
                                        created=int, signature=_OPT_STR, signer=_OPT_STR)
@@ -143,7 +156,7 @@ def _problems(d: dict[str, Any], types: dict[str, Any]) -> list[str]:
     """Every reason *d* is not a valid record of the given field *types*."""
     out: list[str] = []
     unknown = sorted(set(d) - set(types))
-    missing = sorted(set(types) - set(d))
+    missing = sorted(set(types) - set(d) - LATER_FIELDS)
     if unknown:
         out.append(f"unknown field {unknown[0]!r}")
     if missing:
@@ -164,7 +177,7 @@ def _problems(d: dict[str, Any], types: dict[str, Any]) -> list[str]:
     return out
 
 
-def _value_problem(key: str, v: Any) -> Optional[str]:
+def _value_problem(key: str, v: Any) -> str | None:
     if key in ("instance_id", "version_id"):
         return None if 0 <= v < 2**32 else "is out of range"
     if key in ("length", "created"):
@@ -177,7 +190,7 @@ def _value_problem(key: str, v: Any) -> Optional[str]:
         return None if UUID_RE.match(v) else "is not a lowercase UUID"
     if key == "vfio_framing":
         return None if v in VFIO_FRAMINGS else f"must be one of {', '.join(VFIO_FRAMINGS)}"
-    if key in ("migration_id", "mdev_type", "source_host", "signer"):
+    if key in ("migration_id", "mdev_type", "source_host", "signer", "driver_version", "parent_model"):
         return None if WORD_RE.match(v) else "has characters outside [A-Za-z0-9._:@+-]"
     if key in ("idstr", "domain_name", "signature"):
         return None if _text_ok(v) else "is empty, too long or not printable"
@@ -185,7 +198,7 @@ def _value_problem(key: str, v: Any) -> Optional[str]:
 
 
 def parse_manifest(data: bytes, *, where: str = "manifest",
-                   expect_id: Optional[str] = None) -> Manifest:
+                   expect_id: str | None = None) -> Manifest:
     """Parse and strictly validate stored manifest bytes.
 
     With *expect_id*, the bytes must hash to it (the file name).

@@ -4,6 +4,13 @@ One file per domain, ``<domain uuid>.json`` under the runtime dir (0700 root, fi
 0600 root), written atomically with the same checked file code as the store
 (:mod:`.acl`).  The hook writes it, the proxy reads it, ``release end`` removes it.
 
+A migration that fails after ``migrate begin`` but before libvirt has a domain object
+(e.g. "domain already exists") gets no ``release end``: its record would stay for ever.
+So records are *stale* once no QEMU of their domain, started after them, runs on this
+host and their grace period (:data:`PENDING_GRACE`) is over: the proxy ignores stale
+records when choosing which migration a connection serves (so they never block another
+domain), and ``store gc`` and ``libvirt-mdev pending clear --stale`` remove them.
+
 A record (all keys required, nothing else allowed)::
 
     {"domain_name": "vm1", "domain_uuid": "<uuid>", "migration_id": "<word>",
@@ -14,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -23,6 +31,8 @@ from .manifest import WORD_RE, is_uuid
 
 _RECORD_KEYS = {"domain_name", "domain_uuid", "migration_id", "created", "devices"}
 _DEVICE_KEYS = {"mdev_uuid", "idstr", "type"}
+#: source facts for the compatibility policy (issue 17); optional, so older records stay valid
+_DEVICE_OPTIONAL = {"driver_version", "parent_model"}
 PathLike = Union[str, "os.PathLike[str]"]
 
 
@@ -51,8 +61,11 @@ def record_problem(record: Any) -> Optional[str]:
     if not isinstance(devs, list):
         return "devices must be a list"
     for i, d in enumerate(devs):
-        if not isinstance(d, dict) or set(d) != _DEVICE_KEYS:
+        if not isinstance(d, dict) or not _DEVICE_KEYS <= set(d) <= _DEVICE_KEYS | _DEVICE_OPTIONAL:
             return f"devices[{i}] must have exactly the keys {', '.join(sorted(_DEVICE_KEYS))}"
+        for key in _DEVICE_OPTIONAL & set(d):
+            if d[key] is not None and not (isinstance(d[key], str) and WORD_RE.match(d[key])):
+                return f"devices[{i}].{key} must be a word or null"
         if not is_uuid(d["mdev_uuid"]):
             return f"devices[{i}].mdev_uuid must be a lowercase UUID"
         if not _text(d["idstr"]):
@@ -160,5 +173,108 @@ def list_pending(runtime_dir: PathLike, *, uid: int = 0) -> list[dict[str, Any]]
     return out
 
 
+# --------------------------------------------------------------------------- staleness
+#: seconds after ``migrate begin`` within which a record counts as live even before its
+#: QEMU runs.  libvirt execs the incoming QEMU right after the hook (LIBVIRT.md's
+#: Prepare sequence: hook → prepare → QEMU exec'd with ``-incoming defer``) and gives
+#: up on a QEMU whose monitor does not answer within 30 s; a minute more covers a
+#: loaded host.  After that, a record whose QEMU is not running can never be served.
+PENDING_GRACE = 90
+
+
+#: clock-tick rounding of a process's start time (seconds)
+_START_SLACK = 0.05
+
+
+def _boot_time(proc: Path) -> Optional[float]:
+    """Unix time of the boot, to 10 ms (``/proc/uptime``; ``btime`` in ``/proc/stat`` is
+    whole seconds, too coarse to tell a QEMU started just before a record from one
+    started just after it)."""
+    try:
+        return time.time() - float((proc / "uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        for line in (proc / "stat").read_text().splitlines():
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def qemu_start_times(proc: Union[str, Path] = "/proc") -> dict[str, float]:
+    """Domain uuid → unix start time of each running process with ``-uuid <uuid>`` in
+    its command line (libvirt starts every QEMU with ``-uuid``).  Cheap: one small read
+    per process, no libvirt connection (the proxy is not a libvirt client)."""
+    proc = Path(proc)
+    btime = _boot_time(proc)
+    hz = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    try:
+        pids = [n for n in os.listdir(proc) if n.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        try:
+            args = (proc / pid / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for i, a in enumerate(args[:-1]):
+            if a != b"-uuid":
+                continue
+            uuid = args[i + 1].decode("ascii", "replace").lower()
+            started = 0.0
+            try:  # field 22 of stat (after the ')' that ends the command name): start time in ticks
+                fields = (proc / pid / "stat").read_text().rsplit(")", 1)[1].split()
+                if btime is not None:
+                    started = btime + int(fields[19]) / hz
+            except (OSError, IndexError, ValueError):
+                pass
+            out[uuid] = max(out.get(uuid, 0.0), started)
+            break
+    return out
+
+
+def is_stale(record: dict[str, Any], qemus: dict[str, float], now: Optional[float] = None,
+             grace: float = PENDING_GRACE) -> bool:
+    """A record is *stale* — it can never be served — when its grace period is over and
+    no QEMU for its domain runs that was started after the record was written.
+
+    Why "started after": the incoming QEMU is exec'd after ``migrate begin``.  A QEMU
+    of the same uuid that was already running (e.g. the migration failed with "domain
+    already exists") is not the one this record armed."""
+    now = time.time() if now is None else now
+    if now - record["created"] < grace:
+        return False
+    started = qemus.get(record["domain_uuid"])
+    return started is None or started + _START_SLACK < record["created"]
+
+
+def live_records(records: list[dict[str, Any]], qemus: dict[str, float]) -> list[dict[str, Any]]:
+    """The records whose incoming QEMU runs *now* (started after the record was written).
+    A connection that carries a QEMU stream comes from a source whose Prepare step on
+    this host has returned, so its QEMU is already listening: no grace period here."""
+    return [r for r in records
+            if r["domain_uuid"] in qemus and qemus[r["domain_uuid"]] + _START_SLACK >= r["created"]]
+
+
+def expire_pending(runtime_dir: PathLike, *, now: Optional[float] = None, proc: Union[str, Path] = "/proc",
+                   grace: float = PENDING_GRACE, dry_run: bool = False, uid: int = 0) -> list[dict[str, Any]]:
+    """Remove the stale records (see :func:`is_stale`); returns them.  For ``store gc``
+    and ``libvirt-mdev pending clear --stale``.
+
+    Raises:
+        StoreAccessError / StoreIntegrityError: as :func:`list_pending`.
+    """
+    qemus = qemu_start_times(proc)
+    stale = [r for r in list_pending(runtime_dir, uid=uid) if is_stale(r, qemus, now, grace)]
+    if not dry_run:
+        for r in stale:
+            remove_pending(runtime_dir, r["domain_uuid"], uid=uid)
+    return stale
+
+
 __all__ = ["write_pending", "read_pending", "remove_pending", "list_pending",
-           "record_problem"]
+           "record_problem", "PENDING_GRACE", "qemu_start_times", "is_stale", "live_records",
+           "expire_pending"]

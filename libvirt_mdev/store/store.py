@@ -1,21 +1,10 @@
-"""The trusted device-state store: streaming writes, checked reads, gc, locking.
+"""The trusted device-state store: checked reads, spending, listing, gc — one object.
 
-Layout of the store directory (0700 root; every file 0600 root, one link)::
-
-    .lock                   flock: writers' commits share it, gc takes it exclusively
-    <sha256>.state          device state bytes, named by their SHA-256 (shared by content)
-    <manifest id>.json      canonical manifest; id = SHA-256 of these bytes (= token name)
-    <manifest id>.spent     marker: the token was used (single use, replay refused)
-    .tmp-<random>[.state]   in progress; never read; removed by gc once no writer holds it
-
-Why states are shared but manifests are not: see :mod:`.manifest`.
-
-Crash safety: a writer streams into a temp file it holds an exclusive flock on,
-then (under the shared store lock) fsyncs, renames it to ``<sha256>.state``, writes
-the manifest the same way, and fsyncs the directory.  A crash at any point leaves at
-most a temp file (never accepted; gc removes it) or a state without a manifest (not
-reachable by any token; gc removes it).  gc holds the store lock exclusively, so it
-never sees a commit half done, and skips temp files whose writer is alive (locked).
+Where the rest lives: the file names in :mod:`.layout`, storing a state in
+:mod:`.writer`, streams ("refused means gone") in :mod:`.streams`, gc in :mod:`.gc`,
+every path and permission check in :mod:`.acl`.  :class:`Store` ties them to one
+checked directory; the package's other modules (the filter, the signing layers, the
+hook) only ever hold a :class:`Store`.
 """
 from __future__ import annotations
 
@@ -23,53 +12,18 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Iterator, Optional, Union
+from typing import Self
 
-from ..errors import StoreError, StoreIntegrityError, UsageError
-from .acl import TEMP_PREFIX, SecureDir, lock_fd, write_all
+from ..errors import StoreError, StoreIntegrityError
+from .acl import TEMP_PREFIX, SecureDir
+from .entry import Entry
+from .gc import GcReport, collect
+from .layout import CHUNK, HOLD_SUFFIX, LOCK_NAME, MANIFEST_SUFFIX, SPENT_SUFFIX, check_id
 from .manifest import HEX64_RE, Manifest, StateMeta, parse_manifest
-
-if TYPE_CHECKING:
-    from .gc import GcReport
-
-LOCK_NAME = ".lock"
-STATE_SUFFIX = ".state"
-MANIFEST_SUFFIX = ".json"
-SPENT_SUFFIX = ".spent"
-#: read size for hashing and delivery
-CHUNK = 1 << 20
-#: how often a writer kicks off writeback of what it wrote (see StateWriter._start_writeback)
-WRITEBACK_STEP = 32 << 20
-
-Buffer = Union[bytes, bytearray, memoryview]
-
-
-def _check_id(value: str, what: str) -> str:
-    if not isinstance(value, str) or not HEX64_RE.match(value):
-        raise UsageError(f"{what} {value!r} is not 64 lowercase hex digits")
-    return value
-
-
-@dataclass
-class Entry:
-    """One row of :meth:`Store.list`: a manifest, or why it could not be read."""
-
-    id: str
-    manifest: Optional[Manifest]
-    spent: bool
-    spent_at: Optional[int] = None
-    problem: Optional[str] = None
-
-    def to_json(self) -> dict[str, object]:
-        out: dict[str, object] = {"id": self.id, "spent": self.spent, "spent_at": self.spent_at}
-        if self.manifest is not None:
-            out.update(self.manifest.summary())
-        if self.problem:
-            out["problem"] = self.problem
-        return out
+from .streams import StreamInfo, StreamTxn, check_loadable, read_stream_info, stream_of
+from .writer import Buffer, StateWriter
 
 
 class Store:
@@ -80,8 +34,7 @@ class Store:
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
-    def open(cls, root: Union[str, os.PathLike[str]], *, create: bool = False,
-             uid: int = 0) -> "Store":
+    def open(cls, root: str | os.PathLike[str], *, create: bool = False, uid: int = 0) -> Store:
         """Open (with *create*: create if missing) the store at *root*.
 
         Raises:
@@ -95,48 +48,46 @@ class Store:
 
     @property
     def dir(self) -> SecureDir:
-        """The checked directory (for :mod:`.tokens`; not for general use)."""
+        """The checked directory (for :mod:`.tokens` and :mod:`.gc`; not for general use)."""
         return self._dir
 
     def close(self) -> None:
         self._dir.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -------------------------------------------------------------------- writing
-    def begin_state(self, meta: StateMeta, *, created: Optional[int] = None) -> "StateWriter":
+    def begin_state(self, meta: StateMeta, *, created: int | None = None,
+                    stream: StreamTxn | None = None) -> StateWriter:
         """Start storing one device's state.  Feed it with ``write``, then ``commit``.
+
+        With *stream*, the committed state is held until that stream is accepted.
 
         Raises:
             UsageError: invalid *meta*.
             StoreError: the temp file cannot be created.
         """
         meta.check()
-        return StateWriter(self, meta, created)
+        return StateWriter(self._dir, meta, created, stream)
+
+    def open_stream(self, kind: str, holder: str | None = None) -> StreamTxn:
+        """Start a stream transaction (:mod:`.streams`).  Nothing is written until its
+        first state is committed.
+
+        Raises:
+            UsageError: an unknown *kind*.
+        """
+        return StreamTxn(self._dir, kind, holder)
 
     def put_state(self, meta: StateMeta, data: Buffer) -> Manifest:
         """Store *data* in one call (tests, small states)."""
         with self.begin_state(meta) as w:
             w.write(data)
             return w.commit()
-
-    def _commit(self, fd: int, temp: str, digest: str, manifest: Manifest) -> None:
-        """Rename the state into place and write its manifest, atomically w.r.t. gc."""
-        with self._dir.locked(LOCK_NAME, exclusive=False):
-            # Replacing an existing state of the same content is harmless and also
-            # repairs one that was damaged.
-            self._dir.commit_temp(fd, temp, digest + STATE_SUFFIX, replace=True)
-            self._dir.write_atomic(manifest.id + MANIFEST_SUFFIX, manifest.to_json())
-
-    def _new_temp(self) -> tuple[int, str]:
-        with self._dir.locked(LOCK_NAME, exclusive=False):
-            fd, name = self._dir.create_temp(STATE_SUFFIX)
-            lock_fd(fd)  # tells gc a live writer owns it
-            return fd, name
 
     # -------------------------------------------------------------------- reading
     def manifest(self, manifest_id: str) -> Manifest:
@@ -148,12 +99,15 @@ class Store:
             StoreIntegrityError: tampered or malformed manifest.
             StoreError: no such manifest.
         """
-        _check_id(manifest_id, "manifest id")
+        check_id(manifest_id, "manifest id")
         name = manifest_id + MANIFEST_SUFFIX
         data = self._dir.read_small(name)
         assert data is not None
-        return parse_manifest(data, where=f"manifest {self._dir.describe(name)}",
-                              expect_id=manifest_id)
+        return parse_manifest(data, where=f"manifest {self._dir.describe(name)}", expect_id=manifest_id)
+
+    def has_manifest(self, manifest_id: str) -> bool:
+        """Whether a manifest of that id exists (checked when it is read)."""
+        return self._dir.exists(check_id(manifest_id, "manifest id") + MANIFEST_SUFFIX)
 
     def open_state(self, manifest_id: str) -> tuple[Manifest, int]:
         """Open the state of *manifest_id*: a checked read-only fd whose size matches
@@ -185,17 +139,7 @@ class Store:
         """
         m, fd = self.open_state(manifest_id)
         try:
-            h = hashlib.sha256()
-            total = 0
-            buf = bytearray(CHUNK)
-            view = memoryview(buf)
-            while True:
-                n = os.readv(fd, [buf])
-                if n == 0:
-                    break
-                h.update(view[:n])
-                total += n
-            got = h.hexdigest()
+            total, got = _hash_fd(fd)
             if total != m.length or got != m.sha256:
                 raise StoreIntegrityError(
                     f"state {self._dir.describe(m.state_name)} does not match its manifest "
@@ -226,37 +170,52 @@ class Store:
         finally:
             os.close(fd)
 
+    # -------------------------------------------------------------------- streams
+    def stream_of(self, manifest_id: str) -> StreamInfo | None:
+        """The stream *manifest_id* was stored from (:func:`.streams.stream_of`)."""
+        return stream_of(self._dir, manifest_id)
+
+    def stream_info(self, stream_id: str) -> StreamInfo:
+        """The record of stream *stream_id* (:func:`.streams.read_stream_info`)."""
+        return read_stream_info(self._dir, stream_id)
+
+    def check_loadable(self, manifest_id: str, what: str = "state") -> None:
+        """Refuse state of a refused or unaccepted stream (:func:`.streams.check_loadable`)."""
+        check_loadable(self._dir, manifest_id, what)
+
+    # ---------------------------------------------------------------- spending
     def is_spent(self, manifest_id: str) -> bool:
-        _check_id(manifest_id, "manifest id")
+        check_id(manifest_id, "manifest id")
         return self._dir.exists(manifest_id + SPENT_SUFFIX)
 
-    def spent_at(self, manifest_id: str) -> Optional[int]:
+    def spent_at(self, manifest_id: str) -> int | None:
         """When the token was spent (None when it was not).  A marker we cannot read
         still counts as spent (fail closed), with time 0."""
-        _check_id(manifest_id, "manifest id")
+        check_id(manifest_id, "manifest id")
         name = manifest_id + SPENT_SUFFIX
         if not self._dir.exists(name):
             return None
         try:
             data = self._dir.read_small(name, missing_ok=True)
             obj = json.loads(data or b"{}")
-            t = obj.get("spent") if isinstance(obj, dict) else None
-            return t if isinstance(t, int) and not isinstance(t, bool) else 0
         except (StoreError, ValueError):
             return 0
+        t = obj.get("spent") if isinstance(obj, dict) else None
+        return t if isinstance(t, int) and not isinstance(t, bool) else 0
 
-    def mark_spent(self, manifest_id: str, now: Optional[int] = None) -> None:
+    def mark_spent(self, manifest_id: str, now: int | None = None) -> None:
         """Record durably that *manifest_id*'s token was used.  Atomic test-and-set.
 
         Raises:
             StoreError: already spent (``FileExistsError`` from the link), or I/O.
         """
-        _check_id(manifest_id, "manifest id")
+        check_id(manifest_id, "manifest id")
         stamp = int(time.time() if now is None else now)
         body = json.dumps({"spent": stamp}, separators=(",", ":")).encode()
         with self._dir.locked(LOCK_NAME, exclusive=False):
             self._dir.write_atomic(manifest_id + SPENT_SUFFIX, body, replace=False)
 
+    # ---------------------------------------------------------------- listing
     def list(self) -> list[Entry]:
         """Every manifest in the store, oldest first, with problems reported, not raised."""
         out: list[Entry] = []
@@ -269,126 +228,44 @@ class Store:
                 continue
             spent_at = self.spent_at(mid)
             try:
-                out.append(Entry(mid, self.manifest(mid), spent_at is not None, spent_at))
+                out.append(Entry(mid, self.manifest(mid), spent_at is not None, spent_at,
+                                 stream=self.stream_of(mid)))
             except StoreError as exc:
                 out.append(Entry(mid, None, spent_at is not None, spent_at, problem=exc.message))
         out.sort(key=lambda e: (e.manifest.created if e.manifest else 0, e.id))
         return out
 
     # ------------------------------------------------------------------ cleaning
-    def gc(self, retention: int, now: Optional[float] = None, *,
-           domain_uuid: Optional[str] = None) -> "GcReport":
+    def gc(self, retention: int, now: float | None = None, *,
+           domain_uuid: str | None = None, dry_run: bool = False) -> GcReport:
         """Remove what is no longer needed (see :func:`.gc.collect`)."""
-        from .gc import collect  # gc imports this module
-        return collect(self, retention, now, domain_uuid=domain_uuid)
+        return collect(self, retention, now, domain_uuid=domain_uuid, dry_run=dry_run)
+
+    def remove(self, manifest_id: str) -> bool:
+        """An admin's explicit removal of one stored state (``store remove``): its
+        manifest, spent and hold markers; the state file goes with the next gc once no
+        manifest references it.  Returns whether it existed."""
+        check_id(manifest_id, "manifest id")
+        with self._dir.locked(LOCK_NAME, exclusive=True):
+            found = self._dir.unlink(manifest_id + MANIFEST_SUFFIX, missing_ok=True)
+            self._dir.unlink(manifest_id + SPENT_SUFFIX, missing_ok=True)
+            self._dir.unlink(manifest_id + HOLD_SUFFIX, missing_ok=True)
+            self._dir.sync()
+        return found
 
 
-class StateWriter:
-    """Streams one device state into the store: constant memory, hashed on the fly.
-
-    Use as a context manager: leaving the block by an exception aborts (the temp file
-    is removed); leaving it without ``commit`` aborts too.  After ``commit`` or
-    ``abort`` the writer is closed.
-    """
-
-    def __init__(self, store: Store, meta: StateMeta, created: Optional[int]) -> None:
-        self._store = store
-        self.meta = meta
-        self._created = created
-        self._hash = hashlib.sha256()
-        self.length = 0
-        self._advised = 0
-        self._fd: Optional[int]
-        self._fd, self._temp = store._new_temp()
-        self.manifest: Optional[Manifest] = None
-        #: a verified source signature to record in the manifest (set before commit; issue 8)
-        self.signature: Optional[str] = None
-        self.signer: Optional[str] = None
-
-    @property
-    def temp_name(self) -> str:
-        """Name of the in-progress file (for tests and diagnostics)."""
-        return self._temp
-
-    def write(self, data: Buffer) -> int:
-        """Append *data* (bytes or a memoryview span; not copied).
-
-        Raises:
-            StoreError: ENOSPC, EFBIG, EIO...; the writer is then aborted.
-            UsageError: the writer is already committed or aborted.
-        """
-        if self._fd is None:
-            raise UsageError("write on a state writer that is already closed")
-        try:
-            n = write_all(self._fd, data, self._store.dir.describe(self._temp))
-        except BaseException:
-            self.abort()
-            raise
-        self._hash.update(data)
-        self.length += n
-        if self.length - self._advised >= WRITEBACK_STEP:
-            self._start_writeback()
-        return n
-
-    def hexdigest(self) -> str:
-        """SHA-256 of what was written so far (signature checks before the commit)."""
-        return self._hash.hexdigest()
-
-    def _start_writeback(self) -> None:
-        """Start writing dirty pages now and drop the ones already on disk, so the
-        fsync in :meth:`commit` has little left to do and a multi-GiB state does not
-        evict the page cache.  Best effort: an fadvise failure changes nothing else."""
-        assert self._fd is not None
-        start = max(0, self._advised - WRITEBACK_STEP)
-        try:
-            os.posix_fadvise(self._fd, start, self.length - start, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            pass
-        self._advised = self.length
-
-    def commit(self) -> Manifest:
-        """fsync, rename into place, write the manifest.  Returns the manifest
-        (``manifest.id`` names the token; see :func:`.tokens.issue_token`).
-
-        Raises:
-            StoreError: I/O failure; nothing is left that a reader accepts.
-        """
-        if self._fd is None:
-            raise UsageError("commit on a state writer that is already closed")
-        digest = self._hash.hexdigest()
-        created = int(time.time()) if self._created is None else self._created
-        m = Manifest.build(self.meta, length=self.length, sha256=digest, created=created,
-                           signature=self.signature, signer=self.signer)
-        fd, self._fd = self._fd, None
-        try:
-            self._store._commit(fd, self._temp, digest, m)
-        except BaseException:
-            # commit_temp removed the temp; a state renamed without its manifest is
-            # unreachable and removed by gc.
-            self._store.dir.unlink(self._temp, missing_ok=True)
-            raise
-        self.manifest = m
-        return m
-
-    def abort(self) -> None:
-        """Drop the temp file.  Safe to call twice or after commit (then a no-op)."""
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            self._store.dir.discard_temp(fd, self._temp)
-
-    def __enter__(self) -> "StateWriter":
-        return self
-
-    def __exit__(self, et: Optional[type[BaseException]], ev: Optional[BaseException],
-                 tb: Optional[TracebackType]) -> None:
-        self.abort()
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            try:
-                self.abort()
-            except Exception:  # noqa: BLE001 - interpreter shutdown; gc cleans up
-                pass
+def _hash_fd(fd: int) -> tuple[int, str]:
+    """(bytes read, SHA-256) of *fd* from its position to EOF, in :data:`.layout.CHUNK` pieces."""
+    h = hashlib.sha256()
+    total = 0
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    while True:
+        n = os.readv(fd, [buf])
+        if n == 0:
+            return total, h.hexdigest()
+        h.update(view[:n])
+        total += n
 
 
-__all__ = ["Store", "StateWriter", "Entry", "StateMeta", "Manifest"]
+__all__ = ["MANIFEST_SUFFIX", "Entry", "Manifest", "StateMeta", "StateWriter", "Store", "StreamInfo", "StreamTxn"]

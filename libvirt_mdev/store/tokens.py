@@ -11,11 +11,14 @@ spent token is refused from then on (replay).
 Syntax is checked first and strictly (exact prefix, exactly 64 lowercase hex
 digits, nothing else: no ``/``, ``..``, NUL, newline or whitespace), before the
 store is touched at all.
+
+State stored from a stream is resolved only once that whole stream was accepted
+(:meth:`.store.Store.check_loadable`): the token of a refused or unfinished stream is
+refused with the stream's reason.
 """
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 from ..errors import StoreError, TokenError
 from .manifest import Manifest, is_uuid
@@ -49,12 +52,12 @@ def parse_token(token: object) -> str:
 
 
 def resolve_token(store: Store, token: str, mdev_uuid: str, *,
-                  migration_id: Optional[str] = None) -> Manifest:
+                  migration_id: str | None = None) -> Manifest:
     """Find the manifest *token* names and check it may be loaded into *mdev_uuid*.
 
     Checks, in order: syntax; the mdev uuid given; the manifest exists and passes
     the store's checks (ACL, hash, schema); it is bound to *mdev_uuid* (and to
-    *migration_id* when given); it is not spent.  The state bytes are *not*
+    *migration_id* when given); its stream was accepted; it is not spent.  The state bytes are *not*
     re-hashed here: use ``store.open_verified(manifest.id)`` for that.
 
     Returns:
@@ -66,7 +69,7 @@ def resolve_token(store: Store, token: str, mdev_uuid: str, *,
     mid = parse_token(token)
     if not is_uuid(mdev_uuid):
         raise TokenError(f"mdev uuid {mdev_uuid!r} is not a lowercase UUID")
-    if not store.dir.exists(mid + ".json"):
+    if not store.has_manifest(mid):
         raise TokenError(f"unknown load token {token}: no such state in store {store.root} "
                          f"(never stored, or removed by gc)")
     m = store.manifest(mid)
@@ -78,6 +81,7 @@ def resolve_token(store: Store, token: str, mdev_uuid: str, *,
     if migration_id is not None and m.migration_id != migration_id:
         raise TokenError(f"load token {token} belongs to migration {m.migration_id}, "
                          f"not {migration_id}")
+    store.check_loadable(mid, f"load token {token}: state")
     if store.is_spent(mid):
         raise TokenError(f"load token {token} was already used (replay refused); "
                          f"a new migration issues new tokens")
@@ -85,7 +89,7 @@ def resolve_token(store: Store, token: str, mdev_uuid: str, *,
 
 
 def spend_token(store: Store, token: str, mdev_uuid: str, *,
-                now: Optional[int] = None) -> Manifest:
+                now: int | None = None) -> Manifest:
     """Mark *token* used, atomically: of two concurrent spenders only one succeeds.
 
     Resolves the token first (all checks of :func:`resolve_token`).
@@ -96,8 +100,8 @@ def spend_token(store: Store, token: str, mdev_uuid: str, *,
     m = resolve_token(store, token, mdev_uuid)
     try:
         store.mark_spent(m.id, now=now)
-    except StoreError as exc:
+    except StoreError:
         if store.is_spent(m.id):
             raise TokenError(f"load token {token} was already used (replay refused)") from None
-        raise exc
+        raise
     return m

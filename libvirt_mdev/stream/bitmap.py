@@ -12,11 +12,7 @@ from ._util import need, pieces
 from .buffer import Input
 from .events import Opaque
 from .sections import SectionInfo
-from .wire import BE16, BE64, DirtyBitmapFlag
-
-
-#: one BITS buffer (QEMU sends bitmaps in chunks far below this)
-_MAX_BITMAP_BUF = 64 << 20
+from .wire import BE16, BE64, MAX_DIRTY_BITMAP_BUF, DirtyBitmapFlag
 
 
 def read_dirty_bitmap(inp: Input, info: SectionInfo) -> Generator[object, None, None]:
@@ -51,7 +47,7 @@ def read_dirty_bitmap(inp: Input, info: SectionInfo) -> Generator[object, None, 
                 sz = yield from need(inp, 8, "dirty-bitmap buffer size", sec)
                 parts.append(bytes(sz))
                 (buf_len,) = BE64.unpack(sz)
-                if buf_len > _MAX_BITMAP_BUF:
+                if buf_len > MAX_DIRTY_BITMAP_BUF:
                     raise StreamError(f"dirty-bitmap buffer of {buf_len} bytes", offset=inp.offset, section=sec)
         elif not flags & (DirtyBitmapFlag.COMPLETE | DirtyBitmapFlag.EOS):
             raise StreamError(f"dirty-bitmap chunk with unknown flags 0x{flags:x}", offset=start, section=sec)

@@ -208,9 +208,10 @@ class Eof(Event):
 
 @dataclass(frozen=True, slots=True)
 class VMDescription(Event):
-    """The JSON description QEMU appends after EOF (``json`` holds its bytes)."""
+    """The JSON description QEMU appends after EOF (``json``: a view of its bytes,
+    checked to be one JSON object; ``bytes(ev.json)`` to keep or ``json.loads`` it)."""
 
-    json: bytes
+    json: Bytes
 
 
 @dataclass(frozen=True, slots=True)

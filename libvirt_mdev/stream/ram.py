@@ -22,9 +22,10 @@ from typing import Generator, Optional, Pattern
 from ..errors import StreamError, UnsupportedStream
 from ._util import need, pieces
 from .buffer import Input
-from .events import RamEos, RamMemSize, RamRecords
+from .events import Opaque, RamEos, RamMemSize, RamRecords
 from .sections import SectionInfo
-from .wire import BE16, BE32, BE64, MAX_RAM_BLOCKS, XBZRLE_ENCODING_FLAG, RamFlag
+from .wire import (BE16, BE32, BE64, MAPPED_RAM_FILE_OFFSET_ALIGNMENT, MAPPED_RAM_HDR_VERSION, MAPPED_RAM_HEADER,
+                   MAX_MAPPED_RAM_REGION, MAX_RAM_BLOCKS, XBZRLE_ENCODING_FLAG, RamFlag)
 
 _TYPE_FLAGS = {int(RamFlag.ZERO), int(RamFlag.PAGE), int(RamFlag.XBZRLE), int(RamFlag.COMPRESS_PAGE)}
 # plain ints for the per-record path (IntFlag arithmetic builds enum members: slow)
@@ -45,6 +46,8 @@ class RamContext:
     page_bits: int = 12
     ignore_shared: bool = False
     blocks: dict[str, int] = field(default_factory=dict)
+    #: the mapped-ram capability: pages live at fixed file offsets, not in records
+    mapped_ram: bool = False
     #: RAMBlock of the previous page record (for CONTINUE)
     last_block: Optional[str] = None
 
@@ -118,7 +121,7 @@ def read_ram(inp: Input, info: SectionInfo, ctx: RamContext,
             yield RamEos(off, hdr, sid)
             return
         if kind == _MEM_SIZE:
-            yield (yield from _mem_size(inp, info, ctx, off, hdr, addr, setup))
+            yield from _mem_size(inp, info, ctx, off, hdr, addr, setup)
             continue
         if kind == _MULTIFD_FLUSH:
             yield RamRecords(off, hdr, sid, 1, 0, 0)
@@ -172,12 +175,17 @@ def _page_record(inp: Input, info: SectionInfo, ctx: RamContext, off: int, hdr: 
 
 
 def _mem_size(inp: Input, info: SectionInfo, ctx: RamContext, off: int, hdr: memoryview,
-              total: int, setup: bool) -> Generator[object, None, RamMemSize]:
-    """The RAMBlock list: (idstr, used_length[, mr_addr]) until the lengths add up."""
+              total: int, setup: bool) -> Generator[object, None, None]:
+    """The RAMBlock list: (idstr, used_length[, mr_addr][, mapped-ram header]) until the
+    lengths add up.  Without mapped-ram it is one RamMemSize event; with it, each block's
+    entry is followed in the file by that block's bitmap and pages (skipped exactly as
+    QEMU's loader seeks over them), so the entries go out as they are read and a final
+    empty RamMemSize carries the list."""
     sec = info.label
     if not setup:
         raise StreamError("RAM MEM_SIZE record outside the setup section", offset=off, section=sec)
     parts = [bytes(hdr)]
+    part_off = off
     blocks: list[tuple[str, int]] = []
     seen = 0
     while seen < total:
@@ -196,6 +204,45 @@ def _mem_size(inp: Input, info: SectionInfo, ctx: RamContext, off: int, hdr: mem
         ctx.blocks[block] = used
         blocks.append((block, used))
         seen += used
+        if ctx.mapped_ram:
+            moff = inp.offset
+            mh = bytes((yield from need(inp, MAPPED_RAM_HEADER.size, "mapped-ram header", sec)))
+            parts.append(mh)
+            yield RamRecords(part_off, memoryview(b"".join(parts)), info.section_id, 0, 0, 0)
+            parts = []
+            region = _mapped_ram_region(ctx, block, used, mh, moff, sec)
+            yield from pieces(inp, region, f"the mapped-ram pages of RAMBlock {block!r}", sec,
+                              lambda o, v: Opaque(o, v, info.section_id, "mapped-ram"))
+            part_off = inp.offset
     if seen != total:
         raise StreamError(f"RAMBlock lengths add up to {seen}, MEM_SIZE says {total}", offset=off, section=sec)
-    return RamMemSize(off, memoryview(b"".join(parts)), info.section_id, total, tuple(blocks))
+    yield RamMemSize(part_off, memoryview(b"".join(parts)), info.section_id, total, tuple(blocks))
+
+
+def _mapped_ram_region(ctx: RamContext, block: str, used: int, mh: bytes, moff: int, sec: str) -> int:
+    """Bytes from the end of a mapped-ram header to the end of its block's pages.
+
+    Only the layout QEMU writes is accepted (bitmap right after the header, pages at
+    the next 1 MiB boundary after the bitmap): the loader seeks to
+    ``pages_offset + used_length``, so any other offsets would make it read its next
+    record somewhere we did not."""
+    version, page_size, bitmap_offset, pages_offset = MAPPED_RAM_HEADER.unpack(mh)
+    here = moff + MAPPED_RAM_HEADER.size
+    if version != MAPPED_RAM_HDR_VERSION or page_size != ctx.page_size:
+        raise StreamError(f"mapped-ram header version {version}, page size {page_size} "
+                          f"(expected {MAPPED_RAM_HDR_VERSION}, {ctx.page_size})", offset=moff, section=sec)
+    if used % page_size:
+        raise StreamError(f"RAMBlock {block!r} length {used} is not a whole number of pages", offset=moff,
+                          section=sec)
+    bitmap_len = -(-(used // page_size) // 64) * 8
+    align = MAPPED_RAM_FILE_OFFSET_ALIGNMENT
+    want_pages = -(-(here + bitmap_len) // align) * align
+    if bitmap_offset != here or pages_offset != want_pages:
+        raise StreamError(f"mapped-ram offsets of RAMBlock {block!r} (bitmap {bitmap_offset}, pages "
+                          f"{pages_offset}) are not where QEMU puts them ({here}, {want_pages})",
+                          offset=moff, section=sec)
+    region = int(pages_offset) + used - here
+    if region > MAX_MAPPED_RAM_REGION:
+        raise StreamError(f"mapped-ram region of {region} bytes (limit {MAX_MAPPED_RAM_REGION})",
+                          offset=moff, section=sec)
+    return region

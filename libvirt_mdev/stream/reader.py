@@ -26,7 +26,6 @@ other exception escaping :meth:`next_event` is a bug.
 """
 from __future__ import annotations
 
-import json
 from typing import Generator, Iterator, Optional, Union
 
 from ..errors import StreamError, UnsupportedStream, UsageError
@@ -38,15 +37,19 @@ from .events import (NEED_DATA, Command, Configuration, Eof, FileHeader, Opaque,
 from .ram import RamContext, read_ram
 from .saveimage import SAVE_MAGICS, read_save_image
 from .bitmap import read_dirty_bitmap
-from .sections import (KIND_DIRTY_BITMAP, KIND_OURS, KIND_RAM, KIND_VFIO, KIND_VMSTATE, SectionInfo,
+from .early import read_virtio_mem_early
+from .sections import (ITERATIVE_KINDS, KIND_DIRTY_BITMAP, KIND_OURS, KIND_RAM, KIND_VFIO,
+                       KIND_VIRTIO_MEM_EARLY, SectionInfo,
                        SectionTable, footer_bytes, kind_of, read_our_record,
                        refuse_iterative, scan_to_footer)
 from .vfio import FramingGuess, read_vfio
+from .vmdesc import check_vmdesc
 from .wire import (BE16, BE32, CONFIG_SUB_CAPABILITIES, CONFIG_SUB_PAGE_BITS, CONFIG_SUB_UUID,
-                   DEFAULT_TARGET_PAGE_BITS, DIRTY_BITMAP_VERSION, FILE_HEADER, MAX_CAPABILITIES,
+                   DEFAULT_TARGET_PAGE_BITS, DIRTY_BITMAP_VERSION, FILE_HEADER, MAPPED_RAM_CAPABILITY,
+                   MAX_CAPABILITIES,
                    MAX_MACHINE_NAME, MAX_VFIO_DEVICES, MAX_VMDESC_LEN, MIG_COMMAND_LEN,
                    QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, QEMU_VM_FILE_VERSION_COMPAT,
-                   RAM_VERSION, VFIO_VERSION, MigCommand, SectionType)
+                   RAM_VERSION, VFIO_VERSION, MigCommand, SaveFormat, SectionType)
 
 _HEADER_TYPES = {
     SectionType.SECTION_START: SectionStart,
@@ -65,12 +68,17 @@ class StreamParser:
 
     Args:
         container: ``"auto"`` (detect from the first bytes), ``"stream"`` or ``"save-image"``.
+
+    A compressed save image is accepted when fed with its stream already decompressed
+    (libvirt_mdev.io.compress.open_image); fed as stored it is refused with that hint.
     """
 
     def __init__(self, container: str = "auto") -> None:
         if container not in ("auto", "stream", "save-image"):
             raise UsageError(f"unknown container {container!r}")
         self._container = container
+        #: the save image's format field, once its header was read
+        self._save_format: Optional[int] = None
         self._inp = Input()
         self._gen: Generator[object, None, None] = self._run()
         self._error: Optional[StreamError] = None
@@ -135,6 +143,7 @@ class StreamParser:
             if self._container == "save-image" or head in (m[:4] for m in SAVE_MAGICS):
                 self.kind = "save-image"
                 hdr: SaveImageHeader = yield from read_save_image(inp)
+                self._save_format = hdr.format
                 yield hdr
         yield from self._file_header()
         yield from self._configuration()
@@ -220,9 +229,11 @@ class StreamParser:
                 parts.append(uuid)
             else:
                 raise UnsupportedStream(f"unknown configuration subsection {sub_name!r}", offset=sub_off)
-        if "mapped-ram" in caps:
-            raise UnsupportedStream("mapped-ram streams are not sequential (libvirt sparse save format)",
-                                    offset=off)
+        self.ram.mapped_ram = MAPPED_RAM_CAPABILITY in caps
+        if self._save_format is not None and (self._save_format == SaveFormat.SPARSE) != self.ram.mapped_ram:
+            raise StreamError(f"save image format {SaveFormat(self._save_format).name.lower()} with a stream "
+                              f"{'with' if self.ram.mapped_ram else 'without'} mapped-ram (libvirt writes "
+                              f"mapped-ram exactly for the sparse format)", offset=off)
         self.ram.page_bits = page_bits or DEFAULT_TARGET_PAGE_BITS
         self.ram.ignore_shared = "x-ignore-shared" in caps
         self.machine_type = name.decode()
@@ -268,12 +279,13 @@ class StreamParser:
                 raise StreamError(f"section id {sid} has an empty or non-printable idstr", offset=off)
             inst, ver = BE32.unpack_from(raw, 6 + n)[0], BE32.unpack_from(raw, 10 + n)[0]
             idstr = idb.decode()
+            if rtype == SectionType.SECTION_START and kind_of(idstr) not in ITERATIVE_KINDS:
+                # every START of a handler we do not parse exactly, libvirt-mdev/... included
+                raise refuse_iterative(idstr, off)
             if rtype == SectionType.SECTION_FULL and kind_of(idstr) == KIND_OURS:
                 yield from self._our_record(SectionInfo(sid, idstr, inst, ver, KIND_OURS, False), off, raw)
                 return
             info = self.table.open(sid, idstr, inst, ver, rtype == SectionType.SECTION_START, off)
-            if rtype == SectionType.SECTION_START and info.kind == KIND_VMSTATE:
-                raise refuse_iterative(idstr, off)
             want = _EXPECTED_VERSION.get(info.kind)
             if want is not None and ver != want:
                 raise StreamError(f"{info.kind} section version {ver} (QEMU uses {want})", offset=off,
@@ -319,6 +331,8 @@ class StreamParser:
             yield from read_vfio(self._inp, info, self.table, rtype, self.framing[info.section_id])
         elif info.kind == KIND_DIRTY_BITMAP:
             yield from read_dirty_bitmap(self._inp, info)
+        elif info.kind == KIND_VIRTIO_MEM_EARLY:
+            yield from read_virtio_mem_early(self._inp, info)
         else:
             sid = info.section_id
             yield from scan_to_footer(self._inp, info, self.table, b"",
@@ -337,19 +351,16 @@ class StreamParser:
         off = inp.offset
         if nxt[0] != SectionType.VMDESCRIPTION:
             raise StreamError(f"data after EOF (0x{nxt[0]:02x}) that is not a VM description", offset=off)
-        hdr = bytes((yield from need(inp, 5, "VM description header")))
+        hdr = yield from need_peek(inp, 5, "VM description header")
         (n,) = BE32.unpack_from(hdr, 1)
         if n > MAX_VMDESC_LEN:
             raise StreamError(f"VM description of {n} bytes (limit {MAX_VMDESC_LEN})", offset=off)
-        body = bytes((yield from need(inp, n, "VM description")))
-        try:
-            # strict JSON: QEMU writes ASCII JSON; raw binary here could hide records
-            desc = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise StreamError("VM description is not valid JSON", offset=off + 5) from None
-        if not isinstance(desc, dict):
-            raise StreamError("VM description is not a JSON object", offset=off + 5)
-        yield VMDescription(off, memoryview(hdr + body), body)
+        # header and body in one buffer (joined once when they span chunks), checked in place:
+        # memory is the body plus a constant whatever its JSON shape (vmdesc.py)
+        raw = yield from need(inp, 5 + n, "VM description")
+        body = raw[5:]
+        check_vmdesc(body, off + 5)
+        yield VMDescription(off, raw, body)
         while True:
             if inp.available():
                 raise StreamError("data after the end of the stream", offset=inp.offset)

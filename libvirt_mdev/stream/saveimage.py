@@ -4,7 +4,18 @@ Layout: a 92-byte header written in host byte order (little-endian on x86), then
 ``data_len`` bytes holding the domain XML (NUL-terminated), an optional cookie XML
 (NUL-terminated) and zero padding, then QEMU's migration stream.  libvirt writes the
 magic ``LibvirtQemudPart`` first and rewrites it to ``LibvirtQemudSave`` when the
-save finished, so a ``Part`` image is an incomplete one.
+save finished, so a ``Part`` image is an incomplete one: refused (QEMU may have been
+killed half-way; ``virsh restore`` refuses it too).
+
+The ``format`` field says what follows the XML area (qemu_saveimage.c):
+
+* raw: QEMU's migration stream, as written;
+* gzip, bzip2, xz, lzop, zstd: that stream piped through the tool of that name (``-c``);
+  the parser sees it only through libvirt_mdev.io.compress, which runs the same tool
+  with ``-dc`` and feeds the parser the header plus the decompressed stream
+  (``StreamParser(decompressed=True)``);
+* sparse (libvirt >= 10.x): a mapped-ram stream written by QEMU at fixed file offsets
+  right after the XML area, not compressed; parsed in place (ram.py, mapped-ram).
 """
 from __future__ import annotations
 
@@ -13,8 +24,8 @@ from typing import Generator
 from ..errors import StreamError, UnsupportedStream
 from ._util import need
 from .buffer import Input
-from .events import SaveImageHeader
-from .wire import (MAX_SAVE_DATA_LEN, SAVE_HEADER, SAVE_HEADER_LEN, SAVE_MAGIC_COMPLETE,
+from .events import NEED_DATA, SaveImageHeader
+from .wire import (FILE_HEADER, MAX_SAVE_DATA_LEN, QEMU_VM_FILE_MAGIC, SAVE_HEADER, SAVE_HEADER_LEN, SAVE_MAGIC_COMPLETE,
                    SAVE_MAGIC_PARTIAL, SAVE_VERSION, SaveFormat)
 
 SAVE_MAGICS = (SAVE_MAGIC_COMPLETE, SAVE_MAGIC_PARTIAL)
@@ -39,10 +50,18 @@ def decode_header(raw: bytes, offset: int = 0) -> tuple[bytes, int, int, int, in
     return magic, version, data_len, was_running, fmt, cookie_off
 
 
+#: the program libvirt runs for each compressed format (save_image_format in qemu.conf)
+COMPRESSORS: dict[SaveFormat, str] = {SaveFormat.GZIP: "gzip", SaveFormat.BZIP2: "bzip2", SaveFormat.XZ: "xz",
+                                      SaveFormat.LZOP: "lzop", SaveFormat.ZSTD: "zstd"}
+
+
 def read_save_image(inp: Input) -> Generator[object, None, SaveImageHeader]:
     off = inp.offset
     raw = yield from need(inp, SAVE_HEADER_LEN, "libvirt save-image header")
     magic, version, data_len, was_running, fmt, cookie_off = decode_header(bytes(raw), off)
+    if magic == SAVE_MAGIC_PARTIAL:
+        raise UnsupportedStream("unfinished save image (magic LibvirtQemudPart): libvirt never completed this "
+                                "save, so the state in it may be partial; save the domain again", offset=off)
     if data_len > MAX_SAVE_DATA_LEN:
         raise StreamError(f"save-image XML area of {data_len} bytes", offset=off + 20)
     if cookie_off > data_len:
@@ -51,11 +70,17 @@ def read_save_image(inp: Input) -> Generator[object, None, SaveImageHeader]:
         fmt_name = SaveFormat(fmt)
     except ValueError:
         raise StreamError(f"unknown save-image format {fmt}", offset=off + 28) from None
-    if fmt_name not in (SaveFormat.RAW,):
-        raise UnsupportedStream(f"save image is {fmt_name.name.lower()}-formatted; "
-                                f"decompress it first (or set save_image_format=\"raw\" in qemu.conf)",
-                                offset=off + 28)
     data = yield from need(inp, data_len, "save-image XML")
+    tool = COMPRESSORS.get(fmt_name)
+    if tool is not None:
+        # presented decompressed (io.compress) the stream starts with QEVM, which no
+        # compressor's output does; still compressed, it is refused with the way out
+        while (head := inp.peek(4)) is None and not inp.eof:
+            yield NEED_DATA
+        if head != FILE_HEADER.pack(QEMU_VM_FILE_MAGIC, 0)[:4]:
+            raise UnsupportedStream(f"save image is {fmt_name.name.lower()}-compressed; read it through "
+                                    f"libvirt_mdev.io.compress.open_image (the libvirt-mdev commands do), which "
+                                    f"runs `{tool} -dc` as libvirt does", offset=off + 28)
     data_b = bytes(data)
     xml_len = cookie_off if cookie_off else data_len
     xml = data_b[:xml_len].split(b"\0", 1)[0]

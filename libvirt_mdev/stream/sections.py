@@ -32,6 +32,21 @@ VFIO FULL section, no variable-length commands, a vmdesc that is strict JSON —
 scan-delimited body is searched (:class:`BodyGuard`) for the bytes a hidden VFIO section
 header or a hidden VFIO PART/END would need.  After a divergence, every byte QEMU could
 read as a record lies in such a guarded body, so a hidden VFIO section is refused.
+
+Early-setup FULL sections (QEMU >= 8.0 saves ``early_setup`` vmstates during setup, among
+the START sections) are the one exception to "FULL only after the iterative phase", and
+they are admitted only where the exception costs nothing: a FULL section is accepted
+while iterative sections are open only if its idstr names a vmstate whose layout we read
+field by field (early.py: virtio-mem-device-early), with the footer required right after
+the last field QEMU reads.  Such a body contains no scan-delimited byte, so our split and
+QEMU's cannot differ and nothing can hide in it; it does not start the non-iterable
+phase.  Any other FULL section in the iterative phase keeps the refusal (its body could
+only be delimited by the scan, and a divergence there would expose the PART/END records
+that follow to QEMU unchecked).
+
+Iterative sections (START/PART/END) are accepted only for the handlers parsed exactly
+(ram, vfio, dirty-bitmap): every other START is refused, whatever its name — our own
+``libvirt-mdev/...`` records are FULL-only.
 """
 from __future__ import annotations
 
@@ -43,20 +58,22 @@ from ..errors import StreamError, UnsupportedStream
 from ._util import printable_ascii
 from .buffer import Input
 from .events import NEED_DATA, Event, Opaque
-from .wire import (BE16, BE32, DIRTY_BITMAP_IDSTR, MAX_FULL_SECTION, MAX_SECTIONS,
+from .wire import (BE16, BE32, DIRTY_BITMAP_IDSTR, MAX_FULL_SECTION, MAX_OUR_RECORD, MAX_SECTIONS,
                    MAX_VMDESC_LEN, MIG_COMMAND_LEN, RAM_IDSTR, VFIO_IDSTR_BARE,
-                   VFIO_IDSTR_SUFFIX, MigCommand, SectionType)
+                   VFIO_IDSTR_SUFFIX, VIRTIO_MEM_EARLY_VMSD, MigCommand, SectionType)
 
 KIND_RAM = "ram"
 KIND_VFIO = "vfio"
 KIND_DIRTY_BITMAP = "dirty-bitmap"
 KIND_VMSTATE = "vmstate"
+#: an early-setup vmstate whose layout we parse field by field (early.py)
+KIND_VIRTIO_MEM_EARLY = "virtio-mem-early"
+#: kinds a START/PART/END may have: handlers whose iterative payload we parse exactly
+ITERATIVE_KINDS = ("ram", "vfio", "dirty-bitmap")
 #: libvirt-mdev's own records (signed statements): FULL sections named ``libvirt-mdev/...``
 #: that our destination proxy consumes; QEMU would refuse them (unknown section)
 KIND_OURS = "libvirt-mdev"
 OUR_IDSTR_PREFIX = "libvirt-mdev/"
-#: one of our records (a signed statement is a few hundred bytes)
-MAX_OUR_RECORD = 64 << 10
 
 #: iterative handlers QEMU has that we refuse to guess at (FORMAT.md §6)
 KNOWN_UNPARSED_ITERATIVE = ("block", "s390-storage_attributes", "spapr/htab")
@@ -72,6 +89,8 @@ def kind_of(idstr: str) -> str:
         return KIND_DIRTY_BITMAP
     if idstr.startswith(OUR_IDSTR_PREFIX):
         return KIND_OURS
+    if idstr == VIRTIO_MEM_EARLY_VMSD or idstr.endswith("/" + VIRTIO_MEM_EARLY_VMSD):
+        return KIND_VIRTIO_MEM_EARLY
     return KIND_VMSTATE
 
 
@@ -144,13 +163,20 @@ class SectionTable:
         if info.kind == KIND_VFIO and not info.iterative:
             raise StreamError(f"VFIO config section {info.label} without the device's setup (START) section",
                               offset=offset)
+        if info.kind == KIND_VIRTIO_MEM_EARLY:
+            # parsed field by field (early.py): exact wherever it appears, so it neither needs
+            # nor ends the iterative phase (QEMU sends it among the setup START sections)
+            info.full_seen = True
+            return
         # only the first FULL can find one open: after it no START/PART/END is accepted
         still_open = [] if self.non_iterable else [i.label for i in self.by_id.values()
                                                      if i.iterative and not i.ended]
         if still_open:
             raise UnsupportedStream(f"device section {info.label} appears while iterative sections are "
-                                    f"still open ({', '.join(still_open[:3])}): QEMU >= 8.0 early-setup "
-                                    f"devices cannot be delimited safely there", offset=offset)
+                                    f"still open ({', '.join(still_open[:3])}): an early-setup vmstate "
+                                    f"whose layout libvirt-mdev does not know (only "
+                                    f"{VIRTIO_MEM_EARLY_VMSD!r} is parsed), so its end cannot be found "
+                                    f"safely", offset=offset)
         info.full_seen = True
         self.non_iterable = True
 
@@ -370,6 +396,7 @@ def _our_piece(off: int, view: memoryview, sid: int, info: SectionInfo) -> Opaqu
 
 
 def refuse_iterative(idstr: str, offset: int) -> UnsupportedStream:
+    """Any START whose handler is not one we parse exactly, whatever its name (ours included)."""
     what = "a handler we cannot parse" if idstr not in KNOWN_UNPARSED_ITERATIVE else "not supported"
     return UnsupportedStream(f"iterative section {idstr!r} is {what}; its payload cannot be "
                              f"delimited safely, refusing the stream", offset=offset)

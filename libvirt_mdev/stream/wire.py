@@ -152,6 +152,25 @@ BE64 = struct.Struct(">Q")
 BE32 = struct.Struct(">I")
 BE16 = struct.Struct(">H")
 
+# --- hw/virtio/virtio-mem.c: the early-setup vmstate (QEMU >= 8.0) -------------------
+
+#: vmstate name of virtio-mem's ``early_setup`` section; the idstr is ``<qdev path>/<name>``
+VIRTIO_MEM_EARLY_VMSD = "virtio-mem-device-early"
+#: its version_id and minimum_version_id (the loader accepts nothing else)
+VIRTIO_MEM_EARLY_VERSION = 1
+#: be64 addr, be64 region_size, be64 block_size, be32 node (sanity checks), be64 size
+VIRTIO_MEM_EARLY_FIXED = struct.Struct(">QQQIQ")
+
+# --- migration/ram.c: mapped-ram (QEMU >= 9.0, libvirt's "sparse" save format) --------
+
+#: the configuration capability that switches RAM to fixed file offsets
+MAPPED_RAM_CAPABILITY = "mapped-ram"
+#: ``MappedRamHeader`` (packed): be32 version, be64 page_size, be64 bitmap_offset, be64 pages_offset
+MAPPED_RAM_HEADER = struct.Struct(">IQQQ")
+MAPPED_RAM_HDR_VERSION = 1
+#: ``MAPPED_RAM_FILE_OFFSET_ALIGNMENT``: every RAMBlock's pages start on a 1 MiB boundary
+MAPPED_RAM_FILE_OFFSET_ALIGNMENT = 1 << 20
+
 # --- migration/block-dirty-bitmap.c -------------------------------------------------
 
 DIRTY_BITMAP_IDSTR = "dirty-bitmap"
@@ -200,8 +219,10 @@ class SaveFormat(enum.IntEnum):
 
 #: machine type name in CONFIGURATION (QEMU names are < 64 bytes)
 MAX_MACHINE_NAME = 256
-#: vmdesc JSON; QEMU's for a large VM is a few hundred KiB
-MAX_VMDESC_LEN = 64 << 20
+#: vmdesc JSON; QEMU 10's for a q35 guest is 44 KiB, a pc guest 100 KiB, a large VM a few MiB.
+#: It is held whole while checked (vmdesc.py): peak memory about 2x this plus ~25 MiB, and
+#: the worst shape (``[0],`` repeated) takes ~1 s per MiB on a slow core
+MAX_VMDESC_LEN = 16 << 20
 #: libvirt save image XML + cookie + padding (libvirt pads by 64 KiB)
 MAX_SAVE_DATA_LEN = 64 << 20
 #: one opaque FULL section body (device vmstate; VGA RAM travels as a RAMBlock, not here)
@@ -216,3 +237,15 @@ MAX_RAM_BLOCKS = 4096
 MAX_CAPABILITIES = 256
 #: VFIO devices in one stream
 MAX_VFIO_DEVICES = 256
+#: virtio-mem early-setup bitmap (one bit per block): 1 MiB covers 8 Mi blocks, 8 TiB at the
+#: smallest 1 MiB block size; the loader's own device decides the size, this only caps the claim
+MAX_VIRTIO_MEM_BITMAP = 1 << 20
+#: vmdesc JSON nesting: QEMU's descriptions nest a few levels per vmstate struct (< 30 seen);
+#: deeper is refused before any parsing work that grows with depth
+MAX_VMDESC_DEPTH = 64
+#: one mapped-ram RAMBlock region (bitmap + pages) that the parser skips: 16 TiB
+MAX_MAPPED_RAM_REGION = 1 << 44
+#: one libvirt-mdev record (a signed statement is a few hundred bytes)
+MAX_OUR_RECORD = 64 << 10
+#: one dirty-bitmap BITS buffer (QEMU sends bitmaps in chunks far below this)
+MAX_DIRTY_BITMAP_BUF = 64 << 20

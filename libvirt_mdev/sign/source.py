@@ -27,14 +27,14 @@ import struct
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from .config import Config
-from .errors import ConnectError, NotFound, SignatureError
-from .filter import Binding, bindings_from_domain_xml
-from .store.manifest import WORD_RE, is_uuid
-from .store.store import Store
+from ..config import Config
+from ..errors import ConnectError, NotFound, SignatureError
+from ..filter import Binding, bindings_from_domain_xml
+from ..store.manifest import WORD_RE, is_uuid
+from ..store.store import Store
 
 if TYPE_CHECKING:  # cryptography is an optional extra: imported only when signatures are used
-    from .sigstream import SignContext, VerifyPolicy
+    from .layers import SignContext, VerifyPolicy
 
 def _crypto_missing() -> SignatureError:
     return SignatureError("signed device state needs the 'cryptography' package "
@@ -46,8 +46,8 @@ def verify_policy(config: Config, store: Store) -> Optional["VerifyPolicy"]:
     if not config.require_signature and not config.trusted_keys:
         return None
     try:
-        from .sign import TrustedKeys
-        from .sigstream import ReplayGuard, VerifyPolicy
+        from .keys import TrustedKeys
+        from .layers import ReplayGuard, VerifyPolicy
     except ImportError:
         raise _crypto_missing() from None
     if config.require_signature and not config.trusted_keys:
@@ -133,7 +133,7 @@ def _libvirt_xml(uri: str, domain: str) -> bytes:
 
 def source_bindings(xml: bytes, sysfs_root: Path) -> tuple[dict[str, Binding], Optional[str]]:
     """(bindings with live source types, domain uuid) from the domain XML."""
-    from .mdev.sysfs import SysfsEnv
+    from ..mdev.sysfs import SysfsEnv
     bindings, _name, uuid = bindings_from_domain_xml(xml)
     env = SysfsEnv(sysfs_root)
     out = {}
@@ -154,8 +154,8 @@ def sign_context(config: Config, pid: Optional[int], *, domain: Optional[str] = 
         ConnectError: libvirt cannot be asked for the domain XML.
     """
     try:
-        from .sign import load_signing_key
-        from .sigstream import SignContext
+        from .keys import load_signing_key
+        from .layers import SignContext
     except ImportError:
         raise _crypto_missing() from None
     key = load_signing_key(config.host_key)

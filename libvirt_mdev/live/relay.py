@@ -1,6 +1,6 @@
 """Socket plumbing for the migration proxy: addresses, big-buffer reads, gathered sends.
 
-Why a module of its own: :mod:`libvirt_mdev.proxy` decides *what* may pass (which
+Why a module of its own: :mod:`libvirt_mdev.live.proxy` decides *what* may pass (which
 domain, which device, when to stop); this module only moves bytes, and moves them
 cheaply, because a live migration is GBs of RAM pages and every extra copy or
 syscall per page shows up in QEMU's ``total-time``:
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 import stat
 import struct
@@ -28,8 +29,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
-from .errors import ConnectError, UsageError
-from .stream.drive import CHUNK, BufferPool
+from ..errors import ConnectError, MdevError, UsageError
+from ..stream.drive import CHUNK, BufferPool
 #: requested socket buffer size (the kernel caps it at net.core.{r,w}mem_max)
 SOCK_BUF = 4 << 20
 #: sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call
@@ -104,7 +105,12 @@ def tune(sock: socket.socket) -> None:
             pass
 
 
-def listen(ep: Endpoint, backlog: int = 8) -> socket.socket:
+#: listen backlog: connections the kernel queues while the accept loop is busy; a flood
+#: of connects must not make the real source's SYN wait for a retransmission (1 s, 3 s...)
+BACKLOG = 1024
+
+
+def listen(ep: Endpoint, backlog: int = BACKLOG) -> socket.socket:
     """A listening socket on *ep*.  A stale unix socket file is replaced (only a
     socket: any other file at that path is refused), and the new one is 0600."""
     sock = socket.socket(ep.family(), socket.SOCK_STREAM)
@@ -164,6 +170,7 @@ def connect(ep: Endpoint, timeout: float, stop: Optional[threading.Event] = None
         tune(sock)
         try:
             sock.connect(ep.sockaddr())
+            reset_on_close(sock)
             return sock
         except OSError as exc:
             sock.close()
@@ -176,20 +183,70 @@ def connect(ep: Endpoint, timeout: float, stop: Optional[threading.Event] = None
         delay = min(delay * 2, 0.2)
 
 
-class SocketReader:
-    """``recv_into`` reusable chunk buffers (see the module docstring)."""
+@dataclass(frozen=True)
+class Progress:
+    """The progress deadline: at least *min_bytes* in every window of *window* seconds.
 
-    def __init__(self, sock: socket.socket, size: int = CHUNK) -> None:
+    Why a rate and not an idle timeout (nginx's ``client_body_timeout``): a peer that
+    sends one byte per second is never idle, yet holds the armed migration for ever.
+    """
+
+    window: float
+    min_bytes: int
+
+
+class ProgressTimeout(MdevError):
+    """The source sent too little for too long (a slow-loris peer, or a stalled QEMU):
+    a refusal (the connection is cut), not a transport failure."""
+
+
+class SocketReader:
+    """``recv_into`` reusable chunk buffers (see the module docstring).
+
+    *prefix* is what the admission stage already consumed (the QEMU file header): it is
+    returned first.  With *progress*, a read that would break the progress deadline
+    raises :class:`ProgressTimeout` instead of waiting longer.
+    """
+
+    def __init__(self, sock: socket.socket, size: int = CHUNK, *, prefix: bytes = b"",
+                 progress: Optional[Progress] = None) -> None:
         self._sock = sock
         self._pool = BufferPool(size)
-
+        self._prefix = prefix
+        self._progress = progress
+        self._window_start = time.monotonic()
+        self._window_bytes = 0
+        self._poll = select.poll() if progress is not None else None
+        if self._poll is not None:
+            self._poll.register(sock.fileno(), select.POLLIN)
 
     def read(self) -> memoryview:
         """What the peer has sent so far (at least one byte), or empty at its EOF."""
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            return memoryview(data)
+        if self._progress is not None:
+            self._wait(self._progress)
         buf = self._pool.get()
         with memoryview(buf) as view:
             n = self._sock.recv_into(view)
+        self._window_bytes += n
         return memoryview(buf)[:n]
+
+    def _wait(self, p: Progress) -> None:
+        """Block until readable, but not past the end of a window that is short of bytes."""
+        assert self._poll is not None
+        while True:
+            now = time.monotonic()
+            if self._window_bytes >= p.min_bytes:  # enough in this window: start the next one
+                self._window_start, self._window_bytes = now, 0
+            left = self._window_start + p.window - now
+            if left <= 0:
+                raise ProgressTimeout(f"the source sent {self._window_bytes} bytes in the last {p.window:g}s "
+                                      f"(the progress deadline asks for {p.min_bytes} bytes per {p.window:g}s): "
+                                      f"cut as a stalled or slow-loris connection (proxy --progress-timeout)")
+            if self._poll.poll(max(1, int(left * 1000))):
+                return
 
 
 def send_views(sock: socket.socket, views: Sequence[Bytes]) -> int:
@@ -211,6 +268,26 @@ def send_views(sock: socket.socket, views: Sequence[Bytes]) -> int:
             rest[0] = memoryview(rest[0])[n:]
         pending = rest
     return total
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)
+_LINGER_OFF = struct.pack("ii", 0, 0)
+
+
+def reset_on_close(sock: socket.socket, on: bool = True) -> None:
+    """Make any close of *sock* — ours, or the kernel's when this process is killed
+    (``kill -9``) — send a reset (SO_LINGER 0) instead of a FIN.
+
+    A TCP connection that ends with a FIN looks like a stream that merely ended; only a
+    reset tells the destination QEMU for certain that the migration failed.  A session
+    that completes turns it off (``on=False``) before it closes normally.  No-op on
+    UNIX sockets (they have no reset: a killed peer's end reads EOF)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET if on else _LINGER_OFF)
+    except OSError:
+        pass
 
 
 def abort_socket(sock: Optional[socket.socket]) -> None:

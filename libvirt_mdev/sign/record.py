@@ -1,18 +1,28 @@
 """The signed-statement record: how a signed statement travels in a QEMU migration stream.
 
-A signed statement travels as a top-level FULL section of its own::
+A signed statement's payload is ``"LMDS2\\n" <canonical statement JSON> "\\n" <base64
+Ed25519 signature>`` (format 2, docs/signing-wire.md).  Hello, config and device
+statements travel as a top-level FULL section of their own::
 
     04 <be32 0xfffffff0> <counted "libvirt-mdev/signed-statement"> <be32 0> <be32 1>
-    "LMDS1\\n" <canonical statement JSON> "\\n" <base64 Ed25519 signature>
+    <payload>
     7e ff ff ff f0
+
+A block statement travels inside its device's VFIO section, as a data block of its own
+right before the block it covers (``DEV_DATA_STATE <be64 n> <payload>``): a top-level
+section cannot sit between two blocks of one END section, and the source proxy holds
+at most one block to sign it.  The destination tells the two apart by position (in a
+format-2 stream every data block is preceded by its statement block) and strips them.
+Format 1 (``LMDS1``: statements after the data) is refused with a line that says so.
 
 Why this shape:
 
 * **QEMU fails closed on it.**  Its loader looks the idstr up among the machine's
   devices, finds nothing and aborts the incoming migration ("Unknown savevm section
-  or instance").  So if a destination proxy were ever bypassed, a signed stream could
-  not be loaded by accident: the record never reaches a vendor driver (unlike a data
-  block inside the device's section would).
+  or instance").  The hello record comes right after the CONFIGURATION, before any
+  section, so if a destination proxy were ever bypassed, QEMU aborts a signed stream
+  at its hello, before any VFIO section (and so before any block statement, which
+  QEMU would otherwise take for device state).
 * **Our codec needs no change to carry it.**  A FULL section of an unknown idstr is an
   opaque vmstate body, ended by its footer.  The body is ASCII, so it can never
   contain the footer's 0xff bytes: the boundary is exact.
@@ -27,29 +37,45 @@ import base64
 import binascii
 import json
 
-from .errors import SignatureError
-from .store.store import Store
-from .stream.writer import encode_footer, encode_section_start
+from ..errors import SignatureError
+from ..store.store import Store
+from ..stream.writer import encode_footer, encode_section_start, encode_vfio_block
 
 SIG_IDSTR = "libvirt-mdev/signed-statement"
 SIG_SECTION_ID = 0xFFFFFFF0
-SIG_MAGIC = b"LMDS1\n"
+SIG_MAGIC = b"LMDS2\n"
+#: format 1: statements after the data they cover (refused)
+SIG_MAGIC_V1 = b"LMDS1\n"
 #: records are a few hundred bytes
 MAX_RECORD = 16384
 
 
+def encode_payload(body: bytes, signature: bytes) -> bytes:
+    return SIG_MAGIC + body + b"\n" + base64.b64encode(signature)
+
+
 def encode_record(body: bytes, signature: bytes) -> bytes:
-    payload = SIG_MAGIC + body + b"\n" + base64.b64encode(signature)
-    return (encode_section_start(SIG_SECTION_ID, SIG_IDSTR, 0, 1, full=True) + payload
+    """A statement as a top-level FULL section (hello, config, device)."""
+    return (encode_section_start(SIG_SECTION_ID, SIG_IDSTR, 0, 1, full=True) + encode_payload(body, signature)
             + encode_footer(SIG_SECTION_ID))
+
+
+def encode_statement_block(body: bytes, signature: bytes) -> bytes:
+    """A block statement as a VFIO data block (inside the device's section)."""
+    return encode_vfio_block(encode_payload(body, signature))
 
 
 def decode_record(payload: bytes) -> tuple[bytes, bytes]:
     """(statement bytes, signature) of a record body.
 
     Raises:
-        SignatureError: not a record of this version.
+        SignatureError: a format-1 record, or not a record of this format.
     """
+    if payload.startswith(SIG_MAGIC_V1):
+        raise SignatureError("the stream is signed in format 1 (statements after the data they cover, "
+                             "from an older libvirt-mdev on the source host); this destination verifies "
+                             "each block before forwarding it and accepts format 2 only: upgrade "
+                             "libvirt-mdev on the source host; refusing")
     if not payload.startswith(SIG_MAGIC) or payload.count(b"\n") != 2:
         raise SignatureError("malformed signed-statement record")
     body, b64 = payload[len(SIG_MAGIC):].split(b"\n")
@@ -84,5 +110,6 @@ class ReplayGuard:
             d.write_atomic(name, json.dumps({"seq": seq, "migration": migration}).encode())
 
 
-__all__ = ["SIG_IDSTR", "SIG_SECTION_ID", "SIG_MAGIC", "MAX_RECORD", "encode_record", "decode_record",
+__all__ = ["SIG_IDSTR", "SIG_SECTION_ID", "SIG_MAGIC", "SIG_MAGIC_V1", "MAX_RECORD", "encode_payload",
+           "encode_record", "encode_statement_block", "decode_record",
            "ReplayGuard"]

@@ -1,6 +1,6 @@
 """One proxy connection: arm it, relay it, filter it, fail it closed (see :mod:`.proxy`).
 
-Split from :mod:`libvirt_mdev.proxy` (the listening server) so each module keeps one
+Split from :mod:`libvirt_mdev.live.proxy` (the listening server) so each module keeps one
 concern: this one owns a single source connection from accept to both sockets closed.
 """
 from __future__ import annotations
@@ -11,17 +11,19 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .arming import Claims, bindings_from_pending, check_local_types, select_pending
-from .config import Config
-from .errors import ConnectError, MdevError, UsageError
-from .filter import FilterOptions, StreamFilter
-from .log import get_logger
-from .relay import Endpoint, ReturnPath, SocketReader, abort_socket, connect, send_views
-from .sigsource import peer_pid, sign_context, verify_policy
-from .stream import NEED_DATA, StreamParser
-from .tlsbridge import TlsCreds, connect_tls, tls_in
+from ..config import Config
+from ..errors import ConnectError, MdevError, UsageError
+from ..filter import FilterOptions, StreamFilter
+from ..log import get_logger
+from .limits import ProxyLimits
+from .relay import (Endpoint, Progress, ReturnPath, SocketReader, abort_socket, connect, reset_on_close,
+                    send_views)
+from ..sign.source import peer_pid, sign_context, verify_policy
+from ..stream import NEED_DATA, StreamParser
+from .tlsbridge import Bridge, TlsCreds, accept_tls, connect_tls, read_header
 
 MODES = ("splice", "token", "relay", "sign")
 log = get_logger("proxy")
@@ -46,6 +48,11 @@ class ProxyOptions:
     libvirt_uri: str = "qemu:///system"
     #: TLS migrations: terminate the source's TLS and re-originate it to the local QEMU
     tls: Optional[TlsCreds] = None
+    #: deadlines and caps against hostile peers (:mod:`.limits`)
+    limits: ProxyLimits = field(default_factory=ProxyLimits)
+    #: where to look for the QEMU processes of armed domains (stale pending records are
+    #: skipped when several are armed; None: do not look)
+    proc_root: Optional[Path] = Path("/proc")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -73,6 +80,8 @@ class SessionResult:
     sha256_out: Optional[str] = None
     devices: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    #: "TLS 1.3" when the source's TLS was terminated here
+    tls: Optional[str] = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,7 +92,11 @@ class Session:
     """One source connection, from accept to both sockets closed."""
 
     def __init__(self, config: Config, opts: ProxyOptions, claims: Claims, src: socket.socket,
-                 peer: str) -> None:
+                 peer: str, *, header: bytes = b"", accepted: Optional[float] = None,
+                 on_bound: Optional[Callable[["Session"], None]] = None) -> None:
+        """*header*: the QEMU file header the admission stage already read (empty for a TLS
+        source: it is read behind TLS here); *accepted*: when the connection was accepted
+        (the header deadline counts from then)."""
         self.config, self.opts, self.claims = config, opts, claims
         self.src: Optional[socket.socket] = src
         self.dst: Optional[socket.socket] = None
@@ -91,14 +104,26 @@ class Session:
         self._abort_lock = threading.Lock()
         self._aborted: Optional[str] = None
         self._record: Optional[dict[str, Any]] = None
+        #: the filter of this session's stream: refused on any failure (its states never loadable)
+        self._flt: Optional[StreamFilter] = None
+        self._header = header
+        self._accepted = time.monotonic() if accepted is None else accepted
+        self._bridges: list[Bridge] = []
+        #: called once the connection's QEMU header matched (TLS: behind the handshake)
+        self._on_bound = on_bound
+        self._raw_src = src
+        self._evicted: Optional[str] = None
         #: the connecting process (UNIX sockets): the sign mode finds the domain from it
         self.peer_pid = peer_pid(src)
 
     def run(self) -> SessionResult:
+        """accept (done) → TLS and header → arm → re-check → connect and forward."""
         started = time.monotonic()
         try:
-            if self.opts.mode != "relay":
-                self.src = tls_in(self.src, self.opts.tls, self.result.peer)  # type: ignore[arg-type]
+            if self.opts.tls is not None and self.opts.mode != "relay":
+                self._tls_source()
+            if self._on_bound is not None:
+                self._on_bound(self)
             if self.opts.mode == "relay":
                 self._relay()
             elif self.opts.mode == "sign":
@@ -118,21 +143,53 @@ class Session:
             self.result.seconds = round(time.monotonic() - started, 3)
         return self.result
 
+    # -- TLS --------------------------------------------------------------------------------------
+    def _tls_source(self) -> None:
+        """Terminate the source's TLS, then read the QEMU file header behind it, both
+        within the header deadline (a TLS peer is bound only once its header matched)."""
+        assert self.src is not None
+        deadline = self._accepted + self.opts.limits.header_timeout
+        bridge = accept_tls(self.src, self.opts.tls, self.result.peer,  # type: ignore[arg-type]
+                            timeout=max(0.1, deadline - time.monotonic()))
+        self._bridges.append(bridge)
+        self.src = bridge.plain
+        self.result.tls = (bridge.version or "TLS").replace("TLSv", "TLS ")  # "TLSv1.3" -> "TLS 1.3"
+        self._header = read_header(bridge, deadline, self.opts.limits.header_timeout)
+
+    def evict(self, why: str) -> None:
+        """From another thread: end a session still in its TLS handshake or header (the
+        proxy's max-handshakes).  ``SHUT_RD`` wakes the blocked read and sends nothing;
+        the session's own error path then resets the connection."""
+        self._evicted = why
+        try:
+            self._raw_src.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
     # -- arming ---------------------------------------------------------------------------
     def _arm(self) -> None:
-        record = select_pending(self.config, self.opts.domain)
-        self.claims.claim(record)
+        record = select_pending(self.config, self.opts.domain, self.opts.proc_root)
+        self.claims.claim(record, self.result.peer)
         self._record = record
         r = self.result
         r.domain_name, r.domain_uuid, r.migration_id = (record["domain_name"], record["domain_uuid"],
                                                         record["migration_id"])
-        check_local_types(record, self.config.sysfs_root)
+        # the connection-time re-checks of what the hook armed: sysfs types (and the match policy) now
+        from ..mdev.policy import MatchPolicy
+
+        check_local_types(record, self.config.sysfs_root, MatchPolicy.from_config(self.config))
+        # and the no-bypass guard of QEMU's endpoint: it can be removed at run time (docs/guard.md)
+        from .endpoint import check_forward_endpoint
+
+        fwd = self.opts.forward
+        check_forward_endpoint(self.config, host=fwd.host, port=fwd.port, path=fwd.path)
         devs = ", ".join(f"{d['mdev_uuid']}={d['idstr']}:{d['type']}" for d in record["devices"]) or "none"
         log.info(f"connection from {r.peer}: serving domain {r.domain_name} ({r.domain_uuid}) "
-                 f"migration {r.migration_id}, mode {self.opts.mode}, armed mdevs: {devs}")
+                 f"migration {r.migration_id}, mode {self.opts.mode}"
+                 + (f", {r.tls} (client certificate verified)" if r.tls else "") + f", armed mdevs: {devs}")
 
     def _spend(self) -> None:
-        from .store.pending import read_pending, remove_pending
+        from ..store.pending import read_pending, remove_pending
 
         assert self._record is not None
         self.claims.release(self._record)
@@ -147,11 +204,23 @@ class Session:
     # -- byte paths -----------------------------------------------------------------------------
     def _connect_dst(self) -> socket.socket:
         raw = connect(self.opts.forward, self.opts.connect_timeout)
-        self.dst = raw if self.opts.tls is None else connect_tls(raw, self.opts.tls)
+        if self.opts.tls is None:
+            self.dst = raw
+        else:
+            bridge = connect_tls(raw, self.opts.tls)
+            self._bridges.append(bridge)
+            self.dst = bridge.plain
         return self.dst
 
+    def _reader(self) -> SocketReader:
+        """The source's bytes: the header read by the admission first, under the progress deadline."""
+        assert self.src is not None
+        lim = self.opts.limits
+        header, self._header = self._header, b""
+        return SocketReader(self.src, prefix=header, progress=Progress(lim.progress_timeout, lim.progress_min_bytes))
+
     def _filtered(self) -> None:
-        from .store import Store
+        from ..store import Store
 
         assert self.src is not None and self._record is not None
         rec = self._record
@@ -164,13 +233,13 @@ class Session:
             back = self._start_return_path(dst)
             out: list[Any] = []
             parser = StreamParser(container="stream")
-            flt = StreamFilter(store, parser, fopts, out.append)
+            flt = self._flt = StreamFilter(store, parser, fopts, out.append)
             try:
                 policy = verify_policy(self.config, store)
                 if policy is None:
                     self._pump(parser, flt, out, dst)
                 else:  # verify and strip the source's signed statements (issue 8)
-                    from .sigstream import VerifyLayer
+                    from ..sign.layers import VerifyLayer
                     layer = VerifyLayer(flt, policy)
                     self._pump(parser, layer, out, dst)
                     layer.finish()
@@ -181,7 +250,7 @@ class Session:
 
     def _signed(self) -> None:
         """Source host: sign each device's state on its way out (issue 8)."""
-        from .sigstream import SignLayer
+        from ..sign.layers import SignLayer
 
         ctx = sign_context(self.config, self.peer_pid, domain=self.opts.domain,
                            domain_xml=self.opts.domain_xml, libvirt_uri=self.opts.libvirt_uri)
@@ -199,8 +268,7 @@ class Session:
     def _pump(self, parser: StreamParser, flt: Any, out: list[Any], dst: socket.socket) -> None:
         """Source→destination: read a chunk, run every event through the filter, then
         send what it emitted in one gathered call (nothing of a refused chunk leaves)."""
-        assert self.src is not None
-        reader = SocketReader(self.src)
+        reader = self._reader()
         h_in = hashlib.sha256() if self.opts.digest else None
         h_out = hashlib.sha256() if self.opts.digest else None
         r = self.result
@@ -236,7 +304,7 @@ class Session:
         log.info(f"connection from {self.result.peer}: relaying verbatim to {self.opts.forward}")
         dst = self._connect_dst()
         back = self._start_return_path(dst)
-        reader = SocketReader(self.src)
+        reader = self._reader()
         while True:
             data = reader.read()
             if not data:
@@ -268,16 +336,20 @@ class Session:
 
     # -- ending -----------------------------------------------------------------------------------
     def _abort(self, why: str) -> None:
-        """Reset both connections at once (any thread)."""
+        """Reset both connections at once (any thread); TLS bridges reset their TCP sides."""
         with self._abort_lock:
             if self._aborted is None:
                 self._aborted = why
             src, dst, self.src, self.dst = self.src, self.dst, None, None
+        for b in self._bridges:
+            b.abort()
         abort_socket(dst)
         abort_socket(src)
 
     def _fail(self, exc: BaseException) -> None:
-        first = self._aborted
+        """The one place a refusal ends: both sockets reset, one line logged."""
+        # a TLS error seen by a bridge explains the plain-side symptom (EOF, reset) better
+        first = self._evicted or self._aborted or next((b.error for b in self._bridges if b.error), None)
         self._abort(_line(exc))
         r = self.result
         r.ok = False
@@ -290,12 +362,16 @@ class Session:
             r.error_kind, r.exit_code = "internal", 70
         who = f"domain {r.domain_name} migration {r.migration_id}" if r.domain_name else "connection"
         verdict = "FAILED" if r.error_kind == ConnectError.kind else "REFUSED"
+        if self._flt is not None:  # a failure after the stream ended (drain, return path) refuses it too
+            self._flt.abort(r.error)
         log.error(f"{r.peer}: {who} {verdict}, both connections closed: {r.error}")
 
     def _close(self) -> None:
+        """A normal end (the abort path took the sockets already): FIN, not a reset."""
         src, dst, self.src, self.dst = self.src, self.dst, None, None
         for s in (src, dst):
             if s is not None:
+                reset_on_close(s, False)
                 try:
                     s.close()
                 except OSError:

@@ -6,7 +6,9 @@ so device state is made up, but every byte around it is QEMU's framing
 ========  ===============================================================================
 START     ``DEV_SETUP_STATE END_OF_STATE``
 PART      v1 (QEMU ≤ 7.2): ``DEV_DATA_STATE be64 n <n bytes> END_OF_STATE`` (n = 0 once
-          nothing is pending); v2 (≥ 8.1): an optional data block, then ``END_OF_STATE``
+          nothing is pending); v2 (≥ 8.1): an optional data block, then ``END_OF_STATE`` —
+          or, with switchover-ack, ``DEV_INIT_DATA_SENT`` instead in the first PART
+          (``vfio_save_iterate`` once the initial precopy bytes are out)
 END       data blocks, then ``END_OF_STATE``
 FULL      ``DEV_CONFIG_STATE <VFIOPCIDevice vmstate> END_OF_STATE``
 ========  ===============================================================================
@@ -24,12 +26,12 @@ import random
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator, Optional
 
-from .drive import iter_events
-from .events import (Eof, SectionFooter, SectionHeader, VMDescription)
-from .sections import KIND_RAM
-from .writer import (StreamWriter, encode_footer, encode_section_part, encode_section_start,
+from libvirt_mdev.stream.drive import iter_events
+from libvirt_mdev.stream.events import (Eof, SectionFooter, SectionHeader, VMDescription)
+from libvirt_mdev.stream.sections import KIND_RAM
+from libvirt_mdev.stream.writer import (StreamWriter, encode_footer, encode_section_part, encode_section_start,
                      encode_vfio_block, encode_vfio_block_header, encode_vfio_marker, encode_vmdesc)
-from .wire import VFIO_VERSION, SectionType, VfioFlag
+from libvirt_mdev.stream.wire import VFIO_VERSION, SectionType, VfioFlag
 
 #: QEMU ≥ 8.0's VFIO_MIG_DEFAULT_DATA_BUFFER_SIZE
 V2_BLOCK = 1 << 20
@@ -54,6 +56,8 @@ class SyntheticVfioDevice:
     config_size: int = 256 + 20
     seed: int = 1
     marker: bytes = b""
+    #: v2 with the switchover-ack capability: the first PART ends with DEV_INIT_DATA_SENT
+    switchover_ack: bool = False
     section_id: int = -1
     _rng: random.Random = field(default=None, repr=False)  # type: ignore[assignment]
     _made: int = field(default=0, repr=False)
@@ -63,6 +67,8 @@ class SyntheticVfioDevice:
             raise ValueError(f"framing must be v1 or v2, not {self.framing!r}")
         if self.framing == "v2":
             self.block_size = min(self.block_size, V2_BLOCK)
+        elif self.switchover_ack:
+            raise ValueError("switchover-ack exists only with v2 framing")
         self.reset()
 
     @property
@@ -71,6 +77,7 @@ class SyntheticVfioDevice:
 
     def reset(self) -> None:
         self._made = 0
+        self._init_sent = False
 
     def _block(self, index: int) -> bytes:
         """Block *index* of the pseudo-random state (independent of how it is read)."""
@@ -126,8 +133,11 @@ class SyntheticVfioDevice:
         body = b""
         if n or self.framing == "v1":
             body = encode_vfio_block(self.take_state(n))
+        end = VfioFlag.END_OF_STATE
+        if self.switchover_ack and not self._init_sent:
+            end, self._init_sent = VfioFlag.DEV_INIT_DATA_SENT, True
         return (encode_section_part(self.section_id) + body
-                + encode_vfio_marker(VfioFlag.END_OF_STATE) + encode_footer(self.section_id))
+                + encode_vfio_marker(end) + encode_footer(self.section_id))
 
     def end_chunks(self, n: int) -> Iterator[bytes]:
         """The END record in pieces (its blocks may add up to hundreds of MiB)."""
@@ -150,6 +160,12 @@ class SyntheticVfioDevice:
                 "fields": [{"name": "data", "size": size, "type": "buffer"}]}
 
 
+def _open(path: str) -> BinaryIO:
+    """*path* for reading; a compressed save image decompressed as libvirt would."""
+    from libvirt_mdev.io.compress import open_image
+    return open_image(open(path, "rb"))  # type: ignore[return-value]
+
+
 def _scan(src: BinaryIO) -> tuple[int, int]:
     """(largest section id, number of RAM PART records) of a stream."""
     top, parts = -1, 0
@@ -162,8 +178,10 @@ def _scan(src: BinaryIO) -> tuple[int, int]:
 
 def inject(src_path: str, dst: BinaryIO, devices: list[SyntheticVfioDevice],
            first_id: Optional[int] = None) -> None:
-    """Copy the stream (or save image) at *src_path* to *dst* with *devices* added."""
-    with open(src_path, "rb") as fh:
+    """Copy the stream (or save image) at *src_path* to *dst* with *devices* added.  A
+    compressed save image is written back in its own format (libvirt_mdev.io.compress)."""
+    from libvirt_mdev.io.compress import ImageSink
+    with _open(src_path) as fh:
         top, ram_parts = _scan(fh)
     next_id = top + 1 if first_id is None else first_id
     for dev in devices:
@@ -172,13 +190,14 @@ def inject(src_path: str, dst: BinaryIO, devices: list[SyntheticVfioDevice],
     sent = {id(d): 0 for d in devices}
     per_part = {id(d): -(-d.precopy_size // ram_parts) if ram_parts else 0 for d in devices}
     last: Optional[SectionHeader] = None
-    with open(src_path, "rb") as fh, StreamWriter(dst) as w:
+    sink = ImageSink(dst.write)
+    with _open(src_path) as fh, StreamWriter(sink) as w:  # type: ignore[arg-type]
         for ev in iter_events(fh):
             if isinstance(ev, Eof):
                 for d in devices:
                     w.write_bytes(d.full_record())
             if isinstance(ev, VMDescription):
-                desc = json.loads(ev.json)
+                desc = json.loads(bytes(ev.json))
                 desc.setdefault("devices", []).extend(d.vmdesc_entry() for d in devices)
                 w.write_bytes(encode_vmdesc(json.dumps(desc, separators=(",", ":")).encode()))
                 continue
@@ -198,6 +217,7 @@ def inject(src_path: str, dst: BinaryIO, devices: list[SyntheticVfioDevice],
                     for piece in d.end_chunks(d.state_bytes - sent[id(d)]):
                         w.write_bytes(piece)
                     sent[id(d)] = d.state_bytes
+    sink.close()
 
 
 def write_minimal_stream(dst: BinaryIO, ram_pages: int = 256, seed: int = 1) -> None:
@@ -205,8 +225,8 @@ def write_minimal_stream(dst: BinaryIO, ram_pages: int = 256, seed: int = 1) -> 
     configuration, a RAM section (setup, one iteration, completion) with zero and
     non-zero pages, a few device FULL sections, EOF and vmdesc.  For examples and
     demos where no QEMU is at hand; :func:`inject` adds VFIO devices to it."""
-    from .wire import BE64, RamFlag
-    from .writer import encode_configuration, encode_eof, encode_file_header
+    from libvirt_mdev.stream.wire import BE64, RamFlag
+    from libvirt_mdev.stream.writer import encode_configuration, encode_eof, encode_file_header
     page = 4096
     rng = random.Random(seed)
     ram = b""

@@ -7,25 +7,32 @@ destination QEMU listens on loopback and this proxy listens on DEST:PORT (DESIGN
 LIBVIRT.md §2); with ``--migrateuri unix:///...`` it carries the bytes between the
 two hosts' sockets.  For each connection from a source:
 
+0. **Admission.**  One thread holds every new connection, without reading any
+   record, until its first 8 bytes are a QEMU file header (or its first byte starts
+   TLS on a ``--tls-dir`` proxy): first-bytes and header deadlines, a cap on such
+   unarmed connections (the oldest is reset), an accept loop that survives ``EMFILE``
+   (:mod:`.admission`, limits in :mod:`.limits`).  Only then does a session start.
 1. **Which domain.**  The ``migrate begin`` hook armed a *pending record* for the
    incoming domain (:mod:`libvirt_mdev.store.pending`).  Exactly one record (or the
-   one ``--domain`` names) is served; none, or several without ``--domain``, is a
-   refusal.  A record already being served refuses extra connections: multifd
-   (``--parallel``) opens several, and those side channels cannot be filtered.
+   one ``--domain`` names; with several, the ones whose QEMU runs) is served; none, or
+   several without ``--domain``, is a refusal.  A record already being served refuses
+   extra connections: multifd (``--parallel``) opens several, and those side channels
+   cannot be filtered.
 2. **Which devices.**  The record lists each mdev (uuid, VFIO section idstr, source
    type).  The types are checked again against this host's sysfs *now* — the mdev
    may have been re-created since the hook ran — and become the filter's bindings:
    state for a device the domain does not have is refused before any of its bytes
    are forwarded (:class:`~libvirt_mdev.filter.StreamFilter`).
 3. **Relay.**  Connect to the local QEMU (retrying briefly: it may not listen yet),
-   relay destination→source verbatim (:class:`~libvirt_mdev.relay.ReturnPath`) and
+   relay destination→source verbatim (:class:`~libvirt_mdev.live.relay.ReturnPath`) and
    source→destination through :class:`~libvirt_mdev.stream.StreamParser` and the
    filter with the store.  Whatever the filter emits for one received chunk is sent
    in one gathered ``sendmsg`` *after* the whole chunk was accepted, so the bytes of
    a refused chunk never leave the proxy.
 4. **Fail closed.**  Any error — parse error, unknown section, oversize block, store
-   or verification failure, a truncated stream, a socket error — resets *both*
-   connections at once: the destination QEMU's incoming migration fails and the
+   or verification failure, a truncated stream, a socket error, the progress
+   deadline — resets *both* connections at once (SO_LINGER 0 is set from accept and
+   connect on, so a ``kill -9`` of the proxy resets them too): the destination QEMU's incoming migration fails and the
    source keeps running the guest.  One line says why (syslog + ``log_file``).
 5. **One migration per record.**  When the session ends (either way) the pending
    record is removed, so a replayed connection finds nothing to serve.
@@ -39,13 +46,14 @@ import os
 import socket
 import threading
 import time
-from collections import deque
-from typing import Any, Callable, Optional
+from collections import OrderedDict, deque
+from typing import Callable, Optional
 
 from .arming import Claims
-from .config import Config
-from .errors import UsageError
-from .relay import Endpoint, listen, tune
+from ..config import Config
+from ..errors import MdevError, UsageError
+from .admission import Admission
+from .relay import Endpoint, abort_socket, listen
 from .session import MODES, ProxyOptions, Session, SessionResult, log
 
 #: results kept in memory (:attr:`MigrationProxy.results`)
@@ -73,6 +81,12 @@ class MigrationProxy:
         self._threads: list[threading.Thread] = []
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
+        self._once = False
+        self._started_one = False
+        self._first: list[SessionResult] = []
+        self._admission: Optional[Admission] = None
+        #: TLS sessions not bound yet (handshake, header), oldest first
+        self._handshaking: "OrderedDict[int, Session]" = OrderedDict()
 
     def bind(self, ep: Endpoint) -> Endpoint:
         """Listen on *ep*; returns the address actually bound (port 0 → a real port)."""
@@ -91,49 +105,98 @@ class MigrationProxy:
     def serve(self, once: bool = False) -> Optional[SessionResult]:
         """Accept until :meth:`stop` (or, with *once*, until the first session ended;
         extra connections meanwhile are still refused).  Returns the first session's
-        result with *once*."""
+        result with *once*.
+
+        The path of one connection: :class:`~.admission.Admission` (accept, QEMU header,
+        deadlines, caps) → :meth:`_admitted` (a session thread) → :meth:`Session.run`
+        (arm, re-check, connect and forward)."""
         if self._listener is None:
             raise UsageError("bind() the proxy before serve()")
-        self._listener.settimeout(0.2)
-        first: Optional[threading.Thread] = None
-        box: list[SessionResult] = []
+        self._once = once
+        self._admission = Admission(self._listener, self.opts.limits, self._admitted, self._refused,
+                                    relay=self.opts.mode == "relay", tls=self.opts.tls is not None,
+                                    stop=self._stop)
         try:
-            while not self._stop.is_set():
-                if once and first is not None and not first.is_alive():
-                    break
-                try:
-                    conn, addr = self._listener.accept()
-                except socket.timeout:
-                    continue
-                except OSError:
-                    if self._stop.is_set():
-                        break
-                    raise
-                conn.settimeout(None)
-                tune(conn)
-                t = threading.Thread(target=self._session, args=(conn, _peer(addr), box if first is None else None),
-                                     daemon=True, name="libvirt-mdev-session")
-                first = first or t
-                with self._lock:
-                    self._threads = [x for x in self._threads if x.is_alive()]
-                    self._threads.append(t)
-                t.start()
+            self._admission.run()
         finally:
             self.join(self.opts.drain_timeout)
-        return box[0] if box else None
+        return self._first[0] if self._first else None
 
-    def _session(self, conn: socket.socket, peer: str, box: Optional[list[SessionResult]] = None) -> None:
-        res = Session(self.config, self.opts, self.claims, conn, peer).run()
+    def _admitted(self, conn: socket.socket, peer: str, header: bytes, accepted: float, tls: bool) -> None:
+        """A connection passed the admission: run its session in a thread of its own.
+        A TLS one is still *handshaking* (not yet bound) until its header arrived behind
+        TLS: those are capped apart (``max_handshakes``, the oldest is reset)."""
+        lim = self.opts.limits
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            busy = len(self._threads) - len(self._handshaking)
+        if busy >= lim.max_sessions:
+            why = MdevError(f"{busy} migrations are already being served (the proxy's max-sessions limit)")
+            log.error(f"{peer}: connection REFUSED, reset: {why.message}")
+            abort_socket(conn)
+            self._refused(peer, why)
+            return
+        session = Session(self.config, self.opts, self.claims, conn, peer, header=header, accepted=accepted,
+                          on_bound=self._bound if tls else None)
+        victim: Optional[Session] = None
+        if tls:
+            with self._lock:
+                if len(self._handshaking) >= lim.max_handshakes:
+                    _, victim = self._handshaking.popitem(last=False)
+                self._handshaking[id(session)] = session
+        if victim is not None:
+            log.warning(f"{victim.result.peer}: {lim.max_handshakes} TLS handshakes in progress (the proxy's "
+                        f"max-handshakes): resetting the oldest one")
+            victim.evict(f"TLS from {victim.result.peer}: reset as the oldest of {lim.max_handshakes} TLS "
+                         f"handshakes in progress (the proxy's max-handshakes limit)")
+        first = self._take_first()
+        t = threading.Thread(target=self._session, args=(session, first), daemon=True,
+                             name="libvirt-mdev-session")
+        with self._lock:
+            self._threads.append(t)
+        t.start()
+
+    def _bound(self, session: Session) -> None:
+        with self._lock:
+            self._handshaking.pop(id(session), None)
+
+    def _refused(self, peer: str, exc: MdevError) -> None:
+        """The admission refused a connection (logged there): record it like a session."""
+        self._record(SessionResult(peer=peer, mode=self.opts.mode, error=exc.message, error_kind=exc.kind,
+                                   exit_code=exc.exit_code), self._take_first())
+
+    def _take_first(self) -> bool:
+        with self._lock:
+            first, self._started_one = not self._started_one, True
+        return first
+
+    def _session(self, session: Session, first: bool) -> None:
+        try:
+            res = session.run()
+        finally:
+            self._bound(session)
+        peer = res.peer
         if res.ok:
             log.info(f"{peer}: domain {res.domain_name} migration {res.migration_id} done: "
                      f"{res.bytes_in} bytes in, {res.bytes_out} out, {res.bytes_back} back, "
-                     f"{len(res.devices)} device state(s) stored, {res.seconds}s")
+                     f"{len(res.devices)} device state(s) stored, {res.seconds}s"
+                     + (f", {res.tls}" if res.tls else ""))
+        self._record(res, first)
+
+    def _record(self, res: SessionResult, first: bool) -> None:
         with self._lock:
             self.results.append(res)
-        if box is not None:
-            box.append(res)
+        if first:
+            self._first.append(res)
+            if self._once:
+                self._stop.set()
         if self.on_result is not None:
             self.on_result(res)
+
+    @property
+    def admission(self) -> Optional[Admission]:
+        """The accept stage (its counters: shed, expired, fd_exhausted), once serving."""
+        return self._admission
 
     def start(self) -> "MigrationProxy":
         """Serve in a background thread (tests, embedding)."""
@@ -167,12 +230,6 @@ class MigrationProxy:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _peer(addr: Any) -> str:
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        return f"{addr[0]}:{addr[1]}"
-    return f"unix:{addr or '?'}"
 
 
 def _unlink_quietly(path: str) -> None:

@@ -49,9 +49,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from .errors import SignatureError, StoreError
-from .store.acl import SecureDir, read_protected_file
-from .store.manifest import WORD_RE, Manifest, is_sha256, is_uuid
+from ..errors import AlreadyExists, SignatureError, StoreError
+from ..store.acl import SecureDir, read_protected_file
+from ..store.manifest import WORD_RE, Manifest, is_sha256, is_uuid
 
 PUBKEY_PREFIX = "libvirt-mdev-ed25519"
 #: prefix of every signed message: domain separation from any other use of the key
@@ -179,9 +179,9 @@ def write_key_pair(key: SigningKey, out_dir: Path, name: str = "host.key", *,
         SignatureError: a key already exists and *force* is not set.
     """
     pub_name = (name[:-4] if name.endswith(".key") else name) + ".pub"
-    with SecureDir.open(out_dir, create=True, uid=uid, what="host key directory") as d:
+    with SecureDir.open(out_dir, create=True, uid=uid, what="host key") as d:
         if d.exists(name) and not force:
-            raise SignatureError(f"{d.describe(name)} already exists; keep it (its public key is "
+            raise AlreadyExists(f"{d.describe(name)} already exists; keep it (its public key is "
                                  f"{d.describe(pub_name)}) or pass --force to replace it")
         d.write_atomic(pub_name, key.public.to_text().encode())
         d.write_atomic(name, key.private_pem())
@@ -196,7 +196,7 @@ def load_signing_key(path: Path, *, uid: int = 0) -> SigningKey:
         StoreAccessError: wrong owner/mode, symlink.
     """
     try:
-        with SecureDir.open(path.parent, uid=uid, what="host key directory") as d:
+        with SecureDir.open(path.parent, uid=uid, what="host key") as d:
             data = d.read_small(path.name)
     except StoreError as exc:
         if "does not exist" in exc.message:
@@ -283,6 +283,12 @@ def check_statement(stmt: Any) -> dict[str, Any]:
 def sign_statement(key: SigningKey, stmt: dict[str, Any]) -> tuple[bytes, bytes]:
     """(canonical statement bytes, signature).  *stmt* must name *key* as signer."""
     check_statement(stmt)
+    return sign_checked(key, stmt)
+
+
+def sign_checked(key: SigningKey, stmt: dict[str, Any]) -> tuple[bytes, bytes]:
+    """The last step every statement kind and format shares: *stmt* (already checked)
+    names *key* as signer; sign its canonical bytes under the context prefix."""
     if stmt["signer"] != key.key_id:
         raise SignatureError("statement names another signer than the signing key")
     body = canonical(stmt)
@@ -303,6 +309,16 @@ def verify_statement(trusted: TrustedKeys, body: bytes, signature: bytes) -> dic
     except (UnicodeDecodeError, ValueError):
         raise SignatureError("signed statement is not ASCII JSON") from None
     check_statement(stmt)
+    return check_signature(trusted, stmt, body, signature)
+
+
+def check_signature(trusted: TrustedKeys, stmt: dict[str, Any], body: bytes, signature: bytes) -> dict[str, Any]:
+    """*body* is *stmt* in canonical form and *signature* verifies over it with the
+    trusted key it names (every statement kind and format shares this last step).
+
+    Raises:
+        SignatureError: not canonical, unknown key, bad signature.
+    """
     if canonical(stmt) != body:
         raise SignatureError("signed statement is not in canonical form")
     key = trusted.get(stmt["signer"])
