@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Iterator
@@ -33,6 +34,17 @@ TIMINGS: dict[str, float] = {}
 
 def e2e_disabled() -> bool:
     return os.environ.get(NO_E2E_ENV) == "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # timeout(1) in .ci/test and CI runners stop a run with SIGTERM, which would end Python without running the
+    # fixtures' teardown or atexit: private libvirtds, QEMUs and network namespaces would outlive the run. As a
+    # KeyboardInterrupt, pytest tears every fixture down and exits with "interrupted" (exit code 2).
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+
+
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum} (SIGTERM): stopping the test run and tearing the harness down")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -151,7 +163,7 @@ def qmp_stream(workdir: Path, path: Path, ram_file: Path | None, label: str) -> 
 
 @pytest.fixture(scope="session")
 def real_qmp_stream(e2e_tools: None, harness_dir: Path) -> Path:
-    """A raw QEMU 7.2 migration stream (QMP `migrate` to `exec:cat > file`) of a running 256 MiB TCG VM with
+    """A raw QEMU migration stream (QMP `migrate` to `exec:cat > file`) of a running 256 MiB TCG VM with
     virtio-net (user), qemu-xhci, serial and a qcow2 virtio disk."""
     return qmp_stream(harness_dir / "qmp", harness_dir / "real.stream", None, "")
 

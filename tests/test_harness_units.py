@@ -8,8 +8,9 @@ from pathlib import Path
 
 from lxml import etree
 
-from tests.harness import HarnessError, LibvirtHost, logging_hook
+from tests.harness import HarnessError, LibvirtHost, logging_hook, versions
 from tests.harness.guests import QEMU_NS, RAM_FILL_ADDR, GuestSpec, make_ram_file
+from tests.harness.libvirt_host import in_chroot
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,7 +88,35 @@ def test_no_e2e_env_skips_e2e_tests_visibly() -> None:
     env = {**os.environ, "LIBVIRT_MDEV_NO_E2E": "1"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs",
                            "tests/e2e/test_harness.py"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "passed" not in proc.stdout and " skipped" in proc.stdout
     assert "LIBVIRT_MDEV_NO_E2E=1" in proc.stdout
+
+
+def test_version_strings_of_both_targets_parse() -> None:
+    assert versions._version("QEMU emulator version 10.0.13 (Debian 1:10.0.13+ds-0+deb13u1)", "qemu") == (10, 0, 13)
+    assert versions._version("QEMU emulator version 7.2.19 (Debian 1:7.2+dfsg-7+deb12u18)", "qemu") == (7, 2, 19)
+    assert versions._version("libvirtd (libvirt) 11.3.0", "libvirtd") == (11, 3, 0)
+    try:
+        versions._version("no digits here", "libvirtd")
+    except HarnessError as exc:
+        assert "libvirtd" in str(exc)
+    else:
+        raise AssertionError("a version-less string parsed")
+
+
+def test_hook_calls_keep_order_and_the_extra_argument_of_one_domain() -> None:
+    log = ("lm-a prepare begin -\nlm-ab prepare begin -\nlm-a stopped end -\nlm-a release end destroyed\n"
+           "lm-a release\n")
+    assert versions.hook_calls(log, "lm-a") == [("prepare", "begin", "-"), ("stopped", "end", "-"),
+                                                ("release", "end", "destroyed")]
+    assert versions.hook_calls(log, "lm-b") == []
+
+
+def test_chroot_is_told_from_mountinfo() -> None:
+    host = "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw\n30 22 0:5 / /dev rw - devtmpfs udev rw\n"
+    bound_root = host + "90 80 254:0 /var/tmp/r /  rw,relatime - ext4 /dev/vda rw\n".replace("/  ", "/ ")
+    plain_chroot = "31 22 0:5 / /dev rw - devtmpfs udev rw\n"  # "/" is outside the root: not listed at all
+    assert not in_chroot(host)
+    assert in_chroot(bound_root) and in_chroot(plain_chroot)

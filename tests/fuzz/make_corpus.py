@@ -37,7 +37,7 @@ from libvirt_mdev.stream import (RamEos, RamRecords, SectionFooter, SectionHeade
                                  iter_events)
 from libvirt_mdev.stream.writer import encode_vmdesc
 from libvirt_mdev.stream.saveimage import encode_header
-from libvirt_mdev.stream.synth import SyntheticVfioDevice, inject
+from testkit.synth import SyntheticVfioDevice, inject
 from libvirt_mdev.stream.wire import BE64, SAVE_MAGIC_COMPLETE, RamFlag, SaveFormat, SectionType
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""Test infrastructure that drives the real libvirtd 9.0 and QEMU 7.2 on this machine.
+"""Test infrastructure that drives the real libvirtd and QEMU of this machine (or of the root CI runs it in).
 
 Private libvirt hosts (LibvirtHost, TwoHosts), a TCG guest XML builder (GuestSpec), and a QEMU run directly over
 QMP (QemuVM). See README.md here and tests/conftest.py for the fixtures built on them.

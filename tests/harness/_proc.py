@@ -1,8 +1,8 @@
 """Process helpers shared by the harness modules.
 
 Kept apart from the host/VM classes because every one of them needs the same three things: run a command and
-fail with its stderr in the message, tell whether a pid is really gone (PID 1 here reaps late, TWOHOSTS pitfall 10),
-and stop a pid politely before forcefully.
+fail with its stderr in the message, tell whether a pid is really gone (PID 1 here reaps late, docs/testing.md
+pitfall 10), and stop a pid politely before forcefully.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Domain XML for small TCG guests that run on this machine's libvirt 9.0 / QEMU 7.2 without KVM or images.
+"""Domain XML for small TCG guests that run on the libvirt and QEMU under test (docs/ci.md) without KVM or images.
 
 The guest has no OS: SeaBIOS runs, finds nothing to boot and keeps retrying, which is enough for libvirt to
 define, start, save, restore and migrate it, and for QEMU to emit every device's state. The devices the stream

@@ -1,8 +1,9 @@
 """A private libvirt "host": its own libvirtd + virtlogd with their own /etc, /run, /var/lib, /var/log, /var/cache.
 
-Follows ../shared/TWOHOSTS.md: the daemons run inside `unshare --mount --propagation private` with the per-host
-directories bind-mounted over the stock paths, so the stock config, socket names and hook locations all apply while
-the machine's real libvirt (and other sessions' private hosts) stay untouched. Everything lives under one base dir.
+Follows docs/testing.md ("Harness facts", which lists the pitfalls cited here by number): the daemons run inside
+`unshare --mount --propagation private` with the per-host directories bind-mounted over the stock paths, so the
+stock config, socket names and hook locations all apply while the machine's real libvirt (and other sessions'
+private hosts) stay untouched. Everything lives under one base dir. Works the same inside a chroot (pitfalls 11-13).
 """
 from __future__ import annotations
 
@@ -237,18 +238,23 @@ class LibvirtHost:
     def domstate(self, domain: str) -> str:
         return self.virsh("domstate", domain).stdout.strip()
 
-    def vcpu_time_ns(self, domain: str) -> int:
-        """Cumulative vCPU 0 time from `virsh domstats --vcpu` (read from /proc, so it works without cgroups)."""
-        stats = self.virsh("domstats", "--vcpu", domain).stdout
-        match = re.search(r"vcpu\.0\.time=(\d+)", stats)
+    def bios_ticks(self, domain: str) -> int:
+        """The guest's BIOS tick counter (dword at guest-physical 0x46c), read through HMP `xp`.
+
+        SeaBIOS's timer interrupt handler increments it 18.2 times a second, so it grows only while guest code
+        really executes on this host. vCPU time from /proc is no proof: it is sampled per scheduler tick and an
+        idle, mostly halted TCG vCPU can show 0 ns for many seconds on a loaded machine.
+        """
+        out = self.virsh("qemu-monitor-command", "--hmp", domain, "xp /1wx 0x46c").stdout
+        match = re.search(r"046c:\s*(0x[0-9a-fA-F]+)", out)
         if not match:
-            raise HarnessError(f"host {self.name}: no vcpu.0.time in domstats of {domain}: {stats.strip()}")
-        return int(match.group(1))
+            raise HarnessError(f"host {self.name}: no BIOS tick counter in HMP output for {domain}: {out.strip()!r}")
+        return int(match.group(1), 16)
 
     def wait_guest_executes(self, domain: str, timeout: float = 10.0) -> None:
-        """Prove the guest really runs here: libvirt and QEMU say running and its vCPU time grows.
+        """Prove the guest really runs here: libvirt and QEMU say running and the guest's timer handler runs.
 
-        The idle SeaBIOS guest accrues ~10 ms of vCPU time per 1.5 s, so this takes about 2-2.5 s.
+        The tick counter moves every 55 ms while the guest executes, so this normally returns within 0.1-0.2 s.
         """
         state = self.domstate(domain)
         if state != "running":
@@ -256,11 +262,12 @@ class LibvirtHost:
         status = self.virsh("qemu-monitor-command", "--hmp", domain, "info status").stdout
         if "VM status: running" not in status:
             raise HarnessError(f"host {self.name}: QEMU of {domain} says {status.strip()!r}")
-        before = self.vcpu_time_ns(domain)
+        before = self.bios_ticks(domain)
         deadline = time.monotonic() + timeout
-        while self.vcpu_time_ns(domain) <= before:
+        while self.bios_ticks(domain) == before:
             if time.monotonic() > deadline:
-                raise HarnessError(f"host {self.name}: vCPU time of {domain} stuck at {before} ns for {timeout:.0f}s")
+                raise HarnessError(f"host {self.name}: guest {domain} did not execute for {timeout:.0f}s "
+                                   f"(BIOS tick counter stuck at {before:#x})")
             time.sleep(0.1)
 
     def nsenter_args(self, *, net: bool = True, uts: bool = True) -> list[str]:
@@ -268,7 +275,9 @@ class LibvirtHost:
         pid = self._pids.get("libvirtd")
         if not pid or not pid_alive(pid):
             raise HarnessError(f"host {self.name} is not running; start() it before entering its namespaces")
-        args = ["nsenter", "-t", str(pid), "-m"]
+        # -r: the root directory of libvirtd too. Without it nsenter lands at the mount namespace's real root,
+        # which is outside the Debian 13 root CI runs the newer target in (docs/ci.md); on a plain host it is "/".
+        args = ["nsenter", "-t", str(pid), "-m", "-r"]
         if net and self.netns:
             args.append("-n")
         if uts and self.hostname:
@@ -286,7 +295,12 @@ class LibvirtHost:
     # ----- internals ---------------------------------------------------------------------------------------
     def _qemu_conf(self) -> str:
         # Pitfall 3: /dev/kvm is root-only here, so QEMU as libvirt-qemu makes every capability lookup re-probe.
-        return 'user = "root"\ngroup = "root"\ncgroup_controllers = [ ]\n'
+        conf = 'user = "root"\ngroup = "root"\ncgroup_controllers = [ ]\n'
+        if in_chroot():
+            # libvirt's per-domain /dev (the "mount" namespace) has no working /dev/pts inside a chroot: QEMU
+            # fails with "-chardev pty: Failed to create PTY" (docs/testing.md). On a host the default stays.
+            conf += "namespaces = [ ]\n"
+        return conf
 
     def _libvirtd_conf(self) -> str:
         lines = [
@@ -362,10 +376,27 @@ class LibvirtHost:
             self.virsh("destroy", dom, check=False, timeout=30)
 
 
+def in_chroot(mountinfo: str | None = None) -> bool:
+    """True when this process runs chrooted (as CI's Debian 13 target does).
+
+    Read from /proc/self/mountinfo (or the given text), not by comparing "/" with /proc/1/root, which a container
+    may refuse even to root: a chroot's "/" is either no mount point at all or a mount whose root inside its
+    filesystem is not "/".
+    """
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            return False
+    roots = [fields[3] for fields in (line.split() for line in mountinfo.splitlines())
+             if len(fields) > 4 and fields[4] == "/"]
+    return not roots or roots[-1] != "/"
+
+
 def pids_in_netns(netns: str) -> list[int]:
     """Pids of processes in a network namespace we created (used by teardown to catch stragglers)."""
     proc = run(["ip", "netns", "pids", netns], check=False, timeout=10)
     return [int(p) for p in proc.stdout.split() if p.isdigit()]
 
 
-__all__ = ["HookFile", "LibvirtHost", "logging_hook", "pids_in_netns", "HarnessError", "READY_TIMEOUT"]
+__all__ = ["HookFile", "LibvirtHost", "logging_hook", "in_chroot", "pids_in_netns", "HarnessError", "READY_TIMEOUT"]

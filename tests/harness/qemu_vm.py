@@ -1,4 +1,4 @@
-"""QEMU 7.2 run directly (no libvirt), driven over QMP with the qemu.qmp library.
+"""QEMU run directly (no libvirt), driven over QMP with the qemu.qmp library.
 
 This is how the tests get a raw migration stream (what travels between QEMUs, without libvirt's save header) and
 how they feed one back into a destination started with `-incoming defer`. TCG and `-nodefaults` keep the device

@@ -1,4 +1,4 @@
-"""Two private libvirt hosts, each in its own network + UTS namespace, joined by a veth pair (../shared/TWOHOSTS.md).
+"""Two private libvirt hosts, each in its own network + UTS namespace, joined by a veth pair (docs/testing.md).
 
 From the root namespace virsh reaches both daemons through their UNIX sockets, so a plain (non-p2p)
 `virsh -c A migrate --live DOM B --migrateuri tcp://<B addr>:<port>` is a real cross-"host" migration: A's

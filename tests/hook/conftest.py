@@ -10,7 +10,7 @@ from typing import Optional
 import pytest
 
 from libvirt_mdev.cli.hookcmd import install
-from libvirt_mdev.mdev.sysfs import make_fake_sysfs
+from testkit.fakesysfs import make_fake_sysfs
 
 U1 = "4b20d080-1b54-4048-85b3-a6a62d165c01"
 U2 = "4b20d080-1b54-4048-85b3-a6a62d165c02"
@@ -19,7 +19,7 @@ DOM_UUID = "5a9c2a4e-7d1b-4b8e-8f57-0c1d2e3f4001"
 PARENT = "0000:3b:00.0"
 NS = "urn:libvirt-mdev:metadata:1"
 
-#: every (operation, sub-operation) libvirt 9.0 calls the qemu hook with (LIBVIRT.md §1)
+#: every (operation, sub-operation) libvirt 9.0 calls the qemu hook with (docs/hook.md)
 ALL_OPS = [("migrate", "begin"), ("prepare", "begin"), ("start", "begin"), ("started", "begin"),
            ("stopped", "end"), ("release", "end"), ("restore", "begin"), ("reconnect", "begin"),
            ("attach", "begin")]
@@ -51,6 +51,7 @@ class HookEnv:
     log_file: Path
     sysfs: Path
     store: Path
+    sockdir: Path
 
     def call(self, op: str, sub: str, stdin: bytes, domain: str = "vm1",
              timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
@@ -61,7 +62,8 @@ class HookEnv:
 
     def write_config(self, **extra: str) -> None:
         lines = [f"sysfs_root = {self.sysfs}", f"runtime_dir = {self.runtime_dir}",
-                 f"log_file = {self.log_file}", f"store = {self.store}"]
+                 f"log_file = {self.log_file}", f"store = {self.store}",
+                 f"migration_socket_dir = {self.sockdir}"]  # the UNIX guard: no nft in the root netns
         lines += [f"{k} = {v}" for k, v in extra.items()]
         self.config.write_text("[libvirt-mdev]\n" + "\n".join(lines) + "\n")
 
@@ -79,7 +81,9 @@ def hook_env(tmp_path: Path) -> HookEnv:
     (root / "etc").mkdir()
     env = HookEnv(root=root, hook=hook, config=root / "etc" / "libvirt-mdev.conf",
                   runtime_dir=root / "run" / "libvirt-mdev", log_file=root / "hook.log",
-                  sysfs=sysfs, store=root / "store")
+                  sysfs=sysfs, store=root / "store", sockdir=root / "mig")
     (root / "run").mkdir()
+    env.sockdir.mkdir(mode=0o750)
+    env.sockdir.chmod(0o750)
     env.write_config()
     return env

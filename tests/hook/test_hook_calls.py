@@ -41,6 +41,9 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_operation_with_every_input(hook_env: HookEnv, op: str, sub: str, case: str) -> None:
     stdin, refuses, words = CASES[case]
+    if (op, sub, case) == ("restore", "begin", "match"):
+        # types match, but no libvirt-mdev splice verified this image: no permit (docs/saveimages.md)
+        refuses, words = True, ("libvirt-mdev splice",)
     r = hook_env.call(op, sub, stdin)
     assert r.stdout == b""  # stdout would replace the domain XML
     if (op, sub) in GATES and refuses:
@@ -54,11 +57,13 @@ def test_every_operation_with_every_input(hook_env: HookEnv, op: str, sub: str, 
     else:
         assert (r.returncode, r.stderr) == (0, b"")
     log = hook_env.log_lines()
-    assert len(log) >= 1 and f"{op} {sub} domain=vm1:" in log[-1]
     if (op, sub) in GATES:
+        assert len(log) >= 1 and f"{op} {sub} domain=vm1:" in log[-1]
         assert ("REFUSED" in log[-1]) == refuses
-    elif (op, sub) != ("release", "end"):
-        assert log[-1].endswith("no-op")
+    elif (op, sub) == ("release", "end"):
+        assert len(log) >= 1 and f"{op} {sub} domain=vm1:" in log[-1]
+    else:
+        assert log == []  # no-ops are logged only with log_level = debug (issue 15)
 
 
 def test_migrate_begin_match_arms_a_pending_record(hook_env: HookEnv) -> None:
@@ -67,8 +72,10 @@ def test_migrate_begin_match_arms_a_pending_record(hook_env: HookEnv) -> None:
     rec = read_pending(hook_env.runtime_dir, DOM_UUID)
     assert rec is not None
     assert rec["domain_name"] == "vm1" and rec["domain_uuid"] == DOM_UUID
-    assert rec["devices"] == [{"mdev_uuid": U1, "idstr": "0000:00:05.0/vfio", "type": "nvidia-222"},
-                              {"mdev_uuid": U2, "idstr": "0000:00:06.0/vfio", "type": "nvidia-224"}]
+    assert rec["devices"] == [{"mdev_uuid": U1, "idstr": "0000:00:05.0/vfio", "type": "nvidia-222",
+                               "driver_version": None, "parent_model": None},
+                              {"mdev_uuid": U2, "idstr": "0000:00:06.0/vfio", "type": "nvidia-224",
+                               "driver_version": None, "parent_model": None}]
     assert abs(rec["created"] - time.time()) < 60
     assert "armed" in hook_env.log_lines()[-1]
     assert (hook_env.runtime_dir.stat().st_mode & 0o777) == 0o700
@@ -94,7 +101,8 @@ def test_arm_all_arms_a_domain_without_mdevs_with_no_devices(hook_env: HookEnv) 
 
 
 def test_restore_begin_writes_no_pending_record(hook_env: HookEnv) -> None:
-    assert hook_env.call("restore", "begin", MATCH).returncode == 0
+    r = hook_env.call("restore", "begin", MATCH)
+    assert r.returncode == 1 and b"libvirt-mdev splice" in r.stderr  # no permit for an unverified image
     assert read_pending(hook_env.runtime_dir, DOM_UUID) is None
 
 
@@ -164,7 +172,10 @@ def test_no_child_keeps_stdout_or_stderr_open(hook_env: HookEnv) -> None:
         p = subprocess.Popen([str(hook_env.hook), "vm1", op, sub, "-"], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={"PATH": "/usr/bin:/bin"})
         p.communicate(MATCH, timeout=20)
-        assert p.returncode == 0
+        # started begin after the armed migrate begin: no QEMU of vm1 runs here, so the
+        # endpoint check refuses (the guard tests cover that case)
+        # and restore begin: no splice verified an image for vm1 (no permit)
+        assert p.returncode == (1 if (op, sub) in (("started", "begin"), ("restore", "begin")) else 0)
 
 
 def test_hook_imports_neither_libvirt_nor_click() -> None:
@@ -212,3 +223,28 @@ def test_pending_record_is_replaced_by_a_new_migration(hook_env: HookEnv) -> Non
     rec = read_pending(hook_env.runtime_dir, DOM_UUID)
     assert rec is not None and rec["migration_id"] != "old" and len(rec["devices"]) == 2
     json.dumps(rec)
+
+
+def test_noops_are_logged_only_at_debug_level(hook_env: HookEnv) -> None:
+    assert hook_env.call("prepare", "begin", MATCH).returncode == 0
+    assert hook_env.log_lines() == []
+    hook_env.write_config(log_level="debug")
+    assert hook_env.call("prepare", "begin", MATCH).returncode == 0
+    assert hook_env.call("started", "begin", MATCH).returncode == 0
+    lines = hook_env.log_lines()
+    assert len(lines) == 2 and " DEBUG " in lines[0] and lines[0].endswith("prepare begin domain=vm1: no-op")
+    assert "started begin domain=vm1: no-op" in lines[1]
+
+
+def test_hook_noop_imports_nothing_it_does_not_need() -> None:
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[2])
+    code = ("import io, sys; sys.path.insert(0, %r)\n"
+            "before = set(sys.modules)\n"
+            "from libvirt_mdev.hook import main\n"
+            "main(['vm', 'prepare', 'begin', '-'], io.BytesIO(b''), io.BytesIO(), io.StringIO(), '/nonexistent.conf')\n"
+            "print(sorted(m for m in set(sys.modules) - before if not m.startswith('libvirt_mdev')))\n" % repo)
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=30)
+    extra = set(eval(r.stdout))  # noqa: S307 - our own printout
+    assert not extra & {"typing", "logging", "configparser", "lxml", "json", "re", "socket"}, extra

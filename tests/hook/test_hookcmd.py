@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "libvirt_mdev.cli", *args], cwd=REPO, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "libvirt_mdev.cli", *args], cwd=REPO, capture_output=True, check=False,
                           text=True, timeout=60, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO),
                                                       "LIBVIRT_MDEV_CONFIG": "/dev/null"})
 
@@ -76,12 +76,19 @@ def test_uninstall_is_idempotent(tmp_path: Path) -> None:
     assert uninstall(d)[1] == "absent"
 
 
+def _baked(hook: Path) -> str:
+    return next(line for line in hook.read_text().splitlines() if line.startswith("CONFIG = "))
+
+
 def test_cli_install_and_uninstall(tmp_path: Path) -> None:
     d = tmp_path / "qemu.d"
-    r = cli("install-hook", "--hooks-dir", str(d), "--config", str(tmp_path / "c.conf"))
+    conf = tmp_path / "c.conf"
+    conf.write_text("[libvirt-mdev]\n")
+    r = cli("install-hook", "--hooks-dir", str(d), "--config", str(conf))
     assert r.returncode == 0 and r.stdout.startswith(f"installed {d / HOOK_NAME}")
-    assert "does not exist yet" in r.stderr
-    assert cli("install-hook", "--hooks-dir", str(d), "--config", str(tmp_path / "c.conf")).stdout.startswith("unchanged")
+    assert _baked(d / HOOK_NAME) == f"CONFIG = {str(conf)!r}"
+    again = cli("install-hook", "--hooks-dir", str(d), "--config", str(conf))
+    assert again.stdout.startswith("unchanged")
     r = cli("uninstall-hook", "--hooks-dir", str(d))
     assert r.returncode == 0 and r.stdout.startswith("removed")
     assert cli("uninstall-hook", "--hooks-dir", str(d)).stdout.startswith("not installed")
@@ -93,3 +100,51 @@ def test_cli_install_and_uninstall(tmp_path: Path) -> None:
 def test_cli_help_explains(tmp_path: Path) -> None:
     r = cli("install-hook", "--help")
     assert r.returncode == 0 and "--hooks-dir" in r.stdout and "restart libvirtd" in r.stdout
+
+
+def test_config_means_the_same_before_and_after_install_hook(tmp_path: Path) -> None:
+    """Issue 15: one meaning for --config: the file libvirt-mdev reads, which install-hook
+    bakes into the hook, whether given before or after the command (or in the environment)."""
+    d = tmp_path / "qemu.d"
+    conf, other = tmp_path / "a.conf", tmp_path / "b.conf"
+    conf.write_text("[libvirt-mdev]\n")
+    other.write_text("[libvirt-mdev]\n")
+    r = cli("--config", str(conf), "install-hook", "--hooks-dir", str(d))
+    assert r.returncode == 0 and f"config {conf})" in r.stdout, r.stderr
+    assert _baked(d / HOOK_NAME) == f"CONFIG = {str(conf)!r}"
+    # the same file both ways is fine; a relative path is baked absolute
+    r = cli("--config", str(conf), "install-hook", "--hooks-dir", str(d), "--config", os.path.relpath(conf, REPO))
+    assert r.returncode == 0 and r.stdout.startswith("unchanged"), r.stderr
+    # $LIBVIRT_MDEV_CONFIG (here /dev/null) is what the CLI reads, so it is what the hook gets...
+    r = cli("install-hook", "--hooks-dir", str(d))
+    assert r.returncode == 0 and _baked(d / HOOK_NAME) == "CONFIG = '/dev/null'"
+    # ...unless a --config on the command line names another file, as for every command
+    r = cli("install-hook", "--hooks-dir", str(d), "--config", str(other))
+    assert r.returncode == 0 and _baked(d / HOOK_NAME) == f"CONFIG = {str(other)!r}"
+    # two different files: a usage error, nothing changed
+    r = cli("--config", str(conf), "install-hook", "--hooks-dir", str(d), "--config", str(other))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--config is given twice" in r.stderr
+    assert _baked(d / HOOK_NAME) == f"CONFIG = {str(other)!r}"
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_an_explicit_missing_config_is_an_error(tmp_path: Path, where: str) -> None:
+    d = tmp_path / "qemu.d"
+    missing = ["--config", str(tmp_path / "missing.conf")]
+    args = [*missing, "install-hook", "--hooks-dir", str(d)] if where == "before" else \
+        ["install-hook", "--hooks-dir", str(d), *missing]
+    r = cli(*args)
+    assert r.returncode == 9 and r.stderr.count("\n") == 1, r.stderr
+    assert f"configuration file {tmp_path / 'missing.conf'} does not exist" in r.stderr
+    assert not (d / HOOK_NAME).exists()
+
+
+def test_the_default_config_may_be_missing(tmp_path: Path) -> None:
+    """A host with no config file yet: the hook uses the defaults until one is written."""
+    d = tmp_path / "qemu.d"
+    r = subprocess.run([sys.executable, "-m", "libvirt_mdev.cli", "install-hook", "--hooks-dir", str(d)],
+                       cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+                       env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0 and _baked(d / HOOK_NAME) == "CONFIG = '/etc/libvirt/libvirt-mdev.conf'"
+    if not os.path.exists("/etc/libvirt/libvirt-mdev.conf"):
+        assert "does not exist yet; the hook uses the defaults" in r.stderr

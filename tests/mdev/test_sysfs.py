@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from libvirt_mdev.errors import MdevError, MdevMissing, UsageError
-from libvirt_mdev.mdev.sysfs import FakeType, SysfsEnv, make_fake_sysfs
+from testkit.fakesysfs import FakeType, make_fake_sysfs
+from libvirt_mdev.mdev.sysfs import SysfsEnv
 
 U1 = "4b20d080-1b54-4048-85b3-a6a62d165c01"
 U2 = "4b20d080-1b54-4048-85b3-a6a62d165c02"

@@ -14,11 +14,11 @@ import pytest
 
 from libvirt_mdev.config import Config
 from libvirt_mdev.log import setup_logging
-from libvirt_mdev.mdev.sysfs import make_fake_sysfs
-from libvirt_mdev.proxy import MigrationProxy, ProxyOptions
-from libvirt_mdev.relay import Endpoint
+from testkit.fakesysfs import make_fake_sysfs
+from libvirt_mdev.live.proxy import MigrationProxy, ProxyOptions
+from libvirt_mdev.live.relay import Endpoint
 from libvirt_mdev.store.pending import write_pending
-from libvirt_mdev.stream.synth import SyntheticVfioDevice, inject
+from testkit.synth import SyntheticVfioDevice, inject
 
 U1 = "4b20d080-1b54-4048-85b3-a6a62d165c01"   # this host: nvidia-222
 U2 = "4b20d080-1b54-4048-85b3-a6a62d165c02"   # this host: nvidia-224
@@ -64,7 +64,7 @@ class ProxyEnv:
         """The same settings as a configuration file (for the CLI)."""
         c = self.config
         lines = [f"store = {c.store}", f"runtime_dir = {c.runtime_dir}", f"sysfs_root = {c.sysfs_root}",
-                 f"log_file = {c.log_file}"] + [f"{k} = {v}" for k, v in extra.items()]
+                 f"log_file = {c.log_file}", "require_guard = no"] + [f"{k} = {v}" for k, v in extra.items()]
         path = self.root / "libvirt-mdev.conf"
         path.write_text("[libvirt-mdev]\n" + "\n".join(lines) + "\n")
         return path
@@ -75,7 +75,7 @@ def proxy_env(tmp_path: Path) -> Iterator[ProxyEnv]:
     make_fake_sysfs(tmp_path / "sys", parents={PARENT: ["nvidia-222", "nvidia-223", "nvidia-224"]},
                     devices={U1: (PARENT, "nvidia-222"), U2: (PARENT, "nvidia-224")})
     config = Config(store=tmp_path / "store", runtime_dir=tmp_path / "run", sysfs_root=tmp_path / "sys",
-                    log_file=tmp_path / "proxy.log")
+                    log_file=tmp_path / "proxy.log", require_guard=False)  # a root-namespace rig without the no-bypass guard (tests/guard tests the guard itself)
     env = ProxyEnv(tmp_path, config)
     setup_logging("libvirt-mdev-proxy-test", config.log_file, syslog=False)
     yield env

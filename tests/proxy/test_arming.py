@@ -6,10 +6,10 @@ import threading
 
 import pytest
 
-from libvirt_mdev.arming import Claims, bindings_from_pending, check_local_types, select_pending
 from libvirt_mdev.errors import MdevError, MdevMissing, NotFound, TypeMismatch, UsageError
 from libvirt_mdev.filter import Binding
-from libvirt_mdev.relay import Endpoint, send_views
+from libvirt_mdev.live.arming import Claims, bindings_from_pending, check_local_types, select_pending
+from libvirt_mdev.live.relay import Endpoint, send_views
 from libvirt_mdev.store.pending import read_pending
 
 from .conftest import DOM_UUID, ID_A, ID_B, U1, U2, ProxyEnv
@@ -107,3 +107,35 @@ def test_example_config_loads() -> None:
     conf = load_config(Path(__file__).resolve().parents[2] / "examples" / "libvirt-mdev.conf")
     assert conf.proxy_listen == "10.0.0.2:49300" and conf.arm_all is False and conf.mode == "splice"
     Endpoint.parse(conf.proxy_listen)
+
+
+# --------------------------------------------------------------------------- stale records (issue 12)
+def test_a_stale_record_never_blocks_another_domain_and_is_never_served(tmp_path) -> None:
+    import time
+
+    from libvirt_mdev.config import Config
+    from libvirt_mdev.errors import MdevError
+    from libvirt_mdev.live.arming import select_pending
+    from libvirt_mdev.store.pending import PENDING_GRACE, write_pending
+    from testkit.fakeproc import make_fake_proc
+
+    now = time.time()
+    stale_uuid, live_uuid = "5a9c2a4e-7d1b-4b8e-8f57-0c1d2e3f4a01", "5a9c2a4e-7d1b-4b8e-8f57-0c1d2e3f4a02"
+    cfg = Config(runtime_dir=tmp_path / "run", store=tmp_path / "store")
+
+    def arm(uuid: str, name: str, created: float) -> None:
+        write_pending(cfg.runtime_dir, {"domain_name": name, "domain_uuid": uuid, "migration_id": f"m-{name}",
+                                        "created": int(created), "devices": []})
+
+    arm(stale_uuid, "tiny", now - 10)  # 'domain tiny already exists': no QEMU was started for it
+    arm(live_uuid, "other", now - 5)
+    proc = make_fake_proc(tmp_path / "proc", {live_uuid: now - 4})
+    assert select_pending(cfg, None, proc)["domain_uuid"] == live_uuid
+    with pytest.raises(MdevError, match="2 incoming migrations are armed"):
+        select_pending(cfg, None, None)  # without looking at the QEMUs: today's refusal
+    # alone and past its grace, the stale record is refused, not served to any stream
+    from libvirt_mdev.store.pending import remove_pending
+    remove_pending(cfg.runtime_dir, live_uuid)
+    arm(stale_uuid, "tiny", now - PENDING_GRACE - 1)
+    with pytest.raises(MdevError, match=r"domain tiny .* is stale: .*pending clear " + stale_uuid):
+        select_pending(cfg, None, proc)

@@ -6,7 +6,7 @@ import socket
 import threading
 import time
 
-from libvirt_mdev.relay import Endpoint
+from libvirt_mdev.live.relay import Endpoint
 
 from .conftest import ProxyEnv, Sink, replay, wait_results
 
@@ -66,7 +66,7 @@ def test_unix_socket_listen_and_forward(proxy_env: ProxyEnv, tmp_path) -> None:
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(str(dst_path))
     srv.listen(1)
-    from libvirt_mdev.proxy import MigrationProxy, ProxyOptions
+    from libvirt_mdev.live.proxy import MigrationProxy, ProxyOptions
 
     px = MigrationProxy(proxy_env.config, ProxyOptions(forward=Endpoint(path=str(dst_path))))
     listen_path = tmp_path / "src.sock"

@@ -33,7 +33,7 @@ from typing import Iterator, Optional
 import pytest
 
 from libvirt_mdev.cli.hookcmd import HOOK_NAME, install, render_hook
-from libvirt_mdev.mdev.sysfs import make_fake_sysfs
+from testkit.fakesysfs import make_fake_sysfs
 from libvirt_mdev.store.pending import list_pending
 from tests.e2e.test_harness import define_and_start
 from tests.harness import HookFile, logging_hook
@@ -79,7 +79,8 @@ sys.exit(main(sys.argv[1:], io.BytesIO(xml), io.BytesIO(), sys.stderr, config_pa
 
 def config_text(sysfs: Path, arm_all: bool) -> str:
     return (f"[libvirt-mdev]\nsysfs_root = {sysfs}\nruntime_dir = /run/libvirt/libvirt-mdev\n"
-            f"store = /var/lib/libvirt/mdev-state\nlog_file = {LOG}\narm_all = {'yes' if arm_all else 'no'}\n")
+            f"store = /var/lib/libvirt/mdev-state\nlog_file = {LOG}\narm_all = {'yes' if arm_all else 'no'}\n"
+            "require_guard = no\n")  # a root-namespace rig without the no-bypass guard (tests/guard tests the guard itself)
 
 
 @dataclass
@@ -254,3 +255,43 @@ def test_proxy_refusal_of_an_armed_type_mismatch_keeps_the_guest_on_a(setup: Set
         assert any("armed" in ln and "1 mdev(s) match" in ln for ln in armed_lines(s.log(), spec.name))
     finally:
         cleanup(s, spec.name, [proxy])
+
+
+RUNDIR = "/run/libvirt/libvirt-mdev"
+
+
+def test_a_migration_aborted_after_migrate_begin_does_not_block_the_next_domain(setup: Setup,
+                                                                                tmp_path: Path) -> None:
+    """Issue 12: a migration that fails after `migrate begin` ("domain ... already exists"
+    on B) gets no `release end`: its pending record stays.  Before, the next domain's
+    migration through the same proxy was refused ("2 incoming migrations are armed")."""
+    from libvirt_mdev.store.pending import remove_pending
+
+    s, a, b = setup, setup.hosts.a, setup.hosts.b
+    s.b_conf(arm_all=True)
+    first, second = migratable_guest("px-ab1"), migratable_guest("px-ab2")
+    clash = migratable_guest("px-ab1")  # same name, another uuid: defined on B
+    define_and_start(a, first, tmp_path)
+    define_and_start(a, second, tmp_path)
+    time.sleep(1.5)  # A's QEMUs (visible in this machine's shared /proc) start well before B's records
+    clash_xml = tmp_path / "clash.xml"
+    clash_xml.write_text(clash.to_xml())
+    b.virsh("define", str(clash_xml))
+    addr = s.hosts.address("B")
+    proxy = Proxy(b, "--listen", f"{addr}:{PORT}", "--forward", f"127.0.0.1:{PORT}")
+    try:
+        r = s.hosts.migrate(first.name, "--listen-address", "127.0.0.1", port=PORT, check=False)
+        assert r.returncode != 0 and "already exists" in r.stderr, r.stderr
+        left = list_pending(b.host_path(RUNDIR))
+        assert [x["domain_uuid"] for x in left] == [first.uuid]  # the record libvirt never releases
+        a.wait_guest_executes(first.name)
+        r2 = s.hosts.migrate(second.name, "--listen-address", "127.0.0.1", port=PORT, check=False)
+        res = proxy.result()
+        assert r2.returncode == 0 and res["ok"] and res["domain_name"] == second.name, res["error"]
+        b.wait_guest_executes(second.name, timeout=30)  # TCG guest on a loaded 2-core box
+        assert [x["domain_uuid"] for x in list_pending(b.host_path(RUNDIR))] == [first.uuid]
+    finally:
+        b.virsh("undefine", clash.name, check=False)
+        remove_pending(b.host_path(RUNDIR), first.uuid)
+        cleanup(s, second.name, [proxy])
+        cleanup(s, first.name, [])

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import pytest
 
-from libvirt_mdev.relay import Endpoint
+from libvirt_mdev.live.relay import Endpoint
 from libvirt_mdev.stream import SectionFooter, iter_events
 from tests.harness.qemu_vm import QemuVM
 

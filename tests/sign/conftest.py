@@ -2,6 +2,7 @@
 devices (QEMU's framing around made-up state), and the domain binding both sides use."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from dataclasses import dataclass
@@ -12,10 +13,11 @@ import pytest
 
 from libvirt_mdev.errors import MdevError
 from libvirt_mdev.filter import Binding, FilterOptions
-from libvirt_mdev.sign import SigningKey, TrustedKeys, generate_key
-from libvirt_mdev.sigstream import ReplayGuard, SignContext, VerifyPolicy, sign_stream, verify_stream
+from libvirt_mdev.sign.keys import SigningKey, TrustedKeys, generate_key
+from libvirt_mdev.sign.layers import ReplayGuard, SignContext, VerifyPolicy, sign_stream, verify_stream
 from libvirt_mdev.store import Store
-from libvirt_mdev.stream.synth import SyntheticVfioDevice, inject
+from testkit.synth import SyntheticVfioDevice, inject
+from tests.proxy.conftest import injected_stream, proxy_env  # noqa: F401 - fixtures for the proxy tests here
 from tests.stream.builders import small_stream
 
 DOMAIN = "0f3e2b44-91aa-4b8f-8a1c-2a9c1d7e5b10"
@@ -72,6 +74,8 @@ class Outcome:
     error: Optional[MdevError]
     results: list[Any]
     verified: list[dict[str, Any]]
+    #: idstr -> data blocks verified ahead of forwarding
+    blocks: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @pytest.fixture
@@ -92,4 +96,4 @@ def verify(data: bytes, store: Store, trusted: list[SigningKey], *, require: boo
         results, layer = verify_stream(io.BytesIO(data), out.extend, store, opts, pol)
     except MdevError as exc:
         return Outcome(bytes(out), exc, [], [])
-    return Outcome(bytes(out), None, results, layer.verified)
+    return Outcome(bytes(out), None, results, layer.verified, layer.blocks_verified())

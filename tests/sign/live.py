@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Optional
 
 from libvirt_mdev.config import Config
-from libvirt_mdev.proxy import MigrationProxy, ProxyOptions, SessionResult
-from libvirt_mdev.relay import Endpoint
-from libvirt_mdev.sign import SigningKey, generate_key, write_key_pair
+from libvirt_mdev.live.proxy import MigrationProxy, ProxyOptions, SessionResult
+from libvirt_mdev.live.relay import Endpoint
+from libvirt_mdev.sign.keys import SigningKey, generate_key, write_key_pair
 from libvirt_mdev.store.pending import write_pending
-from libvirt_mdev.tlsbridge import TlsCreds
+from libvirt_mdev.live.tlsbridge import TlsCreds
 from qemu.qmp.qmp_client import ExecInterruptedError
 
 from tests.harness._proc import HarnessError
@@ -49,7 +49,7 @@ class World:
     def configs(self, trusted: str) -> tuple[Config, Config]:
         d = self.dir
         src = Config(host_key=d / "keys-a" / "host.key", store=d / "src-store", runtime_dir=d / "src-run")
-        dst = Config(store=d / "store", runtime_dir=d / "run", require_signature=True,
+        dst = Config(store=d / "store", runtime_dir=d / "run", require_signature=True, require_guard=False,
                      trusted_keys=(d / f"{trusted}.pub",))
         return src, dst
 

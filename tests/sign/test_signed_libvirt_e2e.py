@@ -28,7 +28,7 @@ from typing import Iterator
 import pytest
 
 from libvirt_mdev.cli.hookcmd import HOOK_NAME, install
-from libvirt_mdev.sign import generate_key, write_key_pair
+from libvirt_mdev.sign.keys import generate_key, write_key_pair
 from tests.e2e.test_harness import define_and_start
 from tests.harness import logging_hook
 from tests.harness.guests import migratable_guest
@@ -50,7 +50,8 @@ PKI = "/etc/libvirt/pki-migration"
 
 def b_config(trusted: str) -> str:
     return ("[libvirt-mdev]\nruntime_dir = /run/libvirt/libvirt-mdev\nstore = /var/lib/libvirt/mdev-state\n"
-            f"log_file = {LOG}\narm_all = yes\nrequire_signature = yes\ntrusted_keys = {trusted}\n")
+            f"log_file = {LOG}\narm_all = yes\nrequire_signature = yes\ntrusted_keys = {trusted}\n"
+            "require_guard = no\n")  # a root-namespace rig without the no-bypass guard (tests/guard tests the guard itself)
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from libvirt_mdev.filter import Binding
-from libvirt_mdev.proxy import MigrationProxy, ProxyOptions
-from libvirt_mdev.relay import Endpoint
-from libvirt_mdev.sign import SigningKey, TrustedKeys, generate_key, verify_manifest, write_key_pair
-from libvirt_mdev.sigstream import SignContext, sign_stream
+from libvirt_mdev.live.proxy import MigrationProxy, ProxyOptions
+from libvirt_mdev.live.relay import Endpoint
+from libvirt_mdev.sign.keys import SigningKey, TrustedKeys, generate_key, verify_manifest, write_key_pair
+from libvirt_mdev.sign.layers import SignContext, sign_stream
 from libvirt_mdev.stream.wire import BE32, BE64, VfioFlag
 from libvirt_mdev.stream.writer import encode_footer
 from tests.proxy.conftest import (DOM_UUID, ID_A, ID_B, MARK_A, U1, U2, ProxyEnv, Sink,  # noqa: F401

@@ -1,9 +1,11 @@
 """Signed device state through the source and destination layers (recorded streams).
 
-Each attack row must be refused with one clear SignatureError line, and before the
-END_OF_STATE of the refused device leaves the destination layer (QEMU would finish
-loading the device on it): the output is a strict prefix of the unsigned stream
+Each attack row must be refused with one clear SignatureError line, and at the latest
+before the END_OF_STATE of the refused device leaves the destination layer (QEMU would
+finish loading the device on it): the output is a strict prefix of the unsigned stream
 that stops before that marker, and nothing of that device is committed to the store.
+Rows where a block or config byte changed must stop before that block or section:
+those are in test_signed_mitm.py (format 2 verifies every block before forwarding it).
 """
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ import re
 import pytest
 
 from libvirt_mdev.errors import SignatureError
-from libvirt_mdev.sign import SigningKey, TrustedKeys, verify_manifest
-from libvirt_mdev.sigstream import SIG_IDSTR, SIG_SECTION_ID, decode_record
+from libvirt_mdev.sign.keys import SigningKey, TrustedKeys, verify_manifest
+from libvirt_mdev.sign.layers import SIG_IDSTR, SIG_SECTION_ID, decode_record
 from libvirt_mdev.store.tokens import parse_token
 from libvirt_mdev.stream.wire import BE32, BE64, VfioFlag
 from libvirt_mdev.stream.writer import encode_footer, encode_section_start
@@ -78,7 +80,9 @@ def test_valid_signature_accepted_output_identical_and_manifests_signed(plain_st
     assert o.error is None
     assert o.output == plain_stream  # every record stripped, nothing else changed
     assert SIG_IDSTR.encode() not in o.output
-    assert [s["kind"] for s in o.verified] == kinds
+    assert [s["kind"] for s in o.verified if s["kind"] != "block"] == kinds
+    # every data block went through its own block statement
+    assert o.blocks == {r.idstr: r.blocks for r in o.results} and all(o.blocks.values())
     trusted = TrustedKeys([key_a.public])
     for r in o.results:
         m = store.manifest(parse_token(r.token))
@@ -234,7 +238,7 @@ def test_config_statement_removed_refused(plain_stream, key_a, store, sids):
     signed = sign(plain_stream, key_a)
     start, end, _ = device_record(signed, IDSTR_A, "config")
     o = verify(signed[:start] + signed[end:], store, [key_a])
-    refused(o, IDSTR_A, "config section is not followed by a signed statement")
+    refused(o, IDSTR_A, "config section is not preceded by a signed config statement")
     assert plain_stream.startswith(o.output) and len(o.output) <= config_end_offset(plain_stream, sids[IDSTR_A])
 
 
@@ -243,5 +247,5 @@ def test_config_statement_in_place_of_a_device_statement_refused(plain_stream, k
     d0, d1, _ = device_record(signed, IDSTR_A)
     c0, c1, _ = device_record(signed, IDSTR_A, "config")
     o = verify(signed[:d0] + signed[c0:c1] + signed[d1:], store, [key_a])
-    refused(o, "config statement", f"where the state of VFIO device {IDSTR_A} ended", "expected its device")
+    refused(o, "config statement", IDSTR_A, "another statement's section was due")
     stops_before_end_of(o, plain_stream, IDSTR_A, sids)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from libvirt_mdev.tlsbridge import TlsCreds
+from libvirt_mdev.live.tlsbridge import TlsCreds
 
 from .live import World, make_world, migrate
 from .pki import make_pki
@@ -102,5 +102,5 @@ def test_source_qemu_expecting_the_destination_name_from_its_own_proxy_fails(wor
     o = migrate(world, src_cfg, dst_cfg, **dict(tls_both(pki), tls_hostname=B))
     assert o.dst_outcome.startswith("failed") and o.src_status == "running"
     s = o.src_results[0]
-    assert not s.ok and s.bytes_in == 0 and "at byte 0" in s.error, s.error
-    assert any("probably rejected our certificate" in ln and "--tls-destination" in ln for ln in tls_log)
+    assert not s.ok and s.bytes_in == 0, s.error
+    assert "probably rejected our certificate" in s.error and "--tls-destination" in s.error, s.error

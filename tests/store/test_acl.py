@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from libvirt_mdev.errors import StoreAccessError, StoreError
-from libvirt_mdev.store.acl import SecureDir, open_sink, validate_name
+from libvirt_mdev.store.acl import SecureDir, validate_name
+from libvirt_mdev.store.output import open_sink
 
 from .conftest import NOBODY, needs_root
 
@@ -137,3 +138,36 @@ def test_open_sink_refuses_symlink(tmp_path: Path) -> None:
     assert victim.read_text() == "x"
     with pytest.raises(StoreError, match="cannot open sink"):
         open_sink(tmp_path / "no" / "such" / "dir")
+
+
+@needs_root
+def test_non_root_store_creation_is_one_line_not_an_internal_error(tmp_path: Path) -> None:
+    """Issue 12: non-root store creation ended in 'internal error (PermissionError)', exit 70."""
+    import json as _json
+
+    from libvirt_mdev.errors import exit_code_for, one_line
+    from libvirt_mdev.store import Store
+
+    tmp_path.chmod(0o777)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child drops to nobody (everything it needs is imported already)
+        os.close(r)
+        try:
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            try:
+                with Store.open(tmp_path / "store", create=True):
+                    out = {"opened": True}
+            except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                out = {"type": type(exc).__name__, "code": exit_code_for(exc), "line": one_line(exc)}
+            os.write(w, _json.dumps(out).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        got = _json.loads(fh.read())
+    os.waitpid(pid, 0)
+    assert got["type"] == "StoreAccessError" and got["code"] == 4, got
+    assert "run as root" in got["line"] and "\n" not in got["line"]
+    assert not (tmp_path / "store").exists()

@@ -94,3 +94,82 @@ def test_untrusted_runtime_dir_or_file_refused(tmp_path: Path) -> None:
 def test_domain_uuid_argument_checked(tmp_path: Path) -> None:
     with pytest.raises(UsageError):
         read_pending(tmp_path, "../../etc/passwd")
+
+
+# --------------------------------------------------------------------------- staleness (issue 12)
+def test_stale_records_expire_and_live_ones_stay(tmp_path: Path) -> None:
+    import time
+
+    from libvirt_mdev.store.pending import PENDING_GRACE, expire_pending, is_stale, qemu_start_times
+    from testkit.fakeproc import make_fake_proc
+
+    now = time.time()
+    third = "0f3e2b44-91aa-4b8f-8a1c-2a9c1d7e5b12"
+    old_qemu = "0f3e2b44-91aa-4b8f-8a1c-2a9c1d7e5b13"
+    proc = make_fake_proc(tmp_path / "proc", {OTHER: now - 5, old_qemu: now - 7200})
+    rd = tmp_path / "rd"
+    write_pending(rd, rec(DOMAIN, created=int(now - PENDING_GRACE - 5)))   # no QEMU, grace over: stale
+    write_pending(rd, rec(OTHER, created=int(now - PENDING_GRACE - 5)))    # its QEMU runs: live
+    write_pending(rd, rec(third, created=int(now - 10)))                   # no QEMU yet, in grace: live
+    # a QEMU of that uuid runs, but it started long before 'migrate begin' ("domain already exists")
+    write_pending(rd, rec(old_qemu, created=int(now - PENDING_GRACE - 5)))
+    qemus = qemu_start_times(proc)
+    assert {r["domain_uuid"]: is_stale(r, qemus, now) for r in list_pending(rd)} == {
+        DOMAIN: True, OTHER: False, third: False, old_qemu: True}
+    assert {r["domain_uuid"] for r in expire_pending(rd, proc=proc, dry_run=True)} == {DOMAIN, old_qemu}
+    assert len(list_pending(rd)) == 4
+    removed = expire_pending(rd, proc=proc)
+    assert {r["domain_uuid"] for r in removed} == {DOMAIN, old_qemu}
+    assert {r["domain_uuid"] for r in list_pending(rd)} == {OTHER, third}
+
+
+def test_pending_cli_list_and_clear(tmp_path: Path) -> None:
+    import json as _json
+    import time
+
+    from libvirt_mdev.cli import main
+    from libvirt_mdev.store.pending import PENDING_GRACE
+
+    rd = tmp_path / "run"
+    conf = tmp_path / "c.conf"
+    conf.write_text(f"[libvirt-mdev]\nruntime_dir = {rd}\nstore = {tmp_path / 'store'}\n")
+    now = int(time.time())
+    write_pending(rd, rec(DOMAIN, created=now - PENDING_GRACE - 100))
+    write_pending(rd, dict(rec(OTHER, created=now), domain_name="guest2"))
+    assert main(["--config", str(conf), "pending", "list", "--json"]) == 0
+    assert main(["--config", str(conf), "pending", "clear"]) == 2  # says which
+    assert main(["--config", str(conf), "pending", "clear", "nosuchvm"]) == 12
+    assert main(["--config", str(conf), "pending", "clear", "--stale", "--json"]) == 0
+    assert [r["domain_uuid"] for r in list_pending(rd)] == [OTHER]
+    assert main(["--config", str(conf), "pending", "clear", "guest2"]) == 0
+    assert list_pending(rd) == []
+    _ = _json  # the JSON shapes are checked below through a subprocess
+
+
+def test_pending_cli_json_shapes(tmp_path: Path) -> None:
+    import json as _json
+    import subprocess
+    import sys
+    import time
+
+    from libvirt_mdev.store.pending import PENDING_GRACE
+
+    rd = tmp_path / "run"
+    conf = tmp_path / "c.conf"
+    conf.write_text(f"[libvirt-mdev]\nruntime_dir = {rd}\nstore = {tmp_path / 'store'}\n")
+    write_pending(rd, rec(DOMAIN, created=int(time.time()) - PENDING_GRACE - 100))
+
+    def run(*args: str) -> tuple[int, str, str]:
+        p = subprocess.run([sys.executable, "-m", "libvirt_mdev.cli", "--config", str(conf), *args],
+                           capture_output=True, text=True, timeout=60)
+        return p.returncode, p.stdout, p.stderr
+
+    code, out, _ = run("pending", "list", "--json")
+    doc = _json.loads(out)
+    assert code == 0 and doc["pending"][0]["domain_uuid"] == DOMAIN and doc["pending"][0]["state"] == "stale"
+    code, out, _ = run("pending", "list")
+    assert code == 0 and "guest1" in out and "stale" in out
+    code, out, err = run("pending", "clear", "--stale", "--all")
+    assert code == 2 and err.count("\n") == 1 and "a DOMAIN (name or uuid), --stale or --all" in err
+    code, out, _ = run("pending", "clear", "--stale", "--json")
+    assert code == 0 and [r["domain_uuid"] for r in _json.loads(out)["removed"]] == [DOMAIN]

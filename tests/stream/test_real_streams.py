@@ -13,8 +13,9 @@ import pytest
 
 from libvirt_mdev.stream import (Eof, FileHeader, SaveImageHeader, SectionFooter, SectionHeader,
                                  StreamEnd, VMDescription, iter_events, passthrough)
-from libvirt_mdev.stream.synth import SyntheticVfioDevice, inject
+from testkit.synth import SyntheticVfioDevice, inject
 from libvirt_mdev.summary import Summarizer
+from tests.harness.versions import machine_type
 
 pytestmark = pytest.mark.e2e
 
@@ -43,7 +44,7 @@ def _check_accounting(path: Path) -> dict:
                 assert ev.section_id == open_id
                 open_id = None
             elif isinstance(ev, VMDescription):
-                desc = json.loads(ev.json)
+                desc = json.loads(bytes(ev.json))
     assert pos == path.stat().st_size
     assert kinds[-1] is StreamEnd and Eof in kinds
     assert desc is not None
@@ -83,7 +84,7 @@ def test_save_image_names_its_domain(real_save_image, real_save_guest):
     assert s.summary.kind == "save-image"
     assert s.summary.domain_name == real_save_guest.name
     assert s.summary.save_image_complete
-    assert s.summary.ram_pages > 0 and s.summary.machine_type.startswith("pc-i440fx-7.2")
+    assert s.summary.ram_pages > 0 and s.summary.machine_type == machine_type("pc")
 
 
 @pytest.mark.parametrize("which", ["real_qmp_stream", "real_save_image"])
