@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 from libvirt_mdev.cli.hookcmd import HOOK_NAME, install  # noqa: E402
 from tests.harness import HookFile  # noqa: E402
 from tests.harness.guests import migratable_guest  # noqa: E402
-from tests.harness.libvirt_host import set_default_caps_cache  # noqa: E402
+from tests.harness.caps_cache import set_default_caps_cache  # noqa: E402
 from tests.harness.twohosts import TwoHosts  # noqa: E402
 
 CONF = "/etc/libvirt/libvirt-mdev.conf"

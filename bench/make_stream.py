@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from libvirt_mdev.stream import (Eof, FileHeader, Configuration, SectionFooter, SectionHeader,  # noqa: E402
                                  VMDescription, iter_events)
-from libvirt_mdev.stream.synth import SyntheticVfioDevice  # noqa: E402
+from testkit.synth import SyntheticVfioDevice  # noqa: E402
 from libvirt_mdev.stream.wire import BE64, RamFlag  # noqa: E402
 from libvirt_mdev.stream.writer import (encode_footer, encode_section_part,  # noqa: E402
                                         encode_section_start, encode_vmdesc)
@@ -50,7 +50,7 @@ def template_parts(path: str) -> tuple[bytes, list[bytes], dict]:
                     fulls.append(b"".join(cur))
                     cur = None
             elif isinstance(ev, VMDescription):
-                vmdesc = json.loads(ev.json)
+                vmdesc = json.loads(bytes(ev.json))
     return head, fulls, vmdesc
 
 

@@ -7,7 +7,9 @@
 # Uses libvirt's test driver (examples/hosts/*.xml) and a fake sysfs tree (examples/sysfs/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
+# .ci/setup's virtualenv: .venv, or where LM_VENV says (CI's Debian 13 root keeps its own, docs/ci.md)
+venv=${LM_VENV:-.venv}
+if [ -x "$venv/bin/python" ]; then py=$venv/bin/python; else py=python3; fi
 lm() { "$py" -m libvirt_mdev.cli "$@"; }
 src="test://$PWD/examples/hosts/source.xml"
 dst="test://$PWD/examples/hosts/dest.xml"

@@ -14,7 +14,7 @@ import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from libvirt_mdev.stream.synth import SyntheticVfioDevice, inject, write_minimal_stream  # noqa: E402
+from testkit.synth import SyntheticVfioDevice, inject, write_minimal_stream  # noqa: E402
 
 
 def main() -> None:
