@@ -79,6 +79,10 @@ class Binding:
     mdev_type: Optional[str]
     #: the VFIO section's instance id: a hostdev registers exactly one, instance 0
     instance_id: int = 0
+    #: the source's vendor driver version and parent model (annotation / pending record), recorded in
+    #: the manifest so ``load`` can apply the compatibility policy again (docs/orchestrators.md)
+    driver_version: Optional[str] = None
+    parent_model: Optional[str] = None
 
 
 @dataclass
@@ -129,8 +133,11 @@ def bindings_from_domain_xml(xml: Bytes) -> tuple[dict[str, Binding], Optional[s
     for h in info.hostdevs:
         if h.idstr is None:
             continue
-        ann = info.annotation.get(h.uuid) if info.annotation else None
-        out[h.idstr] = Binding(h.uuid, ann.type_id if ann else None)
+        # by guest address (what survives a remapped destination XML), by uuid only for old annotations
+        ann, _how = info.source_of(h)
+        out[h.idstr] = Binding(h.uuid, ann.type_id if ann else None,
+                               driver_version=ann.driver_version if ann else None,
+                               parent_model=ann.parent_model if ann else None)
     return out, info.name, info.uuid
 
 
@@ -404,6 +411,8 @@ class StreamFilter:
                          vfio_framing=_framing(self.parser.framing_of(dev.section_id)),
                          migration_id=self.opts.migration_id,
                          mdev_uuid=b.mdev_uuid if b else None, mdev_type=b.mdev_type if b else None,
+                         driver_version=b.driver_version if b else None,
+                         parent_model=b.parent_model if b else None,
                          domain_name=self.opts.domain_name, domain_uuid=self.opts.domain_uuid,
                          source_host=self.opts.source_host or socket.gethostname())
 

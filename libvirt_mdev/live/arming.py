@@ -129,7 +129,9 @@ def check_local_types(record: dict[str, Any], sysfs_root: Any, policy: Any = Non
 
 
 def bindings_from_pending(record: dict[str, Any]) -> dict[str, Binding]:
-    return {d["idstr"]: Binding(d["mdev_uuid"], d["type"]) for d in record["devices"]}
+    return {d["idstr"]: Binding(d["mdev_uuid"], d["type"], driver_version=d.get("driver_version"),
+                                parent_model=d.get("parent_model"))
+            for d in record["devices"]}
 
 
 __all__ = ["Claims", "select_pending", "check_local_types", "bindings_from_pending"]

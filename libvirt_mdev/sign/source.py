@@ -21,6 +21,8 @@ configuration (``require_signature``, ``trusted_keys``), or None when neither is
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import socket
 import struct
@@ -139,7 +141,7 @@ def source_bindings(xml: bytes, sysfs_root: Path) -> tuple[dict[str, Binding], O
     out = {}
     for idstr, b in bindings.items():
         live = env.find(b.mdev_uuid)
-        out[idstr] = Binding(b.mdev_uuid, live.type_id if live is not None else b.mdev_type)
+        out[idstr] = dataclasses.replace(b, mdev_type=live.type_id if live is not None else b.mdev_type)
     return out, uuid
 
 
