@@ -30,9 +30,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
 
@@ -204,7 +204,7 @@ def migrate(s: Setup, name: str, *extra: str) -> subprocess.CompletedProcess:  #
     return s.hosts.migrate(name, "--listen-address", "127.0.0.1", *extra, port=PORT, check=False)
 
 
-def cleanup(s: Setup, name: str, proxy: Optional[Proxy] = None) -> None:
+def cleanup(s: Setup, name: str, proxy: Proxy | None = None) -> None:
     if proxy is not None:
         proxy.stop()
     for host in (s.hosts.a, s.hosts.b):

@@ -166,7 +166,7 @@ def test_kill_9_at_random_points_of_strip_and_splice(real_qmp_stream: Path, tmp_
     assert accepted >= 1
 
     killed = finished = mid_write = committed = 0
-    per_op = {name: 0 for name in durations}
+    per_op = dict.fromkeys(durations, 0)
     for run in range(RUNS):
         name = rng.choice(sorted(durations))
         per_op[name] += 1

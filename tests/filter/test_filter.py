@@ -102,7 +102,7 @@ def test_stripped_and_spliced_real_image_restores_and_runs(real_save_image, real
 
 @pytest.mark.e2e
 def test_tampered_state_is_refused_by_splice(injected, tmp_path):
-    src, devs = injected
+    src, _devs = injected
     store = tmp_path / "store"
     stripped = tmp_path / "stripped"
     out = json.loads(cli("strip", str(src), str(stripped), "--store", str(store), "--json", check=True).stdout)
@@ -163,7 +163,7 @@ def test_kill_9_mid_strip_leaves_nothing_the_loader_accepts(real_qmp_stream, tmp
                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # wait until state is being written
-        temps = [n for n in os.listdir(store)] if store.exists() else []
+        temps = list(os.listdir(store)) if store.exists() else []
         if any(n.startswith(".tmp") and os.stat(store / n).st_size > (1 << 20) for n in temps):
             break
         time.sleep(0.01)
@@ -200,8 +200,8 @@ def test_out_of_space_mid_strip_is_a_clean_error(real_qmp_stream, tmp_path):
 
 
 def test_block_larger_than_the_stream_is_refused(tmp_path):
-    from tests.stream.test_reader import _stream_with, vfio_records
     from libvirt_mdev.stream.wire import BE64
+    from tests.stream.test_reader import _stream_with, vfio_records
     s, e, c = vfio_records(30, b"y" * 100)
     e = e.replace(BE64.pack(100), BE64.pack(1 << 40), 1)
     src = tmp_path / "claim.stream"
@@ -216,6 +216,7 @@ def test_block_larger_than_the_stream_is_refused(tmp_path):
 def test_token_records_are_refused_from_a_live_peer(tmp_path):
     """A source must not be able to name state already in our store (proxy mode)."""
     import io
+
     from libvirt_mdev.errors import TokenError
     from libvirt_mdev.filter import TOKEN_MAGIC, FilterOptions, filter_stream
     from libvirt_mdev.stream.writer import encode_vfio_block

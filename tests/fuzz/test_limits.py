@@ -22,13 +22,37 @@ import pytest
 from libvirt_mdev.errors import StreamError
 from libvirt_mdev.stream import NEED_DATA, StreamParser
 from libvirt_mdev.stream.sections import footer_bytes
-from libvirt_mdev.stream.wire import (BE16, BE32, BE64, CONFIG_SUB_CAPABILITIES, CONFIG_SUB_PAGE_BITS,
-                                      MAX_CAPABILITIES, MAX_FULL_SECTION, MAX_MACHINE_NAME, MAX_RAM_BLOCKS,
-                                      MAX_SECTIONS, MAX_VFIO_BLOCK, MAX_VFIO_DEVICES, MAX_VMDESC_LEN,
-                                      DirtyBitmapFlag, MigCommand, RamFlag, SectionType, VfioFlag)
-from libvirt_mdev.stream.writer import (encode_command, encode_configuration, encode_eof, encode_file_header,
-                                        encode_footer, encode_section_part, encode_section_start,
-                                        encode_vfio_block_header, encode_vfio_marker)
+from libvirt_mdev.stream.wire import (
+    BE16,
+    BE32,
+    BE64,
+    CONFIG_SUB_CAPABILITIES,
+    CONFIG_SUB_PAGE_BITS,
+    MAX_CAPABILITIES,
+    MAX_FULL_SECTION,
+    MAX_MACHINE_NAME,
+    MAX_RAM_BLOCKS,
+    MAX_SECTIONS,
+    MAX_VFIO_BLOCK,
+    MAX_VFIO_DEVICES,
+    MAX_VMDESC_LEN,
+    DirtyBitmapFlag,
+    MigCommand,
+    RamFlag,
+    SectionType,
+    VfioFlag,
+)
+from libvirt_mdev.stream.writer import (
+    encode_command,
+    encode_configuration,
+    encode_eof,
+    encode_file_header,
+    encode_footer,
+    encode_section_part,
+    encode_section_start,
+    encode_vfio_block_header,
+    encode_vfio_marker,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 HEAD = encode_file_header() + encode_configuration("pc-i440fx-7.2")

@@ -20,9 +20,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
 
@@ -95,7 +95,7 @@ class Setup:
         return self.b.run_in_ns([sys.executable, "-m", "libvirt_mdev.cli", "--config", CONF, *args], check=check,
                                 env={**os.environ, "PYTHONPATH": str(REPO)})
 
-    def attack(self, target: Optional[str]) -> None:
+    def attack(self, target: str | None) -> None:
         path = self.b.host_path(ATTACK_TARGET)
         if target is None:
             path.unlink(missing_ok=True)
@@ -159,7 +159,7 @@ class Proxy:
                 self.proc.wait(5)
 
 
-def cleanup(s: Setup, name: str, proxies: list[Optional[Proxy]]) -> None:
+def cleanup(s: Setup, name: str, proxies: list[Proxy | None]) -> None:
     for p in proxies:
         if p is not None:
             p.stop()

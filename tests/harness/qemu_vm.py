@@ -11,9 +11,10 @@ import atexit
 import shlex
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from qemu.qmp import QMPClient
 
@@ -182,7 +183,7 @@ class QemuVM:
         try:
             if self._qmp is not None and self._loop is not None:
                 self._run(self._qmp.disconnect())
-        except BaseException:  # noqa: BLE001 - stopping the process below matters more than a clean goodbye
+        except BaseException:
             pass
         finally:
             self._qmp = None

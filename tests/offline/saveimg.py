@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 from libvirt_mdev.stream.wire import SAVE_HEADER, SAVE_MAGIC_COMPLETE
 from testkit.synth import SyntheticVfioDevice, inject, write_minimal_stream
@@ -23,7 +22,7 @@ def mdev_xml(slot: int, uuid: str) -> str:
             f"<address type='pci' domain='0x0000' bus='0x00' slot='0x{slot:02x}' function='0x0'/></hostdev>")
 
 
-def domain_xml(mdevs: dict[int, str], uuid: str = DOM_UUID, types: Optional[dict[str, str]] = None) -> str:
+def domain_xml(mdevs: dict[int, str], uuid: str = DOM_UUID, types: dict[str, str] | None = None) -> str:
     meta = ""
     if types:
         rows = "".join(f"<lm:device uuid='{u}' type='{t}' parent='0000:af:00.0' device_api='vfio-pci'/>"
@@ -34,12 +33,12 @@ def domain_xml(mdevs: dict[int, str], uuid: str = DOM_UUID, types: Optional[dict
     return f"<domain type='kvm'><name>img1</name><uuid>{uuid}</uuid>{meta}<devices>{devs}</devices></domain>"
 
 
-def devices(extra: Optional[list[SyntheticVfioDevice]] = None) -> list[SyntheticVfioDevice]:
+def devices(extra: list[SyntheticVfioDevice] | None = None) -> list[SyntheticVfioDevice]:
     return [SyntheticVfioDevice(idstr="0000:00:05.0/vfio", stopcopy_size=300_001, marker=MARK, seed=7),
             SyntheticVfioDevice(idstr="0000:00:06.0/vfio", stopcopy_size=5_000, framing="v2", seed=8)] + (extra or [])
 
 
-def save_image(path: Path, xml: str, devs: Optional[list[SyntheticVfioDevice]] = None,
+def save_image(path: Path, xml: str, devs: list[SyntheticVfioDevice] | None = None,
                tail: bytes = b"") -> Path:
     """A complete raw save image: libvirt header + XML + a small stream with *devs* injected."""
     plain = path.with_suffix(".plain")
@@ -55,7 +54,7 @@ def save_image(path: Path, xml: str, devs: Optional[list[SyntheticVfioDevice]] =
     return path
 
 
-def cli(*args: str, config: Optional[Path] = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, config: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     env["LIBVIRT_MDEV_CONFIG"] = str(config) if config else "/nonexistent-libvirt-mdev.conf"
     if config is None:

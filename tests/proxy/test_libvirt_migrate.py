@@ -26,15 +26,15 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
 
 from libvirt_mdev.cli.hookcmd import HOOK_NAME, install, render_hook
-from testkit.fakesysfs import make_fake_sysfs
 from libvirt_mdev.store.pending import list_pending
+from testkit.fakesysfs import make_fake_sysfs
 from tests.e2e.test_harness import define_and_start
 from tests.harness import HookFile, logging_hook
 from tests.harness.guests import migratable_guest
@@ -152,7 +152,7 @@ class Proxy:
                 self.proc.wait(5)
 
 
-def cleanup(s: Setup, name: str, proxies: list[Optional[Proxy]]) -> None:
+def cleanup(s: Setup, name: str, proxies: list[Proxy | None]) -> None:
     for p in proxies:
         if p is not None:
             p.stop()

@@ -27,8 +27,7 @@ from libvirt_mdev.store.pending import read_pending
 from libvirt_mdev.stream import SectionStart, VfioBlockStart, iter_events
 from libvirt_mdev.stream.wire import SectionType
 
-from .conftest import (DOM_UUID, ID_A, ID_B, MARK_A, MARK_B, U1, U2, ProxyEnv, Sink, replay,
-                       wait_results)
+from .conftest import DOM_UUID, ID_A, ID_B, MARK_A, MARK_B, U1, U2, ProxyEnv, Sink, replay, wait_results
 
 pytestmark = pytest.mark.e2e  # the recorded stream comes from a real QEMU run
 REPO = Path(__file__).resolve().parents[2]

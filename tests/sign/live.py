@@ -6,16 +6,15 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+
+from qemu.qmp.qmp_client import ExecInterruptedError
 
 from libvirt_mdev.config import Config
 from libvirt_mdev.live.proxy import MigrationProxy, ProxyOptions, SessionResult
 from libvirt_mdev.live.relay import Endpoint
+from libvirt_mdev.live.tlsbridge import TlsCreds
 from libvirt_mdev.sign.keys import SigningKey, generate_key, write_key_pair
 from libvirt_mdev.store.pending import write_pending
-from libvirt_mdev.live.tlsbridge import TlsCreds
-from qemu.qmp.qmp_client import ExecInterruptedError
-
 from tests.harness._proc import HarnessError
 from tests.harness.qemu_vm import QemuVM
 
@@ -34,7 +33,7 @@ class VM(QemuVM):
             try:
                 super().start()
                 return
-            except Exception:  # noqa: BLE001 - qemu.qmp wraps the refusal in its own ConnectError
+            except Exception:
                 self.stop()
                 if attempt == 2:
                     raise
@@ -81,16 +80,16 @@ class Outcome:
     seconds: float = 0.0
 
 
-def qemu_tls_args(pki: Optional[Path], endpoint: str) -> list[str]:
+def qemu_tls_args(pki: Path | None, endpoint: str) -> list[str]:
     if pki is None:
         return []
     verify = ",verify-peer=on" if endpoint == "server" else ""
     return ["-object", f"tls-creds-x509,id=tls0,dir={pki},endpoint={endpoint}{verify}"]
 
 
-def migrate(w: World, src_cfg: Config, dst_cfg: Optional[Config], *, src_qemu_tls: Optional[Path] = None,
-            tls_hostname: str = TLS_HOST, dst_qemu_tls: Optional[Path] = None,
-            src_proxy_tls: Optional[TlsCreds] = None, dst_proxy_tls: Optional[TlsCreds] = None) -> Outcome:
+def migrate(w: World, src_cfg: Config, dst_cfg: Config | None, *, src_qemu_tls: Path | None = None,
+            tls_hostname: str = TLS_HOST, dst_qemu_tls: Path | None = None,
+            src_proxy_tls: TlsCreds | None = None, dst_proxy_tls: TlsCreds | None = None) -> Outcome:
     """Source QEMU → sign proxy → [verify proxy →] destination QEMU.
 
     src_qemu_tls / dst_qemu_tls: the QEMUs' x509 credential directories (TLS on);
@@ -149,4 +148,4 @@ def migrate(w: World, src_cfg: Config, dst_cfg: Optional[Config], *, src_qemu_tl
                        round(seconds, 3))
 
 
-__all__ = ["DOMAIN", "TLS_HOST", "World", "make_world", "migrate", "Outcome", "replace"]
+__all__ = ["DOMAIN", "TLS_HOST", "Outcome", "World", "make_world", "migrate", "replace"]

@@ -54,7 +54,7 @@ def setup(tmp_path: Path, plain_stream, key_a, key_b, store):
 
     o = verify(sign(plain_stream, key_a), store, [key_a])
     assert o.error is None
-    return dict(results={r.mdev_uuid: r for r in o.results}, conf=conf, keys=keys)
+    return {"results": {r.mdev_uuid: r for r in o.results}, "conf": conf, "keys": keys}
 
 
 def test_load_signed_state_re_verified(setup):

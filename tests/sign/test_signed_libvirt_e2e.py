@@ -22,8 +22,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -163,7 +163,7 @@ def test_virsh_migrate_signed_by_an_untrusted_host_is_refused(hosts: TwoHosts, t
     hosts.b.host_path(CONF).write_text(b_config(f"{KEYDIR}/other.pub"))  # B does not trust A
     name = "sig-bad"
     try:
-        r, src, dest = run_migration(hosts, name, tmp_path)
+        r, _src, dest = run_migration(hosts, name, tmp_path)
         assert r.returncode != 0
         assert not dest["ok"] and dest["exit_code"] == 11 and "unknown key" in dest["error"], dest
         hosts.a.wait_guest_executes(name)  # libvirt kept the guest on A

@@ -14,9 +14,9 @@ import io
 import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -33,7 +33,7 @@ from libvirt_mdev.stream.writer import encode_footer, encode_section_start, enco
 from testkit.synth import SyntheticVfioDevice, inject
 from tests.stream.builders import small_stream
 
-from .conftest import DOMAIN, IDSTR_A, IDSTR_B, MARK_A, MARK_B, sign, verify  # noqa: F401
+from .conftest import DOMAIN, IDSTR_A, IDSTR_B, MARK_A, MARK_B, sign, verify
 
 HEADER = encode_section_start(SIG_SECTION_ID, SIG_IDSTR, 0, 1, full=True)
 FOOTER = encode_footer(SIG_SECTION_ID)
@@ -95,7 +95,7 @@ def signed_a(stream: bytes, key_a) -> Signed:
     sb, pb = blocks(s), blocks(stream)
     assert len(sb) == 2 * len(pb)
     pairs = [(sb[2 * i], sb[2 * i + 1]) for i in range(len(pb))]
-    for (_stmt, real), plain in zip(pairs, pb):
+    for (_stmt, real), plain in zip(pairs, pb, strict=True):
         assert s[real.start:real.end] == stream[plain.start:plain.end]
     return Signed(stream, s, pairs, pb)
 

@@ -18,8 +18,18 @@ from libvirt_mdev.sign.keys import SigningKey, TrustedKeys, generate_key, verify
 from libvirt_mdev.sign.layers import SignContext, sign_stream
 from libvirt_mdev.stream.wire import BE32, BE64, VfioFlag
 from libvirt_mdev.stream.writer import encode_footer
-from tests.proxy.conftest import (DOM_UUID, ID_A, ID_B, MARK_A, U1, U2, ProxyEnv, Sink,  # noqa: F401
-                                  injected_stream, proxy_env, replay, wait_results)
+from tests.proxy.conftest import (
+    DOM_UUID,
+    ID_A,
+    ID_B,
+    MARK_A,
+    U1,
+    U2,
+    ProxyEnv,
+    Sink,
+    replay,
+    wait_results,
+)
 
 DOMAIN_XML = f"""<domain type='kvm'><name>vm1</name><uuid>{DOM_UUID}</uuid><devices>
 <hostdev mode='subsystem' type='mdev' model='vfio-pci'><source><address uuid='{U1}'/></source>

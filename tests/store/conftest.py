@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
 
@@ -24,10 +24,10 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mo
 
 
 def make_meta(**over: object) -> StateMeta:
-    fields: dict[str, object] = dict(
-        idstr="0000:00:05.0/vfio", instance_id=0, version_id=1, vfio_framing="v1",
-        migration_id="mig-test-1", mdev_uuid=MDEV, mdev_type=MDEV_TYPE,
-        domain_name="guest1", domain_uuid=DOMAIN, source_host="src.example")
+    fields: dict[str, object] = {
+        "idstr": "0000:00:05.0/vfio", "instance_id": 0, "version_id": 1, "vfio_framing": "v1",
+        "migration_id": "mig-test-1", "mdev_uuid": MDEV, "mdev_type": MDEV_TYPE,
+        "domain_name": "guest1", "domain_uuid": DOMAIN, "source_host": "src.example"}
     fields.update(over)
     return StateMeta(**fields)  # type: ignore[arg-type]
 
@@ -98,7 +98,7 @@ class CliResult:
     stderr: str
 
 
-def run_cli(*args: str, config: Optional[Path] = None, timeout: float = 60) -> CliResult:
+def run_cli(*args: str, config: Path | None = None, timeout: float = 60) -> CliResult:
     """Run ``python -m libvirt_mdev.cli ARGS`` from the repo root (no installed script)."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
     if config is not None:

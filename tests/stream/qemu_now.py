@@ -98,7 +98,7 @@ class Guest:
         if incoming:
             args += ["-incoming", "defer"]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.stderr, "wb"))  # noqa: SIM115 - QEMU keeps it
+                                     stderr=open(self.stderr, "wb"))
         try:
             self.qmp = Qmp(self.qmp_path)
         except (OSError, QmpError):
