@@ -23,23 +23,6 @@ DOMAIN_XML = f"<domain type='qemu'><name>sigvm</name><uuid>{DOMAIN}</uuid><devic
 TLS_HOST = "lmdest"
 
 
-class VM(QemuVM):
-    """QemuVM that survives a start-up race: the harness connects to QMP as soon as the
-    socket file exists, which can be a moment before QEMU listens on it (seen as
-    'Connection refused' under load).  Retry the whole start; never leak the process."""
-
-    def start(self) -> None:
-        for attempt in range(3):
-            try:
-                super().start()
-                return
-            except Exception:
-                self.stop()
-                if attempt == 2:
-                    raise
-                time.sleep(0.2)
-
-
 @dataclass
 class World:
     dir: Path
@@ -99,9 +82,9 @@ def migrate(w: World, src_cfg: Config, dst_cfg: Config | None, *, src_qemu_tls: 
     """
     d = w.dir
     dst_sock, dproxy_sock, sproxy_sock = d / "dst.sock", d / "dproxy.sock", d / "sproxy.sock"
-    with VM(d / "vm", name="sig-src", memory_mib=128, with_disk=False,
+    with QemuVM(d / "vm", name="sig-src", memory_mib=128, with_disk=False,
                 extra_args=["-uuid", DOMAIN, *qemu_tls_args(src_qemu_tls, "client")]) as src, \
-            VM(d / "vm", name="sig-dst", memory_mib=128, with_disk=False, incoming_defer=True,
+            QemuVM(d / "vm", name="sig-dst", memory_mib=128, with_disk=False, incoming_defer=True,
                    extra_args=["-uuid", DOMAIN, *qemu_tls_args(dst_qemu_tls, "server")]) as dst:
         # with a return path the source waits for the destination's verdict, as libvirt's
         # confirm phase does: a refused migration leaves the source running, never paused
