@@ -19,6 +19,8 @@ import pytest
 
 from libvirt_mdev.store import Store
 from testkit.synth import SyntheticVfioDevice, inject
+from tests.harness.cli import one_line_error as cli_one_line_error
+from tests.harness.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 MARK_A = b"\x8f-SECRET-STATE-OF-DEVICE-A-" + os.urandom(8).hex().encode()
@@ -26,18 +28,11 @@ MARK_B = b"\x8f-SECRET-STATE-OF-DEVICE-B-" + os.urandom(8).hex().encode()
 
 
 def cli(*args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([sys.executable, "-m", "libvirt_mdev.cli", *args], capture_output=True, text=True,
-                       cwd=REPO, timeout=timeout)
-    if check and r.returncode:
-        raise AssertionError(f"{args}: rc={r.returncode} {r.stderr}")
-    return r
+    return run_cli(*args, check=check, timeout=timeout)
 
 
 def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert "Traceback" not in r.stderr and lines[0].startswith("libvirt-mdev: ")
-    return lines[0]
+    return cli_one_line_error(r.stderr)
 
 
 def devices(big: int = 3_000_000) -> list[SyntheticVfioDevice]:

@@ -4,11 +4,14 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import sys
 from pathlib import Path
 
+from libvirt_mdev.filter import FilterOptions, StreamFilter
+from libvirt_mdev.store import Store
+from libvirt_mdev.stream import StreamParser, iter_events
 from libvirt_mdev.stream.wire import SAVE_HEADER, SAVE_MAGIC_COMPLETE
 from testkit.synth import SyntheticVfioDevice, inject, write_minimal_stream
+from tests.harness.cli import one_line_error, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 DOM_UUID = "0f3e2b44-91aa-4b8f-8a1c-2a9c1d7e5b10"
@@ -55,18 +58,18 @@ def save_image(path: Path, xml: str, devs: list[SyntheticVfioDevice] | None = No
 
 
 def cli(*args: str, config: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env["LIBVIRT_MDEV_CONFIG"] = str(config) if config else "/nonexistent-libvirt-mdev.conf"
-    if config is None:
-        env.pop("LIBVIRT_MDEV_CONFIG")
-    return subprocess.run([sys.executable, "-m", "libvirt_mdev.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=timeout, check=False)
+    return run_cli(*args, config=config, timeout=timeout)
 
 
 def one_line(r: subprocess.CompletedProcess[str], code: int, *words: str) -> str:
-    assert r.returncode == code, (r.returncode, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("libvirt-mdev: ") and "Traceback" not in r.stderr, r.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
+    return one_line_error(r.stderr, *words, rc=r.returncode, code=code)
+
+
+def token_filtered(store: Store, image: Path) -> StreamFilter:
+    """*image* run through a token-mode StreamFilter over *store*, as the proxy runs it: the filter, not closed."""
+    parser = StreamParser()
+    flt = StreamFilter(store, parser, FilterOptions(mode="token"), lambda b: None)
+    with open(image, "rb") as src:
+        for ev in iter_events(src, parser):
+            flt.process(ev)
+    return flt

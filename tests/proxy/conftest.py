@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from libvirt_mdev.config import Config
-from libvirt_mdev.live.proxy import MigrationProxy, ProxyOptions
+from libvirt_mdev.live.proxy import MigrationProxy, ProxyOptions, SessionResult
 from libvirt_mdev.live.relay import Endpoint
 from libvirt_mdev.log import setup_logging
 from libvirt_mdev.store.pending import write_pending
@@ -60,6 +60,16 @@ class ProxyEnv:
         px.start()
         self.proxies.append(px)
         return px
+
+    def replay_once(self, data: bytes, **opts: Any) -> tuple[SessionResult, Sink]:
+        """Arm, put a proxy in front of a new Sink, send *data* through it as one source QEMU would, wait for the
+        session: its result, and the sink (what reached the 'destination QEMU')."""
+        self.arm()
+        sink = Sink()
+        px = self.proxy(sink.endpoint, **opts)
+        replay(px.address.port, data)
+        wait_results(px)
+        return px.results[0], sink
 
     def conf_file(self, **extra: str) -> Path:
         """The same settings as a configuration file (for the CLI)."""
