@@ -159,7 +159,7 @@ def rss_mib(p: Proxy) -> float:
 
 
 def qemu_round(w: World, ram: Path, mib: int, signed: bool) -> dict[str, Any]:
-    from tests.sign.live import VM as QemuVM  # QemuVM that retries a start-up race under load
+    from tests.harness.qemu_vm import QemuVM  # retries its QMP connect while QEMU is not listening yet
     qport = free_port()
     with QemuVM(w.work, name="ssrc", memory_mib=mib, with_disk=False, ram_file=ram,
                 extra_args=["-uuid", w.domain]) as src, \
