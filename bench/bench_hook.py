@@ -98,7 +98,7 @@ def main() -> int:
 def _row(t: list[float], bare: list[float]) -> dict[str, float]:
     """Median and min time of one call, and its ratio to the bare interpreter: the
     median (and range) over the rounds of the per-round ratios."""
-    ratios = [a / b for a, b in zip(t, bare)]
+    ratios = [a / b for a, b in zip(t, bare, strict=True)]
     return {"median_ms": round(statistics.median(t) * 1000, 1), "min_ms": round(min(t) * 1000, 1),
             "x_bare": round(statistics.median(ratios), 2), "x_min": round(min(ratios), 2),
             "x_max": round(max(ratios), 2)}

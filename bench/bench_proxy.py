@@ -136,9 +136,10 @@ def main() -> None:
         for kind in ("direct", "proxy"):
             r = one_round(work, ram, a.mib, kind == "proxy", a.mode)
             rows[kind].append(r)
+            proxy = (f"  rss {r['proxy_rss_kib'] / 1024:.0f} MiB cpu {r['proxy_cpu_s']} s"
+                     if r.get('proxy_rss_kib') else "")
             print(f"round {i + 1} {kind:6s} total {r['total_ms']:6d} ms  downtime {r['downtime_ms']:4d} ms  "
-                  f"{r['mbps'] or 0:8.0f} Mbit/s" + (f"  rss {r['proxy_rss_kib'] / 1024:.0f} MiB cpu {r['proxy_cpu_s']} s"
-                                                     if r.get('proxy_rss_kib') else ""), file=sys.stderr)
+                  f"{r['mbps'] or 0:8.0f} Mbit/s" + proxy, file=sys.stderr)
     med = {k: {"total_ms": statistics.median(r["total_ms"] for r in v),
                "downtime_ms": statistics.median(r["downtime_ms"] for r in v)} for k, v in rows.items()}
     summary = {"mib": a.mib, "rounds": a.rounds, "mode": a.mode, "median": med,

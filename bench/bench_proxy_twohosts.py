@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from libvirt_mdev.cli.hookcmd import HOOK_NAME, install  # noqa: E402
 from tests.harness import HookFile  # noqa: E402
-from tests.harness.guests import migratable_guest  # noqa: E402
 from tests.harness.caps_cache import set_default_caps_cache  # noqa: E402
+from tests.harness.guests import migratable_guest  # noqa: E402
 from tests.harness.twohosts import TwoHosts  # noqa: E402
 
 CONF = "/etc/libvirt/libvirt-mdev.conf"

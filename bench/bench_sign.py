@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -159,7 +159,7 @@ def rss_mib(p: Proxy) -> float:
 
 
 def qemu_round(w: World, ram: Path, mib: int, signed: bool) -> dict[str, Any]:
-    from tests.sign.live import VM as QemuVM  # QemuVM that retries a start-up race under load
+    from tests.harness.qemu_vm import QemuVM  # retries its QMP connect while QEMU is not listening yet
     qport = free_port()
     with QemuVM(w.work, name="ssrc", memory_mib=mib, with_disk=False, ram_file=ram,
                 extra_args=["-uuid", w.domain]) as src, \
@@ -233,7 +233,7 @@ def vfio_round(w: World, stream: Path, end_at: int, signed: bool) -> dict[str, A
     sink = Sink()
     sp, dp = proxies(w, signed, f"127.0.0.1:{sink.port}")
     c = socket.create_connection(("127.0.0.1", sp.port))
-    t_end: Optional[float] = None
+    t_end: float | None = None
     sent = 0
     t0 = time.monotonic()
     with open(stream, "rb") as fh:

@@ -134,7 +134,7 @@ def _start(p: Pipeline, out: IO[bytes] | int, err: IO[bytes], tracer: _ExitStop)
         last = i == len(p.stages) - 1
         proc = subprocess.Popen(argv, cwd=REPO, stdin=prev if prev is not None else subprocess.DEVNULL,
                                 stdout=out if last else subprocess.PIPE, stderr=err,
-                                preexec_fn=tracer.traceme)  # noqa: PLW1509 - no thread runs yet
+                                preexec_fn=tracer.traceme)
         if prev is not None:
             prev.close()  # the next process holds its own copy
         prev = proc.stdout

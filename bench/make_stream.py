@@ -20,12 +20,10 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from libvirt_mdev.stream import (Eof, FileHeader, Configuration, SectionFooter, SectionHeader,  # noqa: E402
-                                 VMDescription, iter_events)
-from testkit.synth import SyntheticVfioDevice  # noqa: E402
-from libvirt_mdev.stream.wire import BE64, RamFlag  # noqa: E402
-from libvirt_mdev.stream.writer import (encode_footer, encode_section_part,  # noqa: E402
-                                        encode_section_start, encode_vmdesc)
+from libvirt_mdev.stream import Configuration, FileHeader, SectionFooter, SectionHeader, VMDescription, iter_events
+from libvirt_mdev.stream.wire import BE64, RamFlag
+from libvirt_mdev.stream.writer import encode_footer, encode_section_part, encode_section_start, encode_vmdesc
+from testkit.synth import SyntheticVfioDevice
 
 PAGE = 4096
 BLOCK = "pc.ram"

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from libvirt_mdev.stream import passthrough  # noqa: E402
+from libvirt_mdev.stream import passthrough
 
 
 def main() -> None:

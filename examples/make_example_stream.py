@@ -7,14 +7,13 @@ as QEMU frames VFIO device state.  No QEMU or mdev hardware needed.
 """
 from __future__ import annotations
 
-import io
 import os
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from testkit.synth import SyntheticVfioDevice, inject, write_minimal_stream  # noqa: E402
+from testkit.synth import SyntheticVfioDevice, inject, write_minimal_stream
 
 
 def main() -> None:

@@ -99,7 +99,7 @@ def walk(cmd: click.Command, ctx: click.Context, path: tuple[str, ...] = ()) -> 
             sub = cmd.get_command(ctx, name)
             if sub is None or getattr(sub, "hidden", False):
                 continue
-            yield from walk(sub, click.Context(sub, info_name=name, parent=ctx), path + (name,))
+            yield from walk(sub, click.Context(sub, info_name=name, parent=ctx), (*path, name))
 
 
 def options_roff(cmd: click.Command, ctx: click.Context) -> list[str]:
@@ -146,8 +146,8 @@ def exit_status_roff() -> list[str]:
 
 def command_page(path: tuple[str, ...], cmd: click.Command, ctx: click.Context, version: str,
                  date: str) -> Page:
-    full = " ".join((PROG,) + path)
-    page_name = "-".join((PROG,) + path)
+    full = " ".join((PROG, *path))
+    page_name = "-".join((PROG, *path))
     usage = " ".join(cmd.collect_usage_pieces(ctx))
     lines = header(page_name, 1, version, date)
     summary = (_lazy_summaries().get(path[0]) if len(path) == 1 else None) or cmd.get_short_help_str(limit=200)
@@ -155,15 +155,15 @@ def command_page(path: tuple[str, ...], cmd: click.Command, ctx: click.Context, 
     lines += [".SH SYNOPSIS", f"\\fB{esc(full)}\\fR {esc(usage)}"]
     if not path:
         lines += [".br", f"\\fB{PROG}\\fR \\fB\\-\\-version\\fR"]
-    lines += [".SH DESCRIPTION"] + help_to_roff(cmd.help or "")
+    lines += [".SH DESCRIPTION", *help_to_roff(cmd.help or "")]
     opts = options_roff(cmd, ctx)
     if opts:
-        lines += [".SH OPTIONS"] + opts
+        lines += [".SH OPTIONS", *opts]
     if path:
         lines += [".PP", (f"The global options of \\fB{PROG}\\fR(1) (\\fB\\-\\-config\\fR, \\fB\\-\\-debug\\fR) "
                   f"go before the command name.")]
     if isinstance(cmd, click.Group):
-        lines += [".SH COMMANDS"] + subcommands_roff(cmd, ctx, page_name)
+        lines += [".SH COMMANDS", *subcommands_roff(cmd, ctx, page_name)]
     if not path:
         lines += main_page_extra()
     else:

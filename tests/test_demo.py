@@ -16,5 +16,5 @@ def test_demo_runs_end_to_end():
     assert "result: allowed (match)" in out
     assert "stripped.stream:0" in out and "example.stream:2" in out
     assert "loaded 3211264 bytes of state" in out
-    assert "source type nvidia-223 but this host has type nvidia-224" in out  # load refuses the other type
+    assert "source type nvidia-223 but this host has type nvidia-224; state must only be loaded into the same type" in out
     assert "restored.stream is byte-identical to example.stream" in out

@@ -1,16 +1,22 @@
 """Fast checks of the harness pieces that need no daemon: guest XML, RAM fill files, the logging hook."""
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import pytest
 from lxml import etree
 
-from tests.harness import HarnessError, LibvirtHost, logging_hook, versions
+from tests.harness import HarnessError, LibvirtHost, logging_hook, qemu_vm, versions
 from tests.harness.guests import QEMU_NS, RAM_FILL_ADDR, GuestSpec, make_ram_file
 from tests.harness.libvirt_host import in_chroot
+from tests.harness.qemu_vm import QemuVM
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,3 +126,75 @@ def test_chroot_is_told_from_mountinfo() -> None:
     plain_chroot = "31 22 0:5 / /dev rw - devtmpfs udev rw\n"  # "/" is outside the root: not listed at all
     assert not in_chroot(host)
     assert in_chroot(bound_root) and in_chroot(plain_chroot)
+
+
+def _refusing_socket(path: Path) -> socket.socket:
+    """A UNIX socket file that exists but refuses connections: bound, not listening (QEMU's state between the two)."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    return sock
+
+
+def _serve_qmp_later(sock: socket.socket, delay: float, done: threading.Event) -> threading.Thread:
+    """After *delay*, listen on *sock* and answer one QMP client's greeting and capabilities negotiation."""
+
+    def serve() -> None:
+        time.sleep(delay)
+        sock.listen(1)
+        conn, _ = sock.accept()
+        with conn:
+            conn.sendall(b'{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 9}, "package": ""}, '
+                         b'"capabilities": []}}\r\n')
+            data = b""
+            while b"qmp_capabilities" not in data:  # the client sends a JSON object with no newline after it
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            assert json.loads(data)["execute"] == "qmp_capabilities"
+            conn.sendall(b'{"return": {}}\r\n')
+            done.wait(30)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_qmp_connect_waits_out_a_socket_that_refuses(tmp_path: Path) -> None:
+    vm = QemuVM(tmp_path, name="fake", with_disk=False)
+    sock = _refusing_socket(vm.qmp_path)
+    done = threading.Event()
+    server = _serve_qmp_later(sock, 0.5, done)
+    vm.proc = subprocess.Popen(["sleep", "60"])  # stands in for QEMU: alive, stopped by vm.stop()
+    try:
+        started = time.monotonic()
+        vm._connect()
+        assert vm._qmp is not None and time.monotonic() - started >= 0.5
+    finally:
+        done.set()
+        vm.stop()
+        sock.close()
+    server.join(10)
+    assert vm.proc is None
+
+
+def test_qmp_connect_gives_up_at_its_timeout_and_stops_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qemu_vm, "QMP_TIMEOUT", 1.0)
+    vm = QemuVM(tmp_path, name="fake", with_disk=False)
+    sock = _refusing_socket(vm.qmp_path)
+    vm.proc = subprocess.Popen(["sleep", "60"])
+    pid = vm.proc.pid
+    try:
+        with pytest.raises(HarnessError, match=r"QMP .*fake\.qmp still refuses after 1s \(([2-9]|\d\d+) attempts\)"):
+            vm._connect()
+    finally:
+        sock.close()
+    assert vm.proc is None and not Path(f"/proc/{pid}").exists()
+
+
+def test_qmp_connect_reports_qemu_that_exits(tmp_path: Path) -> None:
+    vm = QemuVM(tmp_path, name="fake", with_disk=False)
+    vm.stderr_log.write_text("qemu-system-x86_64: -device nope: 'nope' is not a valid device model name\n")
+    vm.proc = subprocess.Popen(["sh", "-c", "exit 1"])
+    with pytest.raises(HarnessError, match="exited with 1: .*not a valid device model"):
+        vm._connect()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
-from testkit.fakesysfs import make_fake_sysfs  # noqa: E402
+from testkit.fakesysfs import make_fake_sysfs
 
 
 def main(argv: list[str]) -> int:

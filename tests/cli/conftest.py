@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import pytest
 
@@ -22,7 +22,7 @@ def run_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
     conf = tmp_path / "libvirt-mdev.conf"
     conf.write_text("[libvirt-mdev]\nrequire_annotation = yes\n")
 
-    def run(*args: str, config: Optional[Path] = None) -> subprocess.CompletedProcess[str]:
+    def run(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
                "PYTHONPATH": str(REPO), "LIBVIRT_MDEV_CONFIG": str(config or conf), "LC_ALL": "C.UTF-8"}
         return subprocess.run([sys.executable, "-m", "libvirt_mdev.cli", *args], cwd=REPO, env=env,

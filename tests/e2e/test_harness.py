@@ -12,6 +12,7 @@ from tests.conftest import record_timing
 from tests.harness import HarnessError, LibvirtHost, versions
 from tests.harness._proc import pid_alive
 from tests.harness.guests import RAM_FILL_ADDR, GuestSpec, migratable_guest
+from tests.harness.migration import define_and_start
 from tests.harness.qemu_vm import QemuVM
 
 pytestmark = pytest.mark.e2e
@@ -19,13 +20,6 @@ pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
 QEVM_MAGIC = bytes.fromhex("5145564d")
 LIBVIRT_SAVE_MAGIC = b"LibvirtQemudSave"
-
-
-def define_and_start(host: LibvirtHost, spec: GuestSpec, workdir: Path) -> None:
-    xml = workdir / f"{spec.name}.xml"
-    xml.write_text(spec.to_xml())
-    host.virsh("define", str(xml))
-    host.virsh("start", spec.name)
 
 
 def remove_domain(host: LibvirtHost, name: str) -> None:

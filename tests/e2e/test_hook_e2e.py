@@ -10,8 +10,8 @@ our line, and the guest stays shut off.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

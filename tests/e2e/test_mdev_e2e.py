@@ -7,15 +7,14 @@ with --type.  The metadata is read back through `virsh dumpxml`, as an admin wou
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from libvirt_mdev.mdev.domain import METADATA_NS, parse_domain
 from tests.harness import LibvirtHost
+from tests.harness.cli import run_cli
 from tests.harness.guests import GuestSpec
 
 pytestmark = pytest.mark.e2e
@@ -32,9 +31,7 @@ def mdev_hostdev(uuid: str, slot: int) -> str:
 
 
 def cli(*args: str, config: str = "/dev/null") -> subprocess.CompletedProcess[str]:
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO), "LIBVIRT_MDEV_CONFIG": config}
-    return subprocess.run([sys.executable, "-m", "libvirt_mdev.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return run_cli(*args, config=config, clean_env=True, timeout=120)
 
 
 @pytest.fixture

@@ -25,24 +25,29 @@ place (see ``POLICY_WIRED``); the other tests run on the current hook.
 from __future__ import annotations
 
 import inspect
-import json
-import os
 import subprocess
-import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
 
-from libvirt_mdev.cli.hookcmd import HOOK_NAME, install, render_hook
 from libvirt_mdev.mdev.annotation import METADATA_NS
 from libvirt_mdev.store.pending import list_pending
 from testkit.fakesysfs import FakeParent, make_fake_sysfs
-from tests.e2e.test_harness import define_and_start
 from tests.harness import HookFile, logging_hook
 from tests.harness.guests import GuestSpec
+from tests.harness.migration import (
+    CONF,
+    RUNTIME,
+    MigrationRig,
+    ProxyProcess,
+    config_text,
+    define_and_start,
+    our_hook,
+    python_hook,
+    remove_guest,
+)
 from tests.harness.twohosts import TwoHosts
 
 
@@ -57,16 +62,12 @@ def _policy_wired() -> bool:
 POLICY_WIRED = _policy_wired()
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 SRC = "4b20d080-1b54-4048-85b3-a6a62d165c0a"      # A's mdev (annotated)
 DST = "9d3c1e4f-0000-4000-8000-0000000000d1"      # B's mdev of the same type
 DST_BAD = "9d3c1e4f-0000-4000-8000-0000000000d2"  # B's mdev of another type
 PARENT = "0000:3b:00.0"
 ADDR = "0000:00:0a.0"
-CONF = "/etc/libvirt/libvirt-mdev.conf"
-LOG = "/var/log/libvirt/libvirt-mdev.log"
 MODE_FILE = "/var/lib/libvirt/test-orch-mode"
-RUNTIME = "/run/libvirt/libvirt-mdev"
 PORT = 49170
 
 ANNOTATION = (f'<mdev:migration xmlns:mdev="{METADATA_NS}" host="lmA"><mdev:device address="{ADDR}" uuid="{SRC}" '
@@ -109,35 +110,25 @@ sys.stdout.buffer.write(data.replace(('mdev="%s"' % old).encode(), ('mdev="%s"' 
 """
 
 
-def config_text(sysfs: Path, policy: str = "off") -> str:
-    text = (f"[libvirt-mdev]\nsysfs_root = {sysfs}\nruntime_dir = {RUNTIME}\n"
-            f"store = /var/lib/libvirt/mdev-state\nlog_file = {LOG}\narm_all = no\n"
-            "require_guard = no\n")  # a rig without the no-bypass guard (tests/guard tests the guard itself)
+def hook_config(sysfs: Path, policy: str = "off") -> str:
     if POLICY_WIRED:
-        text += f"match_driver_version = {policy}\n"
-    return text
+        return config_text(sysfs, arm_all=False, require_guard=False, match_driver_version=policy)
+    return config_text(sysfs, arm_all=False, require_guard=False)
 
 
-def _script(body: str) -> str:
-    head = render_hook(sys.executable, CONF, [str(REPO)]).split("\n", 1)[0] + "\n"
-    body = body.replace("MODE_FILE", repr(MODE_FILE)).replace("CONF", repr(CONF))
-    return head + f"import sys\nsys.path.insert(0, {str(REPO)!r})\n" + body
+def _script(name: str, body: str) -> HookFile:
+    return python_hook(name, body.replace("MODE_FILE", repr(MODE_FILE)).replace("CONF", repr(CONF)))
 
 
-@dataclass
-class Setup:
-    hosts: TwoHosts
-    sysfs: Path
+class Setup(MigrationRig):
+    MODE_FILE = MODE_FILE
+
+    def __init__(self, hosts: TwoHosts, sysfs: Path) -> None:
+        super().__init__(hosts)
+        self.sysfs = sysfs
 
     def b_conf(self, policy: str = "off") -> None:
-        self.hosts.b.host_path(CONF).write_text(config_text(self.sysfs, policy))
-
-    def mode(self, mode: str) -> None:
-        self.hosts.b.host_path(MODE_FILE).write_text(mode)
-
-    def log(self) -> str:
-        path = self.hosts.b.host_path(LOG)
-        return path.read_text() if path.exists() else ""
+        self.b.host_path(CONF).write_text(hook_config(self.sysfs, policy))
 
 
 @pytest.fixture(scope="module")
@@ -146,43 +137,11 @@ def setup(e2e_tools: None, harness_dir: Path, tmp_path_factory: pytest.TempPathF
     make_fake_sysfs(base / "sys", parents={PARENT: ["nvidia-222", "nvidia-224"]},
                     devices={DST: (PARENT, "nvidia-222"), DST_BAD: (PARENT, "nvidia-224")},
                     parent_info={PARENT: FakeParent(version="535.129.03")})
-    ours, _ = install(base / "staging", Path(CONF))
-    hosts = TwoHosts(base / "two", hooks=[logging_hook()],
-                     hooks_b=[HookFile(name="10-rewrite-mdev", content=_script(REWRITE_HOOK)),
-                              HookFile(name="20-test-mdev", content=_script(VIEW_HOOK)),
-                              HookFile(name=HOOK_NAME, source=ours)],
-                     extra_files_b={CONF: config_text(base / "sys")})
-    hosts.start()
-    try:
+    with TwoHosts(base / "two", hooks=[logging_hook()],
+                  hooks_b=[_script("10-rewrite-mdev", REWRITE_HOOK), _script("20-test-mdev", VIEW_HOOK),
+                           our_hook(base / "staging")],
+                  extra_files_b={CONF: hook_config(base / "sys")}) as hosts:
         yield Setup(hosts, base / "sys")
-    finally:
-        hosts.stop()
-
-
-class Proxy:
-    """`libvirt-mdev proxy --once --json-log` on B (its namespaces)."""
-
-    def __init__(self, host, *args: str) -> None:  # type: ignore[no-untyped-def]
-        self.proc = host.popen_in_ns([sys.executable, "-m", "libvirt_mdev.cli", "--config", CONF, "proxy",
-                                      "--once", "--json-log", *args],
-                                     env={**os.environ, "PYTHONPATH": str(REPO)},
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line, self.proc.stderr.read() if self.proc.stderr else "proxy died"
-
-    def result(self, timeout: float = 60) -> dict:  # type: ignore[type-arg]
-        out, _ = self.proc.communicate(timeout=timeout)
-        return json.loads(out.splitlines()[0])  # type: ignore[no-any-return]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 def start_guest(s: Setup, name: str, mdev_marker: str, tmp_path: Path) -> GuestSpec:
@@ -204,18 +163,13 @@ def migrate(s: Setup, name: str, *extra: str) -> subprocess.CompletedProcess:  #
     return s.hosts.migrate(name, "--listen-address", "127.0.0.1", *extra, port=PORT, check=False)
 
 
-def cleanup(s: Setup, name: str, proxy: Optional[Proxy] = None) -> None:
-    if proxy is not None:
-        proxy.stop()
-    for host in (s.hosts.a, s.hosts.b):
-        if host.virsh("domstate", name, check=False).stdout.strip() in ("running", "paused"):
-            host.virsh("destroy", name, check=False)
-    s.hosts.a.virsh("undefine", name, check=False)
+def cleanup(s: Setup, name: str, proxy: ProxyProcess | None = None) -> None:
+    remove_guest(s.hosts, name, [proxy])
     s.mode("")
     s.b_conf()
 
 
-def assert_served_on_b(s: Setup, name: str, proxy: Proxy, r: subprocess.CompletedProcess) -> None:  # type: ignore[type-arg]
+def assert_served_on_b(s: Setup, name: str, proxy: ProxyProcess, r: subprocess.CompletedProcess) -> None:  # type: ignore[type-arg]
     assert r.returncode == 0, r.stderr
     res = proxy.result()
     assert res["ok"], res
@@ -239,7 +193,7 @@ def assert_refused_on_a(s: Setup, name: str, r: subprocess.CompletedProcess, lin
 def test_dest_xml_names_another_mdev_of_the_same_type(setup: Setup, tmp_path: Path) -> None:
     s = setup
     spec = start_guest(s, "orch-nova", SRC, tmp_path)
-    proxy = Proxy(s.hosts.b, "--listen", f"{s.hosts.address('B')}:{PORT}", "--forward", f"127.0.0.1:{PORT}")
+    proxy = ProxyProcess(s.hosts.b, "--listen", f"{s.hosts.address('B')}:{PORT}", "--forward", f"127.0.0.1:{PORT}")
     try:
         t0 = time.monotonic()
         r = migrate(s, spec.name, "--xml", str(dest_xml(s, spec.name, DST, tmp_path)))
@@ -265,7 +219,7 @@ def test_helper_hook_rewrites_the_uuid_before_ours(setup: Setup, tmp_path: Path)
     s = setup
     spec = start_guest(s, "orch-kubevirt", SRC, tmp_path)
     s.mode(f"rewrite:{SRC}:{DST}")
-    proxy = Proxy(s.hosts.b, "--listen", f"{s.hosts.address('B')}:{PORT}", "--forward", f"127.0.0.1:{PORT}")
+    proxy = ProxyProcess(s.hosts.b, "--listen", f"{s.hosts.address('B')}:{PORT}", "--forward", f"127.0.0.1:{PORT}")
     try:
         assert_served_on_b(s, spec.name, proxy, migrate(s, spec.name))
     finally:
@@ -294,7 +248,7 @@ def test_older_vendor_driver_refused_when_policy_asks_allowed_when_off(setup: Se
     finally:
         cleanup(s, spec.name)
     spec = start_guest(s, "orch-version-off", SRC, tmp_path)
-    proxy = Proxy(s.hosts.b, "--listen", f"{s.hosts.address('B')}:{PORT}", "--forward", f"127.0.0.1:{PORT}")
+    proxy = ProxyProcess(s.hosts.b, "--listen", f"{s.hosts.address('B')}:{PORT}", "--forward", f"127.0.0.1:{PORT}")
     try:
         s.b_conf(policy="off")
         assert_served_on_b(s, spec.name, proxy,

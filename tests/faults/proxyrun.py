@@ -14,10 +14,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-from testkit.fakesysfs import make_fake_sysfs
 from libvirt_mdev.store.pending import write_pending
+from testkit.fakesysfs import make_fake_sysfs
 
 REPO = Path(__file__).resolve().parents[2]
 PARENT = "0000:3b:00.0"
@@ -33,7 +32,7 @@ def domain_uuid(i: int) -> str:
     return f"7d000000-0000-4000-8000-{i:012x}"
 
 
-def env(config: Optional[Path] = None) -> dict[str, str]:
+def env(config: Path | None = None) -> dict[str, str]:
     e = dict(os.environ, PYTHONPATH=str(REPO))
     if config is not None:
         e["LIBVIRT_MDEV_CONFIG"] = str(config)
@@ -57,7 +56,7 @@ class DestHost:
     def config(self) -> Path:
         return self.root / "libvirt-mdev.conf"
 
-    def setup(self) -> "DestHost":
+    def setup(self) -> DestHost:
         make_fake_sysfs(self.root / "sys", parents={PARENT: [MDEV_TYPE]},
                         devices={mdev_uuid(i): (PARENT, MDEV_TYPE) for i in range(self.n)})
         self.config.write_text(f"[libvirt-mdev]\nstore = {self.store}\nruntime_dir = {self.runtime}\n"

@@ -80,7 +80,7 @@ def test_concurrent_strips_into_one_store(real_qmp_stream: Path, tmp_path: Path)
     t0 = time.monotonic()
     procs = [start_strip(real, i, state, store_dir, tmp_path) for i in range(N)]
     results = []
-    for i, (gen, strip) in enumerate(procs):
+    for gen, strip in procs:
         out, err = strip.communicate(timeout=900)
         assert gen.wait(timeout=60) == 0
         assert strip.returncode == 0, err.decode()
@@ -137,7 +137,8 @@ def test_concurrent_proxied_migrations_into_one_store(real_qmp_stream: Path, tmp
     distinct injected-state streams at once into one store: every destination gets the
     stream byte for byte, every state is stored under its own domain's mdev."""
     from .proxyrun import DestHost, HashSink, start_proxy, start_source
-    from .proxyrun import mdev_uuid as p_mdev, domain_uuid as p_dom
+    from .proxyrun import domain_uuid as p_dom
+    from .proxyrun import mdev_uuid as p_mdev
     real = real_qmp_stream
     state = PROXY_MIB * MiB - real.stat().st_size
     host = DestHost(tmp_path / "dest", N).setup()
@@ -148,7 +149,7 @@ def test_concurrent_proxied_migrations_into_one_store(real_qmp_stream: Path, tmp
     t0 = time.monotonic()
     sources = [start_source(real, 2000 + i, state, proxies[i][1], tmp_path / f"psha-{i}") for i in range(N)]
     sessions = []
-    for i, ((px, _port), (gen, cat)) in enumerate(zip(proxies, sources)):
+    for i, ((px, _port), (gen, cat)) in enumerate(zip(proxies, sources, strict=True)):
         out, err = px.communicate(timeout=900)
         assert gen.wait(timeout=60) == 0 and cat.wait(timeout=60) == 0
         assert px.returncode == 0, err

@@ -19,6 +19,8 @@ import pytest
 
 from libvirt_mdev.store import Store
 from testkit.synth import SyntheticVfioDevice, inject
+from tests.harness.cli import one_line_error as cli_one_line_error
+from tests.harness.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 MARK_A = b"\x8f-SECRET-STATE-OF-DEVICE-A-" + os.urandom(8).hex().encode()
@@ -26,18 +28,11 @@ MARK_B = b"\x8f-SECRET-STATE-OF-DEVICE-B-" + os.urandom(8).hex().encode()
 
 
 def cli(*args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run([sys.executable, "-m", "libvirt_mdev.cli", *args], capture_output=True, text=True,
-                       cwd=REPO, timeout=timeout)
-    if check and r.returncode:
-        raise AssertionError(f"{args}: rc={r.returncode} {r.stderr}")
-    return r
+    return run_cli(*args, check=check, timeout=timeout)
 
 
 def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert "Traceback" not in r.stderr and lines[0].startswith("libvirt-mdev: ")
-    return lines[0]
+    return cli_one_line_error(r.stderr)
 
 
 def devices(big: int = 3_000_000) -> list[SyntheticVfioDevice]:
@@ -102,7 +97,7 @@ def test_stripped_and_spliced_real_image_restores_and_runs(real_save_image, real
 
 @pytest.mark.e2e
 def test_tampered_state_is_refused_by_splice(injected, tmp_path):
-    src, devs = injected
+    src, _devs = injected
     store = tmp_path / "store"
     stripped = tmp_path / "stripped"
     out = json.loads(cli("strip", str(src), str(stripped), "--store", str(store), "--json", check=True).stdout)
@@ -163,7 +158,7 @@ def test_kill_9_mid_strip_leaves_nothing_the_loader_accepts(real_qmp_stream, tmp
                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # wait until state is being written
-        temps = [n for n in os.listdir(store)] if store.exists() else []
+        temps = list(os.listdir(store)) if store.exists() else []
         if any(n.startswith(".tmp") and os.stat(store / n).st_size > (1 << 20) for n in temps):
             break
         time.sleep(0.01)
@@ -200,8 +195,8 @@ def test_out_of_space_mid_strip_is_a_clean_error(real_qmp_stream, tmp_path):
 
 
 def test_block_larger_than_the_stream_is_refused(tmp_path):
-    from tests.stream.test_reader import _stream_with, vfio_records
     from libvirt_mdev.stream.wire import BE64
+    from tests.stream.test_reader import _stream_with, vfio_records
     s, e, c = vfio_records(30, b"y" * 100)
     e = e.replace(BE64.pack(100), BE64.pack(1 << 40), 1)
     src = tmp_path / "claim.stream"
@@ -216,6 +211,7 @@ def test_block_larger_than_the_stream_is_refused(tmp_path):
 def test_token_records_are_refused_from_a_live_peer(tmp_path):
     """A source must not be able to name state already in our store (proxy mode)."""
     import io
+
     from libvirt_mdev.errors import TokenError
     from libvirt_mdev.filter import TOKEN_MAGIC, FilterOptions, filter_stream
     from libvirt_mdev.stream.writer import encode_vfio_block

@@ -17,7 +17,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 _COUNT = [0]
 
@@ -33,10 +33,10 @@ def main(make_target: Callable[[], Callable[[bytes], None]],
 
     atexit.register(lambda: print(f"LM_FUZZ_EXECS={_COUNT[0]} pid={os.getpid()}", file=sys.stderr, flush=True))
     with atheris.instrument_imports(include=list(instrument)):
+        import libvirt_mdev.filter
+        import libvirt_mdev.mdev.domain
+        import libvirt_mdev.store
         import libvirt_mdev.stream  # noqa: F401 - imported under instrumentation
-        import libvirt_mdev.filter  # noqa: F401
-        import libvirt_mdev.store  # noqa: F401
-        import libvirt_mdev.mdev.domain  # noqa: F401
     target = make_target()
     atheris.Setup(sys.argv, one)
     atheris.Fuzz()

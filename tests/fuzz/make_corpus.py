@@ -27,18 +27,16 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from libvirt_mdev.stream import (RamEos, RamRecords, SectionFooter, SectionHeader, VMDescription,
-                                 iter_events)
-from libvirt_mdev.stream.writer import encode_vmdesc
+from libvirt_mdev.stream import RamEos, RamRecords, SectionFooter, SectionHeader, VMDescription, iter_events
 from libvirt_mdev.stream.saveimage import encode_header
-from testkit.synth import SyntheticVfioDevice, inject
 from libvirt_mdev.stream.wire import BE64, SAVE_MAGIC_COMPLETE, RamFlag, SaveFormat, SectionType
+from libvirt_mdev.stream.writer import encode_vmdesc
+from testkit.synth import SyntheticVfioDevice, inject
 
 REPO = Path(__file__).resolve().parents[2]
 #: bytes of RAM records kept per RAM section in the elided stream

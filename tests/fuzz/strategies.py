@@ -14,10 +14,18 @@ from hypothesis import strategies as st
 
 from libvirt_mdev.stream.sections import footer_bytes
 from libvirt_mdev.stream.wire import BE32, BE64, CONFIG_SUB_PAGE_BITS, MigCommand, RamFlag, SectionType, VfioFlag
-from libvirt_mdev.stream.writer import (encode_command, encode_configuration, encode_eof,
-                                        encode_file_header, encode_footer, encode_section_part,
-                                        encode_section_start, encode_vfio_block, encode_vfio_marker,
-                                        encode_vmdesc)
+from libvirt_mdev.stream.writer import (
+    encode_command,
+    encode_configuration,
+    encode_eof,
+    encode_file_header,
+    encode_footer,
+    encode_section_part,
+    encode_section_start,
+    encode_vfio_block,
+    encode_vfio_marker,
+    encode_vmdesc,
+)
 
 RAM_SID = 2
 MACHINES = ("pc-i440fx-7.2", "pc-q35-8.2", "pc-q35-10.0", "virt-9.1")
@@ -175,7 +183,7 @@ def valid_streams(draw, max_parts: int = 3, max_devices: int = 2) -> Built:
         idstr = draw(st.sampled_from([f"0000:00:0{5 + i}.0/vfio", f"0000:01:00.{i}/vfio"]))
         framing = draw(st.sampled_from(["v1", "v2"]))
         devs.append((sid, draw(vfio_device(sid, idstr, framing, max_parts))))
-    for sid, (start, *_rest) in devs:
+    for _sid, (start, *_rest) in devs:
         out += start
         b.sections += 1
     nparts = draw(st.integers(0, max_parts))
@@ -186,7 +194,7 @@ def valid_streams(draw, max_parts: int = 3, max_devices: int = 2) -> Built:
             b.sections += 1
             b.pages += pages
             b.zero_pages += zeros
-        for sid, (_s, part_recs, *_r) in devs:
+        for _sid, (_s, part_recs, *_r) in devs:
             if k < len(part_recs):
                 out += part_recs[k]
                 b.sections += 1
@@ -195,13 +203,13 @@ def valid_streams(draw, max_parts: int = 3, max_devices: int = 2) -> Built:
                                          encode_command(MigCommand.OPEN_RETURN_PATH),
                                          encode_command(MigCommand.SWITCHOVER_START)]))
             b.commands += 1
-    for sid, (_s, part_recs, *_r) in devs:
+    for _sid, (_s, part_recs, *_r) in devs:
         for rec in part_recs[max_parts:]:
             out += rec
             b.sections += 1
     out += encode_section_part(RAM_SID, end=True) + BE64.pack(RamFlag.EOS) + encode_footer(RAM_SID)
     b.sections += 1
-    for sid, (_s, _p, end, _f, state, sizes) in devs:
+    for sid, (_s, _p, end, _f, state, _sizes) in devs:
         out += end
         b.sections += 1
         b.vfio_state[sid] = state
@@ -209,7 +217,7 @@ def valid_streams(draw, max_parts: int = 3, max_devices: int = 2) -> Built:
     for j in range(nfull):
         out += draw(vmstate_full(100 + j, j))
         b.sections += 1
-    for sid, (_s, _p, _e, full, _st, sizes) in devs:
+    for _sid, (_s, _p, _e, full, _st, _sizes) in devs:
         out += full
         b.sections += 1
     # block sizes in stream order: every device's PARTs were interleaved per iteration

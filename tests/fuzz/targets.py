@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from typing import Optional
 
 from libvirt_mdev.errors import MdevError, StreamError
 from libvirt_mdev.stream import NEED_DATA, StreamParser
@@ -37,7 +36,7 @@ def chunk_size(selector: int) -> int:
     return _CHUNKS[selector % len(_CHUNKS)]
 
 
-def parse_checked(data: bytes, chunk: int = 0, container: str = "auto") -> tuple[list[tuple[str, int, int]], Optional[StreamError]]:
+def parse_checked(data: bytes, chunk: int = 0, container: str = "auto") -> tuple[list[tuple[str, int, int]], StreamError | None]:
     """Parse *data* fed in *chunk*-byte pieces, checking byte identity as events arrive.
 
     Returns (event summary, the StreamError or None).  The summary is
@@ -96,7 +95,7 @@ def run_stream(data: bytes) -> None:
     assert structural(whole) == structural(pieces)
 
 
-def _guard_refusal(exc: Optional[StreamError]) -> bool:
+def _guard_refusal(exc: StreamError | None) -> bool:
     """A BodyGuard refusal (a hidden VFIO record in a scan-delimited body).  When a body
     holds several, which one is seen first can depend on the cut: a hidden header is
     recognised at the end of its idstr (up to 255 bytes on), a hidden PART/END 13 bytes
@@ -133,7 +132,7 @@ class FilterTarget:
     :meth:`reset` every few hundred inputs to keep the directory small.
     """
 
-    def __init__(self, root: Optional[str] = None) -> None:
+    def __init__(self, root: str | None = None) -> None:
         from libvirt_mdev.store import Store
         self._tmp = tempfile.TemporaryDirectory(prefix="lm-fuzz-filter-") if root is None else None
         self.root = root or os.path.join(self._tmp.name, "store")  # type: ignore[union-attr]
@@ -162,7 +161,7 @@ class FilterTarget:
         assert self._one(data, FilterOptions(mode="splice", verify=False), same.extend) is not None
         assert bytes(same) == data
 
-    def _one(self, data: bytes, opts: "object", emit) -> Optional[list]:
+    def _one(self, data: bytes, opts: object, emit) -> list | None:
         from libvirt_mdev.filter import StreamFilter
         parser = StreamParser()
         flt = StreamFilter(self.store, parser, opts, emit)  # type: ignore[arg-type]

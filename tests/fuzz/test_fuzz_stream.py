@@ -14,9 +14,18 @@ from collections import defaultdict
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from libvirt_mdev.stream import (NEED_DATA, Command, RamRecords, SectionHeader, StreamEnd,
-                                 StreamParser, StreamWriter, VfioBlockData, VfioBlockStart,
-                                 VMDescription)
+from libvirt_mdev.stream import (
+    NEED_DATA,
+    Command,
+    RamRecords,
+    SectionHeader,
+    StreamEnd,
+    StreamParser,
+    StreamWriter,
+    VfioBlockData,
+    VfioBlockStart,
+    VMDescription,
+)
 
 from .strategies import chunkings, mutations, valid_streams
 from .targets import parse_checked, run_stream
@@ -72,7 +81,7 @@ def test_generated_streams_round_trip_at_any_chunking(built, chunks):
 def test_generated_streams_same_events_whole_or_chunked(built, chunk):
     """The target's own invariants (byte identity, offsets, same verdict per chunking)."""
     run_stream(bytes([0]) + built.data)
-    whole, err = parse_checked(built.data, 0)
+    _whole, err = parse_checked(built.data, 0)
     assert err is None
     assert parse_checked(built.data, chunk)[1] is None
 

@@ -16,8 +16,8 @@ from .make_corpus import DOMAIN_XML, save_image
 from .strategies import mutations, valid_streams
 from .targets import FilterTarget, TokenTarget, run_domain_xml, run_save_image_header
 
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                                      HealthCheck.function_scoped_fixture])
+SETTINGS = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large,
+                                                      HealthCheck.function_scoped_fixture]}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,7 @@ def test_mutated_save_images(data):
 def test_save_image_limits_are_stream_errors():
     """The XML area limit and a cookie offset beyond it are refusals with an offset."""
     from libvirt_mdev.stream.wire import MAX_SAVE_DATA_LEN
+
     from .targets import parse_checked
     big = encode_header(SAVE_MAGIC_COMPLETE, MAX_SAVE_DATA_LEN + 1, 1, 0, 0)
     _evs, err = parse_checked(big + b"<domain/>", 0)

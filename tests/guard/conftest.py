@@ -9,9 +9,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
 
@@ -24,8 +24,8 @@ _seq = itertools.count()
 class Netns:
     name: str
 
-    def run(self, args: list[str], *, check: bool = True, input: Optional[str] = None,
-            env: Optional[dict[str, str]] = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def run(self, args: list[str], *, check: bool = True, input: str | None = None,
+            env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         r = subprocess.run(["ip", "netns", "exec", self.name, *args], capture_output=True, text=True, input=input,
                            env=env, timeout=timeout)
         if check and r.returncode != 0:
@@ -39,7 +39,7 @@ class Netns:
         return self.run([sys.executable, "-m", "libvirt_mdev.cli", "--config", str(config), *args], check=check,
                         env={**os.environ, "PYTHONPATH": str(REPO)})
 
-    def py(self, code: str, *, uid: Optional[int] = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def py(self, code: str, *, uid: int | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run Python *code* in the namespace, as *uid* (setpriv) if given."""
         pre = ["setpriv", "--reuid", str(uid), "--regid", str(uid), "--clear-groups"] if uid is not None else []
         return self.run([*pre, sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(REPO)!r})\n" + code],
@@ -109,7 +109,7 @@ def fake_qemu_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def start_fake_qemu(binary: Path, listen: list[str], domain: str, *, incoming: bool = True,
-                    netns: Optional[Netns] = None, pid_dir: Optional[Path] = None) -> FakeQemu:
+                    netns: Netns | None = None, pid_dir: Path | None = None) -> FakeQemu:
     """A process whose exe is named qemu, whose argv carries ``-name guest=DOMAIN`` (and
     ``-incoming defer``), listening on *listen*; its pid goes to ``PID_DIR/DOMAIN.pid``
     as libvirt writes it."""

@@ -16,28 +16,31 @@ and, as uid 65534, connects to QEMU's incoming endpoint and sends bytes.  Shown:
 """
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
 
-from libvirt_mdev.cli.hookcmd import HOOK_NAME, install
 from testkit.fakesysfs import make_fake_sysfs
-from tests.e2e.test_harness import define_and_start
-from tests.harness import HookFile, LibvirtHost, logging_hook
+from tests.harness import HookFile, logging_hook
 from tests.harness.guests import migratable_guest
+from tests.harness.migration import (
+    CONF,
+    MigrationRig,
+    ProxyProcess,
+    cli_in_ns,
+    config_text,
+    define_and_start,
+    host_text,
+    our_hook,
+    remove_guest,
+)
 from tests.harness.twohosts import TwoHosts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-CONF = "/etc/libvirt/libvirt-mdev.conf"
-LOG = "/var/log/libvirt/libvirt-mdev.log"
 ATTACK_TARGET = "/var/lib/libvirt/attack-target"
 ATTACK_LOG = "/var/log/libvirt/attacker.log"
 SOCKDIR = "/run/libvirt/mig"
@@ -77,25 +80,15 @@ with open(ATTACK_LOG, "a") as f:
 """
 
 
-def config_text(sysfs: Path) -> str:
-    return (f"[libvirt-mdev]\nsysfs_root = {sysfs}\nruntime_dir = /run/libvirt/libvirt-mdev\n"
-            f"store = /var/lib/libvirt/mdev-state\nlog_file = {LOG}\narm_all = yes\n"
-            f"guard_ports = {PROXY_PORT} {PROXY_PORT + 1}\nmigration_socket_dir = {SOCKDIR}\n")
+def hook_config(sysfs: Path) -> str:
+    return config_text(sysfs, arm_all=True, guard_ports=f"{PROXY_PORT} {PROXY_PORT + 1}", migration_socket_dir=SOCKDIR)
 
 
-@dataclass
-class Setup:
-    hosts: TwoHosts
+class Setup(MigrationRig):
+    def cli_b(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return cli_in_ns(self.b, *args, check=check)
 
-    @property
-    def b(self) -> LibvirtHost:
-        return self.hosts.b
-
-    def cli_b(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return self.b.run_in_ns([sys.executable, "-m", "libvirt_mdev.cli", "--config", CONF, *args], check=check,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
-
-    def attack(self, target: Optional[str]) -> None:
+    def attack(self, target: str | None) -> None:
         path = self.b.host_path(ATTACK_TARGET)
         if target is None:
             path.unlink(missing_ok=True)
@@ -104,69 +97,27 @@ class Setup:
         self.b.host_path(ATTACK_LOG).unlink(missing_ok=True)
 
     def attacker_log(self) -> str:
-        p = self.b.host_path(ATTACK_LOG)
-        return p.read_text() if p.exists() else ""
-
-    def log(self) -> str:
-        p = self.b.host_path(LOG)
-        return p.read_text() if p.exists() else ""
+        return host_text(self.b, ATTACK_LOG)
 
 
 @pytest.fixture(scope="module")
 def setup(e2e_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     base = tmp_path_factory.mktemp("guard2")
     make_fake_sysfs(base / "sys", parents={"0000:3b:00.0": ["nvidia-222"]}, devices={})
-    ours, _ = install(base / "staging", Path(CONF))
     shebang = f"#!{sys.executable} -I\n"
     attacker = shebang + ATTACKER.replace("ATTACK_TARGET", repr(ATTACK_TARGET)).replace(
         "ATTACK_LOG", repr(ATTACK_LOG)).replace("PYTHON", repr("/usr/bin/python3"))  # uid 65534 may not enter /root
-    hosts = TwoHosts(base / "two", hooks=[logging_hook()],
-                     hooks_b=[HookFile(name=HOOK_NAME, source=ours), HookFile(name="60-attacker", content=attacker)],
-                     extra_files_b={CONF: config_text(base / "sys")})
-    hosts.start()
-    try:
+    with TwoHosts(base / "two", hooks=[logging_hook()],
+                  hooks_b=[our_hook(base / "staging"), HookFile(name="60-attacker", content=attacker)],
+                  extra_files_b={CONF: hook_config(base / "sys")}) as hosts:
         hosts.b.host_path(SOCKDIR).chmod(0o750)  # root:root, nobody else may enter
         s = Setup(hosts)
         s.cli_b("guard", "install")
         yield s
-    finally:
-        hosts.stop()
 
 
-class Proxy:
-    """``libvirt-mdev proxy --once --json-log`` on a host (its namespaces)."""
-
-    def __init__(self, host: LibvirtHost, *args: str) -> None:
-        self.proc = host.popen_in_ns([sys.executable, "-m", "libvirt_mdev.cli", "--config", CONF, "proxy", "--once",
-                                      "--json-log", *args], env={**os.environ, "PYTHONPATH": str(REPO)},
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line, self.proc.stderr.read() if self.proc.stderr else "proxy died"
-        self.hello = json.loads(line)
-
-    def result(self, timeout: float = 60) -> dict:
-        out, _ = self.proc.communicate(timeout=timeout)
-        return json.loads(out.splitlines()[0])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def cleanup(s: Setup, name: str, proxies: list[Optional[Proxy]]) -> None:
-    for p in proxies:
-        if p is not None:
-            p.stop()
-    for host in (s.hosts.a, s.hosts.b):
-        if host.virsh("domstate", name, check=False).stdout.strip() in ("running", "paused"):
-            host.virsh("destroy", name, check=False)
-    s.hosts.a.virsh("undefine", name, check=False)
+def cleanup(s: Setup, name: str, proxies: list[ProxyProcess | None]) -> None:
+    remove_guest(s.hosts, name, proxies)
     s.attack(None)
 
 
@@ -186,7 +137,7 @@ def test_tcp_non_root_attacker_gets_nothing_and_the_migration_completes(setup: S
     spec = migratable_guest("gd-tcp")
     define_and_start(s.hosts.a, spec, tmp_path)
     s.attack(f"127.0.0.1:{PROXY_PORT}")
-    proxy = Proxy(b, "--listen", f"{s.hosts.address('B')}:{PROXY_PORT}", "--forward", f"127.0.0.1:{PROXY_PORT}")
+    proxy = ProxyProcess(b, "--listen", f"{s.hosts.address('B')}:{PROXY_PORT}", "--forward", f"127.0.0.1:{PROXY_PORT}")
     try:
         s.hosts.migrate(spec.name, "--listen-address", "127.0.0.1", port=PROXY_PORT)
         res = proxy.result()
@@ -209,8 +160,8 @@ def test_unix_non_root_attacker_gets_nothing_and_the_migration_completes(setup: 
     define_and_start(a, spec, tmp_path)
     s.attack(f"unix:{sock}")
     addr = s.hosts.address("B")
-    dest = Proxy(b, "--listen", f"{addr}:{PROXY_PORT + 1}", "--forward", f"unix:{sock}")
-    relay = Proxy(a, "--mode", "relay", "--listen", f"unix:{sock}", "--forward", f"{addr}:{PROXY_PORT + 1}")
+    dest = ProxyProcess(b, "--listen", f"{addr}:{PROXY_PORT + 1}", "--forward", f"unix:{sock}")
+    relay = ProxyProcess(a, "--mode", "relay", "--listen", f"unix:{sock}", "--forward", f"{addr}:{PROXY_PORT + 1}")
     try:
         s.hosts.migrate(spec.name, migrateuri=f"unix://{sock}")
         res, carried = dest.result(), relay.result()
@@ -325,7 +276,7 @@ def test_unarmed_domain_through_the_proxy_is_refused_before_any_byte(setup: Setu
     saved = conf.read_text()
     spec = migratable_guest("gd-unarmed")
     define_and_start(s.hosts.a, spec, tmp_path)
-    proxy = Proxy(s.b, "--listen", f"{s.hosts.address('B')}:{PROXY_PORT}", "--forward", f"127.0.0.1:{PROXY_PORT}")
+    proxy = ProxyProcess(s.b, "--listen", f"{s.hosts.address('B')}:{PROXY_PORT}", "--forward", f"127.0.0.1:{PROXY_PORT}")
     try:
         conf.write_text(saved.replace("arm_all = yes", "arm_all = no"))
         r = s.hosts.migrate(spec.name, "--listen-address", "127.0.0.1", port=PROXY_PORT, check=False)

@@ -8,9 +8,9 @@ codec must see (virtio-net, a USB controller, serial, a disk) are opt-in so a mi
 from __future__ import annotations
 
 import uuid as uuidlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from lxml import etree
 

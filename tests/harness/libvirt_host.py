@@ -14,9 +14,9 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from . import caps_cache as _caps
 from ._proc import HarnessError, pid_alive, read_pid, run, tail, terminate
@@ -399,4 +399,4 @@ def pids_in_netns(netns: str) -> list[int]:
     return [int(p) for p in proc.stdout.split() if p.isdigit()]
 
 
-__all__ = ["HookFile", "LibvirtHost", "logging_hook", "in_chroot", "pids_in_netns", "HarnessError", "READY_TIMEOUT"]
+__all__ = ["READY_TIMEOUT", "HarnessError", "HookFile", "LibvirtHost", "in_chroot", "logging_hook", "pids_in_netns"]

@@ -11,9 +11,10 @@ import atexit
 import shlex
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from qemu.qmp import QMPClient
 
@@ -104,27 +105,49 @@ class QemuVM:
             raise
 
     def _connect(self) -> None:
+        """Connect QMP, retrying until QMP_TIMEOUT while the socket is missing or refuses.
+
+        QEMU creates the socket file (bind) a moment before it listens on it, so on a loaded machine a connect
+        right after the file appears can be refused (seen as a rare flake); that, and a file not there yet, are
+        waited out. Any other failure, or QEMU exiting, ends the wait at once with QEMU's stderr.
+        """
+        assert self.proc is not None
         deadline = time.monotonic() + QMP_TIMEOUT
-        while not self.qmp_path.exists():
+        self._loop = asyncio.new_event_loop()
+        attempts = 0
+        while True:
             if self.proc.poll() is not None:
                 raise HarnessError(f"QEMU {self.name} exited with {self.proc.returncode}: {tail(self.stderr_log)}")
-            if time.monotonic() > deadline:
+            if self.qmp_path.exists():
+                attempts += 1
+                client = QMPClient(self.name)
+                try:
+                    self._run(client.connect(str(self.qmp_path)))
+                except Exception as exc:
+                    if not _not_listening_yet(exc):
+                        self._connect_failed(exc)
+                    if time.monotonic() > deadline:
+                        self.stop()
+                        raise HarnessError(f"QEMU {self.name}: QMP {self.qmp_path} still refuses after "
+                                           f"{QMP_TIMEOUT:.0f}s ({attempts} attempts): {exc}") from exc
+                else:
+                    self._qmp = client
+                    return
+            elif time.monotonic() > deadline:
                 raise HarnessError(f"QEMU {self.name} did not create {self.qmp_path} within {QMP_TIMEOUT:.0f}s")
             time.sleep(0.02)
-        self._loop = asyncio.new_event_loop()
-        self._qmp = QMPClient(self.name)
+
+    def _connect_failed(self, exc: Exception) -> None:
+        """Raise HarnessError for a QMP connect that failed for a reason other than "not listening yet"."""
+        assert self.proc is not None
+        # QEMU creates the QMP socket before it checks the devices, so a bad command line shows up here.
         try:
-            self._run(self._qmp.connect(str(self.qmp_path)))
-        except Exception as exc:
-            # QEMU creates the QMP socket before it checks the devices, so a bad command line shows up here.
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                # __exit__ never runs when __enter__ fails: stop QEMU here or it outlives the test
-                self.stop()
-                raise HarnessError(f"QEMU {self.name}: QMP connect failed ({exc!r}); {tail(self.stderr_log)}") from exc
-            raise HarnessError(f"QEMU {self.name} exited with {self.proc.returncode}: "
-                               f"{tail(self.stderr_log)}") from exc
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            # __exit__ never runs when __enter__ fails: stop QEMU here or it outlives the test
+            self.stop()
+            raise HarnessError(f"QEMU {self.name}: QMP connect failed ({exc!r}); {tail(self.stderr_log)}") from exc
+        raise HarnessError(f"QEMU {self.name} exited with {self.proc.returncode}: {tail(self.stderr_log)}") from exc
 
     def qmp(self, command: str, **arguments: Any) -> Any:
         """Execute one QMP command and return its result (qemu.qmp raises ExecuteError on an error reply)."""
@@ -182,7 +205,7 @@ class QemuVM:
         try:
             if self._qmp is not None and self._loop is not None:
                 self._run(self._qmp.disconnect())
-        except BaseException:  # noqa: BLE001 - stopping the process below matters more than a clean goodbye
+        except BaseException:
             pass
         finally:
             self._qmp = None
@@ -199,3 +222,9 @@ class QemuVM:
     def _run(self, coro: Any) -> Any:
         assert self._loop is not None
         return self._loop.run_until_complete(asyncio.wait_for(coro, QMP_TIMEOUT))
+
+
+def _not_listening_yet(exc: BaseException) -> bool:
+    """True for the connect errors of a socket QEMU has not started listening on (or has not created) yet."""
+    cause = getattr(exc, "exc", exc)  # qemu.qmp's ConnectError wraps the OSError
+    return isinstance(cause, (ConnectionRefusedError, FileNotFoundError))

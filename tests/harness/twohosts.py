@@ -13,9 +13,9 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from ._proc import HarnessError, run, terminate
 from .libvirt_host import HookFile, LibvirtHost, pids_in_netns
@@ -104,7 +104,7 @@ class TwoHosts:
         def start(host: LibvirtHost) -> None:
             try:
                 host.start()
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
+            except BaseException as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=start, args=(h,)) for h in (self.a, self.b)]

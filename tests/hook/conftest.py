@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -26,7 +25,7 @@ ALL_OPS = [("migrate", "begin"), ("prepare", "begin"), ("start", "begin"), ("sta
 GATES = {("migrate", "begin"), ("restore", "begin")}
 
 
-def domain_xml(mdevs: dict[str, Optional[str]], name: str = "vm1", annotated: bool = True) -> bytes:
+def domain_xml(mdevs: dict[str, str | None], name: str = "vm1", annotated: bool = True) -> bytes:
     """A domain with one mdev hostdev per key; value = annotated source type (None: no entry)."""
     devs = "".join(
         f"""    <hostdev mode='subsystem' type='mdev' managed='no' model='vfio-pci'>

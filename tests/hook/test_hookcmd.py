@@ -10,14 +10,13 @@ import pytest
 
 from libvirt_mdev.cli.hookcmd import HOOK_NAME, MARKER, install, repository_hook_text, uninstall
 from libvirt_mdev.errors import MdevError, UsageError
+from tests.harness.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "libvirt_mdev.cli", *args], cwd=REPO, capture_output=True, check=False,
-                          text=True, timeout=60, env={"PATH": os.environ["PATH"], "PYTHONPATH": str(REPO),
-                                                      "LIBVIRT_MDEV_CONFIG": "/dev/null"})
+    return run_cli(*args, config="/dev/null", clean_env=True)
 
 
 def test_repository_hook_matches_the_template() -> None:

@@ -5,9 +5,16 @@ import pytest
 
 from libvirt_mdev.errors import XMLError
 from libvirt_mdev.mdev import domain as D
-from libvirt_mdev.mdev.domain import (METADATA_NS, AnnotatedMdev, Annotation, annotation_xml,
-                                      merge_annotations, parse_annotation, parse_domain,
-                                      set_annotation)
+from libvirt_mdev.mdev.domain import (
+    METADATA_NS,
+    AnnotatedMdev,
+    Annotation,
+    annotation_xml,
+    merge_annotations,
+    parse_annotation,
+    parse_domain,
+    set_annotation,
+)
 
 U1 = "4b20d080-1b54-4048-85b3-a6a62d165c01"
 U2 = "4b20d080-1b54-4048-85b3-a6a62d165c02"

@@ -1,8 +1,6 @@
 """The dry run's judgement without libvirt: hand-made source and destination views."""
 from __future__ import annotations
 
-from typing import Optional
-
 from libvirt_mdev.mdev.domain import parse_domain
 from libvirt_mdev.mdev.dryrun import DestView, SourceView, evaluate
 from libvirt_mdev.mdev.nodedev import NodedevMdev, NodedevParent
@@ -17,7 +15,7 @@ F1 = "9d3c1e4f-0000-4000-8000-0000000000f1"
 P = "0000:3b:00.0"
 
 
-def source(annotated: Optional[str], live: dict[str, str]) -> SourceView:
+def source(annotated: str | None, live: dict[str, str]) -> SourceView:
     a = ann(*((u, annotated, f"0000:00:{5 + i:02x}.0") for i, u in enumerate(live))) if annotated else ""
     info = parse_domain(domain("".join(hostdev(u, slot=5 + i) for i, u in enumerate(live)), a))
     return SourceView("test:///src", info, {u: NodedevMdev(u, t, "0000:af:00.0", "n") for u, t in live.items()},
@@ -27,7 +25,7 @@ def source(annotated: Optional[str], live: dict[str, str]) -> SourceView:
 def dest(mdevs: dict[str, str], available: int, in_use: tuple[str, ...] = ()) -> DestView:
     return DestView("test:///dst", {u: [NodedevMdev(u, t, P, "n")] for u, t in mdevs.items()},
                     {P: NodedevParent("pci_0000_3b_00_0", P, "10de:1eb8", None, {"nvidia-222": available})},
-                    {u: "other" for u in in_use})
+                    dict.fromkeys(in_use, "other"))
 
 
 def test_stale_annotation_the_live_type_decides() -> None:

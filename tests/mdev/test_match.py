@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import pytest
 
@@ -32,7 +31,7 @@ P = "0000:3b:00.0"
 NEWER = MatchPolicy(DriverVersionRule.SAME_OR_NEWER)
 
 
-def ann(*devs: tuple[str, str, Optional[str]], version: Optional[str] = None, model: Optional[str] = None) -> str:
+def ann(*devs: tuple[str, str, str | None], version: str | None = None, model: str | None = None) -> str:
     """Our metadata element: (source uuid, type, guest address or None for an old annotation)."""
     items = "".join(f'<mdev:device uuid="{u}" type="{t}"' + (f' address="{a}"' if a else "")
                     + (f' driver_version="{version}"' if version else "")
@@ -40,7 +39,7 @@ def ann(*devs: tuple[str, str, Optional[str]], version: Optional[str] = None, mo
     return f'<mdev:migration xmlns:mdev="{METADATA_NS}" host="src">{items}</mdev:migration>'
 
 
-def dest(types: dict[str, str], version: Optional[str] = None, model: Optional[str] = None):  # type: ignore[no-untyped-def]
+def dest(types: dict[str, str], version: str | None = None, model: str | None = None):  # type: ignore[no-untyped-def]
     return lambda u: DestMdev(types[u], P, "nvidia", version, model) if u in types else None
 
 
@@ -126,7 +125,7 @@ def test_compare_versions(a: str, b: str, want: int) -> None:
     assert compare_versions(a, b) == want
 
 
-def _versioned(version: Optional[str] = "550.54.14", model: Optional[str] = "10de:1eb8"):  # type: ignore[no-untyped-def]
+def _versioned(version: str | None = "550.54.14", model: str | None = "10de:1eb8"):  # type: ignore[no-untyped-def]
     return parse_domain(domain(hostdev(DST1), ann((SRC1, "nvidia-222", "0000:00:05.0"), version=version,
                                                   model=model)))
 
@@ -182,7 +181,7 @@ def test_policy_from_config_values_and_defaults() -> None:
 
 
 # --------------------------------------------------------------------------- the gate on a fake sysfs
-def _sysfs(tmp_path: Path, version: Optional[str]):  # type: ignore[no-untyped-def]
+def _sysfs(tmp_path: Path, version: str | None):  # type: ignore[no-untyped-def]
     return make_fake_sysfs(tmp_path / "sys", parents={P: ["nvidia-222", "nvidia-223"]},
                            devices={DST1: (P, "nvidia-222")},
                            parent_info={P: FakeParent(version=version)})

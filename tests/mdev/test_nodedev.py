@@ -6,8 +6,14 @@ from pathlib import Path
 import pytest
 
 from libvirt_mdev.errors import ConnectError, MdevError, NotFound, XMLError
-from libvirt_mdev.mdev.nodedev import (NodedevMdev, find_mdev, list_mdevs, lookup_domain, open_connection,
-                                       parse_nodedev_mdev)
+from libvirt_mdev.mdev.nodedev import (
+    NodedevMdev,
+    find_mdev,
+    list_mdevs,
+    lookup_domain,
+    open_connection,
+    parse_nodedev_mdev,
+)
 
 HOSTS = Path(__file__).resolve().parents[2] / "examples" / "hosts"
 U = "8f1e4a52-6c1e-4c1e-9a3b-5a0b7e3d00{:02d}"

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from libvirt_mdev.errors import MdevError, MdevMissing, UsageError
-from testkit.fakesysfs import FakeType, make_fake_sysfs
 from libvirt_mdev.mdev.sysfs import SysfsEnv
+from testkit.fakesysfs import FakeType, make_fake_sysfs
 
 U1 = "4b20d080-1b54-4048-85b3-a6a62d165c01"
 U2 = "4b20d080-1b54-4048-85b3-a6a62d165c02"

@@ -1,8 +1,6 @@
 """The type-match rule shared by check and the hook."""
 from __future__ import annotations
 
-from typing import Optional
-
 import pytest
 
 from libvirt_mdev.errors import MdevMissing, NotAnnotated, TypeMismatch
@@ -13,7 +11,7 @@ U1 = "4b20d080-1b54-4048-85b3-a6a62d165c01"
 U2 = "4b20d080-1b54-4048-85b3-a6a62d165c02"
 
 
-def info(ann: Optional[dict[str, str]], uuids: tuple[str, ...] = (U1, U2)) -> DomainInfo:
+def info(ann: dict[str, str] | None, uuids: tuple[str, ...] = (U1, U2)) -> DomainInfo:
     hd = [MdevHostdev(u, "vfio-pci", GuestAddress(0, 0, 5 + i, 0), f"0000:00:{5 + i:02x}.0/vfio")
           for i, u in enumerate(uuids)]
     a = Annotation({u: AnnotatedMdev(u, t) for u, t in ann.items()}) if ann is not None else None
@@ -69,7 +67,7 @@ def test_no_mdev_is_allowed() -> None:
 
 
 def test_lookup_errors_propagate() -> None:
-    def boom(uuid: str) -> Optional[DestMdev]:
+    def boom(uuid: str) -> DestMdev | None:
         raise RuntimeError("unreadable")
 
     with pytest.raises(RuntimeError):

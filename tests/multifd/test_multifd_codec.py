@@ -33,7 +33,7 @@ def parse(data: bytes, step: int | None = None, **kw: object) -> list[object]:
     p = MultifdChannelParser(**kw)  # type: ignore[arg-type]
     out: list[object] = []
     chunks = [data] if step is None else [data[i:i + step] for i in range(0, len(data), step)]
-    for c in chunks + [b""]:
+    for c in [*chunks, b""]:
         p.feed(c)
         while (ev := p.next_event()) is not NEED_DATA:
             if isinstance(ev, PacketData):

@@ -24,6 +24,7 @@ from libvirt_mdev.stream.multifd import (
     is_multifd_channel,
 )
 from tests.harness.qemu_vm import QemuVM
+from tests.harness.relay import pump
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -54,25 +55,10 @@ class CapturingRelay:
             up = socket.create_connection(("127.0.0.1", self.target))
             buf = bytearray()
             self.captures.append(buf)
-            for a, b, keep in ((conn, up, buf), (up, conn, None)):
-                t = threading.Thread(target=self._pump, args=(a, b, keep), daemon=True)
+            for a, b, keep in ((conn, up, buf.extend), (up, conn, None)):
+                t = threading.Thread(target=pump, args=(a, b, keep), daemon=True)
                 t.start()
                 self.threads.append(t)
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket, keep: bytearray | None) -> None:
-        try:
-            while data := src.recv(1 << 20):
-                if keep is not None:
-                    keep += data
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
 
     def close(self) -> None:
         self._stop = True

@@ -4,12 +4,14 @@ from __future__ import annotations
 import io
 import os
 import subprocess
-import sys
 from pathlib import Path
-from typing import Optional
 
+from libvirt_mdev.filter import FilterOptions, StreamFilter
+from libvirt_mdev.store import Store
+from libvirt_mdev.stream import StreamParser, iter_events
 from libvirt_mdev.stream.wire import SAVE_HEADER, SAVE_MAGIC_COMPLETE
 from testkit.synth import SyntheticVfioDevice, inject, write_minimal_stream
+from tests.harness.cli import one_line_error, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
 DOM_UUID = "0f3e2b44-91aa-4b8f-8a1c-2a9c1d7e5b10"
@@ -23,7 +25,7 @@ def mdev_xml(slot: int, uuid: str) -> str:
             f"<address type='pci' domain='0x0000' bus='0x00' slot='0x{slot:02x}' function='0x0'/></hostdev>")
 
 
-def domain_xml(mdevs: dict[int, str], uuid: str = DOM_UUID, types: Optional[dict[str, str]] = None) -> str:
+def domain_xml(mdevs: dict[int, str], uuid: str = DOM_UUID, types: dict[str, str] | None = None) -> str:
     meta = ""
     if types:
         rows = "".join(f"<lm:device uuid='{u}' type='{t}' parent='0000:af:00.0' device_api='vfio-pci'/>"
@@ -34,12 +36,12 @@ def domain_xml(mdevs: dict[int, str], uuid: str = DOM_UUID, types: Optional[dict
     return f"<domain type='kvm'><name>img1</name><uuid>{uuid}</uuid>{meta}<devices>{devs}</devices></domain>"
 
 
-def devices(extra: Optional[list[SyntheticVfioDevice]] = None) -> list[SyntheticVfioDevice]:
+def devices(extra: list[SyntheticVfioDevice] | None = None) -> list[SyntheticVfioDevice]:
     return [SyntheticVfioDevice(idstr="0000:00:05.0/vfio", stopcopy_size=300_001, marker=MARK, seed=7),
             SyntheticVfioDevice(idstr="0000:00:06.0/vfio", stopcopy_size=5_000, framing="v2", seed=8)] + (extra or [])
 
 
-def save_image(path: Path, xml: str, devs: Optional[list[SyntheticVfioDevice]] = None,
+def save_image(path: Path, xml: str, devs: list[SyntheticVfioDevice] | None = None,
                tail: bytes = b"") -> Path:
     """A complete raw save image: libvirt header + XML + a small stream with *devs* injected."""
     plain = path.with_suffix(".plain")
@@ -55,19 +57,19 @@ def save_image(path: Path, xml: str, devs: Optional[list[SyntheticVfioDevice]] =
     return path
 
 
-def cli(*args: str, config: Optional[Path] = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    env["LIBVIRT_MDEV_CONFIG"] = str(config) if config else "/nonexistent-libvirt-mdev.conf"
-    if config is None:
-        env.pop("LIBVIRT_MDEV_CONFIG")
-    return subprocess.run([sys.executable, "-m", "libvirt_mdev.cli", *args], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=timeout, check=False)
+def cli(*args: str, config: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return run_cli(*args, config=config, timeout=timeout)
 
 
 def one_line(r: subprocess.CompletedProcess[str], code: int, *words: str) -> str:
-    assert r.returncode == code, (r.returncode, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("libvirt-mdev: ") and "Traceback" not in r.stderr, r.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-    return lines[0]
+    return one_line_error(r.stderr, *words, rc=r.returncode, code=code)
+
+
+def token_filtered(store: Store, image: Path) -> StreamFilter:
+    """*image* run through a token-mode StreamFilter over *store*, as the proxy runs it: the filter, not closed."""
+    parser = StreamParser()
+    flt = StreamFilter(store, parser, FilterOptions(mode="token"), lambda b: None)
+    with open(image, "rb") as src:
+        for ev in iter_events(src, parser):
+            flt.process(ev)
+    return flt

@@ -23,7 +23,7 @@ from libvirt_mdev.store import Store, resolve_token
 from libvirt_mdev.stream import StreamParser, iter_events
 from testkit.synth import SyntheticVfioDevice
 
-from .saveimg import REPO, U5, U6, cli, domain_xml, one_line, save_image
+from .saveimg import REPO, U5, U6, cli, domain_xml, one_line, save_image, token_filtered
 
 XML = domain_xml({5: U5, 6: U6}, types={U5: "nvidia-63", U6: "nvidia-63"})
 
@@ -61,11 +61,7 @@ def test_complete_devices_then_garbage_refused_state_never_loads(tmp_path: Path,
 def test_abort_after_accept_wins_and_close_without_accept_refuses(tmp_path: Path) -> None:
     img = save_image(tmp_path / "a.save", XML)
     with Store.open(tmp_path / "store", create=True) as st:
-        parser = StreamParser()
-        flt = StreamFilter(st, parser, FilterOptions(mode="token"), lambda b: None)
-        with open(img, "rb") as src:
-            for ev in iter_events(src, parser):
-                flt.process(ev)
+        flt = token_filtered(st, img)
         assert flt.accepted  # at the stream's end (the proxy's default)
         tok = flt.results[0].token
         assert resolve_token(st, tok, U5).mdev_uuid == U5

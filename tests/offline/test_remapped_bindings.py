@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from libvirt_mdev.filter import FilterOptions, StreamFilter, bindings_from_domain_xml
+from libvirt_mdev.filter import bindings_from_domain_xml
 from libvirt_mdev.live.arming import bindings_from_pending
 from libvirt_mdev.store import Store, resolve_token
-from libvirt_mdev.stream import StreamParser, iter_events
 
-from .saveimg import DOM_UUID, U5, U6, mdev_xml, save_image
+from .saveimg import DOM_UUID, U5, U6, mdev_xml, save_image, token_filtered
 
 SRC5 = "11111111-2222-4333-8444-555555550005"  # the uuid the source host used for slot 5
 VERSION, MODEL = "550.54.14", "10de:1eb8"
@@ -60,11 +59,7 @@ def test_pending_record_facts_reach_the_binding() -> None:
 def test_the_manifest_records_the_source_facts(tmp_path: Path) -> None:
     img = save_image(tmp_path / "g.save", remapped_xml())
     with Store.open(tmp_path / "store", create=True) as st:
-        parser = StreamParser()
-        flt = StreamFilter(st, parser, FilterOptions(mode="token"), lambda b: None)
-        with open(img, "rb") as src:
-            for ev in iter_events(src, parser):
-                flt.process(ev)
+        flt = token_filtered(st, img)
         assert flt.accepted
         by_idstr = {r.idstr: resolve_token(st, r.token, r.mdev_uuid or "") for r in flt.results}
         flt.close()

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_harness import define_and_start
 from tests.harness import HookFile, LibvirtHost
 from tests.harness.guests import migratable_guest
+from tests.harness.migration import define_and_start
 
 from .saveimg import REPO, cli, one_line
 from .test_signed_images import host

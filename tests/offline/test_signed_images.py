@@ -13,7 +13,6 @@ import pytest
 
 from libvirt_mdev.sign.keys import generate_key, write_key_pair
 from libvirt_mdev.store.permit import RestoreNotVerified, admit_restore, write_permit
-
 from tests.store.conftest import make_sysfs
 
 from .saveimg import DOM_UUID, MARK, U5, U6, cli, domain_xml, one_line, save_image

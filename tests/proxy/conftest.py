@@ -6,18 +6,19 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import pytest
 
 from libvirt_mdev.config import Config
-from libvirt_mdev.log import setup_logging
-from testkit.fakesysfs import make_fake_sysfs
-from libvirt_mdev.live.proxy import MigrationProxy, ProxyOptions
+from libvirt_mdev.live.proxy import MigrationProxy, ProxyOptions, SessionResult
 from libvirt_mdev.live.relay import Endpoint
+from libvirt_mdev.log import setup_logging
 from libvirt_mdev.store.pending import write_pending
+from testkit.fakesysfs import make_fake_sysfs
 from testkit.synth import SyntheticVfioDevice, inject
 
 U1 = "4b20d080-1b54-4048-85b3-a6a62d165c01"   # this host: nvidia-222
@@ -42,8 +43,8 @@ class ProxyEnv:
     config: Config
     proxies: list[MigrationProxy] = field(default_factory=list)
 
-    def arm(self, devices: Optional[list[dict[str, Any]]] = None, *, name: str = "vm1",
-            uuid: str = DOM_UUID, migration_id: Optional[str] = None) -> dict[str, Any]:
+    def arm(self, devices: list[dict[str, Any]] | None = None, *, name: str = "vm1",
+            uuid: str = DOM_UUID, migration_id: str | None = None) -> dict[str, Any]:
         """Write the pending record the migrate-begin hook would write."""
         rec = {"domain_name": name, "domain_uuid": uuid,
                "migration_id": migration_id or f"m-{time.monotonic_ns()}", "created": int(time.time()),
@@ -59,6 +60,16 @@ class ProxyEnv:
         px.start()
         self.proxies.append(px)
         return px
+
+    def replay_once(self, data: bytes, **opts: Any) -> tuple[SessionResult, Sink]:
+        """Arm, put a proxy in front of a new Sink, send *data* through it as one source QEMU would, wait for the
+        session: its result, and the sink (what reached the 'destination QEMU')."""
+        self.arm()
+        sink = Sink()
+        px = self.proxy(sink.endpoint, **opts)
+        replay(px.address.port, data)
+        wait_results(px)
+        return px.results[0], sink
 
     def conf_file(self, **extra: str) -> Path:
         """The same settings as a configuration file (for the CLI)."""

@@ -46,7 +46,7 @@ class CliProxy:
         self.proc = subprocess.Popen([sys.executable, "-m", "libvirt_mdev.cli", "--config", str(env.conf_file()),
                                       "proxy", "--listen", "127.0.0.1:0", "--forward", str(forward), "--json-log",
                                       *args], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                                     preexec_fn=limit)  # noqa: PLW1509 - only setrlimit, before exec
+                                     preexec_fn=limit)
         assert self.proc.stdout is not None
         hello = json.loads(self.proc.stdout.readline())
         self.port = int(hello["listen"].rsplit(":", 1)[1])

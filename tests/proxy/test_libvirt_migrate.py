@@ -21,34 +21,34 @@ refuses the connection.
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
 
-from libvirt_mdev.cli.hookcmd import HOOK_NAME, install, render_hook
-from testkit.fakesysfs import make_fake_sysfs
 from libvirt_mdev.store.pending import list_pending
-from tests.e2e.test_harness import define_and_start
-from tests.harness import HookFile, logging_hook
+from testkit.fakesysfs import make_fake_sysfs
+from tests.harness import logging_hook
 from tests.harness.guests import migratable_guest
+from tests.harness.migration import (
+    CONF,
+    MigrationRig,
+    ProxyProcess,
+    config_text,
+    define_and_start,
+    our_hook,
+    python_hook,
+    remove_guest,
+)
 from tests.harness.twohosts import TwoHosts
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
 U2 = "4b20d080-1b54-4048-85b3-a6a62d165c02"
 PARENT = "0000:3b:00.0"
-CONF = "/etc/libvirt/libvirt-mdev.conf"
 PROXY_CONF = "/etc/libvirt/libvirt-mdev-proxy.conf"
-LOG = "/var/log/libvirt/libvirt-mdev.log"
-MODE_FILE = "/var/lib/libvirt/test-mdev-mode"
+MODE_FILE = MigrationRig.MODE_FILE
 PORT = 49152
 SOCK = "/run/libvirt/mig/px.sock"
 
@@ -77,27 +77,18 @@ sys.exit(main(sys.argv[1:], io.BytesIO(xml), io.BytesIO(), sys.stderr, config_pa
 """
 
 
-def config_text(sysfs: Path, arm_all: bool) -> str:
-    return (f"[libvirt-mdev]\nsysfs_root = {sysfs}\nruntime_dir = /run/libvirt/libvirt-mdev\n"
-            f"store = /var/lib/libvirt/mdev-state\nlog_file = {LOG}\narm_all = {'yes' if arm_all else 'no'}\n"
-            "require_guard = no\n")  # a root-namespace rig without the no-bypass guard (tests/guard tests the guard itself)
+def hook_config(sysfs: Path, arm_all: bool) -> str:
+    return config_text(sysfs, arm_all=arm_all, require_guard=False)
 
 
-@dataclass
-class Setup:
-    hosts: TwoHosts
-    sysfs: Path      # U2 is nvidia-224 (what the hook sees)
-    sysfs_now: Path  # U2 is nvidia-222 (the proxy's view in the 'mdev re-created' test)
+class Setup(MigrationRig):
+    def __init__(self, hosts: TwoHosts, sysfs: Path, sysfs_now: Path) -> None:
+        super().__init__(hosts)
+        self.sysfs = sysfs          # U2 is nvidia-224 (what the hook sees)
+        self.sysfs_now = sysfs_now  # U2 is nvidia-222 (the proxy's view in the 'mdev re-created' test)
 
     def b_conf(self, arm_all: bool) -> None:
-        self.hosts.b.host_path(CONF).write_text(config_text(self.sysfs, arm_all))
-
-    def mode(self, mode: str) -> None:
-        self.hosts.b.host_path(MODE_FILE).write_text(mode)
-
-    def log(self) -> str:
-        path = self.hosts.b.host_path(LOG)
-        return path.read_text() if path.exists() else ""
+        self.b.host_path(CONF).write_text(hook_config(self.sysfs, arm_all))
 
 
 @pytest.fixture(scope="module")
@@ -107,59 +98,17 @@ def setup(e2e_tools: None, harness_dir: Path, tmp_path_factory: pytest.TempPathF
                     devices={U2: (PARENT, "nvidia-224")})
     make_fake_sysfs(base / "sys-now", parents={PARENT: ["nvidia-222", "nvidia-224"]},
                     devices={U2: (PARENT, "nvidia-222")})
-    ours, _ = install(base / "staging", Path(CONF))
-    test_hook = render_hook(sys.executable, CONF, [str(REPO)]).split("\n", 1)[0] + "\n" + \
-        TEST_HOOK.replace("MODE_FILE", repr(MODE_FILE)).replace("CONF", repr(CONF)).replace("'U2'", "'" + U2 + "'") \
-        .replace('"U2"', repr(U2))
-    test_hook = test_hook.replace("import io, os, sys", f"import io, os, sys\nsys.path.insert(0, {str(REPO)!r})")
-    hosts = TwoHosts(base / "two", hooks=[logging_hook()],
-                     hooks_b=[HookFile(name="10-test-mdev", content=test_hook),
-                              HookFile(name=HOOK_NAME, source=ours)],
-                     extra_files_b={CONF: config_text(base / "sys", True),
-                                    PROXY_CONF: config_text(base / "sys-now", False)})
-    hosts.start()
-    try:
+    test_hook = TEST_HOOK.replace("MODE_FILE", repr(MODE_FILE)).replace("CONF", repr(CONF)) \
+        .replace("'U2'", "'" + U2 + "'").replace('"U2"', repr(U2))
+    with TwoHosts(base / "two", hooks=[logging_hook()],
+                  hooks_b=[python_hook("10-test-mdev", test_hook), our_hook(base / "staging")],
+                  extra_files_b={CONF: hook_config(base / "sys", True),
+                                 PROXY_CONF: hook_config(base / "sys-now", False)}) as hosts:
         yield Setup(hosts, base / "sys", base / "sys-now")
-    finally:
-        hosts.stop()
 
 
-class Proxy:
-    """`libvirt-mdev proxy --once --json-log` running "on" a host (its namespaces)."""
-
-    def __init__(self, host, *args: str, config: str = CONF) -> None:
-        self.proc = host.popen_in_ns([sys.executable, "-m", "libvirt_mdev.cli", "--config", config, "proxy",
-                                      "--once", "--json-log", *args],
-                                     env={**os.environ, "PYTHONPATH": str(REPO)},  # nsenter -m resets the cwd
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line, self.proc.stderr.read() if self.proc.stderr else "proxy died"
-        self.hello = json.loads(line)
-
-    def result(self, timeout: float = 60) -> dict:
-        assert self.proc.stdout is not None
-        out, _ = self.proc.communicate(timeout=timeout)
-        return json.loads(out.splitlines()[0])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def cleanup(s: Setup, name: str, proxies: list[Optional[Proxy]]) -> None:
-    for p in proxies:
-        if p is not None:
-            p.stop()
-    for host in (s.hosts.a, s.hosts.b):
-        if host.virsh("domstate", name, check=False).stdout.strip() in ("running", "paused"):
-            host.virsh("destroy", name, check=False)
-    s.hosts.a.virsh("undefine", name, check=False)
+def cleanup(s: Setup, name: str, proxies: list[ProxyProcess | None]) -> None:
+    remove_guest(s.hosts, name, proxies)
     s.mode("")
 
 
@@ -173,7 +122,7 @@ def test_virsh_migrate_tcp_through_the_proxy(setup: Setup, tmp_path: Path) -> No
     spec = migratable_guest("px-tcp")
     define_and_start(s.hosts.a, spec, tmp_path)
     addr = s.hosts.address("B")
-    proxy = Proxy(b, "--listen", f"{addr}:{PORT}", "--forward", f"127.0.0.1:{PORT}", "--digest")
+    proxy = ProxyProcess(b, "--listen", f"{addr}:{PORT}", "--forward", f"127.0.0.1:{PORT}", "--digest")
     try:
         t0 = time.monotonic()
         s.hosts.migrate(spec.name, "--listen-address", "127.0.0.1", port=PORT)
@@ -200,8 +149,8 @@ def test_virsh_migrate_unix_socket_through_relay_and_proxy(setup: Setup, tmp_pat
     spec = migratable_guest("px-unix")
     define_and_start(a, spec, tmp_path)
     addr = s.hosts.address("B")
-    dest = Proxy(b, "--listen", f"{addr}:{PORT + 1}", "--forward", f"unix:{SOCK}")
-    relay = Proxy(a, "--mode", "relay", "--listen", f"unix:{SOCK}", "--forward", f"{addr}:{PORT + 1}")
+    dest = ProxyProcess(b, "--listen", f"{addr}:{PORT + 1}", "--forward", f"unix:{SOCK}")
+    relay = ProxyProcess(a, "--mode", "relay", "--listen", f"unix:{SOCK}", "--forward", f"{addr}:{PORT + 1}")
     try:
         s.hosts.migrate(spec.name, migrateuri=f"unix://{SOCK}")
         res, carried = dest.result(), relay.result()
@@ -240,7 +189,7 @@ def test_proxy_refusal_of_an_armed_type_mismatch_keeps_the_guest_on_a(setup: Set
     spec = migratable_guest("px-mis")
     define_and_start(s.hosts.a, spec, tmp_path)
     addr = s.hosts.address("B")
-    proxy = Proxy(b, "--listen", f"{addr}:{PORT}", "--forward", f"127.0.0.1:{PORT}", config=PROXY_CONF)
+    proxy = ProxyProcess(b, "--listen", f"{addr}:{PORT}", "--forward", f"127.0.0.1:{PORT}", config=PROXY_CONF)
     try:
         started = time.monotonic()
         r = s.hosts.migrate(spec.name, "--listen-address", "127.0.0.1", port=PORT, check=False)
@@ -278,7 +227,7 @@ def test_a_migration_aborted_after_migrate_begin_does_not_block_the_next_domain(
     clash_xml.write_text(clash.to_xml())
     b.virsh("define", str(clash_xml))
     addr = s.hosts.address("B")
-    proxy = Proxy(b, "--listen", f"{addr}:{PORT}", "--forward", f"127.0.0.1:{PORT}")
+    proxy = ProxyProcess(b, "--listen", f"{addr}:{PORT}", "--forward", f"127.0.0.1:{PORT}")
     try:
         r = s.hosts.migrate(first.name, "--listen-address", "127.0.0.1", port=PORT, check=False)
         assert r.returncode != 0 and "already exists" in r.stderr, r.stderr

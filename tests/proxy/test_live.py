@@ -14,8 +14,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -23,7 +23,7 @@ from libvirt_mdev.live.relay import Endpoint
 from libvirt_mdev.stream import SectionFooter, iter_events
 from tests.harness.qemu_vm import QemuVM
 
-from .conftest import U2, ID_B, ProxyEnv, replay, wait_results
+from .conftest import ID_B, U2, ProxyEnv, replay, wait_results
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]

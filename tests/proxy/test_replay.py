@@ -27,8 +27,7 @@ from libvirt_mdev.store.pending import read_pending
 from libvirt_mdev.stream import SectionStart, VfioBlockStart, iter_events
 from libvirt_mdev.stream.wire import SectionType
 
-from .conftest import (DOM_UUID, ID_A, ID_B, MARK_A, MARK_B, U1, U2, ProxyEnv, Sink, replay,
-                       wait_results)
+from .conftest import DOM_UUID, ID_A, ID_B, MARK_A, MARK_B, U1, U2, ProxyEnv, Sink, replay, wait_results
 
 pytestmark = pytest.mark.e2e  # the recorded stream comes from a real QEMU run
 REPO = Path(__file__).resolve().parents[2]
@@ -148,12 +147,7 @@ def test_corrupted_vfio_section_is_refused_before_the_corrupt_bytes(proxy_env: P
     block = offset_of(data, ID_A, VfioBlockStart)
     bad = bytearray(data)
     bad[block + 3] ^= 0x40  # the DEV_DATA_STATE tag becomes an unknown tag
-    proxy_env.arm()
-    sink = Sink()
-    px = proxy_env.proxy(sink.endpoint)
-    replay(px.address.port, bytes(bad))
-    wait_results(px)
-    res = px.results[0]
+    res, sink = proxy_env.replay_once(bytes(bad))
     assert not res.ok and res.error_kind == "stream" and "unknown VFIO tag" in res.error
     sink.wait()
     assert len(sink.data) <= block and data.startswith(sink.data)
@@ -163,12 +157,7 @@ def test_corrupted_vfio_section_is_refused_before_the_corrupt_bytes(proxy_env: P
 def test_truncated_stream_is_refused_and_leaves_no_state(proxy_env: ProxyEnv, injected_stream) -> None:
     data, _ = injected_stream
     cut = data.index(MARK_A) + 100_000  # inside device A's END data: its state never completes
-    proxy_env.arm()
-    sink = Sink()
-    px = proxy_env.proxy(sink.endpoint)
-    replay(px.address.port, data[:cut])
-    wait_results(px)
-    res = px.results[0]
+    res, sink = proxy_env.replay_once(data[:cut])
     assert not res.ok and res.error_kind == "stream" and "ends inside a VFIO data block" in res.error
     sink.wait()
     assert sink.reset or len(sink.data) < cut
@@ -252,12 +241,7 @@ def test_oversized_vfio_block_is_refused_before_its_bytes(proxy_env: ProxyEnv, i
     block = offset_of(data, ID_A, VfioBlockStart)
     bad = bytearray(data)
     bad[block + 8:block + 16] = (1 << 62).to_bytes(8, "big")  # a block "of 4 EiB"
-    proxy_env.arm()
-    sink = Sink()
-    px = proxy_env.proxy(sink.endpoint)
-    replay(px.address.port, bytes(bad))
-    wait_results(px)
-    res = px.results[0]
+    res, sink = proxy_env.replay_once(bytes(bad))
     assert not res.ok and res.error_kind == "stream" and "VFIO data block claims" in res.error
     sink.wait()
     assert len(sink.data) <= block and MARK_A not in sink.data
@@ -268,12 +252,7 @@ def test_untrustworthy_store_refuses_before_connecting_the_destination(proxy_env
     store = proxy_env.config.store
     store.mkdir(mode=0o700)
     store.chmod(0o755)  # others could read device state: the store refuses to be used
-    proxy_env.arm()
-    sink = Sink()
-    px = proxy_env.proxy(sink.endpoint)
-    replay(px.address.port, injected_stream[0])
-    wait_results(px)
-    res = px.results[0]
+    res, sink = proxy_env.replay_once(injected_stream[0])
     assert not res.ok and res.error_kind.startswith("store"), res
     time.sleep(0.2)
     assert sink.received == []

@@ -7,7 +7,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 
@@ -71,7 +71,7 @@ def sign(data: bytes, key: SigningKey, **over: Any) -> bytes:
 @dataclass
 class Outcome:
     output: bytes
-    error: Optional[MdevError]
+    error: MdevError | None
     results: list[Any]
     verified: list[dict[str, Any]]
     #: idstr -> data blocks verified ahead of forwarding
@@ -86,7 +86,7 @@ def store(tmp_path: Path) -> Store:
 
 
 def verify(data: bytes, store: Store, trusted: list[SigningKey], *, require: bool = True,
-           domain: Optional[str] = DOMAIN, mode: str = "splice", **policy: Any) -> Outcome:
+           domain: str | None = DOMAIN, mode: str = "splice", **policy: Any) -> Outcome:
     opts = FilterOptions(mode=mode, domain_name="guest1", domain_uuid=domain,
                          bindings=dict(BINDINGS), migration_id="dest-mig-1")
     pol = VerifyPolicy(TrustedKeys(k.public for k in trusted), require=require,

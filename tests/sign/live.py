@@ -6,39 +6,21 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+
+from qemu.qmp.qmp_client import ExecInterruptedError
 
 from libvirt_mdev.config import Config
 from libvirt_mdev.live.proxy import MigrationProxy, ProxyOptions, SessionResult
 from libvirt_mdev.live.relay import Endpoint
+from libvirt_mdev.live.tlsbridge import TlsCreds
 from libvirt_mdev.sign.keys import SigningKey, generate_key, write_key_pair
 from libvirt_mdev.store.pending import write_pending
-from libvirt_mdev.live.tlsbridge import TlsCreds
-from qemu.qmp.qmp_client import ExecInterruptedError
-
 from tests.harness._proc import HarnessError
 from tests.harness.qemu_vm import QemuVM
 
 DOMAIN = "3c9a4f0e-6b1d-4e7a-9f2c-8d5e1a0b7c64"
 DOMAIN_XML = f"<domain type='qemu'><name>sigvm</name><uuid>{DOMAIN}</uuid><devices/></domain>"
 TLS_HOST = "lmdest"
-
-
-class VM(QemuVM):
-    """QemuVM that survives a start-up race: the harness connects to QMP as soon as the
-    socket file exists, which can be a moment before QEMU listens on it (seen as
-    'Connection refused' under load).  Retry the whole start; never leak the process."""
-
-    def start(self) -> None:
-        for attempt in range(3):
-            try:
-                super().start()
-                return
-            except Exception:  # noqa: BLE001 - qemu.qmp wraps the refusal in its own ConnectError
-                self.stop()
-                if attempt == 2:
-                    raise
-                time.sleep(0.2)
 
 
 @dataclass
@@ -81,16 +63,16 @@ class Outcome:
     seconds: float = 0.0
 
 
-def qemu_tls_args(pki: Optional[Path], endpoint: str) -> list[str]:
+def qemu_tls_args(pki: Path | None, endpoint: str) -> list[str]:
     if pki is None:
         return []
     verify = ",verify-peer=on" if endpoint == "server" else ""
     return ["-object", f"tls-creds-x509,id=tls0,dir={pki},endpoint={endpoint}{verify}"]
 
 
-def migrate(w: World, src_cfg: Config, dst_cfg: Optional[Config], *, src_qemu_tls: Optional[Path] = None,
-            tls_hostname: str = TLS_HOST, dst_qemu_tls: Optional[Path] = None,
-            src_proxy_tls: Optional[TlsCreds] = None, dst_proxy_tls: Optional[TlsCreds] = None) -> Outcome:
+def migrate(w: World, src_cfg: Config, dst_cfg: Config | None, *, src_qemu_tls: Path | None = None,
+            tls_hostname: str = TLS_HOST, dst_qemu_tls: Path | None = None,
+            src_proxy_tls: TlsCreds | None = None, dst_proxy_tls: TlsCreds | None = None) -> Outcome:
     """Source QEMU → sign proxy → [verify proxy →] destination QEMU.
 
     src_qemu_tls / dst_qemu_tls: the QEMUs' x509 credential directories (TLS on);
@@ -100,9 +82,9 @@ def migrate(w: World, src_cfg: Config, dst_cfg: Optional[Config], *, src_qemu_tl
     """
     d = w.dir
     dst_sock, dproxy_sock, sproxy_sock = d / "dst.sock", d / "dproxy.sock", d / "sproxy.sock"
-    with VM(d / "vm", name="sig-src", memory_mib=128, with_disk=False,
+    with QemuVM(d / "vm", name="sig-src", memory_mib=128, with_disk=False,
                 extra_args=["-uuid", DOMAIN, *qemu_tls_args(src_qemu_tls, "client")]) as src, \
-            VM(d / "vm", name="sig-dst", memory_mib=128, with_disk=False, incoming_defer=True,
+            QemuVM(d / "vm", name="sig-dst", memory_mib=128, with_disk=False, incoming_defer=True,
                    extra_args=["-uuid", DOMAIN, *qemu_tls_args(dst_qemu_tls, "server")]) as dst:
         # with a return path the source waits for the destination's verdict, as libvirt's
         # confirm phase does: a refused migration leaves the source running, never paused
@@ -149,4 +131,4 @@ def migrate(w: World, src_cfg: Config, dst_cfg: Optional[Config], *, src_qemu_tl
                        round(seconds, 3))
 
 
-__all__ = ["DOMAIN", "TLS_HOST", "World", "make_world", "migrate", "Outcome", "replace"]
+__all__ = ["DOMAIN", "TLS_HOST", "Outcome", "World", "make_world", "migrate", "replace"]

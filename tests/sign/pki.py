@@ -26,7 +26,7 @@ def _usage(ca: bool) -> x509.KeyUsage:
 def make_pki(out: Path, *hosts: str) -> dict[str, Path]:
     """A fresh CA, and for each host a directory with the CA and that host's server and
     client certificates (named for the host, also valid for 127.0.0.1)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = _key()
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"test migration CA {out.name}")])
 

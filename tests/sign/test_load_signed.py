@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from libvirt_mdev.sign.keys import TrustedKeys, load_signing_key, parse_public_k
 from libvirt_mdev.store import issue_token
 from libvirt_mdev.store.store import MANIFEST_SUFFIX
 from libvirt_mdev.store.tokens import parse_token
+from tests.harness.cli import one_line_error, run_cli
 from tests.store.conftest import make_sysfs
 
 from .conftest import MDEV_A, MDEV_B, sign, verify
@@ -23,17 +23,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    if config is not None:
-        env["LIBVIRT_MDEV_CONFIG"] = str(config)
-    return subprocess.run([sys.executable, "-m", "libvirt_mdev.cli", *args], capture_output=True,
-                          text=True, cwd=REPO, env=env, timeout=60)
+    return run_cli(*args, config=config)
 
 
 def one_line(r: subprocess.CompletedProcess[str]) -> str:
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("libvirt-mdev: ") and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
+    return one_line_error(r.stderr)
 
 
 @pytest.fixture
@@ -54,7 +48,7 @@ def setup(tmp_path: Path, plain_stream, key_a, key_b, store):
 
     o = verify(sign(plain_stream, key_a), store, [key_a])
     assert o.error is None
-    return dict(results={r.mdev_uuid: r for r in o.results}, conf=conf, keys=keys)
+    return {"results": {r.mdev_uuid: r for r in o.results}, "conf": conf, "keys": keys}
 
 
 def test_load_signed_state_re_verified(setup):

@@ -17,51 +17,40 @@ The guest has no mdev (no hardware here): the signed hello is what is verified l
 """
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from libvirt_mdev.cli.hookcmd import HOOK_NAME, install
 from libvirt_mdev.sign.keys import generate_key, write_key_pair
-from tests.e2e.test_harness import define_and_start
 from tests.harness import logging_hook
 from tests.harness.guests import migratable_guest
-from tests.harness.libvirt_host import HookFile
+from tests.harness.migration import CONF, ProxyProcess, config_text, define_and_start, our_hook
 from tests.harness.twohosts import TwoHosts
 
 from .pki import make_pki
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[2]
-CONF = "/etc/libvirt/libvirt-mdev.conf"
 KEYDIR = "/etc/libvirt/libvirt-mdev"
-LOG = "/var/log/libvirt/libvirt-mdev.log"
 SOCK = "/run/libvirt/mig/sig.sock"
 PORT = 49160
 PKI = "/etc/libvirt/pki-migration"
 
 
 def b_config(trusted: str) -> str:
-    return ("[libvirt-mdev]\nruntime_dir = /run/libvirt/libvirt-mdev\nstore = /var/lib/libvirt/mdev-state\n"
-            f"log_file = {LOG}\narm_all = yes\nrequire_signature = yes\ntrusted_keys = {trusted}\n"
-            "require_guard = no\n")  # a root-namespace rig without the no-bypass guard (tests/guard tests the guard itself)
+    return config_text(arm_all=True, require_signature=True, trusted_keys=trusted, require_guard=False)
 
 
 @pytest.fixture(scope="module")
 def hosts(e2e_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoHosts]:
     base = tmp_path_factory.mktemp("sigl")
-    ours, _ = install(base / "staging", Path(CONF))
     pki = make_pki(base / "pki", "lmA", "lmB")
     certs = {side: {f"{PKI}/{f.name}": f.read_bytes() for f in pki[f"lm{side}"].iterdir()} for side in "AB"}
-    two = TwoHosts(base / "two", hooks=[logging_hook()], hooks_b=[HookFile(name=HOOK_NAME, source=ours)],
-                   extra_files_a={CONF: f"[libvirt-mdev]\nhost_key = {KEYDIR}/host.key\nlog_file = {LOG}\n",
+    two = TwoHosts(base / "two", hooks=[logging_hook()], hooks_b=[our_hook(base / "staging")],
+                   extra_files_a={CONF: config_text(runtime=None, store=None, host_key=f"{KEYDIR}/host.key"),
                                   **certs["A"]},
                    extra_files_b={CONF: b_config(f"{KEYDIR}/a.pub"), **certs["B"]})
     for host in (two.a, two.b):  # libvirt's TLS migration settings (qemu.conf)
@@ -84,43 +73,14 @@ def hosts(e2e_tools: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         two.stop()
 
 
-class Proxy:
-    """`libvirt-mdev proxy --once --json-log` inside one host's namespaces."""
-
-    def __init__(self, host, *args: str) -> None:
-        self.proc = host.popen_in_ns([sys.executable, "-m", "libvirt_mdev.cli", "--config", CONF, "proxy",
-                                      "--once", "--json-log", *args],
-                                     env={**os.environ, "PYTHONPATH": str(REPO)},
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert line, self.proc.stderr.read() if self.proc.stderr else "proxy died"
-        self.hello = json.loads(line)
-
-    def result(self, timeout: float = 60) -> dict:
-        out, err = self.proc.communicate(timeout=timeout)
-        lines = out.splitlines()
-        assert lines, err
-        return json.loads(lines[0])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
 def run_migration(hosts: TwoHosts, name: str, tmp_path: Path,
                   tls: bool = False) -> tuple[subprocess.CompletedProcess, dict, dict]:
     spec = migratable_guest(name)
     define_and_start(hosts.a, spec, tmp_path)
     addr = hosts.address("B")
     tls_opts = ["--tls-dir", PKI, "--tls-hostname", "lmB"] if tls else []
-    dest = Proxy(hosts.b, "--listen", f"{addr}:{PORT}", "--forward", f"unix:{SOCK}", *tls_opts)
-    src = Proxy(hosts.a, "--mode", "sign", "--listen", f"unix:{SOCK}", "--forward", f"{addr}:{PORT}", *tls_opts)
+    dest = ProxyProcess(hosts.b, "--listen", f"{addr}:{PORT}", "--forward", f"unix:{SOCK}", *tls_opts)
+    src = ProxyProcess(hosts.a, "--mode", "sign", "--listen", f"unix:{SOCK}", "--forward", f"{addr}:{PORT}", *tls_opts)
     try:
         started = time.monotonic()
         virsh_tls = ["--tls", "--tls-destination", "lmA"] if tls else []
@@ -163,7 +123,7 @@ def test_virsh_migrate_signed_by_an_untrusted_host_is_refused(hosts: TwoHosts, t
     hosts.b.host_path(CONF).write_text(b_config(f"{KEYDIR}/other.pub"))  # B does not trust A
     name = "sig-bad"
     try:
-        r, src, dest = run_migration(hosts, name, tmp_path)
+        r, _src, dest = run_migration(hosts, name, tmp_path)
         assert r.returncode != 0
         assert not dest["ok"] and dest["exit_code"] == 11 and "unknown key" in dest["error"], dest
         hosts.a.wait_guest_executes(name)  # libvirt kept the guest on A
@@ -195,8 +155,8 @@ def test_virsh_migrate_tls_into_a_proxy_without_certificates_is_refused(hosts: T
     spec = migratable_guest(name)
     define_and_start(hosts.a, spec, tmp_path)
     addr = hosts.address("B")
-    dest = Proxy(hosts.b, "--listen", f"{addr}:{PORT}", "--forward", f"unix:{SOCK}")  # no --tls-dir
-    relay = Proxy(hosts.a, "--mode", "relay", "--listen", f"unix:{SOCK}", "--forward", f"{addr}:{PORT}")
+    dest = ProxyProcess(hosts.b, "--listen", f"{addr}:{PORT}", "--forward", f"unix:{SOCK}")  # no --tls-dir
+    relay = ProxyProcess(hosts.a, "--mode", "relay", "--listen", f"unix:{SOCK}", "--forward", f"{addr}:{PORT}")
     try:
         r = hosts.migrate(spec.name, "--tls", "--tls-destination", "lmB", migrateuri=f"unix://{SOCK}",
                           check=False)

@@ -9,21 +9,18 @@ duplicated block is refused before it is forwarded.
 """
 from __future__ import annotations
 
-import dataclasses
 import io
-import os
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 from libvirt_mdev.errors import SignatureError
-from libvirt_mdev.live.proxy import MigrationProxy, ProxyOptions
 from libvirt_mdev.live.relay import Endpoint
-from libvirt_mdev.sign.keys import generate_key, hello_statement, sign_statement, write_key_pair
+from libvirt_mdev.sign.keys import generate_key, hello_statement, sign_statement
 from libvirt_mdev.sign.layers import SIG_IDSTR, SIG_SECTION_ID, encode_payload
 from libvirt_mdev.sign.record import SIG_MAGIC, SIG_MAGIC_V1
 from libvirt_mdev.sign.statements import nesting_depth
@@ -33,7 +30,7 @@ from libvirt_mdev.stream.writer import encode_footer, encode_section_start, enco
 from testkit.synth import SyntheticVfioDevice, inject
 from tests.stream.builders import small_stream
 
-from .conftest import DOMAIN, IDSTR_A, IDSTR_B, MARK_A, MARK_B, sign, verify  # noqa: F401
+from .conftest import DOMAIN, IDSTR_A, IDSTR_B, MARK_A, MARK_B, sign, verify
 
 HEADER = encode_section_start(SIG_SECTION_ID, SIG_IDSTR, 0, 1, full=True)
 FOOTER = encode_footer(SIG_SECTION_ID)
@@ -95,7 +92,7 @@ def signed_a(stream: bytes, key_a) -> Signed:
     sb, pb = blocks(s), blocks(stream)
     assert len(sb) == 2 * len(pb)
     pairs = [(sb[2 * i], sb[2 * i + 1]) for i in range(len(pb))]
-    for (_stmt, real), plain in zip(pairs, pb):
+    for (_stmt, real), plain in zip(pairs, pb, strict=True):
         assert s[real.start:real.end] == stream[plain.start:plain.end]
     return Signed(stream, s, pairs, pb)
 
@@ -316,22 +313,15 @@ class Mitm:
 
 
 def _through_proxies(env, key, data: bytes, tmp_path: Path, tamper: Callable[[bytes], bytes]):
-    from tests.proxy.conftest import DOM_UUID, Sink, replay, wait_results
+    from tests.proxy.conftest import Sink, replay, wait_results
 
-    from .test_signed_proxy import DOMAIN_XML
+    from .test_signed_proxy import sign_proxy
 
     env.arm()
     sink = Sink()
     dest = env.proxy(sink.endpoint)
     mitm = Mitm(dest.address, tamper)
-    write_key_pair(key, tmp_path / "srckeys", uid=os.geteuid())
-    (tmp_path / "dom.xml").write_text(DOMAIN_XML)
-    src_cfg = dataclasses.replace(env.config, host_key=tmp_path / "srckeys" / "host.key",
-                                  require_signature=False, trusted_keys=())
-    src = MigrationProxy(src_cfg, ProxyOptions(forward=mitm.endpoint, mode="sign", domain=DOM_UUID,
-                                               domain_xml=tmp_path / "dom.xml"))
-    src.bind(Endpoint("127.0.0.1", 0))
-    src.start()
+    src = sign_proxy(env, key, tmp_path, mitm.endpoint)
     try:
         replay(src.address.port, data)
         wait_results(src)
@@ -344,11 +334,9 @@ def _through_proxies(env, key, data: bytes, tmp_path: Path, tamper: Callable[[by
 
 @pytest.fixture
 def mitm_env(proxy_env, src_key):
-    pub = proxy_env.root / "src.pub"
-    pub.write_text(src_key.public.to_text())
-    pub.chmod(0o644)
-    proxy_env.config = dataclasses.replace(proxy_env.config, require_signature=True, trusted_keys=(pub,))
-    return proxy_env
+    from .test_signed_proxy import trusting
+
+    return trusting(proxy_env, src_key)
 
 
 def test_mitm_between_real_proxies_changed_block_never_reaches_the_sink(mitm_env, src_key, injected_stream,
@@ -399,17 +387,11 @@ def test_mitm_between_real_proxies_unchanged_passes_byte_identically(mitm_env, s
 
 def test_nested_statement_through_the_proxy_is_a_signature_refusal_not_an_internal_error(
         mitm_env, injected_stream):
-    from tests.proxy.conftest import Sink, replay, wait_results
     data, _devs = injected_stream
     # an unauthenticated peer sends a record nested 4,000 deep right after the CONFIGURATION
     hello_at = next(ev.end for ev in iter_events(io.BytesIO(data)) if type(ev).__name__ == "Configuration")
     bad = data[:hello_at] + HEADER + SIG_MAGIC + b"[" * 4000 + b"]" * 4000 + b"\nAAAA" + FOOTER + data[hello_at:]
-    mitm_env.arm()
-    sink = Sink()
-    px = mitm_env.proxy(sink.endpoint)
-    replay(px.address.port, bad)
-    wait_results(px)
-    res = px.results[0]
+    res, sink = mitm_env.replay_once(bad)
     assert not res.ok and res.error_kind == "signature" and res.exit_code == 11, res
     assert "nested" in res.error and "\n" not in res.error
     sink.wait()

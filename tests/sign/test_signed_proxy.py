@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,18 @@ from libvirt_mdev.sign.keys import SigningKey, TrustedKeys, generate_key, verify
 from libvirt_mdev.sign.layers import SignContext, sign_stream
 from libvirt_mdev.stream.wire import BE32, BE64, VfioFlag
 from libvirt_mdev.stream.writer import encode_footer
-from tests.proxy.conftest import (DOM_UUID, ID_A, ID_B, MARK_A, U1, U2, ProxyEnv, Sink,  # noqa: F401
-                                  injected_stream, proxy_env, replay, wait_results)
+from tests.proxy.conftest import (
+    DOM_UUID,
+    ID_A,
+    ID_B,
+    MARK_A,
+    U1,
+    U2,
+    ProxyEnv,
+    Sink,
+    replay,
+    wait_results,
+)
 
 DOMAIN_XML = f"""<domain type='kvm'><name>vm1</name><uuid>{DOM_UUID}</uuid><devices>
 <hostdev mode='subsystem' type='mdev' model='vfio-pci'><source><address uuid='{U1}'/></source>
@@ -34,13 +45,32 @@ def key() -> SigningKey:
     return generate_key("src")
 
 
-@pytest.fixture
-def signed_env(proxy_env: ProxyEnv, key: SigningKey) -> ProxyEnv:
-    pub = proxy_env.root / "src.pub"
+def trusting(env: ProxyEnv, key: SigningKey) -> ProxyEnv:
+    """*env* as a destination that requires signatures and trusts only *key*."""
+    pub = env.root / "src.pub"
     pub.write_text(key.public.to_text())
     pub.chmod(0o644)
-    proxy_env.config = dataclasses.replace(proxy_env.config, require_signature=True, trusted_keys=(pub,))
-    return proxy_env
+    env.config = dataclasses.replace(env.config, require_signature=True, trusted_keys=(pub,))
+    return env
+
+
+@pytest.fixture
+def signed_env(proxy_env: ProxyEnv, key: SigningKey) -> ProxyEnv:
+    return trusting(proxy_env, key)
+
+
+def sign_proxy(env: ProxyEnv, key: SigningKey, workdir: Path, forward: Endpoint) -> MigrationProxy:
+    """The source host's side, started: *key* as its host key, the domain's XML, a sign-mode proxy forwarding to
+    *forward*. The caller stops it."""
+    write_key_pair(key, workdir / "srckeys", uid=os.geteuid())
+    (workdir / "dom.xml").write_text(DOMAIN_XML)
+    src_cfg = dataclasses.replace(env.config, host_key=workdir / "srckeys" / "host.key",
+                                  require_signature=False, trusted_keys=())
+    src = MigrationProxy(src_cfg, ProxyOptions(forward=forward, mode="sign", domain=DOM_UUID,
+                                               domain_xml=workdir / "dom.xml"))
+    src.bind(Endpoint("127.0.0.1", 0))
+    src.start()
+    return src
 
 
 def signed(data: bytes, key: SigningKey) -> bytes:
@@ -63,15 +93,7 @@ def test_source_sign_proxy_to_verifying_destination_proxy(signed_env: ProxyEnv, 
     signed_env.arm()
     sink = Sink(reply=b"\x00\x01\x00\x00")
     dest = signed_env.proxy(sink.endpoint)
-    # the source host: its key and config, the domain's XML, a sign-mode proxy in front
-    write_key_pair(key, tmp_path / "srckeys", uid=__import__("os").geteuid())
-    (tmp_path / "dom.xml").write_text(DOMAIN_XML)
-    src_cfg = dataclasses.replace(signed_env.config, host_key=tmp_path / "srckeys" / "host.key",
-                                  require_signature=False, trusted_keys=())
-    src = MigrationProxy(src_cfg, ProxyOptions(forward=dest.address, mode="sign", domain=DOM_UUID,
-                                               domain_xml=tmp_path / "dom.xml"))
-    src.bind(Endpoint("127.0.0.1", 0))
-    src.start()
+    src = sign_proxy(signed_env, key, tmp_path, dest.address)  # the source host, a sign-mode proxy in front
     try:
         got = replay(src.address.port, data)
         wait_results(src)
@@ -97,12 +119,7 @@ def test_tampered_state_through_the_proxy_never_reaches_its_end_of_state(signed_
     data, _devs = injected_stream
     bad = bytearray(signed(data, key))
     bad[bad.index(MARK_A) + 5] ^= 0x40
-    signed_env.arm()
-    sink = Sink()
-    px = signed_env.proxy(sink.endpoint)
-    replay(px.address.port, bytes(bad))
-    wait_results(px)
-    res = px.results[0]
+    res, sink = signed_env.replay_once(bytes(bad))
     assert not res.ok and res.error_kind == "signature" and res.exit_code == 11
     assert "changed in transit" in res.error and ID_A in res.error
     sink.wait()
@@ -117,12 +134,7 @@ def test_tampered_state_through_the_proxy_never_reaches_its_end_of_state(signed_
 def test_unsigned_stream_refused_by_a_destination_that_requires_signatures(signed_env: ProxyEnv,
                                                                           injected_stream) -> None:
     data, _devs = injected_stream
-    signed_env.arm()
-    sink = Sink()
-    px = signed_env.proxy(sink.endpoint)
-    replay(px.address.port, data)
-    wait_results(px)
-    res = px.results[0]
+    res, sink = signed_env.replay_once(data)
     assert not res.ok and "no signed statement" in res.error and res.exit_code == 11
     sink.wait()
     assert MARK_A not in sink.data and committed(signed_env) == []

@@ -21,8 +21,7 @@ from libvirt_mdev.store.tokens import parse_token
 from libvirt_mdev.stream.wire import BE32, BE64, VfioFlag
 from libvirt_mdev.stream.writer import encode_footer, encode_section_start
 
-from .conftest import (DOMAIN, IDSTR_A, IDSTR_B, MARK_A, MARK_B, OTHER_DOMAIN, Outcome, sign,
-                       verify)
+from .conftest import DOMAIN, IDSTR_A, IDSTR_B, MARK_A, MARK_B, OTHER_DOMAIN, Outcome, sign, verify
 
 HEADER = encode_section_start(SIG_SECTION_ID, SIG_IDSTR, 0, 1, full=True)
 FOOTER = encode_footer(SIG_SECTION_ID)
@@ -126,7 +125,7 @@ def test_tampered_state_refused_before_end_of_state(plain_stream, key_a, store, 
 
 def test_tampered_statement_refused(plain_stream, key_a, store, sids):
     signed = sign(plain_stream, key_a)
-    start, end, stmt = device_record(signed, IDSTR_A)
+    start, end, _stmt = device_record(signed, IDSTR_A)
     payload = signed[start + len(HEADER):end - len(FOOTER)]
     forged = payload.replace(b'"mdev_type":"nvidia-63"', b'"mdev_type":"nvidia-99"')
     assert forged != payload
@@ -177,6 +176,7 @@ def test_other_domain_refused(plain_stream, key_a, store):
 
 def test_other_mdev_binding_refused(plain_stream, key_a, store, sids):
     from libvirt_mdev.filter import Binding
+
     from .conftest import BINDINGS
     b = dict(BINDINGS)
     b[IDSTR_A] = Binding("5b1c1f36-2d0b-4c8e-9a43-7d2f3c0e9aff", "nvidia-63")

@@ -39,8 +39,8 @@ def pki(tmp_path: Path) -> dict[str, Path]:
 
 
 def tls_both(pki: dict[str, Path]) -> dict:
-    return dict(src_qemu_tls=pki[A], tls_hostname=A, dst_qemu_tls=pki[B],
-                src_proxy_tls=TlsCreds(pki[A], B), dst_proxy_tls=TlsCreds(pki[B], B))
+    return {"src_qemu_tls": pki[A], "tls_hostname": A, "dst_qemu_tls": pki[B],
+                "src_proxy_tls": TlsCreds(pki[A], B), "dst_proxy_tls": TlsCreds(pki[B], B)}
 
 
 def test_tls_live_migration_through_both_proxies_signed_and_verified(world, pki):

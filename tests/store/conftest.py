@@ -3,15 +3,14 @@ fake sysfs tree, and a runner for the real CLI in a subprocess."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
 
 import pytest
 
 from libvirt_mdev.store import Manifest, StateMeta, Store, issue_token
+from tests.harness import cli
 
 REPO = Path(__file__).resolve().parents[2]
 MDEV = "5b1c1f36-2d0b-4c8e-9a43-7d2f3c0e9a01"
@@ -24,10 +23,10 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, mo
 
 
 def make_meta(**over: object) -> StateMeta:
-    fields: dict[str, object] = dict(
-        idstr="0000:00:05.0/vfio", instance_id=0, version_id=1, vfio_framing="v1",
-        migration_id="mig-test-1", mdev_uuid=MDEV, mdev_type=MDEV_TYPE,
-        domain_name="guest1", domain_uuid=DOMAIN, source_host="src.example")
+    fields: dict[str, object] = {
+        "idstr": "0000:00:05.0/vfio", "instance_id": 0, "version_id": 1, "vfio_framing": "v1",
+        "migration_id": "mig-test-1", "mdev_uuid": MDEV, "mdev_type": MDEV_TYPE,
+        "domain_name": "guest1", "domain_uuid": DOMAIN, "source_host": "src.example"}
     fields.update(over)
     return StateMeta(**fields)  # type: ignore[arg-type]
 
@@ -98,24 +97,12 @@ class CliResult:
     stderr: str
 
 
-def run_cli(*args: str, config: Optional[Path] = None, timeout: float = 60) -> CliResult:
+def run_cli(*args: str, config: Path | None = None, timeout: float = 60) -> CliResult:
     """Run ``python -m libvirt_mdev.cli ARGS`` from the repo root (no installed script)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    if config is not None:
-        env["LIBVIRT_MDEV_CONFIG"] = str(config)
-    else:
-        env.pop("LIBVIRT_MDEV_CONFIG", None)
-    p = subprocess.run([sys.executable, "-m", "libvirt_mdev.cli", *args], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=timeout)
+    p = cli.run_cli(*args, config=config, timeout=timeout)
     return CliResult(p.returncode, p.stdout, p.stderr)
 
 
 def assert_one_line_error(res: CliResult, code: int, *words: str) -> None:
     """A refusal: exact exit code, exactly one line on stderr, no traceback."""
-    assert res.rc == code, (res.rc, res.stderr)
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("libvirt-mdev: "), lines
-    assert "Traceback" not in res.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
+    cli.one_line_error(res.stderr, *words, rc=res.rc, code=code)

@@ -159,7 +159,7 @@ def test_non_root_store_creation_is_one_line_not_an_internal_error(tmp_path: Pat
             try:
                 with Store.open(tmp_path / "store", create=True):
                     out = {"opened": True}
-            except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            except BaseException as exc:
                 out = {"type": type(exc).__name__, "code": exit_code_for(exc), "line": one_line(exc)}
             os.write(w, _json.dumps(out).encode())
         finally:

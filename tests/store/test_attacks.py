@@ -19,19 +19,36 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 
 import pytest
 
 from libvirt_mdev.cli.load import load_state
-from libvirt_mdev.errors import (MdevError, MdevMissing, StoreAccessError, StoreError,
-                                 StoreIntegrityError, TokenError, TypeMismatch)
+from libvirt_mdev.errors import (
+    MdevError,
+    MdevMissing,
+    StoreAccessError,
+    StoreError,
+    StoreIntegrityError,
+    TokenError,
+    TypeMismatch,
+)
 from libvirt_mdev.store import Store, parse_token
 
-from .conftest import (MDEV, NOBODY, OTHER_MDEV, REPO, Stored, assert_one_line_error,
-                       make_meta, make_sysfs, needs_root, run_cli)
+from .conftest import (
+    MDEV,
+    NOBODY,
+    OTHER_MDEV,
+    REPO,
+    Stored,
+    assert_one_line_error,
+    make_meta,
+    make_sysfs,
+    needs_root,
+    run_cli,
+)
 
 
 @dataclass
@@ -72,49 +89,49 @@ def _forge_manifest(s: Stored, **changes: object) -> str:
     return f"mdev-state-v1:{mid}"
 
 
-def a_dotdot(s: Stored) -> Optional[dict]:
+def a_dotdot(s: Stored) -> dict | None:
     return {"token": "mdev-state-v1:../../../etc/shadow"}
 
 
-def a_dotdot_prefix(s: Stored) -> Optional[dict]:
+def a_dotdot_prefix(s: Stored) -> dict | None:
     return {"token": "../" + s.token}
 
 
-def a_absolute(s: Stored) -> Optional[dict]:
+def a_absolute(s: Stored) -> dict | None:
     return {"token": str(s.state_path)}
 
 
-def a_nul(s: Stored) -> Optional[dict]:
+def a_nul(s: Stored) -> dict | None:
     return {"token": s.token + "\x00.json"}
 
 
-def a_newline(s: Stored) -> Optional[dict]:
+def a_newline(s: Stored) -> dict | None:
     return {"token": s.token + "\nmdev-state-v1:" + "0" * 64}
 
 
-def a_uppercase(s: Stored) -> Optional[dict]:
+def a_uppercase(s: Stored) -> dict | None:
     return {"token": s.token.upper().replace("MDEV-STATE-V1", "mdev-state-v1")}
 
 
-def a_short(s: Stored) -> Optional[dict]:
+def a_short(s: Stored) -> dict | None:
     return {"token": s.token[:-1]}
 
 
-def a_unknown(s: Stored) -> Optional[dict]:
+def a_unknown(s: Stored) -> dict | None:
     return {"token": "mdev-state-v1:" + "ab" * 32}
 
 
-def a_planted_manifest_symlink(s: Stored) -> Optional[dict]:
+def a_planted_manifest_symlink(s: Stored) -> dict | None:
     _symlink_to_copy(s, s.manifest_path)
     return None
 
 
-def a_state_symlink(s: Stored) -> Optional[dict]:
+def a_state_symlink(s: Stored) -> dict | None:
     _symlink_to_copy(s, s.state_path)
     return None
 
 
-def a_hardlink_outside(s: Stored) -> Optional[dict]:
+def a_hardlink_outside(s: Stored) -> dict | None:
     victim = s.outside / "victim"
     victim.write_bytes(s.data)
     os.chmod(victim, 0o600)
@@ -123,84 +140,84 @@ def a_hardlink_outside(s: Stored) -> Optional[dict]:
     return None
 
 
-def a_fifo_state(s: Stored) -> Optional[dict]:
+def a_fifo_state(s: Stored) -> dict | None:
     s.state_path.unlink()
     os.mkfifo(s.state_path, 0o600)
     return None
 
 
-def a_store_mode_0755(s: Stored) -> Optional[dict]:
+def a_store_mode_0755(s: Stored) -> dict | None:
     os.chmod(s.root, 0o755)
     return None
 
 
-def a_store_owner(s: Stored) -> Optional[dict]:
+def a_store_owner(s: Stored) -> dict | None:
     os.chown(s.root, NOBODY, -1)
     return None
 
 
-def a_store_symlink(s: Stored) -> Optional[dict]:
+def a_store_symlink(s: Stored) -> dict | None:
     real = s.root.with_name("store-real")
     s.root.rename(real)
     s.root.symlink_to(real)
     return None
 
 
-def a_state_owner(s: Stored) -> Optional[dict]:
+def a_state_owner(s: Stored) -> dict | None:
     os.chown(s.state_path, NOBODY, -1)
     return None
 
 
-def a_manifest_owner(s: Stored) -> Optional[dict]:
+def a_manifest_owner(s: Stored) -> dict | None:
     os.chown(s.manifest_path, NOBODY, -1)
     return None
 
 
-def a_state_mode_0644(s: Stored) -> Optional[dict]:
+def a_state_mode_0644(s: Stored) -> dict | None:
     os.chmod(s.state_path, 0o644)
     return None
 
 
-def a_state_tampered(s: Stored) -> Optional[dict]:
+def a_state_tampered(s: Stored) -> dict | None:
     data = bytearray(s.data)
     data[100] ^= 0xFF
     _rewrite(s.state_path, bytes(data))
     return None
 
 
-def a_state_truncated(s: Stored) -> Optional[dict]:
+def a_state_truncated(s: Stored) -> dict | None:
     _rewrite(s.state_path, s.data[:1000])
     return None
 
 
-def a_manifest_tampered(s: Stored) -> Optional[dict]:
+def a_manifest_tampered(s: Stored) -> dict | None:
     body = json.loads(s.manifest_path.read_bytes())
     body["mdev_type"] = "nvidia-64"
     _rewrite(s.manifest_path, json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
     return None
 
 
-def a_manifest_extra_field(s: Stored) -> Optional[dict]:
+def a_manifest_extra_field(s: Stored) -> dict | None:
     return {"token": _forge_manifest(s, note="trust me")}
 
 
-def a_manifest_unbound(s: Stored) -> Optional[dict]:
+def a_manifest_unbound(s: Stored) -> dict | None:
     return {"token": _forge_manifest(s, mdev_uuid=None)}
 
 
-def a_wrong_mdev(s: Stored) -> Optional[dict]:
+def a_wrong_mdev(s: Stored) -> dict | None:
     return {"mdev": OTHER_MDEV}
 
 
-def a_type_mismatch(s: Stored) -> Optional[dict]:
+def a_type_mismatch(s: Stored) -> dict | None:
     return {"sysfs": make_sysfs(s.outside / "sys-mismatch", {MDEV: "nvidia-64"})}
 
 
-def a_mdev_missing(s: Stored) -> Optional[dict]:
+def a_mdev_missing(s: Stored) -> dict | None:
     return {"sysfs": make_sysfs(s.outside / "sys-empty", {OTHER_MDEV: "nvidia-63"})}
 
 
-def a_replay(s: Stored) -> Optional[dict]:
+def a_replay(s: Stored) -> dict | None:
     with Store.open(s.root) as st:
         load_state(st, s.token, MDEV, s.sysfs, s.outside / "first-sink")
     assert (s.outside / "first-sink").read_bytes() == s.data
@@ -210,7 +227,7 @@ def a_replay(s: Stored) -> Optional[dict]:
 @dataclass(frozen=True)
 class Attack:
     name: str
-    setup: Callable[[Stored], Optional[dict]]
+    setup: Callable[[Stored], dict | None]
     exc: type[MdevError]
     words: tuple[str, ...]
     cli: bool = True   # argv cannot carry a NUL byte

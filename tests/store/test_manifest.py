@@ -101,7 +101,7 @@ def test_parse_arbitrary_bytes_only_raises_integrity_error(data: bytes) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(sorted(json.loads(_manifest().to_json())) + ["x"]),
+@given(st.dictionaries(st.sampled_from([*sorted(json.loads(_manifest().to_json())), "x"]),
                        st.none() | st.booleans() | st.integers() | st.text(max_size=70)
                        | st.lists(st.integers(), max_size=2)))
 def test_parse_arbitrary_objects_only_raises_integrity_error(obj: dict) -> None:

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 
 from libvirt_mdev.errors import StoreAccessError, StoreIntegrityError, UsageError
-from libvirt_mdev.store.pending import (list_pending, read_pending, remove_pending,
-                                        write_pending)
+from libvirt_mdev.store.pending import list_pending, read_pending, remove_pending, write_pending
 
 from .conftest import DOMAIN, MDEV, NOBODY, needs_root
 

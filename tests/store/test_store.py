@@ -152,7 +152,7 @@ def test_missing_manifest(store: Store) -> None:
         store.manifest("12" * 32)
 
 
-def _writer_proc(root: str, seed: int, n: int, q: "multiprocessing.Queue[list[tuple[str, str]]]") -> None:
+def _writer_proc(root: str, seed: int, n: int, q: multiprocessing.Queue[list[tuple[str, str]]]) -> None:
     rnd = random.Random(seed)
     out = []
     with Store.open(root) as st:
@@ -166,7 +166,7 @@ def _writer_proc(root: str, seed: int, n: int, q: "multiprocessing.Queue[list[tu
     q.put(out)
 
 
-def _gc_proc(root: str, stop: "multiprocessing.synchronize.Event") -> None:
+def _gc_proc(root: str, stop: multiprocessing.synchronize.Event) -> None:
     with Store.open(root) as st:
         while not stop.is_set():
             st.gc(10**6)

@@ -61,7 +61,7 @@ def test_spent_survives_reopen(stored: Stored) -> None:
             resolve_token(again, stored.token, MDEV)
 
 
-def _spender(root: str, token: str, q: "multiprocessing.Queue[str]") -> None:
+def _spender(root: str, token: str, q: multiprocessing.Queue[str]) -> None:
     with Store.open(root) as st:
         try:
             spend_token(st, token, MDEV)

@@ -4,9 +4,15 @@ from __future__ import annotations
 import json
 
 from libvirt_mdev.stream.wire import BE64, RamFlag
-from libvirt_mdev.stream.writer import (encode_configuration, encode_eof, encode_file_header,
-                                        encode_footer, encode_section_part, encode_section_start,
-                                        encode_vmdesc)
+from libvirt_mdev.stream.writer import (
+    encode_configuration,
+    encode_eof,
+    encode_file_header,
+    encode_footer,
+    encode_section_part,
+    encode_section_start,
+    encode_vmdesc,
+)
 
 PAGE = 4096
 

@@ -15,7 +15,9 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Self
+from typing import Any, Self
+
+from tests.harness.relay import pump
 
 QEMU = "qemu-system-x86_64"
 MIGRATION_TIMEOUT = 240.0
@@ -98,7 +100,7 @@ class Guest:
         if incoming:
             args += ["-incoming", "defer"]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.stderr, "wb"))  # noqa: SIM115 - QEMU keeps it
+                                     stderr=open(self.stderr, "wb"))
         try:
             self.qmp = Qmp(self.qmp_path)
         except (OSError, QmpError):
@@ -168,24 +170,6 @@ def env_note() -> str:
     return os.environ.get("PATH", "")
 
 
-def _pump(src: socket.socket, dst: socket.socket, record: BinaryIO | None) -> None:
-    try:
-        while True:
-            b = src.recv(1 << 20)
-            if not b:
-                break
-            if record is not None:
-                record.write(b)
-            dst.sendall(b)
-    except OSError:
-        pass
-    finally:
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-
 def live_stream_of(workdir: Path, out: Path, machine: str, extra: Sequence[str] = (), caps: Sequence[str] = (),
                    memory: str = "256M", run_for: float = 0.5) -> Path:
     """Migrate a fresh guest to a real destination QEMU over a unix socket, with *caps* on
@@ -214,8 +198,8 @@ def live_stream_of(workdir: Path, out: Path, machine: str, extra: Sequence[str] 
         b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         b.connect(str(dest_path))
         with open(out, "wb") as rec:
-            fwd = threading.Thread(target=_pump, args=(a, b, rec), daemon=True)
-            back = threading.Thread(target=_pump, args=(b, a, None), daemon=True)
+            fwd = threading.Thread(target=pump, args=(a, b, rec.write), daemon=True)
+            back = threading.Thread(target=pump, args=(b, a, None), daemon=True)
             fwd.start()
             back.start()
             src.wait_migration()

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from libvirt_mdev.errors import StreamError
 
 from .builders import small_stream
-from .test_reader import parse, reassembled, vfio_records, _stream_with
+from .test_reader import _stream_with, parse, reassembled, vfio_records
 
 BASE = small_stream()
 VFIO = _stream_with(*vfio_records(30, b"state" * 50))

@@ -253,7 +253,7 @@ def test_compressed_save_image_strip_splice(fmt, injected_stream, tmp_path):
     assert hashlib.sha256(decompressed(spliced)).digest() == hashlib.sha256(decompressed(image)).digest()
     # the tool itself (what virsh restore runs) agrees
     tail = spliced.read_bytes()[92 + len(AREA):]
-    plain = subprocess.run(compress_args(fmt)[:1] + ["-dc"], input=tail, capture_output=True, check=True).stdout
+    plain = subprocess.run([*compress_args(fmt)[:1], "-dc"], input=tail, capture_output=True, check=True).stdout
     assert plain == stream.read_bytes()
 
 

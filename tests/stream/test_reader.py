@@ -6,12 +6,26 @@ import random
 import pytest
 
 from libvirt_mdev.errors import StreamError, UnsupportedStream, UsageError
-from libvirt_mdev.stream import (NEED_DATA, Eof, RamRecords, SectionFull, SectionHeader,
-                                 StreamEnd, StreamParser, VMDescription)
+from libvirt_mdev.stream import (
+    NEED_DATA,
+    Eof,
+    RamRecords,
+    SectionHeader,
+    StreamEnd,
+    StreamParser,
+    VMDescription,
+)
 from libvirt_mdev.stream.wire import BE64, MigCommand, RamFlag, VfioFlag
-from libvirt_mdev.stream.writer import (encode_command, encode_eof, encode_file_header,
-                                        encode_footer, encode_section_part, encode_section_start,
-                                        encode_vfio_block, encode_vfio_marker)
+from libvirt_mdev.stream.writer import (
+    encode_command,
+    encode_eof,
+    encode_file_header,
+    encode_footer,
+    encode_section_part,
+    encode_section_start,
+    encode_vfio_block,
+    encode_vfio_marker,
+)
 
 from .builders import PAGE, full, ram_pages, ram_setup, small_stream
 

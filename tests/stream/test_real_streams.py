@@ -11,10 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from libvirt_mdev.stream import (Eof, FileHeader, SaveImageHeader, SectionFooter, SectionHeader,
-                                 StreamEnd, VMDescription, iter_events, passthrough)
-from testkit.synth import SyntheticVfioDevice, inject
+from libvirt_mdev.stream import (
+    Eof,
+    FileHeader,
+    SaveImageHeader,
+    SectionFooter,
+    SectionHeader,
+    StreamEnd,
+    VMDescription,
+    iter_events,
+    passthrough,
+)
 from libvirt_mdev.summary import Summarizer
+from testkit.synth import SyntheticVfioDevice, inject
 from tests.harness.versions import machine_type
 
 pytestmark = pytest.mark.e2e

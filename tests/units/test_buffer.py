@@ -109,7 +109,7 @@ def test_peek_upto_returns_what_there_is() -> None:
 
 def test_take_upto_hands_out_the_input_in_order_within_one_chunk() -> None:
     data = bytes(range(256)) * 700  # > GATHER: some feeds queued as views, some gathered
-    for how, cuts in [("whole", whole(data)), ("bytewise", bytewise(data[:5000]) + [data[5000:]]),
+    for how, cuts in [("whole", whole(data)), ("bytewise", [*bytewise(data[:5000]), data[5000:]]),
                       *((f"random {s}", random_cuts(data, s, most=GATHER + 100)) for s in range(4))]:
         inp = Input()
         out = bytearray()
