@@ -51,7 +51,8 @@ def random_file(path: Path, mib: int) -> None:
 def start_proxy(work: Path, qport: int, mode: str) -> tuple[subprocess.Popen, int]:
     conf = work / "proxy.conf"
     conf.write_text(f"[libvirt-mdev]\nstore = {work / 'store'}\nruntime_dir = {work / 'run'}\n"
-                    f"sysfs_root = {work / 'sys'}\nlog_file = {work / 'proxy.log'}\n")
+                    f"sysfs_root = {work / 'sys'}\nlog_file = {work / 'proxy.log'}\n"
+                    "require_guard = no\n")  # a loopback bench: no nftables guard in front of QEMU (docs/guard.md)
     write_pending(work / "run", {"domain_name": "bench", "domain_uuid": str(uuid.uuid4()),
                                  "migration_id": f"bench-{time.monotonic_ns()}", "created": int(time.time()),
                                  "devices": []})
