@@ -56,9 +56,9 @@ from .errors import MdevError, MdevMissing, StoreIntegrityError, StreamError, To
 from .store.manifest import Manifest, StateMeta
 from .store.store import StateWriter, Store, StreamTxn
 from .store.tokens import issue_token, parse_token
-from .stream import (Eof, Event, SaveImageHeader, SectionHeader, StreamEnd, StreamParser, VfioBlockData,
-                     VfioBlockEnd, VfioBlockStart, VfioMarker)
-from .stream.wire import SectionType, VfioFlag
+from .stream import (Eof, SaveImageHeader, SectionContext, SectionHeader, StreamEnd, StreamEvent, StreamParser,
+                     VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioMarker, VfioSection)
+from .stream.wire import VfioFlag
 from .stream.writer import encode_vfio_block, encode_vfio_block_header
 
 Bytes = Union[bytes, bytearray, memoryview]
@@ -166,7 +166,7 @@ class StreamFilter:
         self.opts = opts
         self._emit = emit
         self._devices: dict[int, _Device] = {}
-        self._section: Optional[SectionHeader] = None
+        self._ctx = SectionContext()
         #: the block being handled: (device, declared size, held header, collected bytes or None)
         self._block: Optional[tuple[_Device, int, bytes, Optional[bytearray]]] = None
         self._block_start_in_state = 0
@@ -180,25 +180,24 @@ class StreamFilter:
 
     # -- event dispatch -------------------------------------------------------------------
 
-    def process(self, ev: Event) -> None:
-        t = type(ev)
-        if t is VfioBlockData:
+    def process(self, ev: StreamEvent) -> None:
+        if type(ev) is VfioBlockData:
             self._block_data(ev)
-        elif t is VfioBlockStart:
-            self._block_start(ev)  # type: ignore[arg-type]
-        elif t is VfioBlockEnd:
-            self._block_end(ev)  # type: ignore[arg-type]
-        elif t is VfioMarker:
-            self._marker(ev)  # type: ignore[arg-type]
+        elif type(ev) is VfioBlockStart:
+            self._block_start(ev)
+        elif type(ev) is VfioBlockEnd:
+            self._block_end(ev)
+        elif type(ev) is VfioMarker:
+            self._marker(ev)
         elif isinstance(ev, SectionHeader):
             self._header(ev)
-        elif t is SaveImageHeader:
-            self._save_image(ev)  # type: ignore[arg-type]
+        elif type(ev) is SaveImageHeader:
+            self._save_image(ev)
             self._emit(ev.raw)
-        elif t is Eof:
+        elif type(ev) is Eof:
             self._at_eof(ev)
             self._emit(ev.raw)
-        elif t is StreamEnd:
+        elif type(ev) is StreamEnd:
             self._emit(ev.raw)
             if self.opts.accept_at_end:
                 self.accept()
@@ -216,12 +215,12 @@ class StreamFilter:
                 self.opts.bindings = bindings
 
     def _header(self, ev: SectionHeader) -> None:
-        self._section = ev
-        if ev.kind == "vfio" and ev.section_id not in self._devices:
-            self._devices[ev.section_id] = self._new_device(ev)
+        vfio = self._ctx.enter(ev)
+        if vfio is not None:
+            self._devices[ev.section_id] = self._new_device(vfio)
         self._emit(ev.raw)
 
-    def _new_device(self, ev: SectionHeader) -> _Device:
+    def _new_device(self, ev: VfioSection) -> _Device:
         binding = None
         if self.opts.bindings is not None:
             binding = self.opts.bindings.get(ev.idstr)
@@ -266,7 +265,7 @@ class StreamFilter:
         if self.opts.mode == "splice":
             self._emit(piece)
 
-    def _block_data(self, ev: Event) -> None:
+    def _block_data(self, ev: VfioBlockData) -> None:
         assert self._block is not None
         dev, _size, _hdr, collected = self._block
         if collected is not None:
@@ -366,9 +365,7 @@ class StreamFilter:
     # -- end of a device's state -------------------------------------------------------------------
 
     def _marker(self, ev: VfioMarker) -> None:
-        sec = self._section
-        if (ev.marker == VfioFlag.END_OF_STATE and sec is not None
-                and sec.type == SectionType.SECTION_END and sec.kind == "vfio"):
+        if ev.marker == VfioFlag.END_OF_STATE and self._ctx.in_vfio_end:
             dev = self._devices[ev.section_id]
             if self._commit(dev) and self.opts.mode == "token" and dev.manifest is not None:
                 self._token_out(dev, 0, 0, token=issue_token(dev.manifest))
@@ -399,7 +396,7 @@ class StreamFilter:
         self.results.append(DeviceResult(dev.idstr, dev.instance_id, dev.section_id, m.mdev_uuid,
                                          m.mdev_type, m.length, m.sha256, issue_token(m), dev.blocks))
 
-    def _at_eof(self, ev: Event) -> None:
+    def _at_eof(self, ev: Eof) -> None:
         for dev in self._devices.values():
             if dev.writer is not None:
                 raise StreamError(f"VFIO device {dev.idstr}: its state never completed (no END "

@@ -28,7 +28,7 @@ from typing import BinaryIO, Iterator, Optional
 
 from libvirt_mdev.stream.drive import iter_events
 from libvirt_mdev.stream.events import (Eof, SectionFooter, SectionHeader, VMDescription)
-from libvirt_mdev.stream.sections import KIND_RAM
+from libvirt_mdev.stream.events import SectionKind
 from libvirt_mdev.stream.writer import (StreamWriter, encode_footer, encode_section_part, encode_section_start,
                      encode_vfio_block, encode_vfio_block_header, encode_vfio_marker, encode_vmdesc)
 from libvirt_mdev.stream.wire import VFIO_VERSION, SectionType, VfioFlag
@@ -172,7 +172,7 @@ def _scan(src: BinaryIO) -> tuple[int, int]:
     for ev in iter_events(src):
         if isinstance(ev, SectionHeader):
             top = max(top, ev.section_id)
-            parts += ev.kind == KIND_RAM and ev.type == SectionType.SECTION_PART
+            parts += ev.kind == SectionKind.RAM and ev.type == SectionType.SECTION_PART
     return top, parts
 
 
@@ -204,7 +204,7 @@ def inject(src_path: str, dst: BinaryIO, devices: list[SyntheticVfioDevice],
             w.write(ev)
             if isinstance(ev, SectionHeader):
                 last = ev
-            if not (isinstance(ev, SectionFooter) and last is not None and last.kind == KIND_RAM):
+            if not (isinstance(ev, SectionFooter) and last is not None and last.kind == SectionKind.RAM):
                 continue
             for d in devices:
                 if last.type == SectionType.SECTION_START:

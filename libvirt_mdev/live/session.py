@@ -19,10 +19,10 @@ from ..errors import ConnectError, MdevError, UsageError
 from ..filter import FilterOptions, StreamFilter
 from ..log import get_logger
 from .limits import ProxyLimits
-from .relay import (Endpoint, Progress, ReturnPath, SocketReader, abort_socket, connect, reset_on_close,
+from .relay import (Bytes, Endpoint, Progress, ReturnPath, SocketReader, abort_socket, connect, reset_on_close,
                     send_views)
 from ..sign.source import peer_pid, sign_context, verify_policy
-from ..stream import NEED_DATA, StreamParser
+from ..stream import NEED_DATA, EventConsumer, StreamParser
 from .tlsbridge import Bridge, TlsCreds, accept_tls, connect_tls, read_header
 
 MODES = ("splice", "token", "relay", "sign")
@@ -148,8 +148,9 @@ class Session:
         """Terminate the source's TLS, then read the QEMU file header behind it, both
         within the header deadline (a TLS peer is bound only once its header matched)."""
         assert self.src is not None
+        assert self.opts.tls is not None  # only called for a TLS proxy
         deadline = self._accepted + self.opts.limits.header_timeout
-        bridge = accept_tls(self.src, self.opts.tls, self.result.peer,  # type: ignore[arg-type]
+        bridge = accept_tls(self.src, self.opts.tls, self.result.peer,
                             timeout=max(0.1, deadline - time.monotonic()))
         self._bridges.append(bridge)
         self.src = bridge.plain
@@ -231,7 +232,7 @@ class Session:
         with Store.open(self.config.store, create=True) as store:
             dst = self._connect_dst()
             back = self._start_return_path(dst)
-            out: list[Any] = []
+            out: list[Bytes] = []
             parser = StreamParser(container="stream")
             flt = self._flt = StreamFilter(store, parser, fopts, out.append)
             try:
@@ -259,13 +260,13 @@ class Session:
                  f"{ctx.domain_uuid} with key {ctx.key.key_id}, forwarding to {self.opts.forward}")
         dst = self._connect_dst()
         back = self._start_return_path(dst)
-        out: list[Any] = []
+        out: list[Bytes] = []
         layer = SignLayer(ctx, out.append)
         self._pump(StreamParser(container="stream"), layer, out, dst)
         self._finish(back)
         self.result.devices = [s for s in layer.signed if s["kind"] == "device"]
 
-    def _pump(self, parser: StreamParser, flt: Any, out: list[Any], dst: socket.socket) -> None:
+    def _pump(self, parser: StreamParser, flt: EventConsumer, out: list[Bytes], dst: socket.socket) -> None:
         """Source→destination: read a chunk, run every event through the filter, then
         send what it emitted in one gathered call (nothing of a refused chunk leaves)."""
         reader = self._reader()
@@ -284,7 +285,7 @@ class Session:
                 ev = parser.next_event()
                 if ev is NEED_DATA:
                     break
-                process(ev)  # type: ignore[arg-type]
+                process(ev)
             del data
             if out:
                 if h_out is not None:

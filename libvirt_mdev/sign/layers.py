@@ -43,7 +43,7 @@ import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Optional, TypeVar, Union
 
 from ..errors import MdevMissing, SignatureError
 from ..filter import Binding, DeviceResult, FilterOptions, StreamFilter
@@ -54,10 +54,13 @@ from .record import (MAX_RECORD, SIG_IDSTR, SIG_MAGIC, SIG_SECTION_ID, ReplayGua
                      encode_payload, encode_record, encode_statement_block)
 from .statements import CHAIN_START, MAX_SIGNED_BLOCK, MAX_SIGNED_CONFIG
 from ..store.store import Store
-from ..stream import (Command, Configuration, Eof, Event, FileHeader, Opaque, SectionFooter,
-                      SectionFull, SectionHeader, StreamParser, VfioBlockData, VfioBlockEnd,
-                      VfioBlockStart, VfioConfigData, VfioMarker, iter_events)
+from ..stream import (Command, Configuration, Eof, Event, FileHeader, Opaque, SectionContext, SectionFooter,
+                      SectionFull, SectionHeader, StreamEvent, StreamParser, VfioBlockData, VfioBlockEnd,
+                      VfioBlockStart, VfioConfigData, VfioMarker, is_vfio, iter_events)
 from ..stream.wire import SectionType, VfioFlag
+
+if TYPE_CHECKING:
+    from hashlib import _Hash as Hash
 
 Bytes = Union[bytes, bytearray, memoryview]
 Emit = Callable[[Bytes], None]
@@ -86,11 +89,11 @@ class SignContext:
 class _Hashing:
     idstr: str
     instance_id: int
-    h: Any = field(default_factory=hashlib.sha256)
+    h: Hash = field(default_factory=hashlib.sha256)
     length: int = 0
     complete: bool = False
     #: the device's config section (FULL): hashed the same way
-    cfg: Any = field(default_factory=hashlib.sha256)
+    cfg: Hash = field(default_factory=hashlib.sha256)
     cfg_length: int = 0
     cfg_complete: bool = False
     #: the block chain: the next block statement's seq and prev
@@ -100,14 +103,20 @@ class _Hashing:
 
 class _Devices(dict[int, _Hashing]):
     """The VFIO devices a layer has seen, by section id, with their running hashes
-    (the bookkeeping both the sign and the verify layer need)."""
+    (the bookkeeping both the sign and the verify layer need), and its section context."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ctx = SectionContext()
 
     def header(self, ev: SectionHeader) -> None:
-        if ev.kind == "vfio" and ev.section_id not in self:
-            self[ev.section_id] = _Hashing(ev.idstr, ev.instance_id)
+        """Enter *ev*'s section (a new VFIO device gets its hashes)."""
+        vfio = self.ctx.enter(ev)
+        if vfio is not None:
+            self[vfio.section_id] = _Hashing(vfio.idstr, vfio.instance_id)
 
-    def config(self, ev: Event) -> None:
-        d = self[ev.section_id]  # type: ignore[attr-defined]
+    def config(self, ev: VfioConfigData) -> None:
+        d = self[ev.section_id]
         d.cfg.update(ev.raw)
         d.cfg_length += len(ev.raw)
 
@@ -121,11 +130,11 @@ class _Block:
     block costs its size and nothing more; the parser guarantees the pieces add up."""
 
     section_id: int
-    start: Event
+    start: VfioBlockStart
     size: int
     data: bytearray = field(init=False)
     pos: int = 0
-    h: Any = field(default_factory=hashlib.sha256)
+    h: Hash = field(default_factory=hashlib.sha256)
 
     def __post_init__(self) -> None:
         self.data = bytearray(self.size)
@@ -145,7 +154,6 @@ class SignLayer:
         self.ctx = ctx
         self._emit = emit
         self._hello_due = False
-        self._section: Optional[SectionHeader] = None
         self._devices = _Devices()
         self._block: Optional[_Block] = None
         #: a VFIO FULL (config) section being held: its raw bytes so far
@@ -172,41 +180,40 @@ class SignLayer:
         self._emit(encode_record(body, sig))
         self.signed.append(stmt)
 
-    def process(self, ev: Event) -> None:
-        t = type(ev)
-        if self._hello_due and t is not Configuration:
+    def process(self, ev: StreamEvent) -> None:
+        if self._hello_due and type(ev) is not Configuration:
             self._hello()  # no CONFIGURATION record in this stream
         if self._config is not None:
             self._in_config(ev)
             return
-        if t is VfioBlockStart:
-            self._block_start(ev)  # type: ignore[arg-type]
+        if type(ev) is VfioBlockStart:
+            self._block_start(ev)
             return
-        if t is VfioBlockData:
+        if type(ev) is VfioBlockData:
             assert self._block is not None
             self._block.add(ev.raw)
             d = self._devices[self._block.section_id]
             d.h.update(ev.raw)
             d.length += len(ev.raw)
             return
-        if t is VfioBlockEnd:
+        if type(ev) is VfioBlockEnd:
             self._block_end()
             return
+        ctx = self._devices.ctx
         if isinstance(ev, SectionHeader):
-            self._section = ev
             self._devices.header(ev)
-            if _in_full(ev):
+            if ctx.in_vfio_full:
                 self._config = [bytes(ev.raw)]
                 return
-        elif t is VfioMarker and ev.marker == VfioFlag.END_OF_STATE and _in_end(self._section):  # type: ignore[attr-defined]
-            self._devices[ev.section_id].complete = True  # type: ignore[attr-defined]
+        elif type(ev) is VfioMarker and ev.marker == VfioFlag.END_OF_STATE and ctx.in_vfio_end:
+            self._devices[ev.section_id].complete = True
         self._emit(ev.raw)
-        if t is FileHeader:
+        if type(ev) is FileHeader:
             self._hello_due = True
-        elif t is Configuration:
+        elif type(ev) is Configuration:
             self._hello()
-        elif t is SectionFooter and _in_end(self._section):
-            done = self._devices.get(ev.section_id)  # type: ignore[attr-defined]
+        elif type(ev) is SectionFooter and ctx.in_vfio_end:
+            done = self._devices.get(ev.section_id)
             if done is not None and done.complete:
                 done.complete = False
                 self._device(done)
@@ -235,21 +242,21 @@ class SignLayer:
             self._emit(b.data)
 
     # -- the config section: held whole, sent after its statement -------------------------------
-    def _in_config(self, ev: Event) -> None:
+    def _in_config(self, ev: StreamEvent) -> None:
         assert self._config is not None
-        t = type(ev)
-        sid = self._section.section_id if self._section is not None else -1
+        sec = self._devices.ctx.current
+        sid = sec.section_id if sec is not None else -1
         d = self._devices[sid]
-        if t is VfioConfigData:
+        if type(ev) is VfioConfigData:
             self._devices.config(ev)
             if d.cfg_length > MAX_SIGNED_CONFIG:
                 raise SignatureError(f"VFIO device {d.idstr}: its config section is longer than "
                                      f"{MAX_SIGNED_CONFIG} bytes, more than the source proxy signs; "
                                      f"refusing to sign")
-        elif t is VfioMarker and ev.marker == VfioFlag.END_OF_STATE:  # type: ignore[attr-defined]
+        elif type(ev) is VfioMarker and ev.marker == VfioFlag.END_OF_STATE:
             d.cfg_complete = True
         self._config.append(bytes(ev.raw))
-        if t is not SectionFooter:
+        if type(ev) is not SectionFooter:
             return
         held, self._config = self._config, None
         if not d.cfg_complete:
@@ -273,12 +280,8 @@ class SignLayer:
                                       sha256=d.h.hexdigest(), **self._common()))
 
 
-def _in_end(sec: Optional[SectionHeader]) -> bool:
-    return sec is not None and sec.kind == "vfio" and sec.type == SectionType.SECTION_END
-
-
 def _in_full(sec: Optional[SectionHeader]) -> bool:
-    return sec is not None and sec.kind == "vfio" and sec.type == SectionType.SECTION_FULL
+    return is_vfio(sec, SectionType.SECTION_FULL)
 
 
 # -- destination side --------------------------------------------------------------------------
@@ -310,7 +313,6 @@ class VerifyLayer:
         self.inner = inner
         self.policy = policy
         self.hello: Optional[dict[str, Any]] = None
-        self._section: Optional[SectionHeader] = None
         self._record: Optional[bytearray] = None
         #: a format-2 stream (statements ahead of the data): block statements are stripped
         self._format2 = False
@@ -321,16 +323,15 @@ class VerifyLayer:
         self._block: Optional[_Block] = None
         #: the verified config statement whose section comes next, then the section's held events
         self._config_stmt: Optional[dict[str, Any]] = None
-        self._config: Optional[list[Event]] = None
+        self._config: Optional[list[StreamEvent]] = None
         #: the held END_OF_STATE (and footer) of a device's END section, awaiting its statement
-        self._held: list[Event] = []
+        self._held: list[StreamEvent] = []
         self._holding: Optional[int] = None
         self._devices = _Devices()
         self.verified: list[dict[str, Any]] = []
 
     # -- dispatch ------------------------------------------------------------------------------
-    def process(self, ev: Event) -> None:
-        t = type(ev)
+    def process(self, ev: StreamEvent) -> None:
         if self._record is not None:
             self._in_record(ev)
             return
@@ -340,11 +341,11 @@ class VerifyLayer:
             if self._config is not None:
                 self._in_config(ev)
                 return
-        if t is SectionFull and ev.idstr == SIG_IDSTR:  # type: ignore[attr-defined]
+        if type(ev) is SectionFull and ev.idstr == SIG_IDSTR:
             self._record = bytearray()
             return
         if self._holding is not None:
-            if t is SectionFooter and ev.section_id == self._holding and len(self._held) == 1:  # type: ignore[attr-defined]
+            if type(ev) is SectionFooter and ev.section_id == self._holding and len(self._held) == 1:
                 self._held.append(_own(ev))
                 return
             d = self._devices[self._holding]
@@ -358,16 +359,15 @@ class VerifyLayer:
             self._config_start(ev)
             return
         if isinstance(ev, SectionHeader):
-            self._section = ev
             self._devices.header(ev)
             if _in_full(ev) and self._must_verify():
                 raise SignatureError(f"VFIO device {ev.idstr}: its config section is not preceded by a "
                                      f"signed config statement (require_signature is on); refusing it")
-        elif t is VfioConfigData:
+        elif type(ev) is VfioConfigData:
             self._devices.config(ev)
-        elif (t is VfioMarker and ev.marker == VfioFlag.END_OF_STATE  # type: ignore[attr-defined]
-              and _in_end(self._section) and self._must_verify()):
-            self._holding = ev.section_id  # type: ignore[attr-defined]
+        elif (type(ev) is VfioMarker and ev.marker == VfioFlag.END_OF_STATE
+              and self._devices.ctx.in_vfio_end and self._must_verify()):
+            self._holding = ev.section_id
             self._held = [_own(ev)]
             return
         self.inner.process(ev)
@@ -376,33 +376,32 @@ class VerifyLayer:
         return self.policy.require or (self.policy.active and self.hello is not None)
 
     # -- data blocks ------------------------------------------------------------------------------
-    def _blocks(self, ev: Event) -> bool:
+    def _blocks(self, ev: StreamEvent) -> bool:
         """Format 2: statement blocks and the data blocks they cover.  True when *ev* was taken."""
-        t = type(ev)
         if self._stmt_block is not None:
-            if t is VfioBlockData:
+            if type(ev) is VfioBlockData:
                 self._stmt_block += ev.raw
                 return True
-            assert t is VfioBlockEnd  # the parser ends every block it starts
+            assert type(ev) is VfioBlockEnd  # the parser ends every block it starts
             payload, self._stmt_block = bytes(self._stmt_block), None
-            self._expect = self._block_statement(ev.section_id, payload)  # type: ignore[attr-defined]
+            self._expect = self._block_statement(ev.section_id, payload)
             return True
         if self._block is not None:
-            if t is VfioBlockData:
+            if type(ev) is VfioBlockData:
                 self._block.add(ev.raw)
                 return True
-            assert t is VfioBlockEnd
+            assert type(ev) is VfioBlockEnd
             self._release_block(ev)
             return True
-        if t is VfioBlockStart:
+        if type(ev) is VfioBlockStart:
             if self._expect is None:  # the statement block ahead of a data block
-                if ev.size > MAX_RECORD:  # type: ignore[attr-defined]
-                    d = self._devices[ev.section_id]  # type: ignore[attr-defined]
-                    raise SignatureError(f"VFIO device {d.idstr}: a data block of {ev.size} bytes "  # type: ignore[attr-defined]
+                if ev.size > MAX_RECORD:
+                    d = self._devices[ev.section_id]
+                    raise SignatureError(f"VFIO device {d.idstr}: a data block of {ev.size} bytes "
                                          f"without a signed block statement ahead of it; refusing it")
                 self._stmt_block = bytearray()
                 return True
-            self._hold_block(ev)  # type: ignore[arg-type]
+            self._hold_block(ev)
             return True
         if self._expect is not None:
             raise SignatureError(f"VFIO device {self._expect.get('idstr', '?')}: a signed block statement "
@@ -451,7 +450,7 @@ class VerifyLayer:
                                  f"signed {stmt['length']} (changed in transit); refusing it")
         self._block = _Block(ev.section_id, _own(ev), ev.size)
 
-    def _release_block(self, end: Event) -> None:
+    def _release_block(self, end: VfioBlockEnd) -> None:
         """The held block is complete: forward it only if it is what the source signed."""
         b, stmt, self._block, self._expect = self._block, self._expect, None, None
         assert b is not None and stmt is not None
@@ -465,21 +464,21 @@ class VerifyLayer:
         self.inner.process(end)
 
     # -- the config section -------------------------------------------------------------------------
-    def _config_start(self, ev: Event) -> None:
+    def _config_start(self, ev: StreamEvent) -> None:
         stmt = self._config_stmt
         assert stmt is not None
         if not (isinstance(ev, SectionHeader) and _in_full(ev)
                 and (ev.idstr, ev.instance_id) == (stmt["idstr"], stmt["instance_id"])):
             raise SignatureError(f"a config statement for VFIO device {stmt['idstr']} not followed by its "
                                  f"config section; refusing")
-        self._section = ev
         self._devices.header(ev)
         self._config = [_own(ev)]
 
-    def _in_config(self, ev: Event) -> None:
+    def _in_config(self, ev: StreamEvent) -> None:
         """Hold the config section until its footer, then release it if it matches."""
-        assert self._config is not None and self._config_stmt is not None and self._section is not None
-        stmt, d = self._config_stmt, self._devices[self._section.section_id]
+        sec = self._devices.ctx.current
+        assert self._config is not None and self._config_stmt is not None and sec is not None
+        stmt, d = self._config_stmt, self._devices[sec.section_id]
         if type(ev) is VfioConfigData:
             self._devices.config(ev)
             if d.cfg_length > stmt["length"]:
@@ -497,7 +496,7 @@ class VerifyLayer:
             self.inner.process(e)
 
     # -- top-level records ----------------------------------------------------------------------------
-    def _in_record(self, ev: Event) -> None:
+    def _in_record(self, ev: StreamEvent) -> None:
         assert self._record is not None
         if type(ev) is Opaque:
             self._record += ev.raw
@@ -611,12 +610,15 @@ class VerifyLayer:
             raise SignatureError("the stream ended inside a signed-statement exchange")
 
 
-def _own(ev: Event) -> Event:
+_E = TypeVar("_E", bound=Event)
+
+
+def _own(ev: _E) -> _E:
     """A copy of *ev* whose raw bytes survive the next feed (held events)."""
     return dataclasses.replace(ev, raw=bytes(ev.raw))
 
 
-def _is_record_start(ev: Event) -> bool:
+def _is_record_start(ev: StreamEvent) -> bool:
     return isinstance(ev, SectionHeader) or type(ev) in (Eof, Command)
 
 

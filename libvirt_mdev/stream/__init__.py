@@ -5,19 +5,21 @@ Everything in ``__all__`` is the public API; other modules are private details.
 from __future__ import annotations
 
 from .drive import CHUNK, iter_events, passthrough
-from .events import (NEED_DATA, Command, Configuration, Eof, Event, FileHeader, Opaque,
+from .context import EventConsumer, SectionContext, VfioSection, is_vfio
+from .events import (NEED_DATA, Command, Configuration, Eof, Event, FileHeader, NeedData, Opaque,
                      RamEos, RamMemSize, RamRecords, SaveImageHeader, SectionEnd, SectionFooter,
-                     SectionFull, SectionHeader, SectionPart, SectionStart, StreamEnd,
-                     VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioConfigData, VfioMarker,
+                     SectionFull, SectionHeader, SectionKind, SectionPart, SectionStart, StreamEnd,
+                     StreamEvent, VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioConfigData, VfioMarker,
                      VMDescription)
 from .reader import StreamParser
 from .sections import is_vfio_idstr
 from .writer import StreamWriter
 
 __all__ = [
-    "CHUNK", "NEED_DATA", "Command", "Configuration", "Eof", "Event", "FileHeader", "Opaque",
-    "RamEos", "RamMemSize", "RamRecords", "SaveImageHeader", "SectionEnd", "SectionFooter",
-    "SectionFull", "SectionHeader", "SectionPart", "SectionStart", "StreamEnd", "StreamParser",
-    "StreamWriter", "VMDescription", "VfioBlockData", "VfioBlockEnd", "VfioBlockStart",
-    "VfioConfigData", "VfioMarker", "is_vfio_idstr", "iter_events", "passthrough",
+    "CHUNK", "NEED_DATA", "Command", "Configuration", "Eof", "Event", "EventConsumer", "FileHeader",
+    "NeedData", "Opaque", "RamEos", "RamMemSize", "RamRecords", "SaveImageHeader", "SectionContext",
+    "SectionEnd", "SectionFooter", "SectionFull", "SectionHeader", "SectionKind", "SectionPart",
+    "SectionStart", "StreamEnd", "StreamEvent", "StreamParser", "StreamWriter", "VMDescription",
+    "VfioBlockData", "VfioBlockEnd", "VfioBlockStart", "VfioConfigData", "VfioMarker", "VfioSection",
+    "is_vfio", "is_vfio_idstr", "iter_events", "passthrough",
 ]

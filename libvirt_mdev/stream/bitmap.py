@@ -10,12 +10,12 @@ from typing import Generator
 from ..errors import StreamError
 from ._util import need, pieces
 from .buffer import Input
-from .events import Opaque
+from .events import Opaque, SectionKind, Step
 from .sections import SectionInfo
 from .wire import BE16, BE64, MAX_DIRTY_BITMAP_BUF, DirtyBitmapFlag
 
 
-def read_dirty_bitmap(inp: Input, info: SectionInfo) -> Generator[object, None, None]:
+def read_dirty_bitmap(inp: Input, info: SectionInfo) -> Generator[Step, None, None]:
     """Chunks until one carries EOS.  Emitted as opaque records (we never look inside)."""
     sec = info.label
     while True:
@@ -51,9 +51,9 @@ def read_dirty_bitmap(inp: Input, info: SectionInfo) -> Generator[object, None, 
                     raise StreamError(f"dirty-bitmap buffer of {buf_len} bytes", offset=inp.offset, section=sec)
         elif not flags & (DirtyBitmapFlag.COMPLETE | DirtyBitmapFlag.EOS):
             raise StreamError(f"dirty-bitmap chunk with unknown flags 0x{flags:x}", offset=start, section=sec)
-        yield Opaque(start, memoryview(b"".join(parts)), info.section_id, "dirty-bitmap")
+        yield Opaque(start, memoryview(b"".join(parts)), info.section_id, SectionKind.DIRTY_BITMAP)
         sid = info.section_id
         yield from pieces(inp, buf_len, "a dirty-bitmap buffer", sec,
-                          lambda o, v: Opaque(o, v, sid, "dirty-bitmap"))
+                          lambda o, v: Opaque(o, v, sid, SectionKind.DIRTY_BITMAP))
         if flags & DirtyBitmapFlag.EOS:
             return

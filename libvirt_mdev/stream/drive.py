@@ -14,7 +14,7 @@ import os
 import stat
 from typing import BinaryIO, Callable, Iterator, Optional
 
-from .events import NEED_DATA, Event
+from .events import NEED_DATA, StreamEvent
 from .reader import StreamParser
 from .writer import StreamWriter
 
@@ -98,7 +98,7 @@ class ChunkReader:
 
 
 def iter_events(src: BinaryIO, parser: Optional[StreamParser] = None, chunk: int = CHUNK,
-                progress: Optional[Progress] = None) -> Iterator[Event]:
+                progress: Optional[Progress] = None) -> Iterator[StreamEvent]:
     """Every event of the stream in *src*, in order.  Consume each event before asking
     for the next one: its ``raw`` view is only valid until the next read."""
     p = parser or StreamParser()
@@ -106,7 +106,7 @@ def iter_events(src: BinaryIO, parser: Optional[StreamParser] = None, chunk: int
     while True:
         ev = p.next_event()
         if ev is not NEED_DATA:
-            yield ev  # type: ignore[misc]
+            yield ev
             continue
         if p.done:
             return

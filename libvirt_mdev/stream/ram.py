@@ -22,7 +22,7 @@ from typing import Generator, Optional, Pattern
 from ..errors import StreamError, UnsupportedStream
 from ._util import need, pieces
 from .buffer import Input
-from .events import Opaque, RamEos, RamMemSize, RamRecords
+from .events import Opaque, RamEos, RamMemSize, RamRecords, Step
 from .sections import SectionInfo
 from .wire import (BE16, BE32, BE64, MAPPED_RAM_FILE_OFFSET_ALIGNMENT, MAPPED_RAM_HDR_VERSION, MAPPED_RAM_HEADER,
                    MAX_MAPPED_RAM_REGION, MAX_RAM_BLOCKS, XBZRLE_ENCODING_FLAG, RamFlag)
@@ -83,7 +83,7 @@ def _run_patterns(page_bits: int) -> tuple[Pattern[bytes], Pattern[bytes]]:
 
 
 def read_ram(inp: Input, info: SectionInfo, ctx: RamContext,
-             setup: bool) -> Generator[object, None, None]:
+             setup: bool) -> Generator[Step, None, None]:
     """Records until EOS.  *setup* is true for the START payload (MEM_SIZE allowed)."""
     sec = info.label
     sid = info.section_id
@@ -134,7 +134,7 @@ def read_ram(inp: Input, info: SectionInfo, ctx: RamContext,
 
 
 def _page_record(inp: Input, info: SectionInfo, ctx: RamContext, off: int, hdr: memoryview,
-                 flags: int, kind: int) -> Generator[object, None, None]:
+                 flags: int, kind: int) -> Generator[Step, None, None]:
     sec = info.label
     parts = [bytes(hdr)]
     if flags & _CONTINUE:
@@ -175,7 +175,7 @@ def _page_record(inp: Input, info: SectionInfo, ctx: RamContext, off: int, hdr: 
 
 
 def _mem_size(inp: Input, info: SectionInfo, ctx: RamContext, off: int, hdr: memoryview,
-              total: int, setup: bool) -> Generator[object, None, None]:
+              total: int, setup: bool) -> Generator[Step, None, None]:
     """The RAMBlock list: (idstr, used_length[, mr_addr][, mapped-ram header]) until the
     lengths add up.  Without mapped-ram it is one RamMemSize event; with it, each block's
     entry is followed in the file by that block's bitmap and pages (skipped exactly as

@@ -57,45 +57,38 @@ from typing import Callable, Generator, Optional
 from ..errors import StreamError, UnsupportedStream
 from ._util import printable_ascii
 from .buffer import Input
-from .events import NEED_DATA, Event, Opaque
+from .events import NEED_DATA, Opaque, SectionKind, Step, StreamEvent
 from .wire import (BE16, BE32, DIRTY_BITMAP_IDSTR, MAX_FULL_SECTION, MAX_OUR_RECORD, MAX_SECTIONS,
                    MAX_VMDESC_LEN, MIG_COMMAND_LEN, RAM_IDSTR, VFIO_IDSTR_BARE,
                    VFIO_IDSTR_SUFFIX, VIRTIO_MEM_EARLY_VMSD, MigCommand, SectionType)
 
-KIND_RAM = "ram"
-KIND_VFIO = "vfio"
-KIND_DIRTY_BITMAP = "dirty-bitmap"
-KIND_VMSTATE = "vmstate"
-#: an early-setup vmstate whose layout we parse field by field (early.py)
-KIND_VIRTIO_MEM_EARLY = "virtio-mem-early"
 #: kinds a START/PART/END may have: handlers whose iterative payload we parse exactly
-ITERATIVE_KINDS = ("ram", "vfio", "dirty-bitmap")
-#: libvirt-mdev's own records (signed statements): FULL sections named ``libvirt-mdev/...``
-#: that our destination proxy consumes; QEMU would refuse them (unknown section)
-KIND_OURS = "libvirt-mdev"
+ITERATIVE_KINDS = (SectionKind.RAM, SectionKind.VFIO, SectionKind.DIRTY_BITMAP)
+#: libvirt-mdev's own records (SectionKind.OURS, signed statements) are FULL sections named
+#: ``libvirt-mdev/...`` that our destination proxy consumes; QEMU would refuse them (unknown section)
 OUR_IDSTR_PREFIX = "libvirt-mdev/"
 
 #: iterative handlers QEMU has that we refuse to guess at (FORMAT.md §6)
 KNOWN_UNPARSED_ITERATIVE = ("block", "s390-storage_attributes", "spapr/htab")
 
 
-def kind_of(idstr: str) -> str:
+def kind_of(idstr: str) -> SectionKind:
     """The payload grammar QEMU's loader would apply to a section called *idstr*."""
     if idstr == RAM_IDSTR:
-        return KIND_RAM
+        return SectionKind.RAM
     if idstr == VFIO_IDSTR_BARE or idstr.endswith(VFIO_IDSTR_SUFFIX):
-        return KIND_VFIO
+        return SectionKind.VFIO
     if idstr == DIRTY_BITMAP_IDSTR:
-        return KIND_DIRTY_BITMAP
+        return SectionKind.DIRTY_BITMAP
     if idstr.startswith(OUR_IDSTR_PREFIX):
-        return KIND_OURS
+        return SectionKind.OURS
     if idstr == VIRTIO_MEM_EARLY_VMSD or idstr.endswith("/" + VIRTIO_MEM_EARLY_VMSD):
-        return KIND_VIRTIO_MEM_EARLY
-    return KIND_VMSTATE
+        return SectionKind.VIRTIO_MEM_EARLY
+    return SectionKind.VMSTATE
 
 
 def is_vfio_idstr(idstr: str) -> bool:
-    return kind_of(idstr) == KIND_VFIO
+    return kind_of(idstr) == SectionKind.VFIO
 
 
 @dataclass
@@ -106,7 +99,7 @@ class SectionInfo:
     idstr: str
     instance_id: int
     version_id: int
-    kind: str
+    kind: SectionKind
     iterative: bool
     ended: bool = False
     full_seen: bool = False
@@ -143,7 +136,7 @@ class SectionTable:
             known = SectionInfo(section_id, idstr, instance_id, version_id, kind_of(idstr), iterative)
             self.by_id[section_id] = known
             self._by_name[(idstr, instance_id)] = section_id
-            if known.kind == KIND_VFIO:
+            if known.kind == SectionKind.VFIO:
                 self._vfio.add(section_id)
         elif (known.idstr, known.instance_id) != (idstr, instance_id):
             raise StreamError(f"section id {section_id} reused for {idstr!r}[{instance_id}] "
@@ -158,12 +151,12 @@ class SectionTable:
         """Rules for FULL sections (see the theory above)."""
         if info.full_seen:
             raise StreamError(f"second FULL section for {info.label}", offset=offset)
-        if info.kind in (KIND_RAM, KIND_DIRTY_BITMAP):
+        if info.kind in (SectionKind.RAM, SectionKind.DIRTY_BITMAP):
             raise StreamError(f"FULL section for the iterative handler {info.idstr!r}", offset=offset)
-        if info.kind == KIND_VFIO and not info.iterative:
+        if info.kind == SectionKind.VFIO and not info.iterative:
             raise StreamError(f"VFIO config section {info.label} without the device's setup (START) section",
                               offset=offset)
-        if info.kind == KIND_VIRTIO_MEM_EARLY:
+        if info.kind == SectionKind.VIRTIO_MEM_EARLY:
             # parsed field by field (early.py): exact wherever it appears, so it neither needs
             # nor ends the iterative phase (QEMU sends it among the setup START sections)
             info.full_seen = True
@@ -303,16 +296,15 @@ def footer_bytes(section_id: int) -> bytes:
 
 
 def scan_to_footer(inp: Input, info: SectionInfo, table: SectionTable, terminator: bytes,
-                   make: Callable[[int, memoryview], Event],
-                   limit: int = MAX_FULL_SECTION) -> Generator[object, None, None]:
+                   make: Callable[[int, memoryview], StreamEvent],
+                   limit: int = MAX_FULL_SECTION) -> Generator[Step, None, None]:
     """Hand out an unframed body as events built by *make* until ``terminator + footer``
     followed by a well-formed record; the terminator and footer are left unconsumed."""
     guard = BodyGuard(info, table)
-    emit = make
 
-    def make(off: int, view: memoryview) -> Event:  # noqa: F811 - every body byte passes the guard
+    def guarded(off: int, view: memoryview) -> StreamEvent:  # every body byte passes the guard
         guard.feed(view, off)
-        return emit(off, view)
+        return make(off, view)
 
     pattern_bytes = terminator + footer_bytes(info.section_id)
     pattern = re.compile(re.escape(pattern_bytes))
@@ -341,7 +333,7 @@ def scan_to_footer(inp: Input, info: SectionInfo, table: SectionTable, terminato
                 off = inp.offset
                 view = inp.take(n) if n == 1 else inp.take_upto(n)
                 assert view is not None
-                yield make(off, view)
+                yield guarded(off, view)
                 continue
         if idx > 0:
             total += idx
@@ -349,7 +341,7 @@ def scan_to_footer(inp: Input, info: SectionInfo, table: SectionTable, terminato
             off = inp.offset
             view = inp.take_upto(idx)
             assert view is not None and len(view) == idx
-            yield make(off, view)
+            yield guarded(off, view)
             continue
         # a candidate starts here: judge the record after it
         while True:
@@ -366,7 +358,7 @@ def scan_to_footer(inp: Input, info: SectionInfo, table: SectionTable, terminato
         off = inp.offset
         view = inp.take(1)
         assert view is not None
-        yield make(off, view)
+        yield guarded(off, view)
 
 
 def _check_limit(total: int, limit: int, inp: Input, info: SectionInfo) -> None:
@@ -378,7 +370,7 @@ def _check_limit(total: int, limit: int, inp: Input, info: SectionInfo) -> None:
 _OUR_BODY = re.compile(rb"[\n\x20-\x7e]*")
 
 
-def read_our_record(inp: Input, info: SectionInfo, table: SectionTable) -> Generator[object, None, None]:
+def read_our_record(inp: Input, info: SectionInfo, table: SectionTable) -> Generator[Step, None, None]:
     """One of our own records: printable ASCII lines up to its footer.
 
     Being ASCII, the body cannot contain its footer (``7e`` + an id with 0xff bytes) nor
@@ -392,7 +384,7 @@ def read_our_record(inp: Input, info: SectionInfo, table: SectionTable) -> Gener
 def _our_piece(off: int, view: memoryview, sid: int, info: SectionInfo) -> Opaque:
     if _OUR_BODY.fullmatch(view) is None:
         raise StreamError("a libvirt-mdev record with non-ASCII bytes", offset=off, section=info.label)
-    return Opaque(off, view, sid, KIND_OURS)
+    return Opaque(off, view, sid, SectionKind.OURS)
 
 
 def refuse_iterative(idstr: str, offset: int) -> UnsupportedStream:

@@ -31,7 +31,7 @@ from typing import Generator
 from ..errors import StreamError, UnsupportedStream
 from ._util import need, pieces
 from .buffer import Input
-from .events import (VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioConfigData,
+from .events import (Step, VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioConfigData,
                      VfioMarker)
 from .sections import SectionInfo, SectionTable, scan_to_footer
 from .wire import BE64, MAX_VFIO_BLOCK, SectionType, VfioFlag
@@ -69,7 +69,7 @@ def _machine_version(machine_type: str) -> "tuple[int, int] | None":
 
 
 def read_vfio(inp: Input, info: SectionInfo, table: SectionTable, rtype: SectionType,
-              framing: FramingGuess) -> Generator[object, None, None]:
+              framing: FramingGuess) -> Generator[Step, None, None]:
     """One VFIO payload (the footer is left for the caller)."""
     sec = info.label
     sid = info.section_id
@@ -124,7 +124,7 @@ def read_vfio(inp: Input, info: SectionInfo, table: SectionTable, rtype: Section
 
 
 def _data_block(inp: Input, info: SectionInfo, off: int, marker: memoryview,
-                rtype: SectionType, framing: FramingGuess) -> Generator[object, None, None]:
+                rtype: SectionType, framing: FramingGuess) -> Generator[Step, None, None]:
     sec = info.label
     sid = info.section_id
     sz = yield from need(inp, 8, "VFIO data block size", sec)
