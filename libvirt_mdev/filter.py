@@ -52,6 +52,8 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Callable, Optional, Union
 
+from .configfile import MODES
+from .io.sizes import CHUNK
 from .errors import MdevError, MdevMissing, StoreIntegrityError, StreamError, TokenError
 from .store.manifest import Manifest, StateMeta
 from .store.store import StateWriter, Store, StreamTxn
@@ -68,7 +70,6 @@ Emit = Callable[[Bytes], None]
 TOKEN_MAGIC = b"\x00libvirt-mdev-token-v1\x00"
 #: token records are tiny; a larger block is device state, whatever its first bytes
 MAX_TOKEN_RECORD = 4096
-MODES = ("splice", "token")
 
 
 @dataclass(frozen=True)
@@ -328,7 +329,7 @@ class StreamFilter:
         self._emit(encode_vfio_block_header(length))
         pos = offset
         while pos < offset + length:
-            chunk = os.pread(fd, min(1 << 20, offset + length - pos), pos)
+            chunk = os.pread(fd, min(CHUNK, offset + length - pos), pos)
             if not chunk:
                 raise StoreIntegrityError(f"state {manifest.sha256} shorter than its manifest")
             self._emit(chunk)

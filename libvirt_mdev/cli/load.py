@@ -32,7 +32,7 @@ from ..mdev.policy import MatchPolicy
 from ..mdev.types import DeviceCheck
 from ..store import Manifest, Store, resolve_token, spend_token
 from ..store.acl import write_all
-from ..store.layout import CHUNK
+from ..io.sizes import CHUNK
 from ..store.output import open_sink
 from .context import AppContext, pass_app
 

@@ -37,10 +37,9 @@ from typing import BinaryIO, Self
 
 from ..errors import StreamError, UsageError
 from ..stream.saveimage import COMPRESSORS, SAVE_MAGICS, decode_header
+from .sizes import CHUNK
 from ..stream.wire import MAX_SAVE_DATA_LEN, SAVE_HEADER_LEN, SaveFormat
 
-#: bytes per pipe read
-_PIPE_CHUNK = 1 << 20
 
 
 def compress_args(fmt: SaveFormat) -> list[str]:
@@ -129,7 +128,7 @@ class ImageReader:
         return n
 
     def read(self, n: int = -1) -> bytes:
-        buf = bytearray(n if n >= 0 else _PIPE_CHUNK)
+        buf = bytearray(n if n >= 0 else CHUNK)
         got = self.readinto(memoryview(buf))
         return bytes(buf[:got])
 
@@ -272,7 +271,7 @@ class ImageSink:
         assert self._proc is not None and self._proc.stdout is not None
         try:
             while True:
-                b = self._proc.stdout.read(_PIPE_CHUNK)
+                b = self._proc.stdout.read(CHUNK)
                 if not b:
                     return
                 self._emit(b)

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 from ..errors import ConnectError, MdevError, UsageError
-from ..stream.drive import CHUNK, BufferPool
+from ..io.sizes import CHUNK
+from ..stream.drive import BufferPool
 #: requested socket buffer size (the kernel caps it at net.core.{r,w}mem_max)
 SOCK_BUF = 4 << 20
 #: sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call

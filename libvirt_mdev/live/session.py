@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional
 
 from .arming import Claims, bindings_from_pending, check_local_types, select_pending
 from ..config import Config
-from ..errors import ConnectError, MdevError, UsageError
+from ..configfile import PROXY_MODES
+from ..errors import ConnectError, InternalError, MdevError, UsageError, describe
 from ..filter import FilterOptions, StreamFilter
 from ..log import get_logger
 from .limits import ProxyLimits
@@ -25,7 +26,7 @@ from ..sign.source import peer_pid, sign_context, verify_policy
 from ..stream import NEED_DATA, EventConsumer, StreamParser
 from .tlsbridge import Bridge, TlsCreds, accept_tls, connect_tls, read_header
 
-MODES = ("splice", "token", "relay", "sign")
+MODES = PROXY_MODES
 log = get_logger("proxy")
 
 
@@ -360,7 +361,7 @@ class Session:
         elif isinstance(exc, OSError):  # a peer went away: the transport, not the content
             r.error_kind, r.exit_code = ConnectError.kind, ConnectError.exit_code
         else:
-            r.error_kind, r.exit_code = "internal", 70
+            r.error_kind, r.exit_code = InternalError.kind, InternalError.exit_code
         who = f"domain {r.domain_name} migration {r.migration_id}" if r.domain_name else "connection"
         verdict = "FAILED" if r.error_kind == ConnectError.kind else "REFUSED"
         if self._flt is not None:  # a failure after the stream ended (drain, return path) refuses it too
@@ -380,11 +381,9 @@ class Session:
 
 
 def _line(exc: BaseException) -> str:
-    if isinstance(exc, MdevError):
-        return exc.message
     if isinstance(exc, OSError):
         return f"socket error: {exc.strerror or exc}"
-    return f"internal error ({type(exc).__name__}): {' '.join(str(exc).split())}"
+    return describe(exc)
 
 
 __all__ = ["MODES", "ProxyOptions", "Session", "SessionResult"]

@@ -51,10 +51,10 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConfigError, ConnectError, MdevError, StreamError
+from ..io.sizes import CHUNK
 from ..log import get_logger
 
 log = get_logger("tls")
-CHUNK = 1 << 20
 HANDSHAKE_TIMEOUT = 30.0
 
 

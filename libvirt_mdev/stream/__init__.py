@@ -4,7 +4,8 @@ Everything in ``__all__`` is the public API; other modules are private details.
 """
 from __future__ import annotations
 
-from .drive import CHUNK, iter_events, passthrough
+from ..io.sizes import CHUNK
+from .drive import iter_events, passthrough
 from .context import EventConsumer, SectionContext, VfioSection, is_vfio
 from .events import (NEED_DATA, Command, Configuration, Eof, Event, FileHeader, NeedData, Opaque,
                      RamEos, RamMemSize, RamRecords, SaveImageHeader, SectionEnd, SectionFooter,

@@ -14,12 +14,11 @@ import os
 import stat
 from typing import BinaryIO, Callable, Iterator, Optional
 
+from ..io.sizes import CHUNK
 from .events import NEED_DATA, StreamEvent
 from .reader import StreamParser
 from .writer import StreamWriter
 
-#: bytes per read: big enough that per-chunk work is noise, small enough for constant memory
-CHUNK = 1 << 20
 
 Progress = Callable[[int], None]
 

@@ -39,16 +39,17 @@ from .ram import RamContext, read_ram
 from .saveimage import SAVE_MAGICS, read_save_image
 from .bitmap import read_dirty_bitmap
 from .early import read_virtio_mem_early
-from .sections import (ITERATIVE_KINDS, SectionInfo, SectionTable, footer_bytes, kind_of, read_our_record,
+from .sections import (ITERATIVE_KINDS, SectionInfo, SectionTable, kind_of, read_our_record,
                        refuse_iterative, scan_to_footer)
 from .vfio import FramingGuess, read_vfio
 from .vmdesc import check_vmdesc
+from .writer import encode_footer
 from .wire import (BE16, BE32, CONFIG_SUB_CAPABILITIES, CONFIG_SUB_PAGE_BITS, CONFIG_SUB_UUID,
                    DEFAULT_TARGET_PAGE_BITS, DIRTY_BITMAP_VERSION, FILE_HEADER, MAPPED_RAM_CAPABILITY,
                    MAX_CAPABILITIES,
                    MAX_MACHINE_NAME, MAX_VFIO_DEVICES, MAX_VMDESC_LEN, MIG_COMMAND_LEN,
                    QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, QEMU_VM_FILE_VERSION_COMPAT,
-                   RAM_VERSION, VFIO_VERSION, MigCommand, SaveFormat, SectionType)
+                   RAM_VERSION, VFIO_VERSION, MigCommand, SaveFormat, SectionType, VfioFraming)
 
 _HEADER_TYPES: dict[SectionType, type[SectionStart] | type[SectionPart] | type[SectionEnd] | type[SectionFull]] = {
     SectionType.SECTION_START: SectionStart,
@@ -130,8 +131,13 @@ class StreamParser:
         return self._inp.offset
 
     def framing_of(self, section_id: int) -> str:
+        """The VFIO framing of *section_id* as reports name it (``"unknown"``: undecided)."""
+        return self.vfio_framing(section_id) or "unknown"
+
+    def vfio_framing(self, section_id: int) -> Optional[VfioFraming]:
+        """The VFIO framing of *section_id*, ``None`` when the stream so far does not decide."""
         guess = self.framing.get(section_id)
-        return guess.name(self.machine_type) if guess else "unknown"
+        return guess.framing(self.machine_type) if guess else None
 
     # -- grammar ----------------------------------------------------------------------------
 
@@ -308,7 +314,7 @@ class StreamParser:
         inp = self._inp
         foff = inp.offset
         ft = yield from need(inp, 5, "section footer", info.label)
-        if bytes(ft) != footer_bytes(info.section_id):
+        if bytes(ft) != encode_footer(info.section_id):
             raise StreamError(f"expected footer 7e {info.section_id:08x}, found {bytes(ft).hex(' ')}",
                               offset=foff, section=info.label)
         yield SectionFooter(foff, ft, info.section_id)

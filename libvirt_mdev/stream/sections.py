@@ -57,10 +57,11 @@ from typing import Callable, Generator, Optional
 from ..errors import StreamError, UnsupportedStream
 from ._util import printable_ascii
 from .buffer import Input
+from .writer import encode_footer
 from .events import NEED_DATA, Opaque, SectionKind, Step, StreamEvent
-from .wire import (BE16, BE32, DIRTY_BITMAP_IDSTR, MAX_FULL_SECTION, MAX_OUR_RECORD, MAX_SECTIONS,
+from .wire import (BE16, BE32, BE64, DIRTY_BITMAP_IDSTR, MAX_FULL_SECTION, MAX_OUR_RECORD, MAX_SECTIONS,
                    MAX_VMDESC_LEN, MIG_COMMAND_LEN, RAM_IDSTR, VFIO_IDSTR_BARE,
-                   VFIO_IDSTR_SUFFIX, VIRTIO_MEM_EARLY_VMSD, MigCommand, SectionType)
+                   VFIO_IDSTR_SUFFIX, VIRTIO_MEM_EARLY_VMSD, MigCommand, SectionType, VfioFlag)
 
 #: kinds a START/PART/END may have: handlers whose iterative payload we parse exactly
 ITERATIVE_KINDS = (SectionKind.RAM, SectionKind.VFIO, SectionKind.DIRTY_BITMAP)
@@ -247,8 +248,14 @@ def next_record_ok(b: bytes, at_end: bool, table: SectionTable) -> Optional[bool
 
 #: a VFIO START/FULL header ends with "...vfio", be32 instance, be32 version (0 or 1)
 _HIDDEN_VFIO_HEADER = re.compile(rb"vfio(?=[\x00-\xff]{4}\x00\x00\x00[\x00\x01])")
-#: a VFIO PART/END header (type, be32 id) is followed by a VFIO marker
-_HIDDEN_VFIO_PART = re.compile(rb"[\x02\x03](?=[\x00-\xff]{4}\xff\xff\xff\xff\xef\x10\x00[\x01-\x06])")
+#: a VFIO PART/END header (type, be32 id) is followed by a VFIO marker: every VfioFlag is
+#: one 7-byte prefix and a last byte from a small range
+_FLAG_PREFIX = BE64.pack(VfioFlag.END_OF_STATE)[:7]
+assert all(BE64.pack(f)[:7] == _FLAG_PREFIX for f in VfioFlag)
+_FLAG_LAST = re.escape(bytes([min(f & 0xFF for f in VfioFlag)])), re.escape(bytes([max(f & 0xFF for f in VfioFlag)]))
+_HIDDEN_VFIO_PART = re.compile(b"[" + re.escape(bytes([SectionType.SECTION_PART, SectionType.SECTION_END]))
+                               + b"](?=[\x00-\xff]{4}" + re.escape(_FLAG_PREFIX)
+                               + b"[" + _FLAG_LAST[0] + b"-" + _FLAG_LAST[1] + b"])")
 _GUARD_TAIL = 1 + 4 + 1 + 255 + 8
 
 
@@ -291,10 +298,6 @@ class BodyGuard:
                           f"boundaries are ambiguous, refusing", offset=offset, section=self._info.label)
 
 
-def footer_bytes(section_id: int) -> bytes:
-    return bytes([SectionType.SECTION_FOOTER]) + BE32.pack(section_id)
-
-
 def scan_to_footer(inp: Input, info: SectionInfo, table: SectionTable, terminator: bytes,
                    make: Callable[[int, memoryview], StreamEvent],
                    limit: int = MAX_FULL_SECTION) -> Generator[Step, None, None]:
@@ -306,7 +309,7 @@ def scan_to_footer(inp: Input, info: SectionInfo, table: SectionTable, terminato
         guard.feed(view, off)
         return make(off, view)
 
-    pattern_bytes = terminator + footer_bytes(info.section_id)
+    pattern_bytes = terminator + encode_footer(info.section_id)
     pattern = re.compile(re.escape(pattern_bytes))
     plen = len(pattern_bytes)
     total = 0

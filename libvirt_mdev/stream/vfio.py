@@ -26,7 +26,7 @@ records the evidence so ``inspect`` can say which one a stream used.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generator
+from typing import Generator, Optional
 
 from ..errors import StreamError, UnsupportedStream
 from ._util import need, pieces
@@ -34,7 +34,7 @@ from .buffer import Input
 from .events import (Step, VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioConfigData,
                      VfioMarker)
 from .sections import SectionInfo, SectionTable, scan_to_footer
-from .wire import BE64, MAX_VFIO_BLOCK, SectionType, VfioFlag
+from .wire import BE64, MAX_VFIO_BLOCK, SectionType, VfioFlag, VfioFraming
 
 _END = BE64.pack(VfioFlag.END_OF_STATE)
 _KNOWN = {int(f): f for f in VfioFlag}
@@ -47,16 +47,21 @@ class FramingGuess:
     v1_evidence: bool = False  # a size-0 data block in a PART (only v1 writes those)
     v2_evidence: bool = False  # INIT_DATA_SENT (only v2 has switchover-ack)
 
-    def name(self, machine_type: str = "") -> str:
+    def framing(self, machine_type: str = "") -> Optional[VfioFraming]:
+        """The framing the evidence shows, or ``None`` when it does not decide."""
         if self.v2_evidence and not self.v1_evidence:
-            return "v2"
+            return VfioFraming.V2
         if self.v1_evidence and not self.v2_evidence:
-            return "v1"
+            return VfioFraming.V1
         # no decisive evidence: QEMU ≤ 7.2 only spoke v1, ≥ 8.0 only v2
         ver = _machine_version(machine_type)
         if ver is not None:
-            return "v1" if ver < (8, 0) else "v2"
-        return "unknown"
+            return VfioFraming.V1 if ver < (8, 0) else VfioFraming.V2
+        return None
+
+    def name(self, machine_type: str = "") -> str:
+        """The framing's name, ``"unknown"`` when the evidence does not decide (for reports)."""
+        return self.framing(machine_type) or "unknown"
 
 
 def _machine_version(machine_type: str) -> "tuple[int, int] | None":

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
 
-from libvirt_mdev.stream.sections import footer_bytes
+from libvirt_mdev.stream.writer import encode_footer as footer_bytes
 from libvirt_mdev.stream.wire import BE32, BE64, CONFIG_SUB_PAGE_BITS, MigCommand, RamFlag, SectionType, VfioFlag
 from libvirt_mdev.stream.writer import (encode_command, encode_configuration, encode_eof,
                                         encode_file_header, encode_footer, encode_section_part,

@@ -21,7 +21,7 @@ import pytest
 
 from libvirt_mdev.errors import StreamError
 from libvirt_mdev.stream import NEED_DATA, StreamParser
-from libvirt_mdev.stream.sections import footer_bytes
+from libvirt_mdev.stream.writer import encode_footer as footer_bytes
 from libvirt_mdev.stream.wire import (BE16, BE32, BE64, CONFIG_SUB_CAPABILITIES, CONFIG_SUB_PAGE_BITS,
                                       MAX_CAPABILITIES, MAX_FULL_SECTION, MAX_MACHINE_NAME, MAX_RAM_BLOCKS,
                                       MAX_SECTIONS, MAX_VFIO_BLOCK, MAX_VFIO_DEVICES, MAX_VMDESC_LEN,
