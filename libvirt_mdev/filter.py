@@ -54,7 +54,7 @@ from typing import Any, BinaryIO, Callable, Optional, Union
 
 from .configfile import MODES
 from .io.sizes import CHUNK
-from .errors import MdevError, MdevMissing, StoreIntegrityError, StreamError, TokenError
+from .errors import MdevError, MdevMissing, StoreIntegrityError, StreamError, TokenError, UnsupportedStream
 from .store.manifest import Manifest, StateMeta
 from .store.store import StateWriter, Store, StreamTxn
 from .store.tokens import issue_token, parse_token
@@ -86,8 +86,12 @@ class Binding:
     parent_model: Optional[str] = None
 
 
-@dataclass
+@dataclass(frozen=True)
 class FilterOptions:
+    """What the caller decides before the stream starts (never changed while it runs: what
+    the stream itself tells, a save image's domain or a signed hello, is kept by
+    :class:`StreamFilter`)."""
+
     mode: str = "splice"
     migration_id: str = field(default_factory=lambda: uuidlib.uuid4().hex)
     domain_name: Optional[str] = None
@@ -165,6 +169,12 @@ class StreamFilter:
         self.store = store
         self.parser = parser
         self.opts = opts
+        #: the domain and source this stream is for: the options', completed by the stream
+        #: (a save image's own domain XML, :meth:`bind_source` from a signed hello)
+        self.domain_name = opts.domain_name
+        self.domain_uuid = opts.domain_uuid
+        self.source_host = opts.source_host
+        self.bindings = opts.bindings
         self._emit = emit
         self._devices: dict[int, _Device] = {}
         self._ctx = SectionContext()
@@ -206,14 +216,19 @@ class StreamFilter:
             self._emit(ev.raw)
 
     def _save_image(self, ev: SaveImageHeader) -> None:
-        if self.opts.bindings is None and self.opts.bind_from_save_image and ev.xml:
+        if self.bindings is None and self.opts.bind_from_save_image and ev.xml:
             bindings, name, uuid = bindings_from_domain_xml(ev.xml)
-            self.opts.domain_name = self.opts.domain_name or name
-            self.opts.domain_uuid = self.opts.domain_uuid or uuid
+            self.domain_name = self.domain_name or name
+            self.domain_uuid = self.domain_uuid or uuid
             # a domain with no mdev at all says nothing about VFIO sections: store such
             # state unbound (the loader refuses unbound state) rather than guess
             if bindings:
-                self.opts.bindings = bindings
+                self.bindings = bindings
+
+    def bind_source(self, domain_uuid: str, source_host: str) -> None:
+        """The stream's signed hello named its domain and source host: manifests record them."""
+        self.domain_uuid = domain_uuid
+        self.source_host = source_host
 
     def _header(self, ev: SectionHeader) -> None:
         vfio = self._ctx.enter(ev)
@@ -223,13 +238,13 @@ class StreamFilter:
 
     def _new_device(self, ev: VfioSection) -> _Device:
         binding = None
-        if self.opts.bindings is not None:
-            binding = self.opts.bindings.get(ev.idstr)
+        if self.bindings is not None:
+            binding = self.bindings.get(ev.idstr)
             if binding is None or binding.instance_id != ev.instance_id:
                 known = ", ".join(f"{k} instance {b.instance_id}"
-                                  for k, b in sorted(self.opts.bindings.items())) or "none"
+                                  for k, b in sorted(self.bindings.items())) or "none"
                 raise MdevMissing(f"the stream carries state for VFIO device {ev.idstr!r}, which domain "
-                                  f"{self.opts.domain_name or '?'} does not have (instance {ev.instance_id}; "
+                                  f"{self.domain_name or '?'} does not have (instance {ev.instance_id}; "
                                   f"its mdev devices: {known}); refusing")
             for other in self._devices.values():
                 if other.binding is not None and other.binding.mdev_uuid == binding.mdev_uuid:
@@ -406,13 +421,24 @@ class StreamFilter:
     def _meta(self, dev: _Device) -> StateMeta:
         b = dev.binding
         return StateMeta(idstr=dev.idstr, instance_id=dev.instance_id, version_id=dev.version_id,
-                         vfio_framing=_framing(self.parser.framing_of(dev.section_id)),
+                         vfio_framing=self._framing(dev),
                          migration_id=self.opts.migration_id,
                          mdev_uuid=b.mdev_uuid if b else None, mdev_type=b.mdev_type if b else None,
                          driver_version=b.driver_version if b else None,
                          parent_model=b.parent_model if b else None,
-                         domain_name=self.opts.domain_name, domain_uuid=self.opts.domain_uuid,
-                         source_host=self.opts.source_host or socket.gethostname())
+                         domain_name=self.domain_name, domain_uuid=self.domain_uuid,
+                         source_host=self.source_host or socket.gethostname())
+
+    def _framing(self, dev: _Device) -> str:
+        """The framing the manifest records: what the stream showed, never a guess (the
+        loader hands the state to a driver that must read it the same way)."""
+        framing = self.parser.vfio_framing(dev.section_id)
+        if framing is None:
+            raise UnsupportedStream(f"VFIO device {dev.idstr}: its migration framing (v1 or v2) cannot be told "
+                                    f"from the stream (machine type {self.parser.machine_type or 'not sent'!r} "
+                                    f"names no QEMU version, and its sections show no v1 or v2 marker); "
+                                    f"refusing to store its state", offset=self.parser.offset)
+        return framing.value
 
     def writer_for(self, section_id: int) -> Optional[StateWriter]:
         """The open state writer of VFIO section *section_id* (created when the device
@@ -485,10 +511,6 @@ class StreamFilter:
         if isinstance(ev, BaseException) and self.refused is None:
             self.abort(ev.message if isinstance(ev, MdevError) else f"{type(ev).__name__}: {ev}")
         self.close()
-
-
-def _framing(name: str) -> str:
-    return name if name in ("v1", "v2") else "v1"
 
 
 def filter_stream(src: BinaryIO, emit: Emit, store: Store, opts: FilterOptions,

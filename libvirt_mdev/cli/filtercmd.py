@@ -18,6 +18,7 @@ formats hook in there).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import stat
@@ -32,7 +33,7 @@ from ..io.compress import ImageSink, open_image
 from ..filter import DeviceResult, FilterOptions, StreamFilter, bindings_from_domain_xml
 from ..store import Store, parse_token
 from ..store.output import AtomicOutput, open_output
-from ..stream import StreamParser, iter_events
+from ..stream import EventConsumer, StreamParser, iter_events
 from .context import AppContext, pass_app
 from .inspect import open_input, progress_reader
 
@@ -212,9 +213,10 @@ def run_filter(app: AppContext, mode: str, source: str, output: str, store_dir: 
                          stream_kind="image" if mode == "token" else "copy", holder=holder,
                          accept_at_end=False)
     if migration_id:
-        opts.migration_id = migration_id
+        opts = dataclasses.replace(opts, migration_id=migration_id)
     if domain_xml is not None:
-        opts.bindings, opts.domain_name, opts.domain_uuid = bindings_from_domain_xml(domain_xml.read_bytes())
+        bindings, name, uuid = bindings_from_domain_xml(domain_xml.read_bytes())
+        opts = dataclasses.replace(opts, bindings=bindings, domain_name=name, domain_uuid=uuid)
     policy = verify_policy(app)
     with Store.open(store_root, create=True) as store, open_io(source, output) as (src, out):
         parser = StreamParser()
@@ -222,7 +224,7 @@ def run_filter(app: AppContext, mode: str, source: str, output: str, store_dir: 
         sink = ImageSink(out.write)
         with StreamFilter(store, parser, opts, sink.write) as flt:
             layer = None
-            front: Any = flt
+            front: EventConsumer = flt
             if policy is not None:
                 from ..sign.layers import VerifyLayer
                 front = layer = VerifyLayer(flt, policy)
@@ -236,9 +238,9 @@ def run_filter(app: AppContext, mode: str, source: str, output: str, store_dir: 
             out.commit()
             flt.accept()
         # by default only for domains with mdevs: the restore hook asks for no other permit
-        wanted = permit if permit is not None else bool(opts.bindings)
-        if mode == "splice" and wanted and parser.kind == "save-image" and out.regular_file and opts.domain_uuid:
-            _permit(app, opts.domain_uuid, out, signer)
+        wanted = permit if permit is not None else bool(flt.bindings)
+        if mode == "splice" and wanted and parser.kind == "save-image" and out.regular_file and flt.domain_uuid:
+            _permit(app, flt.domain_uuid, out, signer)
         return flt.results
 
 

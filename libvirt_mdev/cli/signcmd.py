@@ -97,10 +97,10 @@ def sign(app: AppContext, source: str, output: str, key_path: Optional[Path], st
         layer = SignLayer(ctx, out.write)
         signer = _Signer(layer, ctx, fixed)
         parser = StreamParser()
+        # (without --domain-xml both are None: the save image's own domain binds)
         opts = FilterOptions(mode="splice", accept_tokens=True, stream_kind="copy", accept_at_end=False,
-                             holder=os.path.abspath(output) if output != "-" else "stdout")
-        if fixed is not None:
-            opts.bindings, opts.domain_uuid = fixed, domain_uuid
+                             holder=os.path.abspath(output) if output != "-" else "stdout",
+                             bindings=fixed, domain_uuid=domain_uuid)
         with StreamFilter(store, parser, opts, signer.write) as flt:
             for ev in iter_events(src, parser):
                 flt.process(ev)

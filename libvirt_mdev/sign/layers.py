@@ -541,15 +541,14 @@ class VerifyLayer:
             raise SignatureError(f"migration {stmt['migration']} was signed {int(age)} s ago (limit "
                                  f"{self.policy.max_age} s; replayed stream or unsynchronised clocks); "
                                  f"refusing")
-        opts = self.inner.opts
-        if opts.domain_uuid is not None and stmt["domain_uuid"] != opts.domain_uuid:
+        flt = self.inner
+        if flt.domain_uuid is not None and stmt["domain_uuid"] != flt.domain_uuid:
             raise SignatureError(f"the stream is signed for domain {stmt['domain_uuid']}, but this "
-                                 f"migration is for domain {opts.domain_uuid}; refusing")
+                                 f"migration is for domain {flt.domain_uuid}; refusing")
         if self.policy.replay is not None:
             self.policy.replay.advance(stmt["signer"], stmt["domain_uuid"], stmt["seq"],
                                        stmt["migration"])
-        opts.domain_uuid = stmt["domain_uuid"]
-        opts.source_host = stmt["source_host"]  # manifests record the signed source host
+        flt.bind_source(stmt["domain_uuid"], stmt["source_host"])  # manifests record the signed source
         self.hello = stmt
         self.verified.append(stmt)
 
@@ -590,7 +589,7 @@ class VerifyLayer:
             raise SignatureError(f"VFIO device {d.idstr}: {length} bytes of state with SHA-256 "
                                  f"{digest[:16]}... passed, but the source signed {stmt['length']} "
                                  f"bytes with {stmt['sha256'][:16]}... (state changed in transit); refusing")
-        b = (self.inner.opts.bindings or {}).get(d.idstr)
+        b = (self.inner.bindings or {}).get(d.idstr)
         mine = (b.mdev_uuid, b.mdev_type) if b else (None, None)
         if (stmt["mdev_uuid"], stmt["mdev_type"]) != mine:
             raise SignatureError(f"VFIO device {d.idstr}: signed for mdev {stmt['mdev_uuid']} of type "
