@@ -304,6 +304,7 @@ def scan_to_footer(inp: Input, info: SectionInfo, table: SectionTable, terminato
     """Hand out an unframed body as events built by *make* until ``terminator + footer``
     followed by a well-formed record; the terminator and footer are left unconsumed."""
     guard = BodyGuard(info, table)
+    start = inp.offset
 
     def guarded(off: int, view: memoryview) -> StreamEvent:  # every body byte passes the guard
         guard.feed(view, off)
@@ -332,7 +333,7 @@ def scan_to_footer(inp: Input, info: SectionInfo, table: SectionTable, terminato
                     continue
             if idx < 0:
                 total += n
-                _check_limit(total, limit, inp, info)
+                _check_limit(total, limit, start, info)
                 off = inp.offset
                 view = inp.take(n) if n == 1 else inp.take_upto(n)
                 assert view is not None
@@ -340,7 +341,7 @@ def scan_to_footer(inp: Input, info: SectionInfo, table: SectionTable, terminato
                 continue
         if idx > 0:
             total += idx
-            _check_limit(total, limit, inp, info)
+            _check_limit(total, limit, start, info)
             off = inp.offset
             view = inp.take_upto(idx)
             assert view is not None and len(view) == idx
@@ -357,17 +358,19 @@ def scan_to_footer(inp: Input, info: SectionInfo, table: SectionTable, terminato
         if verdict:
             return
         total += 1
-        _check_limit(total, limit, inp, info)
+        _check_limit(total, limit, start, info)
         off = inp.offset
         view = inp.take(1)
         assert view is not None
         yield guarded(off, view)
 
 
-def _check_limit(total: int, limit: int, inp: Input, info: SectionInfo) -> None:
+def _check_limit(total: int, limit: int, start: int, info: SectionInfo) -> None:
+    """*total* body bytes from offset *start*: past *limit*, refuse at the first byte over it
+    (the same offset however the input was cut into chunks)."""
     if total > limit:
         raise StreamError(f"section body longer than {limit} bytes without a footer",
-                          offset=inp.offset, section=info.label)
+                          offset=start + limit, section=info.label)
 
 
 _OUR_BODY = re.compile(rb"[\n\x20-\x7e]*")
@@ -385,8 +388,10 @@ def read_our_record(inp: Input, info: SectionInfo, table: SectionTable) -> Gener
 
 
 def _our_piece(off: int, view: memoryview, sid: int, info: SectionInfo) -> Opaque:
-    if _OUR_BODY.fullmatch(view) is None:
-        raise StreamError("a libvirt-mdev record with non-ASCII bytes", offset=off, section=info.label)
+    m = _OUR_BODY.match(view)  # always matches (maybe empty): it ends at the first bad byte
+    assert m is not None
+    if m.end() != len(view):
+        raise StreamError("a libvirt-mdev record with non-ASCII bytes", offset=off + m.end(), section=info.label)
     return Opaque(off, view, sid, SectionKind.OURS)
 
 
