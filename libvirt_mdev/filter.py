@@ -520,7 +520,7 @@ def filter_stream(src: BinaryIO, emit: Emit, store: Store, opts: FilterOptions,
     On any error the unfinished state writers are aborted (nothing half-written is left
     that the loader would accept) and the error propagates.
     """
-    from .stream import iter_events
+    from .io.drive import iter_events
     parser = StreamParser()
     flt = StreamFilter(store, parser, opts, emit)
     try:

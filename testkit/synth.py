@@ -26,7 +26,7 @@ import random
 from dataclasses import dataclass, field
 from typing import BinaryIO, Iterator, Optional
 
-from libvirt_mdev.stream.drive import iter_events
+from libvirt_mdev.io.drive import iter_events
 from libvirt_mdev.stream.events import (Eof, SectionFooter, SectionHeader, VMDescription)
 from libvirt_mdev.stream.events import SectionKind
 from libvirt_mdev.stream.writer import (StreamWriter, encode_footer, encode_section_part, encode_section_start,

@@ -33,7 +33,8 @@ from ..io.compress import ImageSink, open_image
 from ..filter import DeviceResult, FilterOptions, StreamFilter, bindings_from_domain_xml
 from ..store import Store, parse_token
 from ..store.output import AtomicOutput, open_output
-from ..stream import EventConsumer, StreamParser, iter_events
+from ..io.drive import iter_events
+from ..stream import EventConsumer, StreamParser
 from .context import AppContext, pass_app
 from .inspect import open_input, progress_reader
 

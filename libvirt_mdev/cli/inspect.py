@@ -9,7 +9,8 @@ import click
 
 from ..errors import NotFound, UsageError
 from ..io.compress import open_image
-from ..stream import StreamParser, iter_events
+from ..io.drive import iter_events
+from ..stream import StreamParser
 from ..summary import StreamSummary, Summarizer
 from .context import AppContext, pass_app
 

@@ -28,7 +28,8 @@ import click
 from ..errors import SignatureError
 from ..filter import Binding, FilterOptions, StreamFilter, bindings_from_domain_xml
 from ..store import Store
-from ..stream import NEED_DATA, SaveImageHeader, StreamParser, iter_events
+from ..io.drive import iter_events
+from ..stream import NEED_DATA, SaveImageHeader, StreamParser
 from .context import AppContext, pass_app
 from .filtercmd import Bytes, check_options, open_io
 

@@ -6,7 +6,7 @@ cheaply, because a live migration is GBs of RAM pages and every extra copy or
 syscall per page shows up in QEMU's ``total-time``:
 
 * reads go into a small pool of reusable 1 MiB buffers (``recv_into``), the way
-  :class:`libvirt_mdev.stream.drive.ChunkReader` does for files: the parser keeps
+  :class:`libvirt_mdev.io.drive.ChunkReader` does for files: the parser keeps
   zero-copy views into a chunk until it has consumed it, so a buffer is reused only
   when nobody holds a view of it any more;
 * everything the filter emits for one chunk is collected as views and sent with one
@@ -31,7 +31,7 @@ from typing import Callable, Optional, Sequence, Union
 
 from ..errors import ConnectError, MdevError, UsageError
 from ..io.sizes import CHUNK
-from ..stream.drive import BufferPool
+from ..io.drive import BufferPool
 #: requested socket buffer size (the kernel caps it at net.core.{r,w}mem_max)
 SOCK_BUF = 4 << 20
 #: sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call

@@ -56,7 +56,8 @@ from .statements import CHAIN_START, MAX_SIGNED_BLOCK, MAX_SIGNED_CONFIG
 from ..store.store import Store
 from ..stream import (Command, Configuration, Eof, Event, FileHeader, Opaque, SectionContext, SectionFooter,
                       SectionFull, SectionHeader, StreamEvent, StreamParser, VfioBlockData, VfioBlockEnd,
-                      VfioBlockStart, VfioConfigData, VfioMarker, is_vfio, iter_events)
+                      VfioBlockStart, VfioConfigData, VfioMarker, is_vfio)
+from ..io.drive import iter_events
 from ..stream.wire import SectionType, VfioFlag
 
 if TYPE_CHECKING:

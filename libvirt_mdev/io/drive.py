@@ -1,4 +1,7 @@
-"""Thin drivers that run the sans-IO parser over files and pipes.
+"""Thin drivers that run the sans-IO parser (libvirt_mdev.stream) over files and pipes.
+
+They live outside ``stream/`` so the codec opens no file and calls no fcntl/readv; the
+proxy's socket reader (live/relay.py) shares :class:`BufferPool`.
 
 Events and the parser keep zero-copy views into the chunks they were fed, until those
 are consumed.  So a chunk buffer may only be reused when nobody holds a view of it any
@@ -14,10 +17,10 @@ import os
 import stat
 from typing import BinaryIO, Callable, Iterator, Optional
 
-from ..io.sizes import CHUNK
-from .events import NEED_DATA, StreamEvent
-from .reader import StreamParser
-from .writer import StreamWriter
+from ..stream.events import NEED_DATA, StreamEvent
+from ..stream.reader import StreamParser
+from ..stream.writer import StreamWriter
+from .sizes import CHUNK
 
 
 Progress = Callable[[int], None]
@@ -28,8 +31,8 @@ _F_SETPIPE_SZ = 1031
 
 
 def grow_pipe(fd: int, size: int = CHUNK) -> None:
-    """Give a pipe a *size* buffer (default 64 KiB): four times fewer wake-ups when a
-    stream is piped through us.  Silently does nothing for non-pipes or over the limit."""
+    """Give a pipe a *size* buffer (default :data:`CHUNK`, the kernel's is 64 KiB): fewer
+    wake-ups when a stream is piped through us.  Silently does nothing for non-pipes or over the limit."""
     try:
         if stat.S_ISFIFO(os.fstat(fd).st_mode):
             fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
