@@ -44,107 +44,28 @@ states (two tokens) from one stream.
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
-import uuid as uuidlib
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Optional, Union
+from dataclasses import dataclass
+from typing import BinaryIO, Callable, Optional, Union
 
 from .configfile import MODES
 from .io.sizes import CHUNK
 from .errors import MdevError, MdevMissing, StoreIntegrityError, StreamError, TokenError, UnsupportedStream
 from .store.manifest import Manifest, StateMeta
 from .store.store import StateWriter, Store, StreamTxn
-from .store.tokens import issue_token, parse_token
+from .filter_options import Binding, DeviceResult, FilterOptions, bindings_from_domain_xml
+from .store.tokens import issue_token
+from .tokenrecords import MAX_TOKEN_RECORD, TOKEN_MAGIC, TokenRecord, encode_token_record, find_manifest, \
+    parse_token_record
 from .stream import (Eof, SaveImageHeader, SectionContext, SectionHeader, StreamEnd, StreamEvent, StreamParser,
                      VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioMarker, VfioSection)
 from .stream.wire import VfioFlag
-from .stream.writer import encode_vfio_block, encode_vfio_block_header
+from .stream.writer import encode_vfio_block_header
 
 Bytes = Union[bytes, bytearray, memoryview]
 Emit = Callable[[Bytes], None]
-
-#: first bytes of a token record's payload (a data block that stands for stripped state)
-TOKEN_MAGIC = b"\x00libvirt-mdev-token-v1\x00"
-#: token records are tiny; a larger block is device state, whatever its first bytes
-MAX_TOKEN_RECORD = 4096
-
-
-@dataclass(frozen=True)
-class Binding:
-    """Which mdev a VFIO section belongs to, and its source type (from our annotation)."""
-
-    mdev_uuid: str
-    mdev_type: Optional[str]
-    #: the VFIO section's instance id: a hostdev registers exactly one, instance 0
-    instance_id: int = 0
-    #: the source's vendor driver version and parent model (annotation / pending record), recorded in
-    #: the manifest so ``load`` can apply the compatibility policy again (docs/orchestrators.md)
-    driver_version: Optional[str] = None
-    parent_model: Optional[str] = None
-
-
-@dataclass(frozen=True)
-class FilterOptions:
-    """What the caller decides before the stream starts (never changed while it runs: what
-    the stream itself tells, a save image's domain or a signed hello, is kept by
-    :class:`StreamFilter`)."""
-
-    mode: str = "splice"
-    migration_id: str = field(default_factory=lambda: uuidlib.uuid4().hex)
-    domain_name: Optional[str] = None
-    domain_uuid: Optional[str] = None
-    source_host: Optional[str] = None
-    #: idstr -> binding; None when the domain is unknown (state is then stored unbound)
-    bindings: Optional[dict[str, Binding]] = None
-    #: whether token records in the input may be resolved (offline splice only)
-    accept_tokens: bool = False
-    #: re-hash each committed state file from disk before QEMU may finish loading it
-    verify: bool = True
-    #: take bindings from a save image's own domain XML when none were given
-    bind_from_save_image: bool = True
-    #: what the stored states are for (store gc keeps ``image`` states until spent)
-    stream_kind: str = "migration"
-    #: what holds them (a stripped image's path), for ``store list``
-    holder: Optional[str] = None
-    #: accept the stream when its end passed every check (the proxy); offline tools
-    #: accept explicitly once their output is complete
-    accept_at_end: bool = True
-
-
-@dataclass
-class DeviceResult:
-    idstr: str
-    instance_id: int
-    section_id: int
-    mdev_uuid: Optional[str]
-    mdev_type: Optional[str]
-    length: int
-    sha256: str
-    token: str
-    blocks: int
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def bindings_from_domain_xml(xml: Bytes) -> tuple[dict[str, Binding], Optional[str], Optional[str]]:
-    """(bindings by VFIO idstr, domain name, domain uuid) from a domain definition."""
-    from .mdev.domain import parse_domain
-    info = parse_domain(bytes(xml))
-    out: dict[str, Binding] = {}
-    for h in info.hostdevs:
-        if h.idstr is None:
-            continue
-        # by guest address (what survives a remapped destination XML), by uuid only for old annotations
-        ann, _how = info.source_of(h)
-        out[h.idstr] = Binding(h.uuid, ann.type_id if ann else None,
-                               driver_version=ann.driver_version if ann else None,
-                               parent_model=ann.parent_model if ann else None)
-    return out, info.name, info.uuid
-
 
 @dataclass
 class _Device:
@@ -306,30 +227,18 @@ class StreamFilter:
     # -- token records ----------------------------------------------------------------------------
 
     def _token_out(self, dev: _Device, offset: int, length: int, token: Optional[str] = None) -> None:
-        rec: dict[str, Any] = {"v": 1, "migration": self.opts.migration_id, "idstr": dev.idstr,
-                               "instance": dev.instance_id}
-        if token is None:
-            rec.update(offset=offset, length=length)
-        else:
-            rec["token"] = token  # the final record: names the state, stands for no block
-        self._emit(encode_vfio_block(TOKEN_MAGIC + json.dumps(rec, sort_keys=True).encode()))
+        self._emit(encode_token_record(TokenRecord(self.opts.migration_id, dev.idstr, dev.instance_id,
+                                                   offset, length, token)))
 
     def _token_record(self, dev: _Device, payload: bytes) -> None:
         """Splice: put the state a token record stands for back in the stream."""
         if not self.opts.accept_tokens:
             raise TokenError(f"VFIO device {dev.idstr}: the stream carries a token record; token "
                              f"records are only accepted by an offline splice, refusing")
-        try:
-            rec = json.loads(payload[len(TOKEN_MAGIC):])
-            final = "token" in rec
-            offset, length = (0, 0) if final else (int(rec["offset"]), int(rec["length"]))
-            if rec["idstr"] != dev.idstr or int(rec["instance"]) != dev.instance_id:
-                raise TokenError(f"token record for device {rec['idstr']!r} found in the section of "
-                                 f"{dev.idstr!r} (swapped devices?)")
-        except (ValueError, KeyError, TypeError) as exc:
-            raise TokenError(f"VFIO device {dev.idstr}: malformed token record ({exc})") from None
-        manifest = self._find_manifest(rec)
-        if final:
+        rec = parse_token_record(payload, dev.idstr, dev.instance_id)
+        offset, length = rec.offset, rec.length
+        manifest = find_manifest(self.store, rec)
+        if rec.final:
             if dev.manifest is not None and dev.manifest.id != manifest.id:
                 raise TokenError(f"VFIO device {dev.idstr}: its token names other state than its "
                                  f"range records")
@@ -361,22 +270,6 @@ class StreamFilter:
             _m, fd = self.store.open_verified(m.id)
             self._verified[m.id] = fd
         return self._verified[m.id]
-
-    def _find_manifest(self, rec: dict[str, Any]) -> Manifest:
-        if "token" in rec:
-            mid = parse_token(rec["token"])
-            m = self.store.manifest(mid)
-            self.store.check_loadable(mid)  # a refused or unfinished stream's state never returns
-            return m
-        # a PART record: its token comes later in the stream; find the state by identity
-        found = [e.manifest for e in self.store.list()
-                 if e.manifest is not None and e.manifest.migration_id == rec.get("migration")
-                 and e.manifest.idstr == rec["idstr"] and e.manifest.instance_id == int(rec["instance"])
-                 and e.status in ("ready", "spent")]
-        if len(found) != 1:
-            raise TokenError(f"token record of migration {rec.get('migration')!r} device {rec['idstr']!r}: "
-                             f"{'no' if not found else 'several'} matching states in the store")
-        return found[0]
 
     # -- end of a device's state -------------------------------------------------------------------
 
@@ -529,3 +422,8 @@ def filter_stream(src: BinaryIO, emit: Emit, store: Store, opts: FilterOptions,
     finally:
         flt.close()
     return flt.results
+
+
+# the filter's vocabulary, importable from here (the proxy, the CLI, the sign layers, the tests)
+__all__ = ["MAX_TOKEN_RECORD", "TOKEN_MAGIC", "Binding", "DeviceResult", "FilterOptions", "StreamFilter",
+           "bindings_from_domain_xml", "filter_stream"]

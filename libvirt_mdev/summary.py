@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
-from .filter import MAX_TOKEN_RECORD, TOKEN_MAGIC
+from .tokenrecords import MAX_TOKEN_RECORD, TOKEN_MAGIC
 from .stream import (Configuration, Eof, RamRecords, SaveImageHeader, SectionContext, SectionFooter,
                      SectionHeader, StreamEvent, StreamParser, VfioBlockData, VfioBlockEnd, VfioBlockStart,
                      VfioConfigData, VMDescription)
