@@ -39,8 +39,8 @@ from .ram import RamContext, read_ram
 from .saveimage import SAVE_MAGICS, read_save_image
 from .bitmap import read_dirty_bitmap
 from .early import read_virtio_mem_early
-from .sections import (ITERATIVE_KINDS, SectionInfo, SectionTable, kind_of, read_our_record,
-                       refuse_iterative, scan_to_footer)
+from .scan import read_our_record, scan_to_footer
+from .sections import ITERATIVE_KINDS, SectionInfo, SectionTable, kind_of, refuse_iterative
 from .vfio import FramingGuess, read_vfio
 from .vmdesc import check_vmdesc
 from .writer import encode_footer

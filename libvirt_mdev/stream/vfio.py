@@ -33,7 +33,8 @@ from ._util import need, pieces
 from .buffer import Input
 from .events import (Step, VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioConfigData,
                      VfioMarker)
-from .sections import SectionInfo, SectionTable, scan_to_footer
+from .scan import scan_to_footer
+from .sections import SectionInfo, SectionTable
 from .wire import BE64, MAX_VFIO_BLOCK, SectionType, VfioFlag, VfioFraming
 
 _END = BE64.pack(VfioFlag.END_OF_STATE)
