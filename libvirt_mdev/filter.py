@@ -47,24 +47,43 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO, Callable, Optional, Union
 
 from .configfile import MODES
-from .io.sizes import CHUNK
 from .errors import MdevError, MdevMissing, StoreIntegrityError, StreamError, TokenError, UnsupportedStream
+from .filter_options import Binding, DeviceResult, FilterOptions, bindings_from_domain_xml
+from .io.drive import ByteSource, iter_events
+from .io.sizes import CHUNK
 from .store.manifest import Manifest, StateMeta
 from .store.store import StateWriter, Store, StreamTxn
-from .filter_options import Binding, DeviceResult, FilterOptions, bindings_from_domain_xml
 from .store.tokens import issue_token
-from .tokenrecords import MAX_TOKEN_RECORD, TOKEN_MAGIC, TokenRecord, encode_token_record, find_manifest, \
-    parse_token_record
-from .stream import (Eof, SaveImageHeader, SectionContext, SectionHeader, StreamEnd, StreamEvent, StreamParser,
-                     VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioMarker, VfioSection)
+from .stream import (
+    Eof,
+    SaveImageHeader,
+    SectionContext,
+    SectionHeader,
+    StreamEnd,
+    StreamEvent,
+    StreamParser,
+    VfioBlockData,
+    VfioBlockEnd,
+    VfioBlockStart,
+    VfioMarker,
+    VfioSection,
+)
 from .stream.wire import VfioFlag
 from .stream.writer import encode_vfio_block_header
+from .tokenrecords import (
+    MAX_TOKEN_RECORD,
+    TOKEN_MAGIC,
+    TokenRecord,
+    encode_token_record,
+    find_manifest,
+    parse_token_record,
+)
 
-Bytes = Union[bytes, bytearray, memoryview]
+Bytes = bytes | bytearray | memoryview
 Emit = Callable[[Bytes], None]
 
 @dataclass
@@ -73,12 +92,12 @@ class _Device:
     instance_id: int
     version_id: int
     section_id: int
-    binding: Optional[Binding]
-    writer: Optional[StateWriter] = None
+    binding: Binding | None
+    writer: StateWriter | None = None
     #: bytes of state so far (the offset of the next block in the state file)
     length: int = 0
     blocks: int = 0
-    manifest: Optional[Manifest] = None
+    manifest: Manifest | None = None
 
 
 class StreamFilter:
@@ -100,14 +119,14 @@ class StreamFilter:
         self._devices: dict[int, _Device] = {}
         self._ctx = SectionContext()
         #: the block being handled: (device, declared size, held header, collected bytes or None)
-        self._block: Optional[tuple[_Device, int, bytes, Optional[bytearray]]] = None
+        self._block: tuple[_Device, int, bytes, bytearray | None] | None = None
         self._block_start_in_state = 0
         #: manifest id -> fd of a state re-hashed once (splice of token records)
         self._verified: dict[str, int] = {}
         self.results: list[DeviceResult] = []
-        self._txn: Optional[StreamTxn] = None
+        self._txn: StreamTxn | None = None
         #: the refusal recorded for this stream (None: not refused)
-        self.refused: Optional[str] = None
+        self.refused: str | None = None
         self.accepted = False
 
     # -- event dispatch -------------------------------------------------------------------
@@ -226,7 +245,7 @@ class StreamFilter:
 
     # -- token records ----------------------------------------------------------------------------
 
-    def _token_out(self, dev: _Device, offset: int, length: int, token: Optional[str] = None) -> None:
+    def _token_out(self, dev: _Device, offset: int, length: int, token: str | None = None) -> None:
         self._emit(encode_token_record(TokenRecord(self.opts.migration_id, dev.idstr, dev.instance_id,
                                                    offset, length, token)))
 
@@ -333,7 +352,7 @@ class StreamFilter:
                                     f"refusing to store its state", offset=self.parser.offset)
         return framing.value
 
-    def writer_for(self, section_id: int) -> Optional[StateWriter]:
+    def writer_for(self, section_id: int) -> StateWriter | None:
         """The open state writer of VFIO section *section_id* (created when the device
         sent no data yet), so a signature layer can set its signature before the
         commit.  None when the section is unknown or its state is already committed."""
@@ -397,7 +416,7 @@ class StreamFilter:
             os.close(fd)
         self._verified.clear()
 
-    def __enter__(self) -> "StreamFilter":
+    def __enter__(self) -> StreamFilter:
         return self
 
     def __exit__(self, et: object, ev: object, tb: object) -> None:
@@ -406,14 +425,13 @@ class StreamFilter:
         self.close()
 
 
-def filter_stream(src: BinaryIO, emit: Emit, store: Store, opts: FilterOptions,
-                  progress: Optional[Callable[[int], None]] = None) -> list[DeviceResult]:
+def filter_stream(src: ByteSource, emit: Emit, store: Store, opts: FilterOptions,
+                  progress: Callable[[int], None] | None = None) -> list[DeviceResult]:
     """Run the filter over the stream in *src* (a file or pipe), emitting output bytes.
 
     On any error the unfinished state writers are aborted (nothing half-written is left
     that the loader would accept) and the error propagates.
     """
-    from .io.drive import iter_events
     parser = StreamParser()
     flt = StreamFilter(store, parser, opts, emit)
     try:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid as uuidlib
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any
 
-Bytes = Union[bytes, bytearray, memoryview]
+Bytes = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)
@@ -14,13 +14,13 @@ class Binding:
     """Which mdev a VFIO section belongs to, and its source type (from our annotation)."""
 
     mdev_uuid: str
-    mdev_type: Optional[str]
+    mdev_type: str | None
     #: the VFIO section's instance id: a hostdev registers exactly one, instance 0
     instance_id: int = 0
     #: the source's vendor driver version and parent model (annotation / pending record), recorded in
     #: the manifest so ``load`` can apply the compatibility policy again (docs/orchestrators.md)
-    driver_version: Optional[str] = None
-    parent_model: Optional[str] = None
+    driver_version: str | None = None
+    parent_model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,11 @@ class FilterOptions:
 
     mode: str = "splice"
     migration_id: str = field(default_factory=lambda: uuidlib.uuid4().hex)
-    domain_name: Optional[str] = None
-    domain_uuid: Optional[str] = None
-    source_host: Optional[str] = None
+    domain_name: str | None = None
+    domain_uuid: str | None = None
+    source_host: str | None = None
     #: idstr -> binding; None when the domain is unknown (state is then stored unbound)
-    bindings: Optional[dict[str, Binding]] = None
+    bindings: dict[str, Binding] | None = None
     #: whether token records in the input may be resolved (offline splice only)
     accept_tokens: bool = False
     #: re-hash each committed state file from disk before QEMU may finish loading it
@@ -45,7 +45,7 @@ class FilterOptions:
     #: what the stored states are for (store gc keeps ``image`` states until spent)
     stream_kind: str = "migration"
     #: what holds them (a stripped image's path), for ``store list``
-    holder: Optional[str] = None
+    holder: str | None = None
     #: accept the stream when its end passed every check (the proxy); offline tools
     #: accept explicitly once their output is complete
     accept_at_end: bool = True
@@ -56,8 +56,8 @@ class DeviceResult:
     idstr: str
     instance_id: int
     section_id: int
-    mdev_uuid: Optional[str]
-    mdev_type: Optional[str]
+    mdev_uuid: str | None
+    mdev_type: str | None
     length: int
     sha256: str
     token: str
@@ -67,7 +67,7 @@ class DeviceResult:
         return dict(self.__dict__)
 
 
-def bindings_from_domain_xml(xml: Bytes) -> tuple[dict[str, Binding], Optional[str], Optional[str]]:
+def bindings_from_domain_xml(xml: Bytes) -> tuple[dict[str, Binding], str | None, str | None]:
     """(bindings by VFIO idstr, domain name, domain uuid) from a domain definition."""
     from .mdev.domain import parse_domain
     info = parse_domain(bytes(xml))

@@ -294,7 +294,7 @@ def main(argv: list[str], stdin: IO[bytes], stdout: IO[bytes], stderr: IO[str],
     key = (call.op, call.sub_op)
     try:
         decision = handler(call)
-    except Exception as exc:  # noqa: BLE001 - fail closed: any doubt is a refusal, in one line
+    except Exception as exc:  # fail closed: any doubt is a refusal, in one line
         gate = key in GATES and (key not in _CONDITIONAL_GATES or call.gate)
         line = describe(exc)
         _log_quietly(call, "warning" if gate else "error", ("REFUSED: " if gate else "failed: ") + line)
@@ -310,7 +310,7 @@ def main(argv: list[str], stdin: IO[bytes], stdout: IO[bytes], stderr: IO[str],
 def _log_quietly(call: Call, level: str, message: str) -> None:
     try:
         call.log(level, message)
-    except Exception:  # noqa: BLE001, S110 - logging must never change the decision
+    except Exception:  # logging must never change the decision
         pass
 
 

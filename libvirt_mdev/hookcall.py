@@ -88,7 +88,7 @@ class Call:
         debug = False
         try:
             debug = self.settings.log_level == "debug"
-        except Exception:  # noqa: BLE001, S110 - a broken config must not stop the log line about it
+        except Exception:  # a broken config must not stop the log line about it
             pass
         if level == "debug" and not debug:
             return
@@ -97,7 +97,7 @@ class Call:
 
             try:
                 log_file = self.settings.log_file
-            except Exception:  # noqa: BLE001 - a broken config must not stop the log line about it
+            except Exception:  # a broken config must not stop the log line about it
                 log_file = None
             self._log = HookLog(LOG_IDENT, log_file, level=10 if debug else 20)
         getattr(self._log, level)(f"{self.op} {self.sub_op} domain={self.domain}: {message}")

@@ -8,12 +8,25 @@ counted, not listed).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
+from .stream import (
+    Configuration,
+    Eof,
+    RamRecords,
+    SaveImageHeader,
+    SectionContext,
+    SectionFooter,
+    SectionHeader,
+    StreamEvent,
+    StreamParser,
+    VfioBlockData,
+    VfioBlockEnd,
+    VfioBlockStart,
+    VfioConfigData,
+    VMDescription,
+)
 from .tokenrecords import MAX_TOKEN_RECORD, TOKEN_MAGIC
-from .stream import (Configuration, Eof, RamRecords, SaveImageHeader, SectionContext, SectionFooter,
-                     SectionHeader, StreamEvent, StreamParser, VfioBlockData, VfioBlockEnd, VfioBlockStart,
-                     VfioConfigData, VMDescription)
 
 
 @dataclass
@@ -46,16 +59,16 @@ class StreamSummary:
     size: int = 0
     machine_type: str = ""
     capabilities: list[str] = field(default_factory=list)
-    domain_name: Optional[str] = None
-    domain_uuid: Optional[str] = None
-    save_image_complete: Optional[bool] = None
+    domain_name: str | None = None
+    domain_uuid: str | None = None
+    save_image_complete: bool | None = None
     sections: list[SectionRecord] = field(default_factory=list)
     vfio: list[VfioDeviceSummary] = field(default_factory=list)
     ram_records: int = 0
     ram_pages: int = 0
     ram_zero_pages: int = 0
-    vmdesc_bytes: Optional[int] = None
-    eof_offset: Optional[int] = None
+    vmdesc_bytes: int | None = None
+    eof_offset: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -70,11 +83,11 @@ class Summarizer:
 
     def __init__(self) -> None:
         self.summary = StreamSummary()
-        self._open: Optional[SectionRecord] = None
+        self._open: SectionRecord | None = None
         self._ctx = SectionContext()
         self._vfio: dict[int, VfioDeviceSummary] = {}
         #: (device, block size, first bytes seen) of the data block being read
-        self._block: Optional[tuple[VfioDeviceSummary, int, bytes]] = None
+        self._block: tuple[VfioDeviceSummary, int, bytes] | None = None
 
     def process(self, ev: StreamEvent) -> None:
         """:class:`~libvirt_mdev.stream.EventConsumer` (the same as :meth:`add`)."""
@@ -132,7 +145,7 @@ class Summarizer:
         return self.summary
 
 
-def _domain_identity(xml: bytes) -> tuple[Optional[str], Optional[str]]:
+def _domain_identity(xml: bytes) -> tuple[str | None, str | None]:
     """Name and UUID from the save image's domain XML (None when unreadable)."""
     from lxml import etree  # TODO(lead): use mdev.domain once it lands
     try:

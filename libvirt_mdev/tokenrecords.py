@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from .errors import TokenError
 from .store.manifest import Manifest
@@ -34,7 +34,7 @@ class TokenRecord:
     offset: int = 0
     length: int = 0
     #: the load token of the whole state: the final record, which stands for no block
-    token: Optional[str] = None
+    token: str | None = None
 
     @property
     def final(self) -> bool:

@@ -21,14 +21,14 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import click
 
 from ..errors import SignatureError
 from ..filter import Binding, FilterOptions, StreamFilter, bindings_from_domain_xml
-from ..store import Store
 from ..io.drive import iter_events
+from ..store import Store
 from ..stream import NEED_DATA, SaveImageHeader, StreamParser
 from .context import AppContext, pass_app
 from .filtercmd import Bytes, check_options, open_io
@@ -37,7 +37,7 @@ from .filtercmd import Bytes, check_options, open_io
 class _Signer:
     """Re-parses the filter's output and signs it on the way to *out* (constant memory)."""
 
-    def __init__(self, layer: Any, ctx: Any, fixed: Optional[dict[str, Binding]]) -> None:
+    def __init__(self, layer: Any, ctx: Any, fixed: dict[str, Binding] | None) -> None:
         self.parser = StreamParser()
         self.layer, self.ctx, self.fixed = layer, ctx, fixed
 
@@ -74,8 +74,8 @@ class _Signer:
               help="Domain XML naming the mdev hostdevs (default: the XML inside the save image).")
 @click.option("--json", "as_json", is_flag=True, help="Print the signed statements as JSON (OUT must be a file).")
 @pass_app
-def sign(app: AppContext, source: str, output: str, key_path: Optional[Path], store_dir: Optional[Path],
-         domain_xml: Optional[Path], as_json: bool) -> int:
+def sign(app: AppContext, source: str, output: str, key_path: Path | None, store_dir: Path | None,
+         domain_xml: Path | None, as_json: bool) -> int:
     """Sign the VFIO device state of save image IN with this host's key; write OUT.
 
     Verify and restore OUT on the destination with `libvirt-mdev splice OUT VERIFIED`

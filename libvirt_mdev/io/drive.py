@@ -15,12 +15,22 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
-from typing import BinaryIO, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, Protocol
 
 from ..stream.events import NEED_DATA, StreamEvent
 from ..stream.reader import StreamParser
 from ..stream.writer import StreamWriter
 from .sizes import CHUNK
+
+
+class ByteSource(Protocol):
+    """What the drivers read a stream from: a file, a pipe, a decompressing
+    :class:`~libvirt_mdev.io.compress.ImageReader`."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+    def fileno(self) -> int: ...
 
 
 Progress = Callable[[int], None]
@@ -67,16 +77,16 @@ class BufferPool:
 class ChunkReader:
     """Read a file or pipe in chunks of up to *size* bytes into reusable buffers."""
 
-    def __init__(self, src: BinaryIO, size: int = CHUNK) -> None:
+    def __init__(self, src: ByteSource, size: int = CHUNK) -> None:
         self._src = src
         self._size = size
         self._pool = BufferPool(size)
         try:
-            self._fd: Optional[int] = src.fileno()
+            self._fd: int | None = src.fileno()
         except (AttributeError, OSError, ValueError):
             self._fd = None
         # a Python-level buffer in front of the fd would hide bytes from os.readv
-        if self._fd is not None and hasattr(src, "peek") and getattr(src, "peek")(0):
+        if self._fd is not None and hasattr(src, "peek") and src.peek(0):
             self._fd = None
         if self._fd is not None:
             grow_pipe(self._fd, size)
@@ -92,15 +102,15 @@ class ChunkReader:
             if self._fd is not None:
                 n = os.readv(self._fd, [view[got:]])
             else:
-                n = self._src.readinto(view[got:]) or 0  # type: ignore[attr-defined]
+                n = self._src.readinto(view[got:]) or 0
             if n == 0:
                 break
             got += n
         return view[:got]
 
 
-def iter_events(src: BinaryIO, parser: Optional[StreamParser] = None, chunk: int = CHUNK,
-                progress: Optional[Progress] = None) -> Iterator[StreamEvent]:
+def iter_events(src: ByteSource, parser: StreamParser | None = None, chunk: int = CHUNK,
+                progress: Progress | None = None) -> Iterator[StreamEvent]:
     """Every event of the stream in *src*, in order.  Consume each event before asking
     for the next one: its ``raw`` view is only valid until the next read."""
     p = parser or StreamParser()
@@ -118,8 +128,8 @@ def iter_events(src: BinaryIO, parser: Optional[StreamParser] = None, chunk: int
             progress(len(data))
 
 
-def passthrough(src: BinaryIO, dst: BinaryIO, chunk: int = CHUNK,
-                progress: Optional[Progress] = None) -> StreamParser:
+def passthrough(src: ByteSource, dst: BinaryIO, chunk: int = CHUNK,
+                progress: Progress | None = None) -> StreamParser:
     """Parse *src* and write it unchanged to *dst* (a validating copy)."""
     parser = StreamParser()
     try:

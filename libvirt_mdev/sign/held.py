@@ -5,17 +5,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, TypeVar, Union
+from typing import TYPE_CHECKING, TypeVar
 
-from ..stream import (Command, Eof, Event, SectionContext, SectionHeader, StreamEvent, VfioBlockStart,
-                      VfioConfigData, is_vfio)
+from ..stream import (
+    Command,
+    Eof,
+    Event,
+    SectionContext,
+    SectionHeader,
+    StreamEvent,
+    VfioBlockStart,
+    VfioConfigData,
+    is_vfio,
+)
 from ..stream.wire import SectionType
 from .statements import CHAIN_START
 
 if TYPE_CHECKING:
     from hashlib import _Hash as Hash
 
-Bytes = Union[bytes, bytearray, memoryview]
+Bytes = bytes | bytearray | memoryview
 
 
 @dataclass
@@ -81,7 +90,7 @@ class HeldBlock:
         self.h.update(raw)
 
 
-def in_full(sec: Optional[SectionHeader]) -> bool:
+def in_full(sec: SectionHeader | None) -> bool:
     """Is *sec* a VFIO device's FULL (config) section header?"""
     return is_vfio(sec, SectionType.SECTION_FULL)
 

@@ -41,9 +41,10 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -77,7 +78,7 @@ def key_id(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()[:KEY_ID_HEX]
 
 
-def new_migration_id(now_ns: Optional[int] = None) -> str:
+def new_migration_id(now_ns: int | None = None) -> str:
     """A migration id that sorts by time (for humans) and is unique (random tail)."""
     ns = time.time_ns() if now_ns is None else now_ns
     return f"{ns:016x}-{secrets.token_hex(4)}"
@@ -158,7 +159,7 @@ class SigningKey:
                                           serialization.NoEncryption())
 
     @classmethod
-    def from_private(cls, private: Ed25519PrivateKey, comment: str = "") -> "SigningKey":
+    def from_private(cls, private: Ed25519PrivateKey, comment: str = "") -> SigningKey:
         raw = private.public_key().public_bytes(serialization.Encoding.Raw,
                                                 serialization.PublicFormat.Raw)
         return cls(private, PublicKey(raw, comment))
@@ -220,7 +221,7 @@ class TrustedKeys:
         self._keys = {k.key_id: k for k in keys}
 
     @classmethod
-    def from_files(cls, paths: Iterable[Path], *, uid: int = 0) -> "TrustedKeys":
+    def from_files(cls, paths: Iterable[Path], *, uid: int = 0) -> TrustedKeys:
         """Read every ``trusted_keys`` file (root-owned, not writable by others)."""
         keys = []
         for p in paths:

@@ -39,8 +39,7 @@ What the destination layer does (in front of the :class:`~libvirt_mdev.filter.St
 """
 from __future__ import annotations
 
-from .record import (MAX_RECORD, SIG_IDSTR, SIG_SECTION_ID, ReplayGuard, decode_record, encode_payload,
-                     encode_record)
+from .record import MAX_RECORD, SIG_IDSTR, SIG_SECTION_ID, ReplayGuard, decode_record, encode_payload, encode_record
 from .signer import SignContext, SignLayer, sign_stream
 from .statements import MAX_SIGNED_BLOCK, MAX_SIGNED_CONFIG
 from .verifier import DEFAULT_MAX_AGE, VerifyLayer, VerifyPolicy, verify_stream

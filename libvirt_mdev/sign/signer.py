@@ -3,22 +3,33 @@ format is described in :mod:`libvirt_mdev.sign.layers` and docs/signing-wire.md)
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Optional, Union
+from typing import Any
 
 from ..errors import MdevMissing, SignatureError
 from ..filter import Binding
-from ..io.drive import iter_events
-from ..stream import Configuration, FileHeader, SectionFooter, SectionHeader, StreamEvent, VfioBlockData, \
-    VfioBlockEnd, VfioBlockStart, VfioConfigData, VfioMarker
+from ..io.drive import ByteSource, iter_events
+from ..stream import (
+    Configuration,
+    FileHeader,
+    SectionFooter,
+    SectionHeader,
+    StreamEvent,
+    VfioBlockData,
+    VfioBlockEnd,
+    VfioBlockStart,
+    VfioConfigData,
+    VfioMarker,
+)
 from ..stream.wire import VfioFlag
 from . import statements
-from .held import Devices, DeviceHashes, HeldBlock, own
+from .held import DeviceHashes, Devices, HeldBlock, own
 from .keys import SigningKey, config_statement, device_statement, new_migration_id, sign_statement
 from .record import encode_record, encode_statement_block
 from .statements import MAX_SIGNED_BLOCK, MAX_SIGNED_CONFIG
 
-Bytes = Union[bytes, bytearray, memoryview]
+Bytes = bytes | bytearray | memoryview
 Emit = Callable[[Bytes], None]
 
 
@@ -28,9 +39,9 @@ class SignContext:
 
     key: SigningKey
     source_host: str
-    domain_uuid: Optional[str] = None
+    domain_uuid: str | None = None
     #: idstr -> binding of the domain's mdevs (None: unknown, statements carry null)
-    bindings: Optional[dict[str, Binding]] = None
+    bindings: dict[str, Binding] | None = None
     migration_id: str = field(default_factory=new_migration_id)
     clock: Callable[[], float] = time.time
 
@@ -45,9 +56,9 @@ class SignLayer:
         self._emit = emit
         self._hello_due = False
         self._devices = Devices()
-        self._block: Optional[HeldBlock] = None
+        self._block: HeldBlock | None = None
         #: a VFIO FULL (config) section being held: its raw bytes so far
-        self._config: Optional[list[bytes]] = None
+        self._config: list[bytes] | None = None
         self.signed: list[dict[str, Any]] = []
 
     def _record(self, stmt: dict[str, Any]) -> None:
@@ -56,9 +67,9 @@ class SignLayer:
         self.signed.append(stmt)
 
     def _common(self) -> dict[str, Any]:
-        return dict(migration=self.ctx.migration_id, domain_uuid=self.ctx.domain_uuid,
-                    source_host=self.ctx.source_host, signer=self.ctx.key.key_id,
-                    time=int(self.ctx.clock()))
+        return {"migration": self.ctx.migration_id, "domain_uuid": self.ctx.domain_uuid,
+                    "source_host": self.ctx.source_host, "signer": self.ctx.key.key_id,
+                    "time": int(self.ctx.clock())}
 
     def _hello(self) -> None:
         self._hello_due = False
@@ -158,7 +169,7 @@ class SignLayer:
         self._emit(b"".join(held))
 
     def _device(self, d: DeviceHashes) -> None:
-        b: Optional[Binding] = None
+        b: Binding | None = None
         if self.ctx.bindings is not None:
             b = self.ctx.bindings.get(d.idstr)
             if b is None:
@@ -170,7 +181,7 @@ class SignLayer:
                                       sha256=d.h.hexdigest(), **self._common()))
 
 
-def sign_stream(src: BinaryIO, emit: Emit, ctx: SignContext) -> SignLayer:
+def sign_stream(src: ByteSource, emit: Emit, ctx: SignContext) -> SignLayer:
     """Copy the stream in *src* to *emit* with signed records added."""
     layer = SignLayer(ctx, emit)
     for ev in iter_events(src):

@@ -32,8 +32,15 @@ from typing import Any
 
 from ..errors import SignatureError
 from ..store.manifest import WORD_RE, is_sha256, is_uuid
-from .keys import (MAX_STATEMENT, STATEMENT_VERSION, SigningKey, TrustedKeys, check_signature,
-                   sign_checked, verify_statement)
+from .keys import (
+    MAX_STATEMENT,
+    STATEMENT_VERSION,
+    SigningKey,
+    TrustedKeys,
+    check_signature,
+    sign_checked,
+    verify_statement,
+)
 
 #: the statement version that marks signed-stream format 2 (format 1 is keys.STATEMENT_VERSION)
 FORMAT = 2
@@ -180,5 +187,18 @@ def chain_hash(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-__all__ = ["FORMAT", "MAX_SIGNED_BLOCK", "MAX_SIGNED_CONFIG", "MAX_DEPTH", "CHAIN_START", "nesting_depth",
-           "parse_statement", "check_statement", "sign", "verify", "hello", "block", "chain_hash"]
+__all__ = [
+    "CHAIN_START",
+    "FORMAT",
+    "MAX_DEPTH",
+    "MAX_SIGNED_BLOCK",
+    "MAX_SIGNED_CONFIG",
+    "block",
+    "chain_hash",
+    "check_statement",
+    "hello",
+    "nesting_depth",
+    "parse_statement",
+    "sign",
+    "verify",
+]

@@ -4,23 +4,35 @@ described in :mod:`libvirt_mdev.sign.layers` and docs/signing-wire.md)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable, Optional, Union
+from typing import Any
 
 from ..errors import SignatureError
 from ..filter import DeviceResult, FilterOptions, StreamFilter
-from ..io.drive import iter_events
+from ..io.drive import ByteSource, iter_events
 from ..store.store import Store
-from ..stream import (Opaque, SectionFooter, SectionFull, SectionHeader, StreamEvent, StreamParser, VfioBlockData,
-                      VfioBlockEnd, VfioBlockStart, VfioConfigData, VfioMarker)
+from ..stream import (
+    Opaque,
+    SectionFooter,
+    SectionFull,
+    SectionHeader,
+    StreamEvent,
+    StreamParser,
+    VfioBlockData,
+    VfioBlockEnd,
+    VfioBlockStart,
+    VfioConfigData,
+    VfioMarker,
+)
 from ..stream.wire import VfioFlag
 from . import statements
-from .held import Devices, DeviceHashes, HeldBlock, in_full, is_record_start, own
+from .held import DeviceHashes, Devices, HeldBlock, in_full, is_record_start, own
 from .keys import TrustedKeys, manifest_signature
 from .record import MAX_RECORD, SIG_IDSTR, SIG_MAGIC, ReplayGuard, decode_record
 from .statements import MAX_SIGNED_BLOCK, MAX_SIGNED_CONFIG
 
-Bytes = Union[bytes, bytearray, memoryview]
+Bytes = bytes | bytearray | memoryview
 Emit = Callable[[Bytes], None]
 
 #: how old a hello may be (seconds): migration set-up time plus clock skew
@@ -32,7 +44,7 @@ class VerifyPolicy:
     trusted: TrustedKeys
     require: bool = False
     max_age: int = DEFAULT_MAX_AGE
-    replay: Optional[ReplayGuard] = None
+    replay: ReplayGuard | None = None
     clock: Callable[[], float] = time.time
 
     @property
@@ -52,21 +64,21 @@ class VerifyLayer:
     def __init__(self, inner: StreamFilter, policy: VerifyPolicy) -> None:
         self.inner = inner
         self.policy = policy
-        self.hello: Optional[dict[str, Any]] = None
-        self._record: Optional[bytearray] = None
+        self.hello: dict[str, Any] | None = None
+        self._record: bytearray | None = None
         #: a format-2 stream (statements ahead of the data): block statements are stripped
         self._format2 = False
         #: a statement block being read (the block before each data block)
-        self._stmt_block: Optional[bytearray] = None
+        self._stmt_block: bytearray | None = None
         #: the verified block statement whose block comes next
-        self._expect: Optional[dict[str, Any]] = None
-        self._block: Optional[HeldBlock] = None
+        self._expect: dict[str, Any] | None = None
+        self._block: HeldBlock | None = None
         #: the verified config statement whose section comes next, then the section's held events
-        self._config_stmt: Optional[dict[str, Any]] = None
-        self._config: Optional[list[StreamEvent]] = None
+        self._config_stmt: dict[str, Any] | None = None
+        self._config: list[StreamEvent] | None = None
         #: the held END_OF_STATE (and footer) of a device's END section, awaiting its statement
         self._held: list[StreamEvent] = []
-        self._holding: Optional[int] = None
+        self._holding: int | None = None
         self._devices = Devices()
         self.verified: list[dict[str, Any]] = []
 
@@ -349,7 +361,7 @@ class VerifyLayer:
             raise SignatureError("the stream ended inside a signed-statement exchange")
 
 
-def verify_stream(src: BinaryIO, emit: Emit, store: Store, opts: FilterOptions,
+def verify_stream(src: ByteSource, emit: Emit, store: Store, opts: FilterOptions,
                   policy: VerifyPolicy) -> tuple[list[DeviceResult], VerifyLayer]:
     """Verify, strip the records, and filter (splice/token) the stream in *src*."""
     parser = StreamParser()

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Self
 
 from ..errors import StoreError, StoreIntegrityError
+from ..io.sizes import CHUNK
 from .acl import TEMP_PREFIX, SecureDir
 from .entry import Entry
 from .gc import GcReport, collect
-from ..io.sizes import CHUNK
 from .layout import HOLD_SUFFIX, LOCK_NAME, MANIFEST_SUFFIX, SPENT_SUFFIX, check_id
 from .manifest import HEX64_RE, Manifest, StateMeta, parse_manifest
 from .streams import StreamInfo, StreamTxn, check_loadable, read_stream_info, stream_of

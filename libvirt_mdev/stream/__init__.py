@@ -11,11 +11,35 @@ from typing import Any
 
 from ..io.sizes import CHUNK
 from .context import EventConsumer, SectionContext, VfioSection, is_vfio
-from .events import (NEED_DATA, Command, Configuration, Eof, Event, FileHeader, NeedData, Opaque,
-                     RamEos, RamMemSize, RamRecords, SaveImageHeader, SectionEnd, SectionFooter,
-                     SectionFull, SectionHeader, SectionKind, SectionPart, SectionStart, StreamEnd,
-                     StreamEvent, VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioConfigData, VfioMarker,
-                     VMDescription)
+from .events import (
+    NEED_DATA,
+    Command,
+    Configuration,
+    Eof,
+    Event,
+    FileHeader,
+    NeedData,
+    Opaque,
+    RamEos,
+    RamMemSize,
+    RamRecords,
+    SaveImageHeader,
+    SectionEnd,
+    SectionFooter,
+    SectionFull,
+    SectionHeader,
+    SectionKind,
+    SectionPart,
+    SectionStart,
+    StreamEnd,
+    StreamEvent,
+    VfioBlockData,
+    VfioBlockEnd,
+    VfioBlockStart,
+    VfioConfigData,
+    VfioMarker,
+    VMDescription,
+)
 from .reader import StreamParser
 from .sections import is_vfio_idstr
 from .writer import StreamWriter

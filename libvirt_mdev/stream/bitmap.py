@@ -5,7 +5,7 @@ chunk carries EOS.  Emitted as opaque records: we only delimit them.
 """
 from __future__ import annotations
 
-from typing import Generator
+from collections.abc import Generator
 
 from ..errors import StreamError
 from ._util import need, pieces
@@ -18,6 +18,11 @@ from .wire import BE16, BE64, MAX_DIRTY_BITMAP_BUF, DirtyBitmapFlag
 def read_dirty_bitmap(inp: Input, info: SectionInfo) -> Generator[Step, None, None]:
     """Chunks until one carries EOS.  Emitted as opaque records (we never look inside)."""
     sec = info.label
+    sid = info.section_id
+
+    def make_piece(off: int, view: memoryview) -> Opaque:
+        return Opaque(off, view, sid, SectionKind.DIRTY_BITMAP)
+
     while True:
         start = inp.offset
         parts: list[bytes] = []
@@ -52,8 +57,6 @@ def read_dirty_bitmap(inp: Input, info: SectionInfo) -> Generator[Step, None, No
         elif not flags & (DirtyBitmapFlag.COMPLETE | DirtyBitmapFlag.EOS):
             raise StreamError(f"dirty-bitmap chunk with unknown flags 0x{flags:x}", offset=start, section=sec)
         yield Opaque(start, memoryview(b"".join(parts)), info.section_id, SectionKind.DIRTY_BITMAP)
-        sid = info.section_id
-        yield from pieces(inp, buf_len, "a dirty-bitmap buffer", sec,
-                          lambda o, v: Opaque(o, v, sid, SectionKind.DIRTY_BITMAP))
+        yield from pieces(inp, buf_len, "a dirty-bitmap buffer", sec, make_piece)
         if flags & DirtyBitmapFlag.EOS:
             return

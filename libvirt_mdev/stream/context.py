@@ -8,7 +8,7 @@ consumer's view can lag the parser's), but they all build it the same way, here.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Protocol
 
 from .events import SectionHeader, SectionKind, StreamEvent
 from .wire import SectionType
@@ -30,7 +30,7 @@ class VfioSection:
     version_id: int
 
 
-def is_vfio(sec: Optional[SectionHeader], rtype: SectionType) -> bool:
+def is_vfio(sec: SectionHeader | None, rtype: SectionType) -> bool:
     """Is *sec* a VFIO section header of record type *rtype*?"""
     return sec is not None and sec.kind == SectionKind.VFIO and sec.type == rtype
 
@@ -42,11 +42,11 @@ class SectionContext:
 
     def __init__(self) -> None:
         #: the header of the section the next payload event belongs to
-        self.current: Optional[SectionHeader] = None
+        self.current: SectionHeader | None = None
         #: VFIO devices by section id, in the order they appeared
         self.vfio: dict[int, VfioSection] = {}
 
-    def enter(self, ev: SectionHeader) -> Optional[VfioSection]:
+    def enter(self, ev: SectionHeader) -> VfioSection | None:
         """Enter *ev*'s section; the VFIO device it opens if it is that device's first header."""
         self.current = ev
         if ev.kind != SectionKind.VFIO or ev.section_id in self.vfio:

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Final, Optional, Union
+from typing import Final
 
 from .wire import SAVE_MAGIC_COMPLETE, MigCommand, SectionType, VfioFlag
 
-Bytes = Union[bytes, bytearray, memoryview]
+Bytes = bytes | bytearray | memoryview
 
 
 class NeedData(enum.Enum):
@@ -91,8 +91,8 @@ class Configuration(Event):
 
     machine_type: str
     capabilities: tuple[str, ...] = ()
-    target_page_bits: Optional[int] = None
-    uuid: Optional[bytes] = None
+    target_page_bits: int | None = None
+    uuid: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,8 +236,8 @@ class StreamEnd(Event):
 
 
 #: everything :meth:`StreamParser.next_event` returns besides :data:`NEED_DATA`
-StreamEvent = Union[SaveImageHeader, FileHeader, Configuration, Command, SectionStart, SectionPart, SectionEnd,
-                    SectionFull, SectionFooter, RamMemSize, RamRecords, RamEos, VfioMarker, VfioBlockStart,
-                    VfioBlockData, VfioBlockEnd, VfioConfigData, Opaque, Eof, VMDescription, StreamEnd]
+StreamEvent = (SaveImageHeader | FileHeader | Configuration | Command | SectionStart | SectionPart | SectionEnd |
+               SectionFull | SectionFooter | RamMemSize | RamRecords | RamEos | VfioMarker | VfioBlockStart |
+               VfioBlockData | VfioBlockEnd | VfioConfigData | Opaque | Eof | VMDescription | StreamEnd)
 #: what a reader generator yields
-Step = Union[StreamEvent, NeedData]
+Step = StreamEvent | NeedData

@@ -37,7 +37,6 @@ import struct
 import uuid as uuidlib
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Union
 
 from ..errors import StreamError, UnsupportedStream
 from ._util import need, pieces
@@ -140,7 +139,7 @@ class ChannelEnd(Event):
     """The channel ended cleanly at a packet boundary (``raw`` is empty)."""
 
 
-ChannelEvent = Union[ChannelInit, RamPacket, DeviceStatePacket, PacketData, ChannelEnd]
+ChannelEvent = ChannelInit | RamPacket | DeviceStatePacket | PacketData | ChannelEnd
 
 
 def is_multifd_channel(first4: bytes) -> bool:

@@ -26,30 +26,65 @@ other exception escaping :meth:`next_event` is a bug.
 """
 from __future__ import annotations
 
-from typing import Generator, Iterator, Optional, Union
+from collections.abc import Generator, Iterator
 
 from ..errors import StreamError, UnsupportedStream, UsageError
 from ._util import need, need_peek, printable_ascii
+from .bitmap import read_dirty_bitmap
 from .buffer import Input
-from .events import (NEED_DATA, Command, Configuration, Eof, FileHeader, NeedData, Opaque, SaveImageHeader,
-                     SectionKind, Step, StreamEvent,
-                     SectionEnd, SectionFooter, SectionFull, SectionPart,
-                     SectionStart, StreamEnd, VMDescription)
+from .early import read_virtio_mem_early
+from .events import (
+    NEED_DATA,
+    Command,
+    Configuration,
+    Eof,
+    FileHeader,
+    NeedData,
+    Opaque,
+    SaveImageHeader,
+    SectionEnd,
+    SectionFooter,
+    SectionFull,
+    SectionKind,
+    SectionPart,
+    SectionStart,
+    Step,
+    StreamEnd,
+    StreamEvent,
+    VMDescription,
+)
 from .ram import RamContext, read_ram
 from .saveimage import SAVE_MAGICS, read_save_image
-from .bitmap import read_dirty_bitmap
-from .early import read_virtio_mem_early
 from .scan import read_our_record, scan_to_footer
 from .sections import ITERATIVE_KINDS, SectionInfo, SectionTable, kind_of, refuse_iterative
 from .vfio import FramingGuess, read_vfio
 from .vmdesc import check_vmdesc
+from .wire import (
+    BE16,
+    BE32,
+    CONFIG_SUB_CAPABILITIES,
+    CONFIG_SUB_PAGE_BITS,
+    CONFIG_SUB_UUID,
+    DEFAULT_TARGET_PAGE_BITS,
+    DIRTY_BITMAP_VERSION,
+    FILE_HEADER,
+    MAPPED_RAM_CAPABILITY,
+    MAX_CAPABILITIES,
+    MAX_MACHINE_NAME,
+    MAX_VFIO_DEVICES,
+    MAX_VMDESC_LEN,
+    MIG_COMMAND_LEN,
+    QEMU_VM_FILE_MAGIC,
+    QEMU_VM_FILE_VERSION,
+    QEMU_VM_FILE_VERSION_COMPAT,
+    RAM_VERSION,
+    VFIO_VERSION,
+    MigCommand,
+    SaveFormat,
+    SectionType,
+    VfioFraming,
+)
 from .writer import encode_footer
-from .wire import (BE16, BE32, CONFIG_SUB_CAPABILITIES, CONFIG_SUB_PAGE_BITS, CONFIG_SUB_UUID,
-                   DEFAULT_TARGET_PAGE_BITS, DIRTY_BITMAP_VERSION, FILE_HEADER, MAPPED_RAM_CAPABILITY,
-                   MAX_CAPABILITIES,
-                   MAX_MACHINE_NAME, MAX_VFIO_DEVICES, MAX_VMDESC_LEN, MIG_COMMAND_LEN,
-                   QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, QEMU_VM_FILE_VERSION_COMPAT,
-                   RAM_VERSION, VFIO_VERSION, MigCommand, SaveFormat, SectionType, VfioFraming)
 
 _HEADER_TYPES: dict[SectionType, type[SectionStart] | type[SectionPart] | type[SectionEnd] | type[SectionFull]] = {
     SectionType.SECTION_START: SectionStart,
@@ -60,7 +95,8 @@ _HEADER_TYPES: dict[SectionType, type[SectionStart] | type[SectionPart] | type[S
 #: commands a precopy stream carries (FORMAT.md §2); everything else is refused
 _ALLOWED_COMMANDS = {MigCommand.OPEN_RETURN_PATH, MigCommand.PING, MigCommand.POSTCOPY_ADVISE,
                      MigCommand.SWITCHOVER_START}
-_EXPECTED_VERSION = {SectionKind.RAM: RAM_VERSION, SectionKind.VFIO: VFIO_VERSION, SectionKind.DIRTY_BITMAP: DIRTY_BITMAP_VERSION}
+_EXPECTED_VERSION = {SectionKind.RAM: RAM_VERSION, SectionKind.VFIO: VFIO_VERSION,
+                     SectionKind.DIRTY_BITMAP: DIRTY_BITMAP_VERSION}
 
 
 class StreamParser:
@@ -78,10 +114,10 @@ class StreamParser:
             raise UsageError(f"unknown container {container!r}")
         self._container = container
         #: the save image's format field, once its header was read
-        self._save_format: Optional[int] = None
+        self._save_format: int | None = None
         self._inp = Input()
         self._gen: Generator[Step, None, None] = self._run()
-        self._error: Optional[StreamError] = None
+        self._error: StreamError | None = None
         self.done = False
         self.table = SectionTable()
         self.ram = RamContext()
@@ -91,7 +127,7 @@ class StreamParser:
 
     # -- public API -------------------------------------------------------------------
 
-    def feed(self, data: Union[bytes, bytearray, memoryview]) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Give the parser more input; ``b""`` says the input has ended."""
         if self._inp.eof:
             raise UsageError("feed() after the end of the input")
@@ -134,7 +170,7 @@ class StreamParser:
         """The VFIO framing of *section_id* as reports name it (``"unknown"``: undecided)."""
         return self.vfio_framing(section_id) or "unknown"
 
-    def vfio_framing(self, section_id: int) -> Optional[VfioFraming]:
+    def vfio_framing(self, section_id: int) -> VfioFraming | None:
         """The VFIO framing of *section_id*, ``None`` when the stream so far does not decide."""
         guess = self.framing.get(section_id)
         return guess.framing(self.machine_type) if guess else None
@@ -196,8 +232,8 @@ class StreamParser:
             raise StreamError("machine type name is not printable ASCII", offset=off + 5)
         parts.append(name)
         caps: list[str] = []
-        page_bits: Optional[int] = None
-        uuid: Optional[bytes] = None
+        page_bits: int | None = None
+        uuid: bytes | None = None
         while True:
             nxt = inp.peek(1)
             if nxt is None:

@@ -18,22 +18,32 @@ theory in :mod:`.sections`.
 from __future__ import annotations
 
 import re
-from typing import Callable, Generator, Optional
+from collections.abc import Callable, Generator
 
 from ..errors import StreamError
 from ._util import printable_ascii
 from .buffer import Input
 from .events import NEED_DATA, Opaque, SectionKind, Step, StreamEvent
 from .sections import SectionInfo, SectionTable
-from .wire import (BE16, BE32, BE64, MAX_FULL_SECTION, MAX_OUR_RECORD, MAX_VMDESC_LEN, MIG_COMMAND_LEN, MigCommand,
-                   SectionType, VfioFlag)
+from .wire import (
+    BE16,
+    BE32,
+    BE64,
+    MAX_FULL_SECTION,
+    MAX_OUR_RECORD,
+    MAX_VMDESC_LEN,
+    MIG_COMMAND_LEN,
+    MigCommand,
+    SectionType,
+    VfioFlag,
+)
 from .writer import encode_footer
 
 #: bytes of the next record header needed to judge it (type, id, len, idstr≤255, inst, ver)
 _LOOKAHEAD = 1 + 4 + 1 + 255 + 8
 
 
-def next_record_ok(b: bytes, at_end: bool, table: SectionTable) -> Optional[bool]:
+def next_record_ok(b: bytes, at_end: bool, table: SectionTable) -> bool | None:
     """Is *b* the start of a well-formed top-level record?  ``None``: need more bytes."""
     if not b:
         return False if at_end else None

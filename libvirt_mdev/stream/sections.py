@@ -46,8 +46,7 @@ from dataclasses import dataclass
 
 from ..errors import StreamError, UnsupportedStream
 from .events import SectionKind
-from .wire import (DIRTY_BITMAP_IDSTR, MAX_SECTIONS, RAM_IDSTR, VFIO_IDSTR_BARE, VFIO_IDSTR_SUFFIX,
-                   VIRTIO_MEM_EARLY_VMSD)
+from .wire import DIRTY_BITMAP_IDSTR, MAX_SECTIONS, RAM_IDSTR, VFIO_IDSTR_BARE, VFIO_IDSTR_SUFFIX, VIRTIO_MEM_EARLY_VMSD
 
 #: kinds a START/PART/END may have: handlers whose iterative payload we parse exactly
 ITERATIVE_KINDS = (SectionKind.RAM, SectionKind.VFIO, SectionKind.DIRTY_BITMAP)

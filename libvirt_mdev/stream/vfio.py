@@ -25,14 +25,13 @@ records the evidence so ``inspect`` can say which one a stream used.
 """
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Generator, Optional
 
 from ..errors import StreamError, UnsupportedStream
 from ._util import need, pieces
 from .buffer import Input
-from .events import (Step, VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioConfigData,
-                     VfioMarker)
+from .events import Step, VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioConfigData, VfioMarker
 from .scan import scan_to_footer
 from .sections import SectionInfo, SectionTable
 from .wire import BE64, MAX_VFIO_BLOCK, SectionType, VfioFlag, VfioFraming
@@ -48,7 +47,7 @@ class FramingGuess:
     v1_evidence: bool = False  # a size-0 data block in a PART (only v1 writes those)
     v2_evidence: bool = False  # INIT_DATA_SENT (only v2 has switchover-ack)
 
-    def framing(self, machine_type: str = "") -> Optional[VfioFraming]:
+    def framing(self, machine_type: str = "") -> VfioFraming | None:
         """The framing the evidence shows, or ``None`` when it does not decide."""
         if self.v2_evidence and not self.v1_evidence:
             return VfioFraming.V2
@@ -65,7 +64,7 @@ class FramingGuess:
         return self.framing(machine_type) or "unknown"
 
 
-def _machine_version(machine_type: str) -> "tuple[int, int] | None":
+def _machine_version(machine_type: str) -> tuple[int, int] | None:
     tail = machine_type.rsplit("-", 1)[-1]
     try:
         major, minor = tail.split(".")[:2]
