@@ -72,6 +72,8 @@ from .stream import (
     VfioMarker,
     VfioSection,
 )
+from .stream.context import Emit
+from .stream.events import Bytes
 from .stream.wire import VfioFlag
 from .stream.writer import encode_vfio_block_header
 from .tokenrecords import (
@@ -83,8 +85,6 @@ from .tokenrecords import (
     parse_token_record,
 )
 
-Bytes = bytes | bytearray | memoryview
-Emit = Callable[[Bytes], None]
 
 @dataclass
 class _Device:

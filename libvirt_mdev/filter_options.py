@@ -6,7 +6,7 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 from typing import Any
 
-Bytes = bytes | bytearray | memoryview
+from .stream.events import Bytes
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,10 @@ from ..io.drive import ByteSource, iter_events
 from ..store import Store, parse_token
 from ..store.output import AtomicOutput, open_output
 from ..stream import EventConsumer, StreamParser
+from ..stream.events import Bytes
 from .context import AppContext, pass_app
 from .inspect import open_input, progress_reader
 
-Bytes = bytes | bytearray | memoryview
 #: a save image is restored days after it was signed: no freshness limit (rollback to an
 #: older signed image of the same domain stays possible; docs/saveimages.md)
 IMAGE_MAX_AGE = 100 * 365 * 86400

@@ -30,8 +30,9 @@ from ..filter import Binding, FilterOptions, StreamFilter, bindings_from_domain_
 from ..io.drive import iter_events
 from ..store import Store
 from ..stream import NEED_DATA, SaveImageHeader, StreamParser
+from ..stream.events import Bytes
 from .context import AppContext, pass_app
-from .filtercmd import Bytes, check_options, open_io
+from .filtercmd import check_options, open_io
 
 
 class _Signer:

@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from ..errors import ConnectError, MdevError, UsageError
 from ..io.drive import BufferPool
 from ..io.sizes import CHUNK
+from ..stream.events import Bytes
 
 #: requested socket buffer size (the kernel caps it at net.core.{r,w}mem_max)
 SOCK_BUF = 4 << 20
 #: sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call
 IOV_MAX = 1024
 
-Bytes = bytes | bytearray | memoryview
 
 
 @dataclass(frozen=True)

@@ -21,10 +21,10 @@ from ..filter import FilterOptions, StreamFilter
 from ..log import get_logger
 from ..sign.source import peer_pid, sign_context, verify_policy
 from ..stream import NEED_DATA, EventConsumer, StreamParser
+from ..stream.events import Bytes
 from .arming import Claims, bindings_from_pending, check_local_types, select_pending
 from .limits import ProxyLimits
 from .relay import (
-    Bytes,
     Endpoint,
     Progress,
     ReturnPath,

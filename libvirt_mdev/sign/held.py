@@ -18,13 +18,13 @@ from ..stream import (
     VfioConfigData,
     is_vfio,
 )
+from ..stream.events import Bytes
 from ..stream.wire import SectionType
 from .statements import CHAIN_START
 
 if TYPE_CHECKING:
     from hashlib import _Hash as Hash
 
-Bytes = bytes | bytearray | memoryview
 
 
 @dataclass

@@ -22,15 +22,13 @@ from ..stream import (
     VfioConfigData,
     VfioMarker,
 )
+from ..stream.context import Emit
 from ..stream.wire import VfioFlag
 from . import statements
 from .held import DeviceHashes, Devices, HeldBlock, own
 from .keys import SigningKey, config_statement, device_statement, new_migration_id, sign_statement
 from .record import encode_record, encode_statement_block
 from .statements import MAX_SIGNED_BLOCK, MAX_SIGNED_CONFIG
-
-Bytes = bytes | bytearray | memoryview
-Emit = Callable[[Bytes], None]
 
 
 @dataclass

@@ -25,15 +25,13 @@ from ..stream import (
     VfioConfigData,
     VfioMarker,
 )
+from ..stream.context import Emit
 from ..stream.wire import VfioFlag
 from . import statements
 from .held import DeviceHashes, Devices, HeldBlock, in_full, is_record_start, own
 from .keys import TrustedKeys, manifest_signature
 from .record import MAX_RECORD, SIG_IDSTR, SIG_MAGIC, ReplayGuard, decode_record
 from .statements import MAX_SIGNED_BLOCK, MAX_SIGNED_CONFIG
-
-Bytes = bytes | bytearray | memoryview
-Emit = Callable[[Bytes], None]
 
 #: how old a hello may be (seconds): migration set-up time plus clock skew
 DEFAULT_MAX_AGE = 600

@@ -7,11 +7,15 @@ consumer's view can lag the parser's), but they all build it the same way, here.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from .events import SectionHeader, SectionKind, StreamEvent
+from .events import Bytes, SectionHeader, SectionKind, StreamEvent
 from .wire import SectionType
+
+#: where a consumer sends its output bytes (a file writer offline, a socket in the proxy)
+Emit = Callable[[Bytes], None]
 
 
 class EventConsumer(Protocol):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import BinaryIO
 
-from .events import Event
+from .events import Bytes, Event
 from .wire import (
     BE16,
     BE32,
@@ -22,8 +22,6 @@ from .wire import (
     SectionType,
     VfioFlag,
 )
-
-Bytes = bytes | bytearray | memoryview
 
 #: writes smaller than this are gathered; larger ones go straight to the file
 _GATHER = 256 << 10
