@@ -44,7 +44,6 @@ states (two tokens) from one stream.
 """
 from __future__ import annotations
 
-import os
 import socket
 import sys
 from collections.abc import Callable
@@ -54,7 +53,6 @@ from .configfile import MODES
 from .errors import MdevError, MdevMissing, StoreIntegrityError, StreamError, TokenError, UnsupportedStream
 from .filter_options import Binding, DeviceResult, FilterOptions, bindings_from_domain_xml
 from .io.drive import ByteSource, iter_events
-from .io.sizes import CHUNK
 from .store.manifest import Manifest, StateMeta
 from .store.store import StateWriter, Store, StreamTxn
 from .store.tokens import issue_token
@@ -75,14 +73,15 @@ from .stream import (
 from .stream.context import Emit
 from .stream.events import Bytes
 from .stream.wire import VfioFlag
-from .stream.writer import encode_vfio_block_header
 from .tokenrecords import (
     MAX_TOKEN_RECORD,
     TOKEN_MAGIC,
     TokenRecord,
+    VerifiedStates,
     encode_token_record,
     find_manifest,
     parse_token_record,
+    write_block,
 )
 
 
@@ -121,8 +120,8 @@ class StreamFilter:
         #: the block being handled: (device, declared size, held header, collected bytes or None)
         self._block: tuple[_Device, int, bytes, bytearray | None] | None = None
         self._block_start_in_state = 0
-        #: manifest id -> fd of a state re-hashed once (splice of token records)
-        self._verified: dict[str, int] = {}
+        #: states re-hashed once each (splice of token records)
+        self._states = VerifiedStates(store)
         self.results: list[DeviceResult] = []
         self._txn: StreamTxn | None = None
         #: the refusal recorded for this stream (None: not refused)
@@ -255,40 +254,23 @@ class StreamFilter:
             raise TokenError(f"VFIO device {dev.idstr}: the stream carries a token record; token "
                              f"records are only accepted by an offline splice, refusing")
         rec = parse_token_record(payload, dev.idstr, dev.instance_id)
-        offset, length = rec.offset, rec.length
         manifest = find_manifest(self.store, rec)
         if rec.final:
             if dev.manifest is not None and dev.manifest.id != manifest.id:
                 raise TokenError(f"VFIO device {dev.idstr}: its token names other state than its "
                                  f"range records")
-            self._verified_fd(manifest)  # the whole state is re-hashed before QEMU could finish
+            self._states.fd(manifest)  # the whole state is re-hashed before QEMU could finish
             dev.manifest = manifest
             return  # stands for no block of the original stream
-        if offset < 0 or length < 0 or offset + length > manifest.length:
-            raise TokenError(f"token record range {offset}+{length} outside the stored state "
-                             f"({manifest.length} bytes)")
-        fd = self._verified_fd(manifest)
+        fd = self._states.range_fd(manifest, rec.offset, rec.length)
         dev.manifest = manifest
-        self._emit(encode_vfio_block_header(length))
-        pos = offset
-        while pos < offset + length:
-            chunk = os.pread(fd, min(CHUNK, offset + length - pos), pos)
-            if not chunk:
-                raise StoreIntegrityError(f"state {manifest.sha256} shorter than its manifest")
-            self._emit(chunk)
-            pos += len(chunk)
+        write_block(fd, manifest, rec.offset, rec.length, self._emit)
         dev.blocks += 1
 
     def _begin(self, dev: _Device) -> StateWriter:
         if self._txn is None:
             self._txn = self.store.open_stream(self.opts.stream_kind, self.opts.holder)
         return self.store.begin_state(self._meta(dev), stream=self._txn)
-
-    def _verified_fd(self, m: Manifest) -> int:
-        if m.id not in self._verified:
-            _m, fd = self.store.open_verified(m.id)
-            self._verified[m.id] = fd
-        return self._verified[m.id]
 
     # -- end of a device's state -------------------------------------------------------------------
 
@@ -412,9 +394,7 @@ class StreamFilter:
             if dev.writer is not None:
                 dev.writer.abort()
                 dev.writer = None
-        for fd in self._verified.values():
-            os.close(fd)
-        self._verified.clear()
+        self._states.close()
 
     def __enter__(self) -> StreamFilter:
         return self

@@ -8,14 +8,17 @@ state (see :mod:`libvirt_mdev.filter`).  ``splice`` resolves them in the store.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import TokenError
+from .errors import StoreIntegrityError, TokenError
+from .io.sizes import CHUNK
 from .store.manifest import Manifest
 from .store.store import Store
 from .store.tokens import parse_token
-from .stream.writer import encode_vfio_block
+from .stream.context import Emit
+from .stream.writer import encode_vfio_block, encode_vfio_block_header
 
 #: first bytes of a token record's payload (a data block that stands for stripped state)
 TOKEN_MAGIC = b"\x00libvirt-mdev-token-v1\x00"
@@ -85,3 +88,43 @@ def find_manifest(store: Store, rec: TokenRecord) -> Manifest:
         raise TokenError(f"token record of migration {rec.migration!r} device {rec.idstr!r}: "
                          f"{'no' if not found else 'several'} matching states in the store")
     return found[0]
+
+
+class VerifiedStates:
+    """The stored states a splice writes back: each re-hashed from disk once (before any
+    of it is written back) and kept open until :meth:`close`."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        #: manifest id -> fd of its verified state
+        self._fds: dict[str, int] = {}
+
+    def fd(self, m: Manifest) -> int:
+        if m.id not in self._fds:
+            _m, fd = self._store.open_verified(m.id)
+            self._fds[m.id] = fd
+        return self._fds[m.id]
+
+    def range_fd(self, m: Manifest, offset: int, length: int) -> int:
+        """:meth:`fd`, once *offset* + *length* is known to lie inside the state."""
+        if offset < 0 or length < 0 or offset + length > m.length:
+            raise TokenError(f"token record range {offset}+{length} outside the stored state "
+                             f"({m.length} bytes)")
+        return self.fd(m)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def write_block(fd: int, m: Manifest, offset: int, length: int, emit: Emit) -> None:
+    """Emit the data block a range record stood for: its header, then the state's bytes."""
+    emit(encode_vfio_block_header(length))
+    pos = offset
+    while pos < offset + length:
+        chunk = os.pread(fd, min(CHUNK, offset + length - pos), pos)
+        if not chunk:
+            raise StoreIntegrityError(f"state {m.sha256} shorter than its manifest")
+        emit(chunk)
+        pos += len(chunk)
