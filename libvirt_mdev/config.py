@@ -64,8 +64,8 @@ if TYPE_CHECKING:
 
 DEFAULT_PATH = Path(DEFAULT_CONFIG_PATH)
 
-__all__ = ["DEFAULT_PATH", "ENV_VAR", "LOG_LEVELS", "MODES", "SECTION", "Config", "check_trusted_path", "config_from_values",
-           "config_path", "load_config", "parse_ports"]
+__all__ = ["DEFAULT_PATH", "ENV_VAR", "LOG_LEVELS", "MODES", "SECTION", "Config", "check_trusted_path",
+           "config_from_values", "config_path", "load_config", "parse_ports"]
 
 
 @dataclass(frozen=True)

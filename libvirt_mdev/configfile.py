@@ -44,6 +44,8 @@ ENV_VAR = "LIBVIRT_MDEV_CONFIG"
 SECTION = "libvirt-mdev"
 #: what the filter does with device state (the config's ``mode``; the proxy's --mode adds its own)
 MODES = ("splice", "token")
+#: the proxy's modes: the filter's, plus relaying verbatim and signing on the source host
+PROXY_MODES = (*MODES, "relay", "sign")
 LOG_LEVELS = ("debug", "info", "warning")
 #: defaults this module needs itself (the hook's quick paths, the key-file check); ``Config`` uses them
 DEFAULT_LOG_LEVEL = "info"

@@ -44,101 +44,45 @@ states (two tokens) from one stream.
 """
 from __future__ import annotations
 
-import json
-import os
 import socket
 import sys
-import uuid as uuidlib
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Callable, Optional, Union
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from .errors import MdevError, MdevMissing, StoreIntegrityError, StreamError, TokenError
+from .configfile import MODES
+from .errors import MdevError, MdevMissing, StoreIntegrityError, StreamError, TokenError, UnsupportedStream
+from .filter_options import Binding, DeviceResult, FilterOptions, bindings_from_domain_xml
+from .io.drive import ByteSource, iter_events
 from .store.manifest import Manifest, StateMeta
 from .store.store import StateWriter, Store, StreamTxn
-from .store.tokens import issue_token, parse_token
-from .stream import (Eof, Event, SaveImageHeader, SectionHeader, StreamEnd, StreamParser, VfioBlockData,
-                     VfioBlockEnd, VfioBlockStart, VfioMarker)
-from .stream.wire import SectionType, VfioFlag
-from .stream.writer import encode_vfio_block, encode_vfio_block_header
-
-Bytes = Union[bytes, bytearray, memoryview]
-Emit = Callable[[Bytes], None]
-
-#: first bytes of a token record's payload (a data block that stands for stripped state)
-TOKEN_MAGIC = b"\x00libvirt-mdev-token-v1\x00"
-#: token records are tiny; a larger block is device state, whatever its first bytes
-MAX_TOKEN_RECORD = 4096
-MODES = ("splice", "token")
-
-
-@dataclass(frozen=True)
-class Binding:
-    """Which mdev a VFIO section belongs to, and its source type (from our annotation)."""
-
-    mdev_uuid: str
-    mdev_type: Optional[str]
-    #: the VFIO section's instance id: a hostdev registers exactly one, instance 0
-    instance_id: int = 0
-    #: the source's vendor driver version and parent model (annotation / pending record), recorded in
-    #: the manifest so ``load`` can apply the compatibility policy again (docs/orchestrators.md)
-    driver_version: Optional[str] = None
-    parent_model: Optional[str] = None
-
-
-@dataclass
-class FilterOptions:
-    mode: str = "splice"
-    migration_id: str = field(default_factory=lambda: uuidlib.uuid4().hex)
-    domain_name: Optional[str] = None
-    domain_uuid: Optional[str] = None
-    source_host: Optional[str] = None
-    #: idstr -> binding; None when the domain is unknown (state is then stored unbound)
-    bindings: Optional[dict[str, Binding]] = None
-    #: whether token records in the input may be resolved (offline splice only)
-    accept_tokens: bool = False
-    #: re-hash each committed state file from disk before QEMU may finish loading it
-    verify: bool = True
-    #: take bindings from a save image's own domain XML when none were given
-    bind_from_save_image: bool = True
-    #: what the stored states are for (store gc keeps ``image`` states until spent)
-    stream_kind: str = "migration"
-    #: what holds them (a stripped image's path), for ``store list``
-    holder: Optional[str] = None
-    #: accept the stream when its end passed every check (the proxy); offline tools
-    #: accept explicitly once their output is complete
-    accept_at_end: bool = True
-
-
-@dataclass
-class DeviceResult:
-    idstr: str
-    instance_id: int
-    section_id: int
-    mdev_uuid: Optional[str]
-    mdev_type: Optional[str]
-    length: int
-    sha256: str
-    token: str
-    blocks: int
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def bindings_from_domain_xml(xml: Bytes) -> tuple[dict[str, Binding], Optional[str], Optional[str]]:
-    """(bindings by VFIO idstr, domain name, domain uuid) from a domain definition."""
-    from .mdev.domain import parse_domain
-    info = parse_domain(bytes(xml))
-    out: dict[str, Binding] = {}
-    for h in info.hostdevs:
-        if h.idstr is None:
-            continue
-        # by guest address (what survives a remapped destination XML), by uuid only for old annotations
-        ann, _how = info.source_of(h)
-        out[h.idstr] = Binding(h.uuid, ann.type_id if ann else None,
-                               driver_version=ann.driver_version if ann else None,
-                               parent_model=ann.parent_model if ann else None)
-    return out, info.name, info.uuid
+from .store.tokens import issue_token
+from .stream import (
+    Eof,
+    SaveImageHeader,
+    SectionContext,
+    SectionHeader,
+    StreamEnd,
+    StreamEvent,
+    StreamParser,
+    VfioBlockData,
+    VfioBlockEnd,
+    VfioBlockStart,
+    VfioMarker,
+    VfioSection,
+)
+from .stream.context import Emit
+from .stream.events import Bytes
+from .stream.wire import VfioFlag
+from .tokenrecords import (
+    MAX_TOKEN_RECORD,
+    TOKEN_MAGIC,
+    TokenRecord,
+    VerifiedStates,
+    encode_token_record,
+    find_manifest,
+    parse_token_record,
+    write_block,
+)
 
 
 @dataclass
@@ -147,12 +91,12 @@ class _Device:
     instance_id: int
     version_id: int
     section_id: int
-    binding: Optional[Binding]
-    writer: Optional[StateWriter] = None
+    binding: Binding | None
+    writer: StateWriter | None = None
     #: bytes of state so far (the offset of the next block in the state file)
     length: int = 0
     blocks: int = 0
-    manifest: Optional[Manifest] = None
+    manifest: Manifest | None = None
 
 
 class StreamFilter:
@@ -164,41 +108,46 @@ class StreamFilter:
         self.store = store
         self.parser = parser
         self.opts = opts
+        #: the domain and source this stream is for: the options', completed by the stream
+        #: (a save image's own domain XML, :meth:`bind_source` from a signed hello)
+        self.domain_name = opts.domain_name
+        self.domain_uuid = opts.domain_uuid
+        self.source_host = opts.source_host
+        self.bindings = opts.bindings
         self._emit = emit
         self._devices: dict[int, _Device] = {}
-        self._section: Optional[SectionHeader] = None
+        self._ctx = SectionContext()
         #: the block being handled: (device, declared size, held header, collected bytes or None)
-        self._block: Optional[tuple[_Device, int, bytes, Optional[bytearray]]] = None
+        self._block: tuple[_Device, int, bytes, bytearray | None] | None = None
         self._block_start_in_state = 0
-        #: manifest id -> fd of a state re-hashed once (splice of token records)
-        self._verified: dict[str, int] = {}
+        #: states re-hashed once each (splice of token records)
+        self._states = VerifiedStates(store)
         self.results: list[DeviceResult] = []
-        self._txn: Optional[StreamTxn] = None
+        self._txn: StreamTxn | None = None
         #: the refusal recorded for this stream (None: not refused)
-        self.refused: Optional[str] = None
+        self.refused: str | None = None
         self.accepted = False
 
     # -- event dispatch -------------------------------------------------------------------
 
-    def process(self, ev: Event) -> None:
-        t = type(ev)
-        if t is VfioBlockData:
+    def process(self, ev: StreamEvent) -> None:
+        if type(ev) is VfioBlockData:
             self._block_data(ev)
-        elif t is VfioBlockStart:
-            self._block_start(ev)  # type: ignore[arg-type]
-        elif t is VfioBlockEnd:
-            self._block_end(ev)  # type: ignore[arg-type]
-        elif t is VfioMarker:
-            self._marker(ev)  # type: ignore[arg-type]
+        elif type(ev) is VfioBlockStart:
+            self._block_start(ev)
+        elif type(ev) is VfioBlockEnd:
+            self._block_end(ev)
+        elif type(ev) is VfioMarker:
+            self._marker(ev)
         elif isinstance(ev, SectionHeader):
             self._header(ev)
-        elif t is SaveImageHeader:
-            self._save_image(ev)  # type: ignore[arg-type]
+        elif type(ev) is SaveImageHeader:
+            self._save_image(ev)
             self._emit(ev.raw)
-        elif t is Eof:
+        elif type(ev) is Eof:
             self._at_eof(ev)
             self._emit(ev.raw)
-        elif t is StreamEnd:
+        elif type(ev) is StreamEnd:
             self._emit(ev.raw)
             if self.opts.accept_at_end:
                 self.accept()
@@ -206,30 +155,35 @@ class StreamFilter:
             self._emit(ev.raw)
 
     def _save_image(self, ev: SaveImageHeader) -> None:
-        if self.opts.bindings is None and self.opts.bind_from_save_image and ev.xml:
+        if self.bindings is None and self.opts.bind_from_save_image and ev.xml:
             bindings, name, uuid = bindings_from_domain_xml(ev.xml)
-            self.opts.domain_name = self.opts.domain_name or name
-            self.opts.domain_uuid = self.opts.domain_uuid or uuid
+            self.domain_name = self.domain_name or name
+            self.domain_uuid = self.domain_uuid or uuid
             # a domain with no mdev at all says nothing about VFIO sections: store such
             # state unbound (the loader refuses unbound state) rather than guess
             if bindings:
-                self.opts.bindings = bindings
+                self.bindings = bindings
+
+    def bind_source(self, domain_uuid: str, source_host: str) -> None:
+        """The stream's signed hello named its domain and source host: manifests record them."""
+        self.domain_uuid = domain_uuid
+        self.source_host = source_host
 
     def _header(self, ev: SectionHeader) -> None:
-        self._section = ev
-        if ev.kind == "vfio" and ev.section_id not in self._devices:
-            self._devices[ev.section_id] = self._new_device(ev)
+        vfio = self._ctx.enter(ev)
+        if vfio is not None:
+            self._devices[ev.section_id] = self._new_device(vfio)
         self._emit(ev.raw)
 
-    def _new_device(self, ev: SectionHeader) -> _Device:
+    def _new_device(self, ev: VfioSection) -> _Device:
         binding = None
-        if self.opts.bindings is not None:
-            binding = self.opts.bindings.get(ev.idstr)
+        if self.bindings is not None:
+            binding = self.bindings.get(ev.idstr)
             if binding is None or binding.instance_id != ev.instance_id:
                 known = ", ".join(f"{k} instance {b.instance_id}"
-                                  for k, b in sorted(self.opts.bindings.items())) or "none"
+                                  for k, b in sorted(self.bindings.items())) or "none"
                 raise MdevMissing(f"the stream carries state for VFIO device {ev.idstr!r}, which domain "
-                                  f"{self.opts.domain_name or '?'} does not have (instance {ev.instance_id}; "
+                                  f"{self.domain_name or '?'} does not have (instance {ev.instance_id}; "
                                   f"its mdev devices: {known}); refusing")
             for other in self._devices.values():
                 if other.binding is not None and other.binding.mdev_uuid == binding.mdev_uuid:
@@ -266,7 +220,7 @@ class StreamFilter:
         if self.opts.mode == "splice":
             self._emit(piece)
 
-    def _block_data(self, ev: Event) -> None:
+    def _block_data(self, ev: VfioBlockData) -> None:
         assert self._block is not None
         dev, _size, _hdr, collected = self._block
         if collected is not None:
@@ -290,50 +244,27 @@ class StreamFilter:
 
     # -- token records ----------------------------------------------------------------------------
 
-    def _token_out(self, dev: _Device, offset: int, length: int, token: Optional[str] = None) -> None:
-        rec: dict[str, Any] = {"v": 1, "migration": self.opts.migration_id, "idstr": dev.idstr,
-                               "instance": dev.instance_id}
-        if token is None:
-            rec.update(offset=offset, length=length)
-        else:
-            rec["token"] = token  # the final record: names the state, stands for no block
-        self._emit(encode_vfio_block(TOKEN_MAGIC + json.dumps(rec, sort_keys=True).encode()))
+    def _token_out(self, dev: _Device, offset: int, length: int, token: str | None = None) -> None:
+        self._emit(encode_token_record(TokenRecord(self.opts.migration_id, dev.idstr, dev.instance_id,
+                                                   offset, length, token)))
 
     def _token_record(self, dev: _Device, payload: bytes) -> None:
         """Splice: put the state a token record stands for back in the stream."""
         if not self.opts.accept_tokens:
             raise TokenError(f"VFIO device {dev.idstr}: the stream carries a token record; token "
                              f"records are only accepted by an offline splice, refusing")
-        try:
-            rec = json.loads(payload[len(TOKEN_MAGIC):])
-            final = "token" in rec
-            offset, length = (0, 0) if final else (int(rec["offset"]), int(rec["length"]))
-            if rec["idstr"] != dev.idstr or int(rec["instance"]) != dev.instance_id:
-                raise TokenError(f"token record for device {rec['idstr']!r} found in the section of "
-                                 f"{dev.idstr!r} (swapped devices?)")
-        except (ValueError, KeyError, TypeError) as exc:
-            raise TokenError(f"VFIO device {dev.idstr}: malformed token record ({exc})") from None
-        manifest = self._find_manifest(rec)
-        if final:
+        rec = parse_token_record(payload, dev.idstr, dev.instance_id)
+        manifest = find_manifest(self.store, rec)
+        if rec.final:
             if dev.manifest is not None and dev.manifest.id != manifest.id:
                 raise TokenError(f"VFIO device {dev.idstr}: its token names other state than its "
                                  f"range records")
-            self._verified_fd(manifest)  # the whole state is re-hashed before QEMU could finish
+            self._states.fd(manifest)  # the whole state is re-hashed before QEMU could finish
             dev.manifest = manifest
             return  # stands for no block of the original stream
-        if offset < 0 or length < 0 or offset + length > manifest.length:
-            raise TokenError(f"token record range {offset}+{length} outside the stored state "
-                             f"({manifest.length} bytes)")
-        fd = self._verified_fd(manifest)
+        fd = self._states.range_fd(manifest, rec.offset, rec.length)
         dev.manifest = manifest
-        self._emit(encode_vfio_block_header(length))
-        pos = offset
-        while pos < offset + length:
-            chunk = os.pread(fd, min(1 << 20, offset + length - pos), pos)
-            if not chunk:
-                raise StoreIntegrityError(f"state {manifest.sha256} shorter than its manifest")
-            self._emit(chunk)
-            pos += len(chunk)
+        write_block(fd, manifest, rec.offset, rec.length, self._emit)
         dev.blocks += 1
 
     def _begin(self, dev: _Device) -> StateWriter:
@@ -341,34 +272,10 @@ class StreamFilter:
             self._txn = self.store.open_stream(self.opts.stream_kind, self.opts.holder)
         return self.store.begin_state(self._meta(dev), stream=self._txn)
 
-    def _verified_fd(self, m: Manifest) -> int:
-        if m.id not in self._verified:
-            _m, fd = self.store.open_verified(m.id)
-            self._verified[m.id] = fd
-        return self._verified[m.id]
-
-    def _find_manifest(self, rec: dict[str, Any]) -> Manifest:
-        if "token" in rec:
-            mid = parse_token(rec["token"])
-            m = self.store.manifest(mid)
-            self.store.check_loadable(mid)  # a refused or unfinished stream's state never returns
-            return m
-        # a PART record: its token comes later in the stream; find the state by identity
-        found = [e.manifest for e in self.store.list()
-                 if e.manifest is not None and e.manifest.migration_id == rec.get("migration")
-                 and e.manifest.idstr == rec["idstr"] and e.manifest.instance_id == int(rec["instance"])
-                 and e.status in ("ready", "spent")]
-        if len(found) != 1:
-            raise TokenError(f"token record of migration {rec.get('migration')!r} device {rec['idstr']!r}: "
-                             f"{'no' if not found else 'several'} matching states in the store")
-        return found[0]
-
     # -- end of a device's state -------------------------------------------------------------------
 
     def _marker(self, ev: VfioMarker) -> None:
-        sec = self._section
-        if (ev.marker == VfioFlag.END_OF_STATE and sec is not None
-                and sec.type == SectionType.SECTION_END and sec.kind == "vfio"):
+        if ev.marker == VfioFlag.END_OF_STATE and self._ctx.in_vfio_end:
             dev = self._devices[ev.section_id]
             if self._commit(dev) and self.opts.mode == "token" and dev.manifest is not None:
                 self._token_out(dev, 0, 0, token=issue_token(dev.manifest))
@@ -399,7 +306,7 @@ class StreamFilter:
         self.results.append(DeviceResult(dev.idstr, dev.instance_id, dev.section_id, m.mdev_uuid,
                                          m.mdev_type, m.length, m.sha256, issue_token(m), dev.blocks))
 
-    def _at_eof(self, ev: Event) -> None:
+    def _at_eof(self, ev: Eof) -> None:
         for dev in self._devices.values():
             if dev.writer is not None:
                 raise StreamError(f"VFIO device {dev.idstr}: its state never completed (no END "
@@ -408,15 +315,26 @@ class StreamFilter:
     def _meta(self, dev: _Device) -> StateMeta:
         b = dev.binding
         return StateMeta(idstr=dev.idstr, instance_id=dev.instance_id, version_id=dev.version_id,
-                         vfio_framing=_framing(self.parser.framing_of(dev.section_id)),
+                         vfio_framing=self._framing(dev),
                          migration_id=self.opts.migration_id,
                          mdev_uuid=b.mdev_uuid if b else None, mdev_type=b.mdev_type if b else None,
                          driver_version=b.driver_version if b else None,
                          parent_model=b.parent_model if b else None,
-                         domain_name=self.opts.domain_name, domain_uuid=self.opts.domain_uuid,
-                         source_host=self.opts.source_host or socket.gethostname())
+                         domain_name=self.domain_name, domain_uuid=self.domain_uuid,
+                         source_host=self.source_host or socket.gethostname())
 
-    def writer_for(self, section_id: int) -> Optional[StateWriter]:
+    def _framing(self, dev: _Device) -> str:
+        """The framing the manifest records: what the stream showed, never a guess (the
+        loader hands the state to a driver that must read it the same way)."""
+        framing = self.parser.vfio_framing(dev.section_id)
+        if framing is None:
+            raise UnsupportedStream(f"VFIO device {dev.idstr}: its migration framing (v1 or v2) cannot be told "
+                                    f"from the stream (machine type {self.parser.machine_type or 'not sent'!r} "
+                                    f"names no QEMU version, and its sections show no v1 or v2 marker); "
+                                    f"refusing to store its state", offset=self.parser.offset)
+        return framing.value
+
+    def writer_for(self, section_id: int) -> StateWriter | None:
         """The open state writer of VFIO section *section_id* (created when the device
         sent no data yet), so a signature layer can set its signature before the
         commit.  None when the section is unknown or its state is already committed."""
@@ -476,11 +394,9 @@ class StreamFilter:
             if dev.writer is not None:
                 dev.writer.abort()
                 dev.writer = None
-        for fd in self._verified.values():
-            os.close(fd)
-        self._verified.clear()
+        self._states.close()
 
-    def __enter__(self) -> "StreamFilter":
+    def __enter__(self) -> StreamFilter:
         return self
 
     def __exit__(self, et: object, ev: object, tb: object) -> None:
@@ -489,18 +405,13 @@ class StreamFilter:
         self.close()
 
 
-def _framing(name: str) -> str:
-    return name if name in ("v1", "v2") else "v1"
-
-
-def filter_stream(src: BinaryIO, emit: Emit, store: Store, opts: FilterOptions,
-                  progress: Optional[Callable[[int], None]] = None) -> list[DeviceResult]:
+def filter_stream(src: ByteSource, emit: Emit, store: Store, opts: FilterOptions,
+                  progress: Callable[[int], None] | None = None) -> list[DeviceResult]:
     """Run the filter over the stream in *src* (a file or pipe), emitting output bytes.
 
     On any error the unfinished state writers are aborted (nothing half-written is left
     that the loader would accept) and the error propagates.
     """
-    from .stream import iter_events
     parser = StreamParser()
     flt = StreamFilter(store, parser, opts, emit)
     try:
@@ -509,3 +420,8 @@ def filter_stream(src: BinaryIO, emit: Emit, store: Store, opts: FilterOptions,
     finally:
         flt.close()
     return flt.results
+
+
+# the filter's vocabulary, importable from here (the proxy, the CLI, the sign layers, the tests)
+__all__ = ["MAX_TOKEN_RECORD", "TOKEN_MAGIC", "Binding", "DeviceResult", "FilterOptions", "StreamFilter",
+           "bindings_from_domain_xml", "filter_stream"]

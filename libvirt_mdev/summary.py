@@ -8,12 +8,25 @@ counted, not listed).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
-from .filter import MAX_TOKEN_RECORD, TOKEN_MAGIC
-from .stream import (Configuration, Eof, Event, RamRecords, SaveImageHeader, SectionFooter,
-                     SectionHeader, StreamParser, VfioBlockData, VfioBlockEnd, VfioBlockStart,
-                     VfioConfigData, VMDescription)
+from .stream import (
+    Configuration,
+    Eof,
+    RamRecords,
+    SaveImageHeader,
+    SectionContext,
+    SectionFooter,
+    SectionHeader,
+    StreamEvent,
+    StreamParser,
+    VfioBlockData,
+    VfioBlockEnd,
+    VfioBlockStart,
+    VfioConfigData,
+    VMDescription,
+)
+from .tokenrecords import MAX_TOKEN_RECORD, TOKEN_MAGIC
 
 
 @dataclass
@@ -46,16 +59,16 @@ class StreamSummary:
     size: int = 0
     machine_type: str = ""
     capabilities: list[str] = field(default_factory=list)
-    domain_name: Optional[str] = None
-    domain_uuid: Optional[str] = None
-    save_image_complete: Optional[bool] = None
+    domain_name: str | None = None
+    domain_uuid: str | None = None
+    save_image_complete: bool | None = None
     sections: list[SectionRecord] = field(default_factory=list)
     vfio: list[VfioDeviceSummary] = field(default_factory=list)
     ram_records: int = 0
     ram_pages: int = 0
     ram_zero_pages: int = 0
-    vmdesc_bytes: Optional[int] = None
-    eof_offset: Optional[int] = None
+    vmdesc_bytes: int | None = None
+    eof_offset: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -70,35 +83,40 @@ class Summarizer:
 
     def __init__(self) -> None:
         self.summary = StreamSummary()
-        self._open: Optional[SectionRecord] = None
+        self._open: SectionRecord | None = None
+        self._ctx = SectionContext()
         self._vfio: dict[int, VfioDeviceSummary] = {}
         #: (device, block size, first bytes seen) of the data block being read
-        self._block: Optional[tuple[VfioDeviceSummary, int, bytes]] = None
+        self._block: tuple[VfioDeviceSummary, int, bytes] | None = None
 
-    def add(self, ev: Event) -> None:
+    def process(self, ev: StreamEvent) -> None:
+        """:class:`~libvirt_mdev.stream.EventConsumer` (the same as :meth:`add`)."""
+        self.add(ev)
+
+    def add(self, ev: StreamEvent) -> None:
         s = self.summary
-        t = type(ev)
-        if t is RamRecords:
-            s.ram_records += ev.records  # type: ignore[attr-defined]
-            s.ram_pages += ev.pages  # type: ignore[attr-defined]
-            s.ram_zero_pages += ev.zero_pages  # type: ignore[attr-defined]
+        if type(ev) is RamRecords:
+            s.ram_records += ev.records
+            s.ram_pages += ev.pages
+            s.ram_zero_pages += ev.zero_pages
         elif isinstance(ev, SectionHeader):
             self._open = SectionRecord(ev.type.name.replace("SECTION_", ""), ev.section_id, ev.idstr,
                                        ev.instance_id, ev.version_id, ev.offset)
             s.sections.append(self._open)
-            if ev.kind == "vfio" and ev.section_id not in self._vfio:
-                dev = VfioDeviceSummary(ev.idstr, ev.instance_id, ev.section_id)
-                self._vfio[ev.section_id] = dev
+            vfio = self._ctx.enter(ev)
+            if vfio is not None:
+                dev = VfioDeviceSummary(vfio.idstr, vfio.instance_id, vfio.section_id)
+                self._vfio[vfio.section_id] = dev
                 s.vfio.append(dev)
-        elif t is SectionFooter and self._open is not None:
+        elif type(ev) is SectionFooter and self._open is not None:
             self._open.length = ev.end - self._open.offset
             self._open = None
-        elif t is VfioBlockStart:
-            self._block = (self._vfio[ev.section_id], ev.size, b"")  # type: ignore[attr-defined]
-        elif t is VfioBlockData and self._block is not None and len(self._block[2]) < len(TOKEN_MAGIC):
+        elif type(ev) is VfioBlockStart:
+            self._block = (self._vfio[ev.section_id], ev.size, b"")
+        elif type(ev) is VfioBlockData and self._block is not None and len(self._block[2]) < len(TOKEN_MAGIC):
             dev, size, head = self._block
             self._block = (dev, size, head + bytes(ev.raw[: len(TOKEN_MAGIC)]))
-        elif t is VfioBlockEnd and self._block is not None:
+        elif type(ev) is VfioBlockEnd and self._block is not None:
             dev, size, head = self._block
             self._block = None
             if size <= MAX_TOKEN_RECORD and head.startswith(TOKEN_MAGIC):
@@ -106,19 +124,19 @@ class Summarizer:
             else:
                 dev.state_bytes += size
                 dev.blocks += 1
-        elif t is VfioConfigData:
-            self._vfio[ev.section_id].config_bytes += len(ev.raw)  # type: ignore[attr-defined]
-        elif t is Configuration:
-            s.machine_type = ev.machine_type  # type: ignore[attr-defined]
-            s.capabilities = list(ev.capabilities)  # type: ignore[attr-defined]
-        elif t is SaveImageHeader:
+        elif type(ev) is VfioConfigData:
+            self._vfio[ev.section_id].config_bytes += len(ev.raw)
+        elif type(ev) is Configuration:
+            s.machine_type = ev.machine_type
+            s.capabilities = list(ev.capabilities)
+        elif type(ev) is SaveImageHeader:
             s.kind = "save-image"
-            s.save_image_complete = ev.complete  # type: ignore[attr-defined]
-            s.domain_name, s.domain_uuid = _domain_identity(ev.xml)  # type: ignore[attr-defined]
-        elif t is Eof:
+            s.save_image_complete = ev.complete
+            s.domain_name, s.domain_uuid = _domain_identity(ev.xml)
+        elif type(ev) is Eof:
             s.eof_offset = ev.offset
-        elif t is VMDescription:
-            s.vmdesc_bytes = len(ev.json)  # type: ignore[attr-defined]
+        elif type(ev) is VMDescription:
+            s.vmdesc_bytes = len(ev.json)
         s.size = ev.end
 
     def finish(self, parser: StreamParser) -> StreamSummary:
@@ -127,7 +145,7 @@ class Summarizer:
         return self.summary
 
 
-def _domain_identity(xml: bytes) -> tuple[Optional[str], Optional[str]]:
+def _domain_identity(xml: bytes) -> tuple[str | None, str | None]:
     """Name and UUID from the save image's domain XML (None when unreadable)."""
     from lxml import etree  # TODO(lead): use mdev.domain once it lands
     try:

@@ -6,9 +6,9 @@ whatever tree ``sysfs_root`` names (:mod:`libvirt_mdev.mdev.sysfs`) and never bu
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
 
 from libvirt_mdev.errors import UsageError
 from libvirt_mdev.mdev.sysfs import PathLike, SysfsEnv
@@ -18,13 +18,13 @@ from libvirt_mdev.mdev.sysfs import PathLike, SysfsEnv
 class FakeType:
     """A type offered by a fake parent (the files of ``mdev_supported_types/<type>/``)."""
 
-    name: Optional[str] = None
+    name: str | None = None
     device_api: str = "vfio-pci"
     available_instances: int = 4
-    description: Optional[str] = None
+    description: str | None = None
 
 
-TypeSpec = Union[FakeType, Mapping[str, object], None]
+TypeSpec = FakeType | Mapping[str, object] | None
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class FakeParent:
     """
 
     driver: str = "nvidia"
-    version: Optional[str] = "550.54.14"
+    version: str | None = "550.54.14"
     vendor: str = "0x10de"
     device: str = "0x1eb8"
 
@@ -49,9 +49,9 @@ def _fake_type(spec: TypeSpec) -> FakeType:
 
 
 def make_fake_sysfs(root: PathLike,
-                    parents: Mapping[str, Union[Mapping[str, TypeSpec], Sequence[str]]],
-                    devices: Optional[Mapping[str, tuple[str, str]]] = None,
-                    parent_info: Optional[Mapping[str, FakeParent]] = None) -> SysfsEnv:
+                    parents: Mapping[str, Mapping[str, TypeSpec] | Sequence[str]],
+                    devices: Mapping[str, tuple[str, str]] | None = None,
+                    parent_info: Mapping[str, FakeParent] | None = None) -> SysfsEnv:
     """Build a fake sysfs tree under *root* that looks like the kernel's, symlinks and all.
 
     *parents* maps a parent address (``0000:af:00.0``) to its types (type id → a
@@ -81,7 +81,7 @@ def make_fake_sysfs(root: PathLike,
         pdir = pci / parent
         pdir.mkdir(parents=True, exist_ok=True)
         _symlink(f"../../devices/pci0000:00/{parent}", rootp / "class" / "mdev_bus" / parent)
-        type_map = {t: None for t in types} if not isinstance(types, Mapping) else types
+        type_map = dict.fromkeys(types) if not isinstance(types, Mapping) else types
         declared[parent] = set(type_map)
         for type_id, spec in type_map.items():
             ft = _fake_type(spec)

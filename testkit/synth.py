@@ -23,15 +23,24 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, Iterator, Optional
+from typing import BinaryIO
 
-from libvirt_mdev.stream.drive import iter_events
-from libvirt_mdev.stream.events import (Eof, SectionFooter, SectionHeader, VMDescription)
-from libvirt_mdev.stream.sections import KIND_RAM
-from libvirt_mdev.stream.writer import (StreamWriter, encode_footer, encode_section_part, encode_section_start,
-                     encode_vfio_block, encode_vfio_block_header, encode_vfio_marker, encode_vmdesc)
+from libvirt_mdev.io.compress import ImageReader
+from libvirt_mdev.io.drive import ByteSource, iter_events
+from libvirt_mdev.stream.events import Eof, SectionFooter, SectionHeader, SectionKind, VMDescription
 from libvirt_mdev.stream.wire import VFIO_VERSION, SectionType, VfioFlag
+from libvirt_mdev.stream.writer import (
+    StreamWriter,
+    encode_footer,
+    encode_section_part,
+    encode_section_start,
+    encode_vfio_block,
+    encode_vfio_block_header,
+    encode_vfio_marker,
+    encode_vmdesc,
+)
 
 #: QEMU ≥ 8.0's VFIO_MIG_DEFAULT_DATA_BUFFER_SIZE
 V2_BLOCK = 1 << 20
@@ -160,24 +169,24 @@ class SyntheticVfioDevice:
                 "fields": [{"name": "data", "size": size, "type": "buffer"}]}
 
 
-def _open(path: str) -> BinaryIO:
+def _open(path: str) -> ImageReader:
     """*path* for reading; a compressed save image decompressed as libvirt would."""
     from libvirt_mdev.io.compress import open_image
-    return open_image(open(path, "rb"))  # type: ignore[return-value]
+    return open_image(open(path, "rb"))
 
 
-def _scan(src: BinaryIO) -> tuple[int, int]:
+def _scan(src: ByteSource) -> tuple[int, int]:
     """(largest section id, number of RAM PART records) of a stream."""
     top, parts = -1, 0
     for ev in iter_events(src):
         if isinstance(ev, SectionHeader):
             top = max(top, ev.section_id)
-            parts += ev.kind == KIND_RAM and ev.type == SectionType.SECTION_PART
+            parts += ev.kind == SectionKind.RAM and ev.type == SectionType.SECTION_PART
     return top, parts
 
 
 def inject(src_path: str, dst: BinaryIO, devices: list[SyntheticVfioDevice],
-           first_id: Optional[int] = None) -> None:
+           first_id: int | None = None) -> None:
     """Copy the stream (or save image) at *src_path* to *dst* with *devices* added.  A
     compressed save image is written back in its own format (libvirt_mdev.io.compress)."""
     from libvirt_mdev.io.compress import ImageSink
@@ -189,7 +198,7 @@ def inject(src_path: str, dst: BinaryIO, devices: list[SyntheticVfioDevice],
         dev.reset()
     sent = {id(d): 0 for d in devices}
     per_part = {id(d): -(-d.precopy_size // ram_parts) if ram_parts else 0 for d in devices}
-    last: Optional[SectionHeader] = None
+    last: SectionHeader | None = None
     sink = ImageSink(dst.write)
     with _open(src_path) as fh, StreamWriter(sink) as w:  # type: ignore[arg-type]
         for ev in iter_events(fh):
@@ -204,7 +213,7 @@ def inject(src_path: str, dst: BinaryIO, devices: list[SyntheticVfioDevice],
             w.write(ev)
             if isinstance(ev, SectionHeader):
                 last = ev
-            if not (isinstance(ev, SectionFooter) and last is not None and last.kind == KIND_RAM):
+            if not (isinstance(ev, SectionFooter) and last is not None and last.kind == SectionKind.RAM):
                 continue
             for d in devices:
                 if last.type == SectionType.SECTION_START:

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import click
-import libvirt  # type: ignore[import-untyped]
+import libvirt
 
 from ..errors import ConnectError, MdevMissing, UsageError
 from ..mdev.domain import METADATA_KEY, METADATA_NS, AnnotatedMdev, Annotation, DomainInfo, annotation_xml, parse_domain

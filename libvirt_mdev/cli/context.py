@@ -64,7 +64,8 @@ class AppContext:
                 ``--config`` beats ``$LIBVIRT_MDEV_CONFIG``, as the global one does).
             ConfigError: the file named does not exist or is invalid.
         """
-        if path is not None and (self.config_path is None or os.path.abspath(self.config_path) != os.path.abspath(path)):
+        if path is not None and (self.config_path is None
+                                 or os.path.abspath(self.config_path) != os.path.abspath(path)):
             if self.config_source == "option":
                 raise UsageError(f"--config is given twice with different files ({self.config_path}, {path}); "
                                  f"give it once")

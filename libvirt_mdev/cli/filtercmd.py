@@ -18,32 +18,36 @@ formats hook in there).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import stat
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Optional, Union
+from typing import Any
 
 import click
 
 from ..errors import SignatureError, UsageError
-from ..io.compress import ImageSink, open_image
 from ..filter import DeviceResult, FilterOptions, StreamFilter, bindings_from_domain_xml
+from ..io.compress import ImageSink, open_image
+from ..io.drive import ByteSource, iter_events
 from ..store import Store, parse_token
 from ..store.output import AtomicOutput, open_output
-from ..stream import StreamParser, iter_events
+from ..stream import EventConsumer, StreamParser
+from ..stream.events import Bytes
 from .context import AppContext, pass_app
 from .inspect import open_input, progress_reader
 
-Bytes = Union[bytes, bytearray, memoryview]
 #: a save image is restored days after it was signed: no freshness limit (rollback to an
 #: older signed image of the same domain stays possible; docs/saveimages.md)
 IMAGE_MAX_AGE = 100 * 365 * 86400
 
 
 def _common(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (OUT must then be a file).")(f)
+    f = click.option("--json", "as_json", is_flag=True,
+                     help="Print the result as JSON on stdout (OUT must then be a file).")(f)
     f = click.option("--domain-xml", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="Domain XML naming the mdev hostdevs (default: the XML inside a save image). "
                           "With it, state for a device the domain lacks is refused.")(f)
@@ -113,7 +117,7 @@ class Output:
         output_kind(path)
         self._out = open_output(path)
         self._hash = hashlib.sha256()
-        self.ino: Optional[int] = None
+        self.ino: int | None = None
 
     def write(self, data: Bytes) -> None:
         self._hash.update(data)
@@ -137,7 +141,7 @@ class Output:
 
 
 @contextmanager
-def open_io(source: str, output: str) -> Iterator[tuple[BinaryIO, Output]]:
+def open_io(source: str, output: str) -> Iterator[tuple[ByteSource, Output]]:
     """Open IN for reading and OUT for writing; OUT is dropped unless committed."""
     raw = open_input(source)
     with raw, open_image(raw) as src:
@@ -173,7 +177,7 @@ def verify_policy(app: AppContext) -> Any:
     return VerifyPolicy(TrustedKeys.from_files(cfg.trusted_keys), require=False, max_age=IMAGE_MAX_AGE)
 
 
-def check_signed(store: Store, flt: StreamFilter, layer: Any, policy: Any, require: bool) -> Optional[str]:
+def check_signed(store: Store, flt: StreamFilter, layer: Any, policy: Any, require: bool) -> str | None:
     """With *require*: every device state carries a source signature that verifies.
 
     Returns the signer's key id (None when nothing was signed).
@@ -202,9 +206,9 @@ def check_signed(store: Store, flt: StreamFilter, layer: Any, policy: Any, requi
     return signers.pop() if len(signers) == 1 else None
 
 
-def run_filter(app: AppContext, mode: str, source: str, output: str, store_dir: Optional[Path],
-               domain_xml: Optional[Path], migration_id: Optional[str], no_verify: bool,
-               as_json: bool = False, permit: Optional[bool] = None) -> list[DeviceResult]:
+def run_filter(app: AppContext, mode: str, source: str, output: str, store_dir: Path | None,
+               domain_xml: Path | None, migration_id: str | None, no_verify: bool,
+               as_json: bool = False, permit: bool | None = None) -> list[DeviceResult]:
     check_options(source, output, as_json)
     store_root = store_dir or app.config.store
     holder = os.path.abspath(output) if output != "-" else "stdout"
@@ -212,9 +216,10 @@ def run_filter(app: AppContext, mode: str, source: str, output: str, store_dir: 
                          stream_kind="image" if mode == "token" else "copy", holder=holder,
                          accept_at_end=False)
     if migration_id:
-        opts.migration_id = migration_id
+        opts = dataclasses.replace(opts, migration_id=migration_id)
     if domain_xml is not None:
-        opts.bindings, opts.domain_name, opts.domain_uuid = bindings_from_domain_xml(domain_xml.read_bytes())
+        bindings, name, uuid = bindings_from_domain_xml(domain_xml.read_bytes())
+        opts = dataclasses.replace(opts, bindings=bindings, domain_name=name, domain_uuid=uuid)
     policy = verify_policy(app)
     with Store.open(store_root, create=True) as store, open_io(source, output) as (src, out):
         parser = StreamParser()
@@ -222,7 +227,7 @@ def run_filter(app: AppContext, mode: str, source: str, output: str, store_dir: 
         sink = ImageSink(out.write)
         with StreamFilter(store, parser, opts, sink.write) as flt:
             layer = None
-            front: Any = flt
+            front: EventConsumer = flt
             if policy is not None:
                 from ..sign.layers import VerifyLayer
                 front = layer = VerifyLayer(flt, policy)
@@ -236,13 +241,13 @@ def run_filter(app: AppContext, mode: str, source: str, output: str, store_dir: 
             out.commit()
             flt.accept()
         # by default only for domains with mdevs: the restore hook asks for no other permit
-        wanted = permit if permit is not None else bool(opts.bindings)
-        if mode == "splice" and wanted and parser.kind == "save-image" and out.regular_file and opts.domain_uuid:
-            _permit(app, opts.domain_uuid, out, signer)
+        wanted = permit if permit is not None else bool(flt.bindings)
+        if mode == "splice" and wanted and parser.kind == "save-image" and out.regular_file and flt.domain_uuid:
+            _permit(app, flt.domain_uuid, out, signer)
         return flt.results
 
 
-def _permit(app: AppContext, domain_uuid: str, out: Output, signer: Optional[str]) -> None:
+def _permit(app: AppContext, domain_uuid: str, out: Output, signer: str | None) -> None:
     from ..store.permit import write_permit
     try:
         st = os.lstat(out.path)
@@ -271,8 +276,8 @@ def _report(app: AppContext, mode: str, output: str, results: list[DeviceResult]
 @click.command("strip")
 @_common
 @pass_app
-def strip(app: AppContext, source: str, output: str, store_dir: Optional[Path], domain_xml: Optional[Path],
-          migration_id: Optional[str], no_verify: bool, as_json: bool) -> None:
+def strip(app: AppContext, source: str, output: str, store_dir: Path | None, domain_xml: Path | None,
+          migration_id: str | None, no_verify: bool, as_json: bool) -> None:
     """Move every VFIO device's state out of a stream into the trusted store.
 
     IN is a QEMU migration stream or a libvirt save image (`-` = stdin); OUT gets the
@@ -291,8 +296,8 @@ def strip(app: AppContext, source: str, output: str, store_dir: Optional[Path], 
 @click.option("--permit/--no-permit", default=None,
               help="Write a restore permit for OUT (default: when the image's domain has mdev hostdevs).")
 @pass_app
-def splice(app: AppContext, source: str, output: str, store_dir: Optional[Path], domain_xml: Optional[Path],
-           migration_id: Optional[str], no_verify: bool, as_json: bool, permit: Optional[bool]) -> None:
+def splice(app: AppContext, source: str, output: str, store_dir: Path | None, domain_xml: Path | None,
+           migration_id: str | None, no_verify: bool, as_json: bool, permit: bool | None) -> None:
     """Store and verify every VFIO device's state, and write the stream back.
 
     On a stream that still carries its device state, every byte of it is stored,

@@ -3,15 +3,20 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import BinaryIO, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, BinaryIO
 
 import click
 
 from ..errors import NotFound, UsageError
 from ..io.compress import open_image
-from ..stream import StreamParser, iter_events
+from ..io.drive import ByteSource, iter_events
+from ..stream import StreamParser
 from ..summary import StreamSummary, Summarizer
 from .context import AppContext, pass_app
+
+if TYPE_CHECKING:
+    from click._termui_impl import ProgressBar
 
 
 def open_input(path: str) -> BinaryIO:
@@ -28,7 +33,7 @@ def open_input(path: str) -> BinaryIO:
         raise UsageError(f"{path}: cannot open: {exc.strerror}") from None
 
 
-def progress_reader(app: AppContext, src: BinaryIO, label: str) -> Iterator[Optional[Callable[[int], None]]]:
+def progress_reader(app: AppContext, src: ByteSource | BinaryIO, label: str) -> Iterator[Callable[[int], None] | None]:
     """A progress callback drawing a bar on a terminal, or None when not on one."""
     if not app.progress_enabled():
         yield None
@@ -37,7 +42,8 @@ def progress_reader(app: AppContext, src: BinaryIO, label: str) -> Iterator[Opti
         total = os.fstat(src.fileno()).st_size or None
     except (OSError, ValueError):
         total = None
-    with click.progressbar(length=total, label=label, file=sys.stderr) as bar:  # type: ignore[arg-type]
+    progress: ProgressBar[int] = click.progressbar(length=total, label=label, file=sys.stderr)
+    with progress as bar:
         yield bar.update
 
 
@@ -73,7 +79,7 @@ def print_table(s: StreamSummary, all_sections: bool) -> None:
          + (f"  capabilities: {', '.join(s.capabilities)}" if s.capabilities else ""))
     echo(f"ram:           {s.ram_records} records, {s.ram_pages} pages, {s.ram_zero_pages} zero pages")
     echo(f"sections:      {len(s.sections)} records, {len({r.section_id for r in s.sections})} ids"
-         f"; vmdesc {'%d bytes' % s.vmdesc_bytes if s.vmdesc_bytes is not None else 'absent'}")
+         f"; vmdesc {f'{s.vmdesc_bytes} bytes' if s.vmdesc_bytes is not None else 'absent'}")
     echo("")
     if s.vfio:
         echo(f"{'VFIO DEVICE (idstr)':32} {'INST':>4} {'ID':>5} {'STATE BYTES':>14} {'BLOCKS':>7} "

@@ -27,12 +27,12 @@ from typing import Any
 import click
 
 from ..errors import SignatureError, TypeMismatch
+from ..io.sizes import CHUNK
 from ..mdev.gate import recheck, recorded_source
 from ..mdev.policy import MatchPolicy
 from ..mdev.types import DeviceCheck
 from ..store import Manifest, Store, resolve_token, spend_token
 from ..store.acl import write_all
-from ..store.layout import CHUNK
 from ..store.output import open_sink
 from .context import AppContext, pass_app
 

@@ -86,9 +86,10 @@ def proxy(app: AppContext, listen_addr: str | None, forward_addr: str, mode: str
     a device the domain does not have, a type mismatch, or any malformed byte closes
     both connections: the migration fails and the source keeps the guest.
     """
+    # ProxyLimits checks them before any work
     limits = ProxyLimits(first_bytes_timeout=first_bytes_timeout, header_timeout=header_timeout,
                          progress_timeout=progress_timeout, progress_min_bytes=progress_min_bytes,
-                         max_unarmed=max_unarmed, max_sessions=max_sessions, max_handshakes=max_handshakes)  # checks them before any work
+                         max_unarmed=max_unarmed, max_sessions=max_sessions, max_handshakes=max_handshakes)
     config = app.config.replace(store=store_dir, runtime_dir=runtime_dir)
     setup_logging(LOG_IDENT, config.log_file, stderr_level=20 if verbose or app.debug else 30)
     opts = ProxyOptions(forward=Endpoint.parse(forward_addr, "--forward"), mode=mode or config.mode,

@@ -21,22 +21,24 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import click
 
 from ..errors import SignatureError
 from ..filter import Binding, FilterOptions, StreamFilter, bindings_from_domain_xml
+from ..io.drive import iter_events
 from ..store import Store
-from ..stream import NEED_DATA, SaveImageHeader, StreamParser, iter_events
+from ..stream import NEED_DATA, SaveImageHeader, StreamParser
+from ..stream.events import Bytes
 from .context import AppContext, pass_app
-from .filtercmd import Bytes, check_options, open_io
+from .filtercmd import check_options, open_io
 
 
 class _Signer:
     """Re-parses the filter's output and signs it on the way to *out* (constant memory)."""
 
-    def __init__(self, layer: Any, ctx: Any, fixed: Optional[dict[str, Binding]]) -> None:
+    def __init__(self, layer: Any, ctx: Any, fixed: dict[str, Binding] | None) -> None:
         self.parser = StreamParser()
         self.layer, self.ctx, self.fixed = layer, ctx, fixed
 
@@ -73,8 +75,8 @@ class _Signer:
               help="Domain XML naming the mdev hostdevs (default: the XML inside the save image).")
 @click.option("--json", "as_json", is_flag=True, help="Print the signed statements as JSON (OUT must be a file).")
 @pass_app
-def sign(app: AppContext, source: str, output: str, key_path: Optional[Path], store_dir: Optional[Path],
-         domain_xml: Optional[Path], as_json: bool) -> int:
+def sign(app: AppContext, source: str, output: str, key_path: Path | None, store_dir: Path | None,
+         domain_xml: Path | None, as_json: bool) -> int:
     """Sign the VFIO device state of save image IN with this host's key; write OUT.
 
     Verify and restore OUT on the destination with `libvirt-mdev splice OUT VERIFIED`
@@ -97,10 +99,10 @@ def sign(app: AppContext, source: str, output: str, key_path: Optional[Path], st
         layer = SignLayer(ctx, out.write)
         signer = _Signer(layer, ctx, fixed)
         parser = StreamParser()
+        # (without --domain-xml both are None: the save image's own domain binds)
         opts = FilterOptions(mode="splice", accept_tokens=True, stream_kind="copy", accept_at_end=False,
-                             holder=os.path.abspath(output) if output != "-" else "stdout")
-        if fixed is not None:
-            opts.bindings, opts.domain_uuid = fixed, domain_uuid
+                             holder=os.path.abspath(output) if output != "-" else "stdout",
+                             bindings=fixed, domain_uuid=domain_uuid)
         with StreamFilter(store, parser, opts, signer.write) as flt:
             for ev in iter_events(src, parser):
                 flt.process(ev)

@@ -38,9 +38,7 @@ from typing import BinaryIO, Self
 from ..errors import StreamError, UsageError
 from ..stream.saveimage import COMPRESSORS, SAVE_MAGICS, decode_header
 from ..stream.wire import MAX_SAVE_DATA_LEN, SAVE_HEADER_LEN, SaveFormat
-
-#: bytes per pipe read
-_PIPE_CHUNK = 1 << 20
+from .sizes import CHUNK
 
 
 def compress_args(fmt: SaveFormat) -> list[str]:
@@ -102,7 +100,7 @@ class ImageReader:
         if fmt is not None and _data_len(head) <= MAX_SAVE_DATA_LEN:
             head += _read_exact(fd, _data_len(head))
             self.format = fmt
-            self._err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the reader
+            self._err = tempfile.TemporaryFile()  # lives as long as the reader
             self._proc = subprocess.Popen(decompress_args(fmt), stdin=fd, stdout=subprocess.PIPE,
                                           stderr=self._err)
             self._out = self._proc.stdout
@@ -129,7 +127,7 @@ class ImageReader:
         return n
 
     def read(self, n: int = -1) -> bytes:
-        buf = bytearray(n if n >= 0 else _PIPE_CHUNK)
+        buf = bytearray(n if n >= 0 else CHUNK)
         got = self.readinto(memoryview(buf))
         return bytes(buf[:got])
 
@@ -262,7 +260,7 @@ class ImageSink:
             return
         self.format = fmt
         self._raw_left = _data_len(head)
-        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the sink
+        self._err = tempfile.TemporaryFile()  # lives as long as the sink
         self._proc = subprocess.Popen(compress_args(fmt), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=self._err)
         self._pump = threading.Thread(target=self._pump_out, name="compressor-pump", daemon=True)
@@ -272,11 +270,11 @@ class ImageSink:
         assert self._proc is not None and self._proc.stdout is not None
         try:
             while True:
-                b = self._proc.stdout.read(_PIPE_CHUNK)
+                b = self._proc.stdout.read(CHUNK)
                 if not b:
                     return
                 self._emit(b)
-        except BaseException as exc:  # noqa: BLE001 - handed to the writing thread in close()
+        except BaseException as exc:  # handed to the writing thread in close()
             self._pump_error = exc
             self._proc.stdout.close()
 

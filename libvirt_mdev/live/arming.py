@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ..config import Config
 from ..errors import MdevError, MdevMissing, NotFound, TypeMismatch
@@ -55,7 +55,7 @@ class Claims:
             self.spent.add(record["migration_id"])
 
 
-def select_pending(config: Config, domain: Optional[str], proc_root: Optional[Path] = None) -> dict[str, Any]:
+def select_pending(config: Config, domain: str | None, proc_root: Path | None = None) -> dict[str, Any]:
     """The pending record this connection serves (see the module docstring, step 1).
 
     With several records and *proc_root*, only those whose incoming QEMU runs count: a
@@ -70,7 +70,7 @@ def select_pending(config: Config, domain: Optional[str], proc_root: Optional[Pa
         if not records:
             raise NotFound(f"no incoming migration of domain {domain} is armed in {config.runtime_dir} "
                            f"(the libvirt-mdev hook arms it at 'migrate begin'; is it installed?)")
-    qemus: Optional[dict[str, float]] = None
+    qemus: dict[str, float] | None = None
     if len(records) > 1 and proc_root is not None:
         qemus = qemu_start_times(proc_root)
         live = live_records(records, qemus)
@@ -94,7 +94,7 @@ def select_pending(config: Config, domain: Optional[str], proc_root: Optional[Pa
     return records[0]
 
 
-def _qemu_note(record: dict[str, Any], qemus: Optional[dict[str, float]]) -> str:
+def _qemu_note(record: dict[str, Any], qemus: dict[str, float] | None) -> str:
     """For the refusal line: whether the record's incoming QEMU runs."""
     if qemus is None:
         return ""
@@ -134,4 +134,4 @@ def bindings_from_pending(record: dict[str, Any]) -> dict[str, Binding]:
             for d in record["devices"]}
 
 
-__all__ = ["Claims", "select_pending", "check_local_types", "bindings_from_pending"]
+__all__ = ["Claims", "bindings_from_pending", "check_local_types", "select_pending"]

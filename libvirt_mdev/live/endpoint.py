@@ -11,13 +11,22 @@ from __future__ import annotations
 
 import ipaddress
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING
 
 from ..errors import GuardError
-from .guard import (FIX_INSTALL, LIBVIRT_SOCKET_DIRS, PortRanges, covers, guarded_ports, nft_guard,
-                    ranges_text, socket_dir_problem)
+from .guard import (
+    FIX_INSTALL,
+    LIBVIRT_SOCKET_DIRS,
+    PortRanges,
+    covers,
+    guarded_ports,
+    nft_guard,
+    ranges_text,
+    socket_dir_problem,
+)
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -101,7 +110,7 @@ class QemuProcess:
     incoming: bool
 
 
-def find_qemu(config: "Config", domain: str) -> QemuProcess:
+def find_qemu(config: Config, domain: str) -> QemuProcess:
     """The running QEMU of *domain*, from libvirt's pid file; checked to be a QEMU of
     that domain in this network namespace."""
     pid_file = config.qemu_run_dir / f"{domain}.pid"
@@ -173,7 +182,7 @@ def _norm(addr: str) -> str:
         return addr
 
 
-def _is_device_socket(lst: Listener, dev: DeviceSockets, socket_dir: Optional[Path]) -> bool:
+def _is_device_socket(lst: Listener, dev: DeviceSockets, socket_dir: Path | None) -> bool:
     if lst.kind == "tcp":
         return (lst.address, lst.port) in dev.tcp or (lst.port in dev.tcp_any_port and _loopback(lst.address))
     if socket_dir is not None and os.path.dirname(lst.path) == str(socket_dir):
@@ -193,11 +202,11 @@ class GuardView:
     """What the endpoint classifier needs to know about this host's guards."""
 
     nft_ports: PortRanges = ()
-    socket_dir: Optional[Path] = None
-    socket_dir_problem: Optional[str] = "migration_socket_dir is not set"
+    socket_dir: Path | None = None
+    socket_dir_problem: str | None = "migration_socket_dir is not set"
 
 
-def endpoint_problem(ep: Listener, view: GuardView) -> Optional[str]:
+def endpoint_problem(ep: Listener, view: GuardView) -> str | None:
     """Why *ep* is not reachable only through the proxy (None: it is guarded)."""
     if ep.kind == "unix":
         if view.socket_dir is None or os.path.dirname(ep.path) != str(view.socket_dir):
@@ -218,7 +227,7 @@ def endpoint_problem(ep: Listener, view: GuardView) -> Optional[str]:
     return None
 
 
-def classify(found: Sequence[Listener], dev: DeviceSockets, view: GuardView) -> Optional[str]:
+def classify(found: Sequence[Listener], dev: DeviceSockets, view: GuardView) -> str | None:
     """The verdict on an incoming QEMU's listening sockets: None (every migration
     endpoint guarded) or the one-line reason.  No endpoint at all is refused: a
     tunnelled or ``fd:`` migration reaches QEMU through libvirtd, past the proxy."""
@@ -234,7 +243,7 @@ def classify(found: Sequence[Listener], dev: DeviceSockets, view: GuardView) -> 
     return None
 
 
-def guard_view(config: "Config") -> GuardView:
+def guard_view(config: Config) -> GuardView:
     """This netns's guards as the classifier needs them (runs nft only when needed)."""
     sd = config.migration_socket_dir
     sd_problem = socket_dir_problem(config) if sd is not None else "migration_socket_dir is not set"
@@ -243,7 +252,7 @@ def guard_view(config: "Config") -> GuardView:
                      socket_dir=Path(os.path.abspath(sd)) if sd else None, socket_dir_problem=sd_problem)
 
 
-def check_incoming_endpoint(config: "Config", domain: str, xml: bytes) -> str:
+def check_incoming_endpoint(config: Config, domain: str, xml: bytes) -> str:
     """The ``started begin`` check of an armed incoming migration.
 
     Returns a short description for the log; raises GuardError with the one line.
@@ -265,7 +274,7 @@ def check_incoming_endpoint(config: "Config", domain: str, xml: bytes) -> str:
     return "incoming endpoint guarded: " + ", ".join(str(ep) for ep in endpoints)
 
 
-def check_unarmed_incoming(config: "Config", domain: str, xml: bytes, pid: int) -> str:
+def check_unarmed_incoming(config: Config, domain: str, xml: bytes, pid: int) -> str:
     """``started begin`` of an incoming migration that ``migrate begin`` did not arm (no
     mdevs, ``arm_all = no``).  If QEMU waits where only the proxy can reach it (loopback
     on a guarded port, or inside ``migration_socket_dir``), the proxy is the path and
@@ -287,8 +296,8 @@ def check_unarmed_incoming(config: "Config", domain: str, xml: bytes, pid: int) 
     return "unarmed incoming migration, not through the proxy"
 
 
-def check_forward_endpoint(config: "Config", *, host: Optional[str] = None, port: Optional[int] = None,
-                           path: Optional[str] = None) -> None:
+def check_forward_endpoint(config: Config, *, host: str | None = None, port: int | None = None,
+                           path: str | None = None) -> None:
     """The proxy's re-check, for each accepted source connection, before it forwards a
     byte to QEMU's endpoint (TCP *host*/*port* or UNIX *path*).  The guard can be removed
     at run time (``nft flush ruleset``, chmod), so the hook's earlier check is not enough.
@@ -310,5 +319,16 @@ def check_forward_endpoint(config: "Config", *, host: Optional[str] = None, port
         raise GuardError(problem.replace("QEMU listens on", "the proxy forwards to", 1))
 
 
-__all__ = ["check_incoming_endpoint", "check_unarmed_incoming", "check_forward_endpoint", "classify",
-           "endpoint_problem", "GuardView", "Listener", "DeviceSockets", "device_sockets", "listeners", "find_qemu"]
+__all__ = [
+    "DeviceSockets",
+    "GuardView",
+    "Listener",
+    "check_forward_endpoint",
+    "check_incoming_endpoint",
+    "check_unarmed_incoming",
+    "classify",
+    "device_sockets",
+    "endpoint_problem",
+    "find_qemu",
+    "listeners",
+]

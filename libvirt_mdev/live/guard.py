@@ -38,9 +38,10 @@ import re
 import shutil
 import stat
 import subprocess
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..errors import GuardError
 
@@ -69,7 +70,7 @@ class QemuConf:
 
     port_min: int = DEFAULT_PORT_RANGE[0]
     port_max: int = DEFAULT_PORT_RANGE[1]
-    group: Optional[str] = None
+    group: str | None = None
 
 
 _QEMU_CONF_RE = re.compile(r'^\s*(migration_port_min|migration_port_max|group)\s*=\s*("([^"]*)"|(\d+))', re.M)
@@ -100,7 +101,7 @@ def read_qemu_conf(path: Path) -> QemuConf:
     return QemuConf(lo, hi, values.get("group"))
 
 
-def guarded_ports(config: "Config") -> PortRanges:
+def guarded_ports(config: Config) -> PortRanges:
     """Ports the nftables guard must cover: qemu.conf's migration range and ``guard_ports``."""
     qc = read_qemu_conf(config.qemu_conf)
     return merge_ranges([(qc.port_min, qc.port_max), *config.guard_ports])
@@ -132,7 +133,7 @@ def nft_binary() -> str:
     return found
 
 
-def _nft(args: Sequence[str], stdin: Optional[str] = None) -> subprocess.CompletedProcess[str]:
+def _nft(args: Sequence[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     """Run nft with captured output (the hook's stdout must never be inherited: libvirt
     would take it as a replacement domain XML)."""
     try:
@@ -158,7 +159,7 @@ def render_ruleset(ports: PortRanges) -> str:
             f"}}\n")
 
 
-def nft_table() -> Optional[list[dict[str, Any]]]:
+def nft_table() -> list[dict[str, Any]] | None:
     """Our table as nft's JSON objects, or None when it does not exist (in this netns)."""
     r = _nft(["-j", "list", "table", FAMILY, TABLE])
     if r.returncode != 0:
@@ -200,7 +201,7 @@ def _set_ranges(elem: Any) -> PortRanges:
     return merge_ranges(out)
 
 
-def _is_guard_rule(expr: list[Any], sets: dict[str, PortRanges]) -> Optional[PortRanges]:
+def _is_guard_rule(expr: list[Any], sets: dict[str, PortRanges]) -> PortRanges | None:
     """The ports a rule guards if it is exactly our rule's logic, else None.
 
     Needed: ``oif lo``, ``tcp dport`` in a set or range, ``ct state new`` (replies of a
@@ -208,7 +209,7 @@ def _is_guard_rule(expr: list[Any], sets: dict[str, PortRanges]) -> Optional[Por
     Any other match makes the rule narrower than we can vouch for, so it does not count.
     """
     facts = {"lo": False, "new": False, "skuid": False, "verdict": False}
-    ports: Optional[PortRanges] = None
+    ports: PortRanges | None = None
     for e in expr:
         if not isinstance(e, dict):
             return None
@@ -237,7 +238,7 @@ def _is_guard_rule(expr: list[Any], sets: dict[str, PortRanges]) -> Optional[Por
     return ports if all(facts.values()) and ports else None
 
 
-def parse_nft_guard(items: Optional[list[dict[str, Any]]]) -> NftGuard:
+def parse_nft_guard(items: list[dict[str, Any]] | None) -> NftGuard:
     """Judge our table from ``nft -j list table`` output (None: no table)."""
     if items is None:
         return NftGuard(present=False, problems=[f"no nftables table {FAMILY} {TABLE}"])
@@ -298,7 +299,7 @@ def missing_ports(have: PortRanges, need: PortRanges) -> PortRanges:
 
 
 # --------------------------------------------------------------------------- socket dir
-def _group_gid(name: Optional[str]) -> Optional[int]:
+def _group_gid(name: str | None) -> int | None:
     if not name:
         name = "libvirt-qemu"
     if name.startswith("+") and name[1:].isdigit():
@@ -311,7 +312,7 @@ def _group_gid(name: Optional[str]) -> Optional[int]:
         return None
 
 
-def socket_dir_problem(config: "Config") -> Optional[str]:
+def socket_dir_problem(config: Config) -> str | None:
     """Why ``migration_socket_dir`` does not guard the UNIX layout (None: it does).
 
     The directory: a real directory owned by root, no access for others, group write
@@ -351,7 +352,7 @@ def socket_dir_problem(config: "Config") -> Optional[str]:
 
 
 # --------------------------------------------------------------------------- readiness
-def guard_problem(config: "Config") -> Optional[str]:
+def guard_problem(config: Config) -> str | None:
     """None when a guard is in place (nftables for every qemu.conf migration port, or a
     correctly permissioned ``migration_socket_dir``) or not required
     (``require_guard = no``); else one line naming the fix."""
@@ -374,6 +375,17 @@ def guard_problem(config: "Config") -> Optional[str]:
     return f"no guard keeps QEMU's incoming endpoint behind the proxy ({why}); {FIX_INSTALL}"
 
 
-__all__ = ["guard_problem", "parse_nft_guard", "render_ruleset", "install_nft_guard", "remove_nft_guard", "nft_guard",
-           "guarded_ports", "read_qemu_conf", "socket_dir_problem", "missing_ports", "merge_ranges"]
+__all__ = [
+    "guard_problem",
+    "guarded_ports",
+    "install_nft_guard",
+    "merge_ranges",
+    "missing_ports",
+    "nft_guard",
+    "parse_nft_guard",
+    "read_qemu_conf",
+    "remove_nft_guard",
+    "render_ruleset",
+    "socket_dir_problem",
+]
 

@@ -47,12 +47,12 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
-from typing import Callable, Optional
+from collections.abc import Callable
 
-from .arming import Claims
 from ..config import Config
 from ..errors import MdevError, UsageError
 from .admission import Admission
+from .arming import Claims
 from .relay import Endpoint, abort_socket, listen
 from .session import MODES, ProxyOptions, Session, SessionResult, log
 
@@ -69,8 +69,8 @@ class MigrationProxy:
     """
 
     def __init__(self, config: Config, opts: ProxyOptions,
-                 on_result: Optional[Callable[[SessionResult], None]] = None,
-                 listener: Optional[socket.socket] = None) -> None:
+                 on_result: Callable[[SessionResult], None] | None = None,
+                 listener: socket.socket | None = None) -> None:
         self.config, self.opts = config, opts
         self.on_result = on_result
         self.claims = Claims()
@@ -79,14 +79,14 @@ class MigrationProxy:
         self._listener = listener
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._once = False
         self._started_one = False
         self._first: list[SessionResult] = []
-        self._admission: Optional[Admission] = None
+        self._admission: Admission | None = None
         #: TLS sessions not bound yet (handshake, header), oldest first
-        self._handshaking: "OrderedDict[int, Session]" = OrderedDict()
+        self._handshaking: OrderedDict[int, Session] = OrderedDict()
 
     def bind(self, ep: Endpoint) -> Endpoint:
         """Listen on *ep*; returns the address actually bound (port 0 → a real port)."""
@@ -102,7 +102,7 @@ class MigrationProxy:
             return Endpoint(path=name)
         return Endpoint(host=name[0], port=name[1])
 
-    def serve(self, once: bool = False) -> Optional[SessionResult]:
+    def serve(self, once: bool = False) -> SessionResult | None:
         """Accept until :meth:`stop` (or, with *once*, until the first session ended;
         extra connections meanwhile are still refused).  Returns the first session's
         result with *once*.
@@ -138,7 +138,7 @@ class MigrationProxy:
             return
         session = Session(self.config, self.opts, self.claims, conn, peer, header=header, accepted=accepted,
                           on_bound=self._bound if tls else None)
-        victim: Optional[Session] = None
+        victim: Session | None = None
         if tls:
             with self._lock:
                 if len(self._handshaking) >= lim.max_handshakes:
@@ -194,11 +194,11 @@ class MigrationProxy:
             self.on_result(res)
 
     @property
-    def admission(self) -> Optional[Admission]:
+    def admission(self) -> Admission | None:
         """The accept stage (its counters: shed, expired, fd_exhausted), once serving."""
         return self._admission
 
-    def start(self) -> "MigrationProxy":
+    def start(self) -> MigrationProxy:
         """Serve in a background thread (tests, embedding)."""
         self._thread = threading.Thread(target=self.serve, daemon=True, name="libvirt-mdev-proxy")
         self._thread.start()
@@ -225,7 +225,7 @@ class MigrationProxy:
             self._listener.close()
             self._listener = None
 
-    def __enter__(self) -> "MigrationProxy":
+    def __enter__(self) -> MigrationProxy:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -6,7 +6,7 @@ cheaply, because a live migration is GBs of RAM pages and every extra copy or
 syscall per page shows up in QEMU's ``total-time``:
 
 * reads go into a small pool of reusable 1 MiB buffers (``recv_into``), the way
-  :class:`libvirt_mdev.stream.drive.ChunkReader` does for files: the parser keeps
+  :class:`libvirt_mdev.io.drive.ChunkReader` does for files: the parser keeps
   zero-copy views into a chunk until it has consumed it, so a buffer is reused only
   when nobody holds a view of it any more;
 * everything the filter emits for one chunk is collected as views and sent with one
@@ -26,29 +26,31 @@ import stat
 import struct
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
 
 from ..errors import ConnectError, MdevError, UsageError
-from ..stream.drive import CHUNK, BufferPool
+from ..io.drive import BufferPool
+from ..io.sizes import CHUNK
+from ..stream.events import Bytes
+
 #: requested socket buffer size (the kernel caps it at net.core.{r,w}mem_max)
 SOCK_BUF = 4 << 20
 #: sendmsg takes at most IOV_MAX (1024 on Linux) buffers per call
 IOV_MAX = 1024
 
-Bytes = Union[bytes, bytearray, memoryview]
 
 
 @dataclass(frozen=True)
 class Endpoint:
     """``HOST:PORT`` (TCP; ``[v6]:PORT`` for IPv6) or ``unix:PATH``."""
 
-    host: Optional[str] = None
-    port: Optional[int] = None
-    path: Optional[str] = None
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
 
     @classmethod
-    def parse(cls, text: str, what: str = "address") -> "Endpoint":
+    def parse(cls, text: str, what: str = "address") -> Endpoint:
         """Parse an address given on the command line or in the configuration.
 
         Raises:
@@ -78,7 +80,7 @@ class Endpoint:
             return socket.AF_UNIX
         return socket.AF_INET6 if self.host and ":" in self.host else socket.AF_INET
 
-    def sockaddr(self) -> Union[str, tuple[str, int]]:
+    def sockaddr(self) -> str | tuple[str, int]:
         if self.is_unix:
             assert self.path is not None
             return self.path
@@ -144,7 +146,7 @@ def _remove_stale_socket(path: str) -> None:
     os.unlink(path)
 
 
-def listening_from_systemd() -> Optional[socket.socket]:
+def listening_from_systemd() -> socket.socket | None:
     """The socket systemd passed us (``LISTEN_FDS``/``LISTEN_PID``, fd 3), if any."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
         return None
@@ -156,7 +158,7 @@ def listening_from_systemd() -> Optional[socket.socket]:
     return sock
 
 
-def connect(ep: Endpoint, timeout: float, stop: Optional[threading.Event] = None) -> socket.socket:
+def connect(ep: Endpoint, timeout: float, stop: threading.Event | None = None) -> socket.socket:
     """Connect to the local QEMU, retrying while it does not listen yet (libvirt issues
     ``migrate-incoming`` a moment after the source may already have dialled us).
 
@@ -209,7 +211,7 @@ class SocketReader:
     """
 
     def __init__(self, sock: socket.socket, size: int = CHUNK, *, prefix: bytes = b"",
-                 progress: Optional[Progress] = None) -> None:
+                 progress: Progress | None = None) -> None:
         self._sock = sock
         self._pool = BufferPool(size)
         self._prefix = prefix
@@ -290,7 +292,7 @@ def reset_on_close(sock: socket.socket, on: bool = True) -> None:
         pass
 
 
-def abort_socket(sock: Optional[socket.socket]) -> None:
+def abort_socket(sock: socket.socket | None) -> None:
     """Close *sock* at once with a reset (SO_LINGER 0), waking a thread blocked reading it.
 
     A reset rather than a FIN: the peer must see a failed connection, never a stream

@@ -9,23 +9,34 @@ import hashlib
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
-from .arming import Claims, bindings_from_pending, check_local_types, select_pending
 from ..config import Config
-from ..errors import ConnectError, MdevError, UsageError
+from ..configfile import PROXY_MODES
+from ..errors import ConnectError, InternalError, MdevError, UsageError, describe
 from ..filter import FilterOptions, StreamFilter
 from ..log import get_logger
-from .limits import ProxyLimits
-from .relay import (Endpoint, Progress, ReturnPath, SocketReader, abort_socket, connect, reset_on_close,
-                    send_views)
 from ..sign.source import peer_pid, sign_context, verify_policy
-from ..stream import NEED_DATA, StreamParser
+from ..stream import NEED_DATA, EventConsumer, StreamParser
+from ..stream.events import Bytes
+from .arming import Claims, bindings_from_pending, check_local_types, select_pending
+from .limits import ProxyLimits
+from .relay import (
+    Endpoint,
+    Progress,
+    ReturnPath,
+    SocketReader,
+    abort_socket,
+    connect,
+    reset_on_close,
+    send_views,
+)
 from .tlsbridge import Bridge, TlsCreds, accept_tls, connect_tls, read_header
 
-MODES = ("splice", "token", "relay", "sign")
+MODES = PROXY_MODES
 log = get_logger("proxy")
 
 
@@ -34,7 +45,7 @@ class ProxyOptions:
     forward: Endpoint
     mode: str = "splice"
     #: serve only this domain's pending record (uuid or name)
-    domain: Optional[str] = None
+    domain: str | None = None
     #: seconds to keep retrying the local QEMU
     connect_timeout: float = 10.0
     #: seconds to wait for the destination to close after the stream ended
@@ -44,15 +55,15 @@ class ProxyOptions:
     #: re-hash each stored state from disk before QEMU may finish loading it
     verify: bool = True
     #: ``sign`` mode (source host, issue 8): the domain's XML (default: ask libvirt at *libvirt_uri*)
-    domain_xml: Optional[Path] = None
+    domain_xml: Path | None = None
     libvirt_uri: str = "qemu:///system"
     #: TLS migrations: terminate the source's TLS and re-originate it to the local QEMU
-    tls: Optional[TlsCreds] = None
+    tls: TlsCreds | None = None
     #: deadlines and caps against hostile peers (:mod:`.limits`)
     limits: ProxyLimits = field(default_factory=ProxyLimits)
     #: where to look for the QEMU processes of armed domains (stale pending records are
     #: skipped when several are armed; None: do not look)
-    proc_root: Optional[Path] = Path("/proc")
+    proc_root: Path | None = Path("/proc")
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -66,22 +77,22 @@ class SessionResult:
     peer: str
     mode: str
     ok: bool = False
-    error: Optional[str] = None
-    error_kind: Optional[str] = None
+    error: str | None = None
+    error_kind: str | None = None
     exit_code: int = 0
-    domain_name: Optional[str] = None
-    domain_uuid: Optional[str] = None
-    migration_id: Optional[str] = None
+    domain_name: str | None = None
+    domain_uuid: str | None = None
+    migration_id: str | None = None
     #: bytes received from the source / sent to the destination / returned to the source
     bytes_in: int = 0
     bytes_out: int = 0
     bytes_back: int = 0
-    sha256_in: Optional[str] = None
-    sha256_out: Optional[str] = None
+    sha256_in: str | None = None
+    sha256_out: str | None = None
     devices: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     #: "TLS 1.3" when the source's TLS was terminated here
-    tls: Optional[str] = None
+    tls: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,27 +103,27 @@ class Session:
     """One source connection, from accept to both sockets closed."""
 
     def __init__(self, config: Config, opts: ProxyOptions, claims: Claims, src: socket.socket,
-                 peer: str, *, header: bytes = b"", accepted: Optional[float] = None,
-                 on_bound: Optional[Callable[["Session"], None]] = None) -> None:
+                 peer: str, *, header: bytes = b"", accepted: float | None = None,
+                 on_bound: Callable[[Session], None] | None = None) -> None:
         """*header*: the QEMU file header the admission stage already read (empty for a TLS
         source: it is read behind TLS here); *accepted*: when the connection was accepted
         (the header deadline counts from then)."""
         self.config, self.opts, self.claims = config, opts, claims
-        self.src: Optional[socket.socket] = src
-        self.dst: Optional[socket.socket] = None
+        self.src: socket.socket | None = src
+        self.dst: socket.socket | None = None
         self.result = SessionResult(peer=peer, mode=opts.mode)
         self._abort_lock = threading.Lock()
-        self._aborted: Optional[str] = None
-        self._record: Optional[dict[str, Any]] = None
+        self._aborted: str | None = None
+        self._record: dict[str, Any] | None = None
         #: the filter of this session's stream: refused on any failure (its states never loadable)
-        self._flt: Optional[StreamFilter] = None
+        self._flt: StreamFilter | None = None
         self._header = header
         self._accepted = time.monotonic() if accepted is None else accepted
         self._bridges: list[Bridge] = []
         #: called once the connection's QEMU header matched (TLS: behind the handshake)
         self._on_bound = on_bound
         self._raw_src = src
-        self._evicted: Optional[str] = None
+        self._evicted: str | None = None
         #: the connecting process (UNIX sockets): the sign mode finds the domain from it
         self.peer_pid = peer_pid(src)
 
@@ -134,7 +145,7 @@ class Session:
             self.result.ok = self._aborted is None
             if self._aborted:
                 raise MdevError(self._aborted)
-        except Exception as exc:  # noqa: BLE001 - fail closed: every error ends the session the same way
+        except Exception as exc:  # fail closed: every error ends the session the same way
             self._fail(exc)
         finally:
             self._close()
@@ -148,8 +159,9 @@ class Session:
         """Terminate the source's TLS, then read the QEMU file header behind it, both
         within the header deadline (a TLS peer is bound only once its header matched)."""
         assert self.src is not None
+        assert self.opts.tls is not None  # only called for a TLS proxy
         deadline = self._accepted + self.opts.limits.header_timeout
-        bridge = accept_tls(self.src, self.opts.tls, self.result.peer,  # type: ignore[arg-type]
+        bridge = accept_tls(self.src, self.opts.tls, self.result.peer,
                             timeout=max(0.1, deadline - time.monotonic()))
         self._bridges.append(bridge)
         self.src = bridge.plain
@@ -231,7 +243,7 @@ class Session:
         with Store.open(self.config.store, create=True) as store:
             dst = self._connect_dst()
             back = self._start_return_path(dst)
-            out: list[Any] = []
+            out: list[Bytes] = []
             parser = StreamParser(container="stream")
             flt = self._flt = StreamFilter(store, parser, fopts, out.append)
             try:
@@ -259,13 +271,13 @@ class Session:
                  f"{ctx.domain_uuid} with key {ctx.key.key_id}, forwarding to {self.opts.forward}")
         dst = self._connect_dst()
         back = self._start_return_path(dst)
-        out: list[Any] = []
+        out: list[Bytes] = []
         layer = SignLayer(ctx, out.append)
         self._pump(StreamParser(container="stream"), layer, out, dst)
         self._finish(back)
         self.result.devices = [s for s in layer.signed if s["kind"] == "device"]
 
-    def _pump(self, parser: StreamParser, flt: Any, out: list[Any], dst: socket.socket) -> None:
+    def _pump(self, parser: StreamParser, flt: EventConsumer, out: list[Bytes], dst: socket.socket) -> None:
         """Source→destination: read a chunk, run every event through the filter, then
         send what it emitted in one gathered call (nothing of a refused chunk leaves)."""
         reader = self._reader()
@@ -284,7 +296,7 @@ class Session:
                 ev = parser.next_event()
                 if ev is NEED_DATA:
                     break
-                process(ev)  # type: ignore[arg-type]
+                process(ev)
             del data
             if out:
                 if h_out is not None:
@@ -359,7 +371,7 @@ class Session:
         elif isinstance(exc, OSError):  # a peer went away: the transport, not the content
             r.error_kind, r.exit_code = ConnectError.kind, ConnectError.exit_code
         else:
-            r.error_kind, r.exit_code = "internal", 70
+            r.error_kind, r.exit_code = InternalError.kind, InternalError.exit_code
         who = f"domain {r.domain_name} migration {r.migration_id}" if r.domain_name else "connection"
         verdict = "FAILED" if r.error_kind == ConnectError.kind else "REFUSED"
         if self._flt is not None:  # a failure after the stream ended (drain, return path) refuses it too
@@ -379,11 +391,9 @@ class Session:
 
 
 def _line(exc: BaseException) -> str:
-    if isinstance(exc, MdevError):
-        return exc.message
     if isinstance(exc, OSError):
         return f"socket error: {exc.strerror or exc}"
-    return f"internal error ({type(exc).__name__}): {' '.join(str(exc).split())}"
+    return describe(exc)
 
 
 __all__ = ["MODES", "ProxyOptions", "Session", "SessionResult"]

@@ -48,13 +48,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from ..errors import ConfigError, ConnectError, MdevError, StreamError
+from ..io.sizes import CHUNK
 from ..log import get_logger
 
 log = get_logger("tls")
-CHUNK = 1 << 20
 HANDSHAKE_TIMEOUT = 30.0
 
 
@@ -140,16 +139,16 @@ class Bridge:
     """
 
     def __init__(self, raw: socket.socket, ctx: ssl.SSLContext, server_side: bool,
-                 hostname: Optional[str], what: str, creds: TlsCreds) -> None:
+                 hostname: str | None, what: str, creds: TlsCreds) -> None:
         self.raw, self.what, self.creds, self.server_side = raw, what, creds, server_side
         self.plain, self._inner = socket.socketpair()
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._tls = ctx.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=hostname)
-        self.version: Optional[str] = None
+        self.version: str | None = None
         #: plain bytes received from the TLS peer
         self.received = 0
         #: why the bridge reset its connection (one line), if it did
-        self.error: Optional[str] = None
+        self.error: str | None = None
         self._aborted = False
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -172,7 +171,7 @@ class Bridge:
         self._in.write(data)
         return True
 
-    def start(self, timeout: float = HANDSHAKE_TIMEOUT) -> "Bridge":
+    def start(self, timeout: float = HANDSHAKE_TIMEOUT) -> Bridge:
         """Run the handshake (in the caller's thread, within *timeout*), then bridge in a new thread.
 
         Raises:
@@ -191,7 +190,7 @@ class Bridge:
                     self._flush()
                     if not self._feed():
                         raise ConnectionAbortedError("the peer closed the connection during the handshake "
-                                                     "(does it trust the CA of our certificate?)")
+                                                     "(does it trust the CA of our certificate?)") from None
         except (ssl.SSLError, OSError, _Aborted) as exc:
             _reset(self.raw)
             self.plain.close()
@@ -316,13 +315,13 @@ def read_header(bridge: Bridge, deadline: float, header_timeout: float) -> bytes
         while len(buf) < HEADER_LEN:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise socket.timeout()
+                raise TimeoutError()
             plain.settimeout(left)
             chunk = plain.recv(HEADER_LEN - len(buf))
             if not chunk:
                 break
             buf += chunk
-    except socket.timeout:
+    except TimeoutError:
         raise MdevError(f"TLS {bridge.what}: no QEMU file header within {header_timeout:g}s of connecting "
                         f"(the proxy's header deadline)") from None
     finally:

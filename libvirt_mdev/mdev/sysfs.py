@@ -27,12 +27,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 from ..errors import MdevError, MdevMissing, UsageError
 from .names import is_name, is_uuid
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = str | os.PathLike[str]
 
 
 @dataclass(frozen=True)

@@ -41,9 +41,10 @@ import json
 import os
 import secrets
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -77,7 +78,7 @@ def key_id(raw: bytes) -> str:
     return hashlib.sha256(raw).hexdigest()[:KEY_ID_HEX]
 
 
-def new_migration_id(now_ns: Optional[int] = None) -> str:
+def new_migration_id(now_ns: int | None = None) -> str:
     """A migration id that sorts by time (for humans) and is unique (random tail)."""
     ns = time.time_ns() if now_ns is None else now_ns
     return f"{ns:016x}-{secrets.token_hex(4)}"
@@ -158,7 +159,7 @@ class SigningKey:
                                           serialization.NoEncryption())
 
     @classmethod
-    def from_private(cls, private: Ed25519PrivateKey, comment: str = "") -> "SigningKey":
+    def from_private(cls, private: Ed25519PrivateKey, comment: str = "") -> SigningKey:
         raw = private.public_key().public_bytes(serialization.Encoding.Raw,
                                                 serialization.PublicFormat.Raw)
         return cls(private, PublicKey(raw, comment))
@@ -220,7 +221,7 @@ class TrustedKeys:
         self._keys = {k.key_id: k for k in keys}
 
     @classmethod
-    def from_files(cls, paths: Iterable[Path], *, uid: int = 0) -> "TrustedKeys":
+    def from_files(cls, paths: Iterable[Path], *, uid: int = 0) -> TrustedKeys:
         """Read every ``trusted_keys`` file (root-owned, not writable by others)."""
         keys = []
         for p in paths:
@@ -251,6 +252,25 @@ def canonical(stmt: dict[str, Any]) -> bytes:
                       allow_nan=False).encode("ascii")
 
 
+def check_fields(stmt: dict[str, Any], kind: str, types: dict[str, Any]) -> None:
+    """The checks every statement format shares: exactly the fields of *kind*, each of its
+    type (a bool is no number), and its word fields in :data:`WORD_RE`'s alphabet.
+
+    Raises:
+        SignatureError: naming the first field that is wrong.
+    """
+    if set(stmt) != set(types):
+        diff = sorted(set(stmt) ^ set(types))
+        raise SignatureError(f"signed {kind} statement has wrong fields ({diff[0]!r})")
+    for k, typ in types.items():
+        v = stmt[k]
+        if isinstance(v, bool) or not isinstance(v, typ):
+            raise SignatureError(f"signed statement field {k!r} has the wrong type")
+    for k in ("migration", "source_host", "signer"):
+        if k in stmt and not WORD_RE.match(stmt[k]):
+            raise SignatureError(f"signed statement field {k!r} has characters outside [A-Za-z0-9._:@+-]")
+
+
 def check_statement(stmt: Any) -> dict[str, Any]:
     """Validate the shape of a statement (untrusted until its signature is checked).
 
@@ -259,19 +279,9 @@ def check_statement(stmt: Any) -> dict[str, Any]:
     """
     if not isinstance(stmt, dict) or stmt.get("kind") not in FIELDS:
         raise SignatureError("signed statement of unknown kind")
-    types = FIELDS[stmt["kind"]]
-    if set(stmt) != set(types):
-        diff = sorted(set(stmt) ^ set(types))
-        raise SignatureError(f"signed {stmt['kind']} statement has wrong fields ({diff[0]!r})")
-    for k, typ in types.items():
-        v = stmt[k]
-        if isinstance(v, bool) or not isinstance(v, typ):
-            raise SignatureError(f"signed statement field {k!r} has the wrong type")
+    check_fields(stmt, stmt["kind"], FIELDS[stmt["kind"]])
     if stmt["v"] != STATEMENT_VERSION:
         raise SignatureError(f"signed statement version {stmt['v']} (this version reads {STATEMENT_VERSION})")
-    for k in ("migration", "source_host", "signer"):
-        if not WORD_RE.match(stmt[k]):
-            raise SignatureError(f"signed statement field {k!r} has characters outside [A-Za-z0-9._:@+-]")
     for k in ("domain_uuid", "mdev_uuid"):
         if stmt.get(k) is not None and not is_uuid(stmt[k]):
             raise SignatureError(f"signed statement field {k!r} is not a lowercase UUID")

@@ -110,6 +110,15 @@ class ReplayGuard:
             d.write_atomic(name, json.dumps({"seq": seq, "migration": migration}).encode())
 
 
-__all__ = ["SIG_IDSTR", "SIG_SECTION_ID", "SIG_MAGIC", "SIG_MAGIC_V1", "MAX_RECORD", "encode_payload",
-           "encode_record", "encode_statement_block", "decode_record",
-           "ReplayGuard"]
+__all__ = [
+    "MAX_RECORD",
+    "SIG_IDSTR",
+    "SIG_MAGIC",
+    "SIG_MAGIC_V1",
+    "SIG_SECTION_ID",
+    "ReplayGuard",
+    "decode_record",
+    "encode_payload",
+    "encode_record",
+    "encode_statement_block",
+]

@@ -22,12 +22,11 @@ configuration (``require_signature``, ``trusted_keys``), or None when neither is
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import socket
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..errors import ConnectError, NotFound, SignatureError
@@ -43,7 +42,7 @@ def _crypto_missing() -> SignatureError:
                           "(pip install 'libvirt-mdev[sign]'); refusing")
 
 
-def verify_policy(config: Config, store: Store) -> Optional["VerifyPolicy"]:
+def verify_policy(config: Config, store: Store) -> VerifyPolicy | None:
     """The destination's policy, or None when signatures are neither required nor trusted."""
     if not config.require_signature and not config.trusted_keys:
         return None
@@ -59,7 +58,7 @@ def verify_policy(config: Config, store: Store) -> Optional["VerifyPolicy"]:
                         replay=ReplayGuard(store))
 
 
-def peer_pid(sock: socket.socket) -> Optional[int]:
+def peer_pid(sock: socket.socket) -> int | None:
     """The pid of the process at the other end of a UNIX socket (None for TCP)."""
     if sock.family != socket.AF_UNIX:
         return None
@@ -68,7 +67,7 @@ def peer_pid(sock: socket.socket) -> Optional[int]:
     return pid or None
 
 
-def qemu_uuid_of(pid: int, proc: Path = Path("/proc")) -> Optional[str]:
+def qemu_uuid_of(pid: int, proc: Path = Path("/proc")) -> str | None:
     """The ``-uuid`` argument of QEMU process *pid* (libvirt always passes one)."""
     try:
         args = (proc / str(pid) / "cmdline").read_bytes().split(b"\0")
@@ -81,9 +80,10 @@ def qemu_uuid_of(pid: int, proc: Path = Path("/proc")) -> Optional[str]:
     return None
 
 
-def _libvirt():  # type: ignore[no-untyped-def]
+def _libvirt() -> Any:
+    """The libvirt module (untyped: libvirt-python ships no type information)."""
     try:
-        import libvirt  # type: ignore[import-untyped]
+        import libvirt
     except ImportError:
         raise ConnectError("libvirt-python is not installed: pass --domain and --domain-xml") from None
     return libvirt
@@ -125,7 +125,7 @@ def _libvirt_xml(uri: str, domain: str) -> bytes:
         conn = libvirt.open(uri)
         try:
             dom = conn.lookupByUUIDString(domain) if is_uuid(domain) else conn.lookupByName(domain)
-            return dom.XMLDesc(0).encode()
+            return str(dom.XMLDesc(0)).encode()
         finally:
             conn.close()
     except libvirt.libvirtError as exc:
@@ -133,7 +133,7 @@ def _libvirt_xml(uri: str, domain: str) -> bytes:
                            f"{' '.join(str(exc).split())}") from None
 
 
-def source_bindings(xml: bytes, sysfs_root: Path) -> tuple[dict[str, Binding], Optional[str]]:
+def source_bindings(xml: bytes, sysfs_root: Path) -> tuple[dict[str, Binding], str | None]:
     """(bindings with live source types, domain uuid) from the domain XML."""
     from ..mdev.sysfs import SysfsEnv
     bindings, _name, uuid = bindings_from_domain_xml(xml)
@@ -145,9 +145,9 @@ def source_bindings(xml: bytes, sysfs_root: Path) -> tuple[dict[str, Binding], O
     return out, uuid
 
 
-def sign_context(config: Config, pid: Optional[int], *, domain: Optional[str] = None,
-                 domain_xml: Optional[Path] = None,
-                 libvirt_uri: str = "qemu:///system") -> "SignContext":
+def sign_context(config: Config, pid: int | None, *, domain: str | None = None,
+                 domain_xml: Path | None = None,
+                 libvirt_uri: str = "qemu:///system") -> SignContext:
     """Everything the source layer signs for a connection from process *pid*.
 
     Raises:

@@ -31,9 +31,17 @@ import json
 from typing import Any
 
 from ..errors import SignatureError
-from ..store.manifest import WORD_RE, is_sha256, is_uuid
-from .keys import (MAX_STATEMENT, STATEMENT_VERSION, SigningKey, TrustedKeys, check_signature,
-                   sign_checked, verify_statement)
+from ..store.manifest import is_sha256, is_uuid
+from .keys import (
+    MAX_STATEMENT,
+    STATEMENT_VERSION,
+    SigningKey,
+    TrustedKeys,
+    check_fields,
+    check_signature,
+    sign_checked,
+    verify_statement,
+)
 
 #: the statement version that marks signed-stream format 2 (format 1 is keys.STATEMENT_VERSION)
 FORMAT = 2
@@ -117,17 +125,7 @@ def check_statement(stmt: dict[str, Any]) -> dict[str, Any]:
     if kind not in FIELDS or stmt.get("v") != FORMAT:
         raise SignatureError(f"signed statement of unknown kind {str(kind)[:20]!r} (version "
                              f"{str(stmt.get('v'))[:8]})")
-    types = FIELDS[kind]
-    if set(stmt) != set(types):
-        diff = sorted(set(stmt) ^ set(types))
-        raise SignatureError(f"signed {kind} statement has wrong fields ({diff[0]!r})")
-    for k, typ in types.items():
-        v = stmt[k]
-        if isinstance(v, bool) or not isinstance(v, typ):
-            raise SignatureError(f"signed statement field {k!r} has the wrong type")
-    for k in ("migration", "source_host", "signer"):
-        if k in stmt and not WORD_RE.match(stmt[k]):
-            raise SignatureError(f"signed statement field {k!r} has characters outside [A-Za-z0-9._:@+-]")
+    check_fields(stmt, kind, FIELDS[kind])
     if kind == "hello" and not is_uuid(stmt["domain_uuid"]):
         raise SignatureError("signed hello: domain_uuid is not a lowercase UUID")
     if kind == "block":
@@ -180,5 +178,18 @@ def chain_hash(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
 
 
-__all__ = ["FORMAT", "MAX_SIGNED_BLOCK", "MAX_SIGNED_CONFIG", "MAX_DEPTH", "CHAIN_START", "nesting_depth",
-           "parse_statement", "check_statement", "sign", "verify", "hello", "block", "chain_hash"]
+__all__ = [
+    "CHAIN_START",
+    "FORMAT",
+    "MAX_DEPTH",
+    "MAX_SIGNED_BLOCK",
+    "MAX_SIGNED_CONFIG",
+    "block",
+    "chain_hash",
+    "check_statement",
+    "hello",
+    "nesting_depth",
+    "parse_statement",
+    "sign",
+    "verify",
+]

@@ -24,8 +24,6 @@ MANIFEST_SUFFIX = ".json"
 SPENT_SUFFIX = ".spent"
 STREAM_SUFFIX = ".stream"
 HOLD_SUFFIX = ".held"
-#: read size for hashing and delivery
-CHUNK = 1 << 20
 
 
 def check_id(value: str, what: str) -> str:

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import StoreIntegrityError, UsageError
+from ..stream.wire import VfioFraming
 
 FORMAT_VERSION = 1
-#: VFIO migration framings (FORMAT.md §VFIO): v1 = QEMU 5.2–7.2, v2 = QEMU ≥ 8.0.
-VFIO_FRAMINGS = ("v1", "v2")
+#: VFIO migration framings a manifest may record (stream.wire.VfioFraming)
+VFIO_FRAMINGS = tuple(f.value for f in VfioFraming)
 
 HEX64_RE = re.compile(r"[0-9a-f]{64}\Z")
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z")

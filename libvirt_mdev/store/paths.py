@@ -89,7 +89,8 @@ def _check_kind_and_owner(st: os.stat_result, p: PathArg, label: str, uid: int) 
     if not (stat.S_ISDIR if want_dir else stat.S_ISREG)(st.st_mode):
         raise StoreAccessError(f"{label} {p} is not a {'directory' if want_dir else 'regular file'}")
     if st.st_uid != uid:
-        raise StoreAccessError(f"{label} {p} is owned by uid {st.st_uid}, expected uid {uid}; fix with: chown {uid} {p}")
+        raise StoreAccessError(f"{label} {p} is owned by uid {st.st_uid}, expected uid {uid}; "
+                               f"fix with: chown {uid} {p}")
 
 
 def _create_dir(p: Path, uid: int, what: str) -> None:

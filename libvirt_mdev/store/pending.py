@@ -23,7 +23,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 from ..errors import StoreIntegrityError, UsageError
 from .acl import TEMP_PREFIX, SecureDir
@@ -33,14 +33,14 @@ _RECORD_KEYS = {"domain_name", "domain_uuid", "migration_id", "created", "device
 _DEVICE_KEYS = {"mdev_uuid", "idstr", "type"}
 #: source facts for the compatibility policy (issue 17); optional, so older records stay valid
 _DEVICE_OPTIONAL = {"driver_version", "parent_model"}
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = str | os.PathLike[str]
 
 
 def _text(v: Any) -> bool:
     return isinstance(v, str) and 0 < len(v) <= 1024 and v.isprintable()
 
 
-def record_problem(record: Any) -> Optional[str]:
+def record_problem(record: Any) -> str | None:
     """Why *record* is not a valid pending record (None when it is)."""
     if not isinstance(record, dict):
         return "not an object"
@@ -106,7 +106,7 @@ def write_pending(runtime_dir: PathLike, record: dict[str, Any], *, uid: int = 0
         return d.path / name
 
 
-def read_pending(runtime_dir: PathLike, domain_uuid: str, *, uid: int = 0) -> Optional[dict[str, Any]]:
+def read_pending(runtime_dir: PathLike, domain_uuid: str, *, uid: int = 0) -> dict[str, Any] | None:
     """The pending record of *domain_uuid*, or None when there is none (or no
     runtime dir yet).
 
@@ -124,7 +124,7 @@ def read_pending(runtime_dir: PathLike, domain_uuid: str, *, uid: int = 0) -> Op
         return _parse(data, d.describe(name), domain_uuid)
 
 
-def _parse(data: bytes, where: str, domain_uuid: Optional[str]) -> dict[str, Any]:
+def _parse(data: bytes, where: str, domain_uuid: str | None) -> dict[str, Any]:
     try:
         rec = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
@@ -186,7 +186,7 @@ PENDING_GRACE = 90
 _START_SLACK = 0.05
 
 
-def _boot_time(proc: Path) -> Optional[float]:
+def _boot_time(proc: Path) -> float | None:
     """Unix time of the boot, to 10 ms (``/proc/uptime``; ``btime`` in ``/proc/stat`` is
     whole seconds, too coarse to tell a QEMU started just before a record from one
     started just after it)."""
@@ -203,7 +203,7 @@ def _boot_time(proc: Path) -> Optional[float]:
     return None
 
 
-def qemu_start_times(proc: Union[str, Path] = "/proc") -> dict[str, float]:
+def qemu_start_times(proc: str | Path = "/proc") -> dict[str, float]:
     """Domain uuid → unix start time of each running process with ``-uuid <uuid>`` in
     its command line (libvirt starts every QEMU with ``-uuid``).  Cheap: one small read
     per process, no libvirt connection (the proxy is not a libvirt client)."""
@@ -236,7 +236,7 @@ def qemu_start_times(proc: Union[str, Path] = "/proc") -> dict[str, float]:
     return out
 
 
-def is_stale(record: dict[str, Any], qemus: dict[str, float], now: Optional[float] = None,
+def is_stale(record: dict[str, Any], qemus: dict[str, float], now: float | None = None,
              grace: float = PENDING_GRACE) -> bool:
     """A record is *stale* — it can never be served — when its grace period is over and
     no QEMU for its domain runs that was started after the record was written.
@@ -259,7 +259,7 @@ def live_records(records: list[dict[str, Any]], qemus: dict[str, float]) -> list
             if r["domain_uuid"] in qemus and qemus[r["domain_uuid"]] + _START_SLACK >= r["created"]]
 
 
-def expire_pending(runtime_dir: PathLike, *, now: Optional[float] = None, proc: Union[str, Path] = "/proc",
+def expire_pending(runtime_dir: PathLike, *, now: float | None = None, proc: str | Path = "/proc",
                    grace: float = PENDING_GRACE, dry_run: bool = False, uid: int = 0) -> list[dict[str, Any]]:
     """Remove the stale records (see :func:`is_stale`); returns them.  For ``store gc``
     and ``libvirt-mdev pending clear --stale``.
@@ -275,6 +275,15 @@ def expire_pending(runtime_dir: PathLike, *, now: Optional[float] = None, proc: 
     return stale
 
 
-__all__ = ["write_pending", "read_pending", "remove_pending", "list_pending",
-           "record_problem", "PENDING_GRACE", "qemu_start_times", "is_stale", "live_records",
-           "expire_pending"]
+__all__ = [
+    "PENDING_GRACE",
+    "expire_pending",
+    "is_stale",
+    "list_pending",
+    "live_records",
+    "qemu_start_times",
+    "read_pending",
+    "record_problem",
+    "remove_pending",
+    "write_pending",
+]

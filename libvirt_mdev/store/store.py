@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Self
 
 from ..errors import StoreError, StoreIntegrityError
+from ..io.sizes import CHUNK
 from .acl import TEMP_PREFIX, SecureDir
 from .entry import Entry
 from .gc import GcReport, collect
-from .layout import CHUNK, HOLD_SUFFIX, LOCK_NAME, MANIFEST_SUFFIX, SPENT_SUFFIX, check_id
+from .layout import HOLD_SUFFIX, LOCK_NAME, MANIFEST_SUFFIX, SPENT_SUFFIX, check_id
 from .manifest import HEX64_RE, Manifest, StateMeta, parse_manifest
 from .streams import StreamInfo, StreamTxn, check_loadable, read_stream_info, stream_of
 from .writer import Buffer, StateWriter
@@ -255,7 +256,7 @@ class Store:
 
 
 def _hash_fd(fd: int) -> tuple[int, str]:
-    """(bytes read, SHA-256) of *fd* from its position to EOF, in :data:`.layout.CHUNK` pieces."""
+    """(bytes read, SHA-256) of *fd* from its position to EOF, in :data:`~libvirt_mdev.io.sizes.CHUNK` pieces."""
     h = hashlib.sha256()
     total = 0
     buf = bytearray(CHUNK)

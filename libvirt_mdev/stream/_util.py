@@ -8,17 +8,18 @@ retry loop so a reader reads like straight-line code::
 """
 from __future__ import annotations
 
-from typing import Callable, Generator, Optional
+from collections.abc import Callable, Generator
+from typing import TypeVar
 
 from ..errors import StreamError
 from .buffer import Input
-from .events import NEED_DATA
+from .events import NEED_DATA, NeedData
 
-#: what every reader generator yields and returns
-Reader = Generator[object, None, object]
+#: what a piece maker builds (a stream event, a multifd channel event)
+E = TypeVar("E")
 
 
-def need(inp: Input, n: int, what: str, section: Optional[str] = None) -> Generator[object, None, memoryview]:
+def need(inp: Input, n: int, what: str, section: str | None = None) -> Generator[NeedData, None, memoryview]:
     """Consume exactly *n* bytes, yielding NEED_DATA until they are there."""
     while True:
         view = inp.take(n)
@@ -30,7 +31,7 @@ def need(inp: Input, n: int, what: str, section: Optional[str] = None) -> Genera
         yield NEED_DATA
 
 
-def need_peek(inp: Input, n: int, what: str, section: Optional[str] = None) -> Generator[object, None, bytes]:
+def need_peek(inp: Input, n: int, what: str, section: str | None = None) -> Generator[NeedData, None, bytes]:
     """Look at the next *n* bytes without consuming them."""
     while True:
         data = inp.peek(n)
@@ -41,8 +42,8 @@ def need_peek(inp: Input, n: int, what: str, section: Optional[str] = None) -> G
         yield NEED_DATA
 
 
-def pieces(inp: Input, n: int, what: str, section: Optional[str],
-           make: Callable[[int, memoryview], object]) -> Generator[object, None, None]:
+def pieces(inp: Input, n: int, what: str, section: str | None,
+           make: Callable[[int, memoryview], E]) -> Generator[E | NeedData, None, None]:
     """Hand out an *n*-byte span as zero-copy pieces (one per fed chunk), each wrapped
     by ``make(offset, view)``.  Used for page bodies, device-state blocks, bitmaps."""
     left = n

@@ -5,19 +5,24 @@ chunk carries EOS.  Emitted as opaque records: we only delimit them.
 """
 from __future__ import annotations
 
-from typing import Generator
+from collections.abc import Generator
 
 from ..errors import StreamError
 from ._util import need, pieces
 from .buffer import Input
-from .events import Opaque
+from .events import Opaque, SectionKind, Step
 from .sections import SectionInfo
 from .wire import BE16, BE64, MAX_DIRTY_BITMAP_BUF, DirtyBitmapFlag
 
 
-def read_dirty_bitmap(inp: Input, info: SectionInfo) -> Generator[object, None, None]:
+def read_dirty_bitmap(inp: Input, info: SectionInfo) -> Generator[Step, None, None]:
     """Chunks until one carries EOS.  Emitted as opaque records (we never look inside)."""
     sec = info.label
+    sid = info.section_id
+
+    def make_piece(off: int, view: memoryview) -> Opaque:
+        return Opaque(off, view, sid, SectionKind.DIRTY_BITMAP)
+
     while True:
         start = inp.offset
         parts: list[bytes] = []
@@ -51,9 +56,7 @@ def read_dirty_bitmap(inp: Input, info: SectionInfo) -> Generator[object, None, 
                     raise StreamError(f"dirty-bitmap buffer of {buf_len} bytes", offset=inp.offset, section=sec)
         elif not flags & (DirtyBitmapFlag.COMPLETE | DirtyBitmapFlag.EOS):
             raise StreamError(f"dirty-bitmap chunk with unknown flags 0x{flags:x}", offset=start, section=sec)
-        yield Opaque(start, memoryview(b"".join(parts)), info.section_id, "dirty-bitmap")
-        sid = info.section_id
-        yield from pieces(inp, buf_len, "a dirty-bitmap buffer", sec,
-                          lambda o, v: Opaque(o, v, sid, "dirty-bitmap"))
+        yield Opaque(start, memoryview(b"".join(parts)), info.section_id, SectionKind.DIRTY_BITMAP)
+        yield from pieces(inp, buf_len, "a dirty-bitmap buffer", sec, make_piece)
         if flags & DirtyBitmapFlag.EOS:
             return

@@ -24,7 +24,7 @@ all of it.  With gathering, memory stays within a few percent of the bytes queue
 from __future__ import annotations
 
 from collections import deque
-from typing import Optional, Pattern, Union
+from re import Pattern
 
 _EMPTY = memoryview(b"")
 
@@ -33,7 +33,7 @@ GATHER = 64 << 10
 
 
 class Input:
-    __slots__ = ("_queue", "seg", "pos", "base", "eof", "_queued", "_acc")
+    __slots__ = ("_acc", "_queue", "_queued", "base", "eof", "pos", "seg")
 
     def __init__(self) -> None:
         self._queue: deque[memoryview] = deque()
@@ -50,7 +50,7 @@ class Input:
 
     # -- feeding -------------------------------------------------------------------
 
-    def feed(self, data: Union[bytes, bytearray, memoryview]) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Append *data*; ``b""`` marks the end of the input."""
         if not data:
             self._flush()
@@ -110,7 +110,7 @@ class Input:
 
     # -- consuming ----------------------------------------------------------------------
 
-    def take(self, n: int) -> Optional[memoryview]:
+    def take(self, n: int) -> memoryview | None:
         """Exactly *n* bytes, or ``None``.  Copies only when they straddle chunks."""
         self._settle()
         end = self.pos + n
@@ -131,7 +131,7 @@ class Input:
             self.pos = len(piece)
         return memoryview(b"".join(parts))
 
-    def peek(self, n: int) -> Optional[bytes]:
+    def peek(self, n: int) -> bytes | None:
         """The next *n* bytes without consuming them, or ``None``."""
         self._settle()
         end = self.pos + n
@@ -152,7 +152,7 @@ class Input:
         avail = self.available()
         return self.peek(min(n, avail)) or b""
 
-    def take_upto(self, n: int) -> Optional[memoryview]:
+    def take_upto(self, n: int) -> memoryview | None:
         """Between 1 and *n* bytes from the current chunk (zero-copy), or ``None``."""
         self._settle()
         if self.pos >= len(self.seg):
@@ -162,7 +162,7 @@ class Input:
         self.pos = end
         return view
 
-    def match(self, pattern: Pattern[bytes]) -> Optional[memoryview]:
+    def match(self, pattern: Pattern[bytes]) -> memoryview | None:
         """Consume the longest match of *pattern* at the current position within the
         current chunk (a C-speed scan over runs of small records)."""
         self._settle()

@@ -34,11 +34,11 @@ from collections.abc import Generator
 from ..errors import StreamError
 from ._util import need, pieces
 from .buffer import Input
-from .events import Opaque
+from .events import Opaque, SectionKind, Step
 from .sections import SectionInfo
 from .wire import MAX_VIRTIO_MEM_BITMAP, VIRTIO_MEM_EARLY_FIXED, VIRTIO_MEM_EARLY_VERSION
 
-KIND_WHAT = "virtio-mem-early"
+KIND_WHAT = SectionKind.VIRTIO_MEM_EARLY
 
 
 def virtio_mem_bitmap_len(region_size: int, block_size: int) -> int:
@@ -47,7 +47,7 @@ def virtio_mem_bitmap_len(region_size: int, block_size: int) -> int:
     return -(-blocks // 64) * 8
 
 
-def read_virtio_mem_early(inp: Input, info: SectionInfo) -> Generator[object, None, None]:
+def read_virtio_mem_early(inp: Input, info: SectionInfo) -> Generator[Step, None, None]:
     """The whole body of one virtio-mem-device-early section (the footer is left)."""
     sec = info.label
     sid = info.section_id

@@ -6,30 +6,46 @@ order reproduces the input byte for byte; that is how pass-through, splice and t
 proxy stay faithful.  ``raw`` is usually a memoryview into the chunk that was fed: it
 is valid until the next :meth:`StreamParser.feed` (copy it if you keep it).
 
-Dispatch on ``type(event)``.  Don't subclass these.
+Dispatch on ``type(event)`` (mypy narrows :data:`StreamEvent` on ``type(ev) is X``) or
+``isinstance(ev, SectionHeader)``.  Don't subclass these.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Final
 
-from .wire import MigCommand, SectionType, VfioFlag
+from .wire import SAVE_MAGIC_COMPLETE, MigCommand, SectionType, VfioFlag
 
-Bytes = Union[bytes, bytearray, memoryview]
+Bytes = bytes | bytearray | memoryview
 
 
-class _Sentinel:
-    __slots__ = ("name",)
+class NeedData(enum.Enum):
+    """The parser's "feed me": one member, so ``ev is NEED_DATA`` narrows the type."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    NEED_DATA = "NEED_DATA"
 
     def __repr__(self) -> str:
-        return self.name
+        return self.value
 
 
 #: returned by :meth:`StreamParser.next_event` when it needs more bytes
-NEED_DATA = _Sentinel("NEED_DATA")
+NEED_DATA: Final = NeedData.NEED_DATA
+
+
+class SectionKind(enum.StrEnum):
+    """How a section's payload is parsed, from its idstr (sections.kind_of): the one
+    spelling of the kinds for the parser and every consumer."""
+
+    RAM = "ram"
+    VFIO = "vfio"
+    DIRTY_BITMAP = "dirty-bitmap"
+    #: any other device: an opaque FULL body, delimited by the footer scan
+    VMSTATE = "vmstate"
+    #: an early-setup vmstate whose layout we parse field by field (early.py)
+    VIRTIO_MEM_EARLY = "virtio-mem-early"
+    #: libvirt-mdev's own records (signed statements): FULL sections named ``libvirt-mdev/...``
+    OURS = "libvirt-mdev"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +75,7 @@ class SaveImageHeader(Event):
     @property
     def complete(self) -> bool:
         """False for ``LibvirtQemudPart``: libvirt never finished writing the image."""
-        return self.magic == b"LibvirtQemudSave"
+        return self.magic == SAVE_MAGIC_COMPLETE
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +91,8 @@ class Configuration(Event):
 
     machine_type: str
     capabilities: tuple[str, ...] = ()
-    target_page_bits: Optional[int] = None
-    uuid: Optional[bytes] = None
+    target_page_bits: int | None = None
+    uuid: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +113,8 @@ class SectionHeader(Event):
     idstr: str
     instance_id: int
     version_id: int
-    #: how the payload is parsed: "ram", "vfio", "dirty-bitmap" or "vmstate" (opaque FULL)
-    kind: str
+    #: how the payload is parsed
+    kind: SectionKind
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,3 +233,11 @@ class VMDescription(Event):
 @dataclass(frozen=True, slots=True)
 class StreamEnd(Event):
     """The input ended at a legal place (after EOF or vmdesc)."""
+
+
+#: everything :meth:`StreamParser.next_event` returns besides :data:`NEED_DATA`
+StreamEvent = (SaveImageHeader | FileHeader | Configuration | Command | SectionStart | SectionPart | SectionEnd |
+               SectionFull | SectionFooter | RamMemSize | RamRecords | RamEos | VfioMarker | VfioBlockStart |
+               VfioBlockData | VfioBlockEnd | VfioConfigData | Opaque | Eof | VMDescription | StreamEnd)
+#: what a reader generator yields
+Step = StreamEvent | NeedData

@@ -37,12 +37,11 @@ import struct
 import uuid as uuidlib
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Union
 
 from ..errors import StreamError, UnsupportedStream
 from ._util import need, pieces
 from .buffer import Input
-from .events import NEED_DATA, Event
+from .events import NEED_DATA, Event, NeedData
 
 # --------------------------------------------------------------------------- wire facts
 #: first four bytes of every side channel and of every packet on it (QEMU MULTIFD_MAGIC)
@@ -140,7 +139,7 @@ class ChannelEnd(Event):
     """The channel ended cleanly at a packet boundary (``raw`` is empty)."""
 
 
-ChannelEvent = Union[ChannelInit, RamPacket, DeviceStatePacket, PacketData, ChannelEnd]
+ChannelEvent = ChannelInit | RamPacket | DeviceStatePacket | PacketData | ChannelEnd
 
 
 def is_multifd_channel(first4: bytes) -> bool:
@@ -167,7 +166,7 @@ class MultifdChannelParser:
         self.compression = compression
         self._offsets = struct.Struct(f">{self.pages_per_packet}Q")
         self._inp = Input()
-        self._gen: Generator[object, None, None] = self._run()
+        self._gen: Generator[ChannelEvent | NeedData, None, None] = self._run()
         self._error: StreamError | None = None
         self._done = False
         self.channel_id: int | None = None
@@ -176,7 +175,7 @@ class MultifdChannelParser:
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._inp.feed(data)
 
-    def next_event(self) -> object:
+    def next_event(self) -> ChannelEvent | NeedData:
         """The next :data:`ChannelEvent`, or :data:`NEED_DATA`; raises the sticky error."""
         if self._error is not None:
             raise self._error
@@ -192,7 +191,7 @@ class MultifdChannelParser:
             raise
 
     # ------------------------------------------------------------------ grammar
-    def _run(self) -> Generator[object, None, None]:
+    def _run(self) -> Generator[ChannelEvent | NeedData, None, None]:
         inp = self._inp
         start = inp.offset
         raw = yield from need(inp, INIT.size, "multifd channel init")
@@ -216,7 +215,7 @@ class MultifdChannelParser:
             raise UnsupportedStream(f"multifd {what}: version {version}, this build reads version "
                                     f"{MULTIFD_VERSION}", offset=at)
 
-    def _packet(self) -> Generator[object, None, None]:
+    def _packet(self) -> Generator[ChannelEvent | NeedData, None, None]:
         inp = self._inp
         at = inp.offset
         hdr = yield from need(inp, PACKET_HEADER.size, "multifd packet header")
@@ -227,7 +226,7 @@ class MultifdChannelParser:
         else:
             yield from self._ram_packet(at, bytes(hdr), flags)
 
-    def _device_packet(self, at: int, hdr: bytes, flags: int) -> Generator[object, None, None]:
+    def _device_packet(self, at: int, hdr: bytes, flags: int) -> Generator[ChannelEvent | NeedData, None, None]:
         inp = self._inp
         body = yield from need(inp, DEVICE_PACKET.size, "multifd device-state packet", None)
         idstr_raw, instance_id, size = DEVICE_PACKET.unpack(body)
@@ -250,7 +249,7 @@ class MultifdChannelParser:
         yield from pieces(inp, size, "multifd device state", where,
                           lambda off, view: PacketData(off, view))
 
-    def _ram_packet(self, at: int, hdr: bytes, flags: int) -> Generator[object, None, None]:
+    def _ram_packet(self, at: int, hdr: bytes, flags: int) -> Generator[ChannelEvent | NeedData, None, None]:
         inp = self._inp
         fixed = yield from need(inp, RAM_PACKET.size, "multifd RAM packet")
         fixed_b = bytes(fixed)

@@ -16,16 +16,27 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Generator, Optional, Pattern
+from re import Pattern
 
 from ..errors import StreamError, UnsupportedStream
 from ._util import need, pieces
 from .buffer import Input
-from .events import Opaque, RamEos, RamMemSize, RamRecords
+from .events import Opaque, RamEos, RamMemSize, RamRecords, Step
 from .sections import SectionInfo
-from .wire import (BE16, BE32, BE64, MAPPED_RAM_FILE_OFFSET_ALIGNMENT, MAPPED_RAM_HDR_VERSION, MAPPED_RAM_HEADER,
-                   MAX_MAPPED_RAM_REGION, MAX_RAM_BLOCKS, XBZRLE_ENCODING_FLAG, RamFlag)
+from .wire import (
+    BE16,
+    BE32,
+    BE64,
+    MAPPED_RAM_FILE_OFFSET_ALIGNMENT,
+    MAPPED_RAM_HDR_VERSION,
+    MAPPED_RAM_HEADER,
+    MAX_MAPPED_RAM_REGION,
+    MAX_RAM_BLOCKS,
+    XBZRLE_ENCODING_FLAG,
+    RamFlag,
+)
 
 _TYPE_FLAGS = {int(RamFlag.ZERO), int(RamFlag.PAGE), int(RamFlag.XBZRLE), int(RamFlag.COMPRESS_PAGE)}
 # plain ints for the per-record path (IntFlag arithmetic builds enum members: slow)
@@ -49,7 +60,7 @@ class RamContext:
     #: the mapped-ram capability: pages live at fixed file offsets, not in records
     mapped_ram: bool = False
     #: RAMBlock of the previous page record (for CONTINUE)
-    last_block: Optional[str] = None
+    last_block: str | None = None
 
     @property
     def page_size(self) -> int:
@@ -83,7 +94,7 @@ def _run_patterns(page_bits: int) -> tuple[Pattern[bytes], Pattern[bytes]]:
 
 
 def read_ram(inp: Input, info: SectionInfo, ctx: RamContext,
-             setup: bool) -> Generator[object, None, None]:
+             setup: bool) -> Generator[Step, None, None]:
     """Records until EOS.  *setup* is true for the START payload (MEM_SIZE allowed)."""
     sec = info.label
     sid = info.section_id
@@ -134,7 +145,7 @@ def read_ram(inp: Input, info: SectionInfo, ctx: RamContext,
 
 
 def _page_record(inp: Input, info: SectionInfo, ctx: RamContext, off: int, hdr: memoryview,
-                 flags: int, kind: int) -> Generator[object, None, None]:
+                 flags: int, kind: int) -> Generator[Step, None, None]:
     sec = info.label
     parts = [bytes(hdr)]
     if flags & _CONTINUE:
@@ -175,7 +186,7 @@ def _page_record(inp: Input, info: SectionInfo, ctx: RamContext, off: int, hdr: 
 
 
 def _mem_size(inp: Input, info: SectionInfo, ctx: RamContext, off: int, hdr: memoryview,
-              total: int, setup: bool) -> Generator[object, None, None]:
+              total: int, setup: bool) -> Generator[Step, None, None]:
     """The RAMBlock list: (idstr, used_length[, mr_addr][, mapped-ram header]) until the
     lengths add up.  Without mapped-ram it is one RamMemSize event; with it, each block's
     entry is followed in the file by that block's bitmap and pages (skipped exactly as

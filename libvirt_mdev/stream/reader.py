@@ -26,32 +26,67 @@ other exception escaping :meth:`next_event` is a bug.
 """
 from __future__ import annotations
 
-from typing import Generator, Iterator, Optional, Union
+from collections.abc import Generator, Iterator
 
 from ..errors import StreamError, UnsupportedStream, UsageError
 from ._util import need, need_peek, printable_ascii
+from .bitmap import read_dirty_bitmap
 from .buffer import Input
-from .events import (NEED_DATA, Command, Configuration, Eof, FileHeader, Opaque, SaveImageHeader,
-                     SectionEnd, SectionFooter, SectionFull, SectionPart,
-                     SectionStart, StreamEnd, VMDescription)
+from .early import read_virtio_mem_early
+from .events import (
+    NEED_DATA,
+    Command,
+    Configuration,
+    Eof,
+    FileHeader,
+    NeedData,
+    Opaque,
+    SaveImageHeader,
+    SectionEnd,
+    SectionFooter,
+    SectionFull,
+    SectionKind,
+    SectionPart,
+    SectionStart,
+    Step,
+    StreamEnd,
+    StreamEvent,
+    VMDescription,
+)
 from .ram import RamContext, read_ram
 from .saveimage import SAVE_MAGICS, read_save_image
-from .bitmap import read_dirty_bitmap
-from .early import read_virtio_mem_early
-from .sections import (ITERATIVE_KINDS, KIND_DIRTY_BITMAP, KIND_OURS, KIND_RAM, KIND_VFIO,
-                       KIND_VIRTIO_MEM_EARLY, SectionInfo,
-                       SectionTable, footer_bytes, kind_of, read_our_record,
-                       refuse_iterative, scan_to_footer)
+from .scan import read_our_record, scan_to_footer
+from .sections import ITERATIVE_KINDS, SectionInfo, SectionTable, kind_of, refuse_iterative
 from .vfio import FramingGuess, read_vfio
 from .vmdesc import check_vmdesc
-from .wire import (BE16, BE32, CONFIG_SUB_CAPABILITIES, CONFIG_SUB_PAGE_BITS, CONFIG_SUB_UUID,
-                   DEFAULT_TARGET_PAGE_BITS, DIRTY_BITMAP_VERSION, FILE_HEADER, MAPPED_RAM_CAPABILITY,
-                   MAX_CAPABILITIES,
-                   MAX_MACHINE_NAME, MAX_VFIO_DEVICES, MAX_VMDESC_LEN, MIG_COMMAND_LEN,
-                   QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, QEMU_VM_FILE_VERSION_COMPAT,
-                   RAM_VERSION, VFIO_VERSION, MigCommand, SaveFormat, SectionType)
+from .wire import (
+    BE16,
+    BE32,
+    CONFIG_SUB_CAPABILITIES,
+    CONFIG_SUB_PAGE_BITS,
+    CONFIG_SUB_UUID,
+    DEFAULT_TARGET_PAGE_BITS,
+    DIRTY_BITMAP_VERSION,
+    FILE_HEADER,
+    MAPPED_RAM_CAPABILITY,
+    MAX_CAPABILITIES,
+    MAX_MACHINE_NAME,
+    MAX_VFIO_DEVICES,
+    MAX_VMDESC_LEN,
+    MIG_COMMAND_LEN,
+    QEMU_VM_FILE_MAGIC,
+    QEMU_VM_FILE_VERSION,
+    QEMU_VM_FILE_VERSION_COMPAT,
+    RAM_VERSION,
+    VFIO_VERSION,
+    MigCommand,
+    SaveFormat,
+    SectionType,
+    VfioFraming,
+)
+from .writer import encode_footer
 
-_HEADER_TYPES = {
+_HEADER_TYPES: dict[SectionType, type[SectionStart] | type[SectionPart] | type[SectionEnd] | type[SectionFull]] = {
     SectionType.SECTION_START: SectionStart,
     SectionType.SECTION_PART: SectionPart,
     SectionType.SECTION_END: SectionEnd,
@@ -60,7 +95,8 @@ _HEADER_TYPES = {
 #: commands a precopy stream carries (FORMAT.md §2); everything else is refused
 _ALLOWED_COMMANDS = {MigCommand.OPEN_RETURN_PATH, MigCommand.PING, MigCommand.POSTCOPY_ADVISE,
                      MigCommand.SWITCHOVER_START}
-_EXPECTED_VERSION = {KIND_RAM: RAM_VERSION, KIND_VFIO: VFIO_VERSION, KIND_DIRTY_BITMAP: DIRTY_BITMAP_VERSION}
+_EXPECTED_VERSION = {SectionKind.RAM: RAM_VERSION, SectionKind.VFIO: VFIO_VERSION,
+                     SectionKind.DIRTY_BITMAP: DIRTY_BITMAP_VERSION}
 
 
 class StreamParser:
@@ -78,10 +114,10 @@ class StreamParser:
             raise UsageError(f"unknown container {container!r}")
         self._container = container
         #: the save image's format field, once its header was read
-        self._save_format: Optional[int] = None
+        self._save_format: int | None = None
         self._inp = Input()
-        self._gen: Generator[object, None, None] = self._run()
-        self._error: Optional[StreamError] = None
+        self._gen: Generator[Step, None, None] = self._run()
+        self._error: StreamError | None = None
         self.done = False
         self.table = SectionTable()
         self.ram = RamContext()
@@ -91,13 +127,13 @@ class StreamParser:
 
     # -- public API -------------------------------------------------------------------
 
-    def feed(self, data: Union[bytes, bytearray, memoryview]) -> None:
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Give the parser more input; ``b""`` says the input has ended."""
         if self._inp.eof:
             raise UsageError("feed() after the end of the input")
         self._inp.feed(data)
 
-    def next_event(self) -> object:
+    def next_event(self) -> StreamEvent | NeedData:
         """The next event, or :data:`NEED_DATA`.
 
         Raises:
@@ -118,7 +154,7 @@ class StreamParser:
             raise
         return ev
 
-    def events(self) -> Iterator[object]:
+    def events(self) -> Iterator[StreamEvent]:
         """Every event available now (stops at NEED_DATA)."""
         while True:
             ev = self.next_event()
@@ -131,12 +167,17 @@ class StreamParser:
         return self._inp.offset
 
     def framing_of(self, section_id: int) -> str:
+        """The VFIO framing of *section_id* as reports name it (``"unknown"``: undecided)."""
+        return self.vfio_framing(section_id) or "unknown"
+
+    def vfio_framing(self, section_id: int) -> VfioFraming | None:
+        """The VFIO framing of *section_id*, ``None`` when the stream so far does not decide."""
         guess = self.framing.get(section_id)
-        return guess.name(self.machine_type) if guess else "unknown"
+        return guess.framing(self.machine_type) if guess else None
 
     # -- grammar ----------------------------------------------------------------------------
 
-    def _run(self) -> Generator[object, None, None]:
+    def _run(self) -> Generator[Step, None, None]:
         inp = self._inp
         if self._container != "stream":
             head = yield from need_peek(inp, 4, "file magic")
@@ -162,7 +203,7 @@ class StreamParser:
                 raise StreamError(f"unknown record type 0x{t:02x}", offset=off)
         yield from self._after_eof()
 
-    def _file_header(self) -> Generator[object, None, None]:
+    def _file_header(self) -> Generator[Step, None, None]:
         inp = self._inp
         off = inp.offset
         raw = yield from need(inp, FILE_HEADER.size, "QEMU file header")
@@ -175,7 +216,7 @@ class StreamParser:
             raise StreamError(f"unknown QEMU stream version {version}", offset=off + 4)
         yield FileHeader(off, raw, version)
 
-    def _configuration(self) -> Generator[object, None, None]:
+    def _configuration(self) -> Generator[Step, None, None]:
         inp = self._inp
         off = inp.offset
         t = (yield from need_peek(inp, 1, "record type"))[0]
@@ -191,8 +232,8 @@ class StreamParser:
             raise StreamError("machine type name is not printable ASCII", offset=off + 5)
         parts.append(name)
         caps: list[str] = []
-        page_bits: Optional[int] = None
-        uuid: Optional[bytes] = None
+        page_bits: int | None = None
+        uuid: bytes | None = None
         while True:
             nxt = inp.peek(1)
             if nxt is None:
@@ -239,7 +280,7 @@ class StreamParser:
         self.machine_type = name.decode()
         yield Configuration(off, memoryview(b"".join(parts)), self.machine_type, tuple(caps), page_bits, uuid)
 
-    def _command(self) -> Generator[object, None, Command]:
+    def _command(self) -> Generator[Step, None, Command]:
         inp = self._inp
         off = inp.offset
         hdr = bytes((yield from need(inp, 5, "command header")))
@@ -265,7 +306,7 @@ class StreamParser:
             raise StreamError(f"command {command.name} after the device sections began", offset=off)
         return Command(off, memoryview(hdr + data), command, data)
 
-    def _section(self, rtype: SectionType) -> Generator[object, None, None]:
+    def _section(self, rtype: SectionType) -> Generator[Step, None, None]:
         inp = self._inp
         off = inp.offset
         info: SectionInfo
@@ -282,15 +323,15 @@ class StreamParser:
             if rtype == SectionType.SECTION_START and kind_of(idstr) not in ITERATIVE_KINDS:
                 # every START of a handler we do not parse exactly, libvirt-mdev/... included
                 raise refuse_iterative(idstr, off)
-            if rtype == SectionType.SECTION_FULL and kind_of(idstr) == KIND_OURS:
-                yield from self._our_record(SectionInfo(sid, idstr, inst, ver, KIND_OURS, False), off, raw)
+            if rtype == SectionType.SECTION_FULL and kind_of(idstr) == SectionKind.OURS:
+                yield from self._our_record(SectionInfo(sid, idstr, inst, ver, SectionKind.OURS, False), off, raw)
                 return
             info = self.table.open(sid, idstr, inst, ver, rtype == SectionType.SECTION_START, off)
             want = _EXPECTED_VERSION.get(info.kind)
             if want is not None and ver != want:
                 raise StreamError(f"{info.kind} section version {ver} (QEMU uses {want})", offset=off,
                                   section=info.label)
-            if info.kind == KIND_VFIO and info.section_id not in self.framing:
+            if info.kind == SectionKind.VFIO and info.section_id not in self.framing:
                 if len(self.framing) >= MAX_VFIO_DEVICES:
                     raise StreamError(f"more than {MAX_VFIO_DEVICES} VFIO devices", offset=off)
                 self.framing[info.section_id] = FramingGuess()
@@ -305,16 +346,16 @@ class StreamParser:
             info.ended = True
         yield from self._footer(info)
 
-    def _footer(self, info: SectionInfo) -> Generator[object, None, None]:
+    def _footer(self, info: SectionInfo) -> Generator[Step, None, None]:
         inp = self._inp
         foff = inp.offset
         ft = yield from need(inp, 5, "section footer", info.label)
-        if bytes(ft) != footer_bytes(info.section_id):
+        if bytes(ft) != encode_footer(info.section_id):
             raise StreamError(f"expected footer 7e {info.section_id:08x}, found {bytes(ft).hex(' ')}",
                               offset=foff, section=info.label)
         yield SectionFooter(foff, ft, info.section_id)
 
-    def _our_record(self, info: SectionInfo, off: int, raw: memoryview) -> Generator[object, None, None]:
+    def _our_record(self, info: SectionInfo, off: int, raw: memoryview) -> Generator[Step, None, None]:
         """A libvirt-mdev record (sections.read_our_record): outside the section table."""
         if self.table.by_id.get(info.section_id) is not None:
             raise StreamError(f"libvirt-mdev record with the id of section "
@@ -324,21 +365,21 @@ class StreamParser:
         yield from read_our_record(self._inp, info, self.table)
         yield from self._footer(info)
 
-    def _payload(self, info: SectionInfo, rtype: SectionType) -> Generator[object, None, None]:
-        if info.kind == KIND_RAM:
+    def _payload(self, info: SectionInfo, rtype: SectionType) -> Generator[Step, None, None]:
+        if info.kind == SectionKind.RAM:
             yield from read_ram(self._inp, info, self.ram, setup=rtype == SectionType.SECTION_START)
-        elif info.kind == KIND_VFIO:
+        elif info.kind == SectionKind.VFIO:
             yield from read_vfio(self._inp, info, self.table, rtype, self.framing[info.section_id])
-        elif info.kind == KIND_DIRTY_BITMAP:
+        elif info.kind == SectionKind.DIRTY_BITMAP:
             yield from read_dirty_bitmap(self._inp, info)
-        elif info.kind == KIND_VIRTIO_MEM_EARLY:
+        elif info.kind == SectionKind.VIRTIO_MEM_EARLY:
             yield from read_virtio_mem_early(self._inp, info)
         else:
             sid = info.section_id
             yield from scan_to_footer(self._inp, info, self.table, b"",
-                                      lambda o, v: Opaque(o, v, sid, "vmstate"))
+                                      lambda o, v: Opaque(o, v, sid, SectionKind.VMSTATE))
 
-    def _after_eof(self) -> Generator[object, None, None]:
+    def _after_eof(self) -> Generator[Step, None, None]:
         inp = self._inp
         while True:
             nxt = inp.peek(1)

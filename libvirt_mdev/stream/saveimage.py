@@ -19,14 +19,23 @@ The ``format`` field says what follows the XML area (qemu_saveimage.c):
 """
 from __future__ import annotations
 
-from typing import Generator
+from collections.abc import Generator
 
 from ..errors import StreamError, UnsupportedStream
 from ._util import need
 from .buffer import Input
-from .events import NEED_DATA, SaveImageHeader
-from .wire import (FILE_HEADER, MAX_SAVE_DATA_LEN, QEMU_VM_FILE_MAGIC, SAVE_HEADER, SAVE_HEADER_LEN, SAVE_MAGIC_COMPLETE,
-                   SAVE_MAGIC_PARTIAL, SAVE_VERSION, SaveFormat)
+from .events import NEED_DATA, SaveImageHeader, Step
+from .wire import (
+    FILE_HEADER,
+    MAX_SAVE_DATA_LEN,
+    QEMU_VM_FILE_MAGIC,
+    SAVE_HEADER,
+    SAVE_HEADER_LEN,
+    SAVE_MAGIC_COMPLETE,
+    SAVE_MAGIC_PARTIAL,
+    SAVE_VERSION,
+    SaveFormat,
+)
 
 SAVE_MAGICS = (SAVE_MAGIC_COMPLETE, SAVE_MAGIC_PARTIAL)
 
@@ -55,7 +64,7 @@ COMPRESSORS: dict[SaveFormat, str] = {SaveFormat.GZIP: "gzip", SaveFormat.BZIP2:
                                       SaveFormat.LZOP: "lzop", SaveFormat.ZSTD: "zstd"}
 
 
-def read_save_image(inp: Input) -> Generator[object, None, SaveImageHeader]:
+def read_save_image(inp: Input) -> Generator[Step, None, SaveImageHeader]:
     off = inp.offset
     raw = yield from need(inp, SAVE_HEADER_LEN, "libvirt save-image header")
     magic, version, data_len, was_running, fmt, cookie_off = decode_header(bytes(raw), off)

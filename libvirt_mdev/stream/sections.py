@@ -1,4 +1,4 @@
-"""Section bookkeeping, the kinds of payload, and the footer scan for vmstate bodies.
+"""Section bookkeeping: the kinds of payload and the rules on section ids and order.
 
 Theory of operation
 -------------------
@@ -10,16 +10,8 @@ self-delimiting and parsed exactly.  ``vmstate`` payloads (every other device) c
 no length: QEMU writes the fields raw and only the section footer ``7e <be32 id>``
 ends them, and that pattern is not escaped inside the payload.
 
-Rule used to end a vmstate body (and a VFIO config body), :func:`scan_to_footer`:
-the first occurrence of ``[terminator] 7e <be32 section_id>`` that is followed by a
-*well-formed next record* (:func:`next_record_ok`): EOF (then nothing, or VMDESCRIPTION
-with a sane length and ``{``), a START/FULL header with a printable idstr that does not
-contradict an id we already know, a PART/END for an open iterative section, or a
-COMMAND with a known number and QEMU's fixed length.  The chance that device data
-contains a footer *and* a well-formed record right after it is tiny, and a wrong
-split can only make a later check fail (fail closed); it cannot hide VFIO state,
-because VFIO state is only accepted inside sections whose idstr says VFIO, and those
-are parsed exactly.  An iterative section of a kind we cannot parse is refused.
+Those bodies are delimited by the footer scan (:mod:`.scan`: the rule, and the
+:class:`~.scan.BodyGuard` that searches every scanned body).
 
 Why a wrong split matters, and how it is contained: if our split differs from QEMU's
 (the stream is crafted, and QEMU reads the body by its field layout), the two parsers
@@ -29,7 +21,7 @@ made strict exactly where divergence could be exploited (SectionTable.phase rule
 vmstate FULL sections only after every iterative section has ended (as QEMU 7.2–10.x
 write them), no iterative record after that, one FULL per section, no data blocks in a
 VFIO FULL section, no variable-length commands, a vmdesc that is strict JSON — and every
-scan-delimited body is searched (:class:`BodyGuard`) for the bytes a hidden VFIO section
+scan-delimited body is searched (:class:`~.scan.BodyGuard`) for the bytes a hidden VFIO section
 header or a hidden VFIO PART/END would need.  After a divergence, every byte QEMU could
 read as a record lies in such a guarded body, so a hidden VFIO section is refused.
 
@@ -50,52 +42,39 @@ Iterative sections (START/PART/END) are accepted only for the handlers parsed ex
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Callable, Generator, Optional
 
 from ..errors import StreamError, UnsupportedStream
-from ._util import printable_ascii
-from .buffer import Input
-from .events import NEED_DATA, Event, Opaque
-from .wire import (BE16, BE32, DIRTY_BITMAP_IDSTR, MAX_FULL_SECTION, MAX_OUR_RECORD, MAX_SECTIONS,
-                   MAX_VMDESC_LEN, MIG_COMMAND_LEN, RAM_IDSTR, VFIO_IDSTR_BARE,
-                   VFIO_IDSTR_SUFFIX, VIRTIO_MEM_EARLY_VMSD, MigCommand, SectionType)
+from .events import SectionKind
+from .wire import DIRTY_BITMAP_IDSTR, MAX_SECTIONS, RAM_IDSTR, VFIO_IDSTR_BARE, VFIO_IDSTR_SUFFIX, VIRTIO_MEM_EARLY_VMSD
 
-KIND_RAM = "ram"
-KIND_VFIO = "vfio"
-KIND_DIRTY_BITMAP = "dirty-bitmap"
-KIND_VMSTATE = "vmstate"
-#: an early-setup vmstate whose layout we parse field by field (early.py)
-KIND_VIRTIO_MEM_EARLY = "virtio-mem-early"
 #: kinds a START/PART/END may have: handlers whose iterative payload we parse exactly
-ITERATIVE_KINDS = ("ram", "vfio", "dirty-bitmap")
-#: libvirt-mdev's own records (signed statements): FULL sections named ``libvirt-mdev/...``
-#: that our destination proxy consumes; QEMU would refuse them (unknown section)
-KIND_OURS = "libvirt-mdev"
+ITERATIVE_KINDS = (SectionKind.RAM, SectionKind.VFIO, SectionKind.DIRTY_BITMAP)
+#: libvirt-mdev's own records (SectionKind.OURS, signed statements) are FULL sections named
+#: ``libvirt-mdev/...`` that our destination proxy consumes; QEMU would refuse them (unknown section)
 OUR_IDSTR_PREFIX = "libvirt-mdev/"
 
 #: iterative handlers QEMU has that we refuse to guess at (FORMAT.md §6)
 KNOWN_UNPARSED_ITERATIVE = ("block", "s390-storage_attributes", "spapr/htab")
 
 
-def kind_of(idstr: str) -> str:
+def kind_of(idstr: str) -> SectionKind:
     """The payload grammar QEMU's loader would apply to a section called *idstr*."""
     if idstr == RAM_IDSTR:
-        return KIND_RAM
+        return SectionKind.RAM
     if idstr == VFIO_IDSTR_BARE or idstr.endswith(VFIO_IDSTR_SUFFIX):
-        return KIND_VFIO
+        return SectionKind.VFIO
     if idstr == DIRTY_BITMAP_IDSTR:
-        return KIND_DIRTY_BITMAP
+        return SectionKind.DIRTY_BITMAP
     if idstr.startswith(OUR_IDSTR_PREFIX):
-        return KIND_OURS
+        return SectionKind.OURS
     if idstr == VIRTIO_MEM_EARLY_VMSD or idstr.endswith("/" + VIRTIO_MEM_EARLY_VMSD):
-        return KIND_VIRTIO_MEM_EARLY
-    return KIND_VMSTATE
+        return SectionKind.VIRTIO_MEM_EARLY
+    return SectionKind.VMSTATE
 
 
 def is_vfio_idstr(idstr: str) -> bool:
-    return kind_of(idstr) == KIND_VFIO
+    return kind_of(idstr) == SectionKind.VFIO
 
 
 @dataclass
@@ -106,7 +85,7 @@ class SectionInfo:
     idstr: str
     instance_id: int
     version_id: int
-    kind: str
+    kind: SectionKind
     iterative: bool
     ended: bool = False
     full_seen: bool = False
@@ -143,7 +122,7 @@ class SectionTable:
             known = SectionInfo(section_id, idstr, instance_id, version_id, kind_of(idstr), iterative)
             self.by_id[section_id] = known
             self._by_name[(idstr, instance_id)] = section_id
-            if known.kind == KIND_VFIO:
+            if known.kind == SectionKind.VFIO:
                 self._vfio.add(section_id)
         elif (known.idstr, known.instance_id) != (idstr, instance_id):
             raise StreamError(f"section id {section_id} reused for {idstr!r}[{instance_id}] "
@@ -158,12 +137,12 @@ class SectionTable:
         """Rules for FULL sections (see the theory above)."""
         if info.full_seen:
             raise StreamError(f"second FULL section for {info.label}", offset=offset)
-        if info.kind in (KIND_RAM, KIND_DIRTY_BITMAP):
+        if info.kind in (SectionKind.RAM, SectionKind.DIRTY_BITMAP):
             raise StreamError(f"FULL section for the iterative handler {info.idstr!r}", offset=offset)
-        if info.kind == KIND_VFIO and not info.iterative:
+        if info.kind == SectionKind.VFIO and not info.iterative:
             raise StreamError(f"VFIO config section {info.label} without the device's setup (START) section",
                               offset=offset)
-        if info.kind == KIND_VIRTIO_MEM_EARLY:
+        if info.kind == SectionKind.VIRTIO_MEM_EARLY:
             # parsed field by field (early.py): exact wherever it appears, so it neither needs
             # nor ends the iterative phase (QEMU sends it among the setup START sections)
             info.full_seen = True
@@ -193,206 +172,6 @@ class SectionTable:
 
     def vfio_ids(self) -> set[int]:
         return set(self._vfio)
-
-
-# -- the footer scan ------------------------------------------------------------------
-
-#: bytes of the next record header needed to judge it (type, id, len, idstr≤255, inst, ver)
-_LOOKAHEAD = 1 + 4 + 1 + 255 + 8
-
-
-def next_record_ok(b: bytes, at_end: bool, table: SectionTable) -> Optional[bool]:
-    """Is *b* the start of a well-formed top-level record?  ``None``: need more bytes."""
-    if not b:
-        return False if at_end else None
-    t = b[0]
-    if t == SectionType.EOF:
-        if len(b) == 1:
-            return True if at_end else None
-        if b[1] != SectionType.VMDESCRIPTION:
-            return False
-        if len(b) < 7:
-            return False if at_end else None
-        (n,) = BE32.unpack_from(b, 2)
-        return 0 < n <= MAX_VMDESC_LEN and b[6] == ord("{")
-    if t in (SectionType.SECTION_START, SectionType.SECTION_FULL):
-        if len(b) < 6:
-            return False if at_end else None
-        (sid,) = BE32.unpack_from(b, 1)
-        n = b[5]
-        if n == 0:
-            return False
-        if len(b) < 6 + n + 8:
-            return False if at_end else None
-        raw_id = b[6:6 + n]
-        if not printable_ascii(raw_id):
-            return False
-        (inst,) = BE32.unpack_from(b, 6 + n)
-        known = table.by_id.get(sid)
-        if known is None:
-            return True
-        return t == SectionType.SECTION_FULL and (known.idstr, known.instance_id) == (raw_id.decode(), inst)
-    if t in (SectionType.SECTION_PART, SectionType.SECTION_END):
-        if len(b) < 5:
-            return False if at_end else None
-        (sid,) = BE32.unpack_from(b, 1)
-        info = table.by_id.get(sid)
-        # structure only: a PART/END out of order is then refused with a precise message
-        return info is not None and info.iterative
-    if t == SectionType.COMMAND:
-        if len(b) < 5:
-            return False if at_end else None
-        (cmd,) = BE16.unpack_from(b, 1)
-        (ln,) = BE16.unpack_from(b, 3)
-        try:
-            fixed = MIG_COMMAND_LEN[MigCommand(cmd)]
-        except (ValueError, KeyError):
-            return False
-        return fixed < 0 or fixed == ln
-    return False
-
-
-#: a VFIO START/FULL header ends with "...vfio", be32 instance, be32 version (0 or 1)
-_HIDDEN_VFIO_HEADER = re.compile(rb"vfio(?=[\x00-\xff]{4}\x00\x00\x00[\x00\x01])")
-#: a VFIO PART/END header (type, be32 id) is followed by a VFIO marker
-_HIDDEN_VFIO_PART = re.compile(rb"[\x02\x03](?=[\x00-\xff]{4}\xff\xff\xff\xff\xef\x10\x00[\x01-\x06])")
-_GUARD_TAIL = 1 + 4 + 1 + 255 + 8
-
-
-class BodyGuard:
-    """Searches a scan-delimited body for a hidden VFIO section (see the theory above).
-
-    Fed the body piece by piece; keeps a short tail so a pattern split between pieces
-    is still seen."""
-
-    def __init__(self, info: SectionInfo, table: SectionTable) -> None:
-        self._info = info
-        self._vfio_ids = set(table.vfio_ids())
-        self._tail = b""
-
-    def feed(self, piece: memoryview, offset: int) -> None:
-        buf = self._tail + bytes(piece)
-        base = offset - len(self._tail)
-        # every hit in what we hold, then the earliest one: which refusal is reported
-        # must not depend on how the body was cut into pieces (found by fuzzing)
-        hits: list[tuple[int, str]] = []
-        for m in _HIDDEN_VFIO_HEADER.finditer(buf):
-            end = m.end()
-            for n in range(4, min(255, end - 6) + 1):
-                start = end - n
-                if buf[start - 1] == n and buf[start - 6] in (SectionType.SECTION_START, SectionType.SECTION_FULL):
-                    name = buf[start:end]
-                    if printable_ascii(name) and (name == b"vfio" or name.endswith(b"/vfio")):
-                        hits.append((base + start - 6, f"a VFIO section header ({name.decode()!r})"))
-        for m in _HIDDEN_VFIO_PART.finditer(buf):
-            (sid,) = BE32.unpack_from(buf, m.start() + 1)
-            if sid in self._vfio_ids:
-                hits.append((base + m.start(), f"a PART/END record of VFIO section id {sid}"))
-        if hits:
-            offset, what = min(hits)
-            self._refuse(what, offset)
-        self._tail = buf[-_GUARD_TAIL:]
-
-    def _refuse(self, what: str, offset: int) -> None:
-        raise StreamError(f"{what} is hidden inside the body of {self._info.label}; the section "
-                          f"boundaries are ambiguous, refusing", offset=offset, section=self._info.label)
-
-
-def footer_bytes(section_id: int) -> bytes:
-    return bytes([SectionType.SECTION_FOOTER]) + BE32.pack(section_id)
-
-
-def scan_to_footer(inp: Input, info: SectionInfo, table: SectionTable, terminator: bytes,
-                   make: Callable[[int, memoryview], Event],
-                   limit: int = MAX_FULL_SECTION) -> Generator[object, None, None]:
-    """Hand out an unframed body as events built by *make* until ``terminator + footer``
-    followed by a well-formed record; the terminator and footer are left unconsumed."""
-    guard = BodyGuard(info, table)
-    emit = make
-
-    def make(off: int, view: memoryview) -> Event:  # noqa: F811 - every body byte passes the guard
-        guard.feed(view, off)
-        return emit(off, view)
-
-    pattern_bytes = terminator + footer_bytes(info.section_id)
-    pattern = re.compile(re.escape(pattern_bytes))
-    plen = len(pattern_bytes)
-    total = 0
-    while True:
-        idx = inp.search_in_chunk(pattern)
-        if idx < 0:
-            # no candidate wholly inside this chunk: hand out what cannot start one
-            n = inp.chunk_remaining() - (plen - 1)
-            if n <= 0:
-                if inp.available() >= plen:
-                    if inp.peek(plen) == pattern_bytes:
-                        idx = 0
-                    else:
-                        n = 1  # step over one byte at a chunk edge
-                elif inp.eof:
-                    raise StreamError("stream ends inside a section body (no footer)",
-                                      offset=inp.offset, section=info.label)
-                else:
-                    yield NEED_DATA
-                    continue
-            if idx < 0:
-                total += n
-                _check_limit(total, limit, inp, info)
-                off = inp.offset
-                view = inp.take(n) if n == 1 else inp.take_upto(n)
-                assert view is not None
-                yield make(off, view)
-                continue
-        if idx > 0:
-            total += idx
-            _check_limit(total, limit, inp, info)
-            off = inp.offset
-            view = inp.take_upto(idx)
-            assert view is not None and len(view) == idx
-            yield make(off, view)
-            continue
-        # a candidate starts here: judge the record after it
-        while True:
-            look = inp.peek_upto(plen + _LOOKAHEAD)
-            at_end = inp.eof and len(look) == inp.available()
-            verdict = next_record_ok(look[plen:], at_end, table)
-            if verdict is not None or at_end:
-                break
-            yield NEED_DATA
-        if verdict:
-            return
-        total += 1
-        _check_limit(total, limit, inp, info)
-        off = inp.offset
-        view = inp.take(1)
-        assert view is not None
-        yield make(off, view)
-
-
-def _check_limit(total: int, limit: int, inp: Input, info: SectionInfo) -> None:
-    if total > limit:
-        raise StreamError(f"section body longer than {limit} bytes without a footer",
-                          offset=inp.offset, section=info.label)
-
-
-_OUR_BODY = re.compile(rb"[\n\x20-\x7e]*")
-
-
-def read_our_record(inp: Input, info: SectionInfo, table: SectionTable) -> Generator[object, None, None]:
-    """One of our own records: printable ASCII lines up to its footer.
-
-    Being ASCII, the body cannot contain its footer (``7e`` + an id with 0xff bytes) nor
-    any binary QEMU record, so its end is exact and nothing can hide in it; it takes no
-    part in the section-order rules (our proxies insert it anywhere between records)."""
-    sid = info.section_id
-    yield from scan_to_footer(inp, info, table, b"", lambda o, v: _our_piece(o, v, sid, info),
-                              limit=MAX_OUR_RECORD)
-
-
-def _our_piece(off: int, view: memoryview, sid: int, info: SectionInfo) -> Opaque:
-    if _OUR_BODY.fullmatch(view) is None:
-        raise StreamError("a libvirt-mdev record with non-ASCII bytes", offset=off, section=info.label)
-    return Opaque(off, view, sid, KIND_OURS)
 
 
 def refuse_iterative(idstr: str, offset: int) -> UnsupportedStream:

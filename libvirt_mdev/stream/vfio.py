@@ -25,16 +25,16 @@ records the evidence so ``inspect`` can say which one a stream used.
 """
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Generator
 
 from ..errors import StreamError, UnsupportedStream
 from ._util import need, pieces
 from .buffer import Input
-from .events import (VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioConfigData,
-                     VfioMarker)
-from .sections import SectionInfo, SectionTable, scan_to_footer
-from .wire import BE64, MAX_VFIO_BLOCK, SectionType, VfioFlag
+from .events import Step, VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioConfigData, VfioMarker
+from .scan import scan_to_footer
+from .sections import SectionInfo, SectionTable
+from .wire import BE64, MAX_VFIO_BLOCK, SectionType, VfioFlag, VfioFraming
 
 _END = BE64.pack(VfioFlag.END_OF_STATE)
 _KNOWN = {int(f): f for f in VfioFlag}
@@ -47,19 +47,24 @@ class FramingGuess:
     v1_evidence: bool = False  # a size-0 data block in a PART (only v1 writes those)
     v2_evidence: bool = False  # INIT_DATA_SENT (only v2 has switchover-ack)
 
-    def name(self, machine_type: str = "") -> str:
+    def framing(self, machine_type: str = "") -> VfioFraming | None:
+        """The framing the evidence shows, or ``None`` when it does not decide."""
         if self.v2_evidence and not self.v1_evidence:
-            return "v2"
+            return VfioFraming.V2
         if self.v1_evidence and not self.v2_evidence:
-            return "v1"
+            return VfioFraming.V1
         # no decisive evidence: QEMU ≤ 7.2 only spoke v1, ≥ 8.0 only v2
         ver = _machine_version(machine_type)
         if ver is not None:
-            return "v1" if ver < (8, 0) else "v2"
-        return "unknown"
+            return VfioFraming.V1 if ver < (8, 0) else VfioFraming.V2
+        return None
+
+    def name(self, machine_type: str = "") -> str:
+        """The framing's name, ``"unknown"`` when the evidence does not decide (for reports)."""
+        return self.framing(machine_type) or "unknown"
 
 
-def _machine_version(machine_type: str) -> "tuple[int, int] | None":
+def _machine_version(machine_type: str) -> tuple[int, int] | None:
     tail = machine_type.rsplit("-", 1)[-1]
     try:
         major, minor = tail.split(".")[:2]
@@ -69,7 +74,7 @@ def _machine_version(machine_type: str) -> "tuple[int, int] | None":
 
 
 def read_vfio(inp: Input, info: SectionInfo, table: SectionTable, rtype: SectionType,
-              framing: FramingGuess) -> Generator[object, None, None]:
+              framing: FramingGuess) -> Generator[Step, None, None]:
     """One VFIO payload (the footer is left for the caller)."""
     sec = info.label
     sid = info.section_id
@@ -124,7 +129,7 @@ def read_vfio(inp: Input, info: SectionInfo, table: SectionTable, rtype: Section
 
 
 def _data_block(inp: Input, info: SectionInfo, off: int, marker: memoryview,
-                rtype: SectionType, framing: FramingGuess) -> Generator[object, None, None]:
+                rtype: SectionType, framing: FramingGuess) -> Generator[Step, None, None]:
     sec = info.label
     sid = info.section_id
     sz = yield from need(inp, 8, "VFIO data block size", sec)

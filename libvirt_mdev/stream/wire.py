@@ -131,6 +131,15 @@ VFIO_IDSTR_BARE = "vfio"
 VFIO_VERSION = 1
 
 
+class VfioFraming(enum.StrEnum):
+    """The VFIO migration protocol a device's sections use (docs/stream-format.md)."""
+
+    #: QEMU 5.2–7.2: a data block in every PART (size 0 once nothing is pending)
+    V1 = "v1"
+    #: QEMU >= 8.0: PARTs carry blocks only while there is data; switchover-ack
+    V2 = "v2"
+
+
 class VfioFlag(enum.IntEnum):
     """``VFIO_MIG_FLAG_*``: be64 markers that frame a VFIO device's payload."""
 

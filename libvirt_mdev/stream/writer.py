@@ -7,13 +7,21 @@ out bytes, using the constants of :mod:`wire`.
 """
 from __future__ import annotations
 
-from typing import BinaryIO, Iterable, Union
+from collections.abc import Iterable
+from typing import BinaryIO
 
-from .events import Event
-from .wire import BE16, BE32, BE64, FILE_HEADER, QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION, \
-    MigCommand, SectionType, VfioFlag
-
-Bytes = Union[bytes, bytearray, memoryview]
+from .events import Bytes, Event
+from .wire import (
+    BE16,
+    BE32,
+    BE64,
+    FILE_HEADER,
+    QEMU_VM_FILE_MAGIC,
+    QEMU_VM_FILE_VERSION,
+    MigCommand,
+    SectionType,
+    VfioFlag,
+)
 
 #: writes smaller than this are gathered; larger ones go straight to the file
 _GATHER = 256 << 10
@@ -59,7 +67,7 @@ class StreamWriter:
         self._drain()
         self._out.flush()
 
-    def __enter__(self) -> "StreamWriter":
+    def __enter__(self) -> StreamWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 from hypothesis import strategies as st
 
-from libvirt_mdev.stream.sections import footer_bytes
 from libvirt_mdev.stream.wire import BE32, BE64, CONFIG_SUB_PAGE_BITS, MigCommand, RamFlag, SectionType, VfioFlag
 from libvirt_mdev.stream.writer import (
     encode_command,
@@ -53,7 +52,7 @@ def _subsection(name: str, payload: bytes, version: int = 1) -> bytes:
 
 def _no_false_footer(body: bytes, sid: int, terminator: bytes = b"") -> bytes:
     """Break every ``terminator 7e <sid>`` inside *body*, so the only footer is the real one."""
-    pat = terminator + footer_bytes(sid)
+    pat = terminator + encode_footer(sid)
     while pat in body:
         body = body.replace(pat, pat[:-1] + bytes([(pat[-1] + 1) & 0xFF]))
     return body
@@ -92,7 +91,7 @@ def vmstate_full(draw, sid: int, index: int) -> bytes:
     body = draw(st.binary(max_size=80))
     # bodies full of footer lookalikes of *other* ids and of ours followed by junk
     if draw(st.booleans()):
-        body += footer_bytes(sid) + b"\x99" + draw(st.binary(max_size=8))
+        body += encode_footer(sid) + b"\x99" + draw(st.binary(max_size=8))
     body = _no_false_footer_strict(body, sid)
     return encode_section_start(sid, name, draw(st.integers(0, 3)), draw(st.integers(1, 20)), full=True) \
         + body + encode_footer(sid)
@@ -101,7 +100,7 @@ def vmstate_full(draw, sid: int, index: int) -> bytes:
 def _no_false_footer_strict(body: bytes, sid: int) -> bytes:
     """Keep a footer lookalike only when the byte after it cannot start a well-formed
     record (0x99 is no record type), else break it."""
-    pat = footer_bytes(sid)
+    pat = encode_footer(sid)
     out = bytearray()
     i = 0
     while True:
@@ -141,7 +140,7 @@ def vfio_device(draw, sid: int, idstr: str, framing: str, parts: int):
     for _ in range(draw(st.integers(0, 3))):
         # state may itself contain markers and footers: data blocks are length-framed
         data = draw(st.one_of(st.binary(min_size=1, max_size=96),
-                              st.just(encode_vfio_marker(VfioFlag.END_OF_STATE) + footer_bytes(sid) + b"\0")))
+                              st.just(encode_vfio_marker(VfioFlag.END_OF_STATE) + encode_footer(sid) + b"\0")))
         state += data
         blocks.append(len(data))
         end += encode_vfio_block(data)

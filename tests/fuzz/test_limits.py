@@ -23,7 +23,6 @@ import pytest
 
 from libvirt_mdev.errors import StreamError
 from libvirt_mdev.stream import NEED_DATA, StreamParser
-from libvirt_mdev.stream.sections import footer_bytes
 from libvirt_mdev.stream.wire import (
     BE16,
     BE32,
@@ -339,14 +338,14 @@ def _scaled_cost(small: bytes, big: bytes, step: int, factor: float, rounds: int
 
 
 def _full_of(unit: bytes, n: int) -> bytes:
-    return (HEAD + encode_section_start(5, "cpu", 0, 1, full=True) + unit * n + footer_bytes(5) + encode_eof())
+    return (HEAD + encode_section_start(5, "cpu", 0, 1, full=True) + unit * n + encode_footer(5) + encode_eof())
 
 
 NEAR_MISSES = {
-    "footer+junk": footer_bytes(5) + b"\x99",
-    "footer+PART of unknown id": footer_bytes(5) + b"\x02\x00\x00\x01\x00",
-    "footer+FULL header cut short": footer_bytes(5) + b"\x04\x00\x00\x00\x09\xff",
-    "footer+EOF+bad vmdesc": footer_bytes(5) + b"\x00\x06\x00\x00\x00\x10[",
+    "footer+junk": encode_footer(5) + b"\x99",
+    "footer+PART of unknown id": encode_footer(5) + b"\x02\x00\x00\x01\x00",
+    "footer+FULL header cut short": encode_footer(5) + b"\x04\x00\x00\x00\x09\xff",
+    "footer+EOF+bad vmdesc": encode_footer(5) + b"\x00\x06\x00\x00\x00\x10[",
 }
 
 

@@ -1,4 +1,7 @@
-"""Thin drivers that run the sans-IO parser over files and pipes.
+"""Thin drivers that run the sans-IO parser (libvirt_mdev.stream) over files and pipes.
+
+They live outside ``stream/`` so the codec opens no file and calls no fcntl/readv; the
+proxy's socket reader (live/relay.py) shares :class:`BufferPool`.
 
 Events and the parser keep zero-copy views into the chunks they were fed, until those
 are consumed.  So a chunk buffer may only be reused when nobody holds a view of it any
@@ -12,14 +15,23 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
-from typing import BinaryIO, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, Protocol
 
-from .events import NEED_DATA, Event
-from .reader import StreamParser
-from .writer import StreamWriter
+from ..stream.events import NEED_DATA, StreamEvent
+from ..stream.reader import StreamParser
+from ..stream.writer import StreamWriter
+from .sizes import CHUNK
 
-#: bytes per read: big enough that per-chunk work is noise, small enough for constant memory
-CHUNK = 1 << 20
+
+class ByteSource(Protocol):
+    """What the drivers read a stream from: a file, a pipe, a decompressing
+    :class:`~libvirt_mdev.io.compress.ImageReader`."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
+
+    def fileno(self) -> int: ...
+
 
 Progress = Callable[[int], None]
 
@@ -29,8 +41,8 @@ _F_SETPIPE_SZ = 1031
 
 
 def grow_pipe(fd: int, size: int = CHUNK) -> None:
-    """Give a pipe a *size* buffer (default 64 KiB): four times fewer wake-ups when a
-    stream is piped through us.  Silently does nothing for non-pipes or over the limit."""
+    """Give a pipe a *size* buffer (default :data:`CHUNK`, the kernel's is 64 KiB): fewer
+    wake-ups when a stream is piped through us.  Silently does nothing for non-pipes or over the limit."""
     try:
         if stat.S_ISFIFO(os.fstat(fd).st_mode):
             fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
@@ -65,16 +77,16 @@ class BufferPool:
 class ChunkReader:
     """Read a file or pipe in chunks of up to *size* bytes into reusable buffers."""
 
-    def __init__(self, src: BinaryIO, size: int = CHUNK) -> None:
+    def __init__(self, src: ByteSource, size: int = CHUNK) -> None:
         self._src = src
         self._size = size
         self._pool = BufferPool(size)
         try:
-            self._fd: Optional[int] = src.fileno()
+            self._fd: int | None = src.fileno()
         except (AttributeError, OSError, ValueError):
             self._fd = None
         # a Python-level buffer in front of the fd would hide bytes from os.readv
-        if self._fd is not None and hasattr(src, "peek") and getattr(src, "peek")(0):
+        if self._fd is not None and hasattr(src, "peek") and src.peek(0):
             self._fd = None
         if self._fd is not None:
             grow_pipe(self._fd, size)
@@ -90,15 +102,15 @@ class ChunkReader:
             if self._fd is not None:
                 n = os.readv(self._fd, [view[got:]])
             else:
-                n = self._src.readinto(view[got:]) or 0  # type: ignore[attr-defined]
+                n = self._src.readinto(view[got:]) or 0
             if n == 0:
                 break
             got += n
         return view[:got]
 
 
-def iter_events(src: BinaryIO, parser: Optional[StreamParser] = None, chunk: int = CHUNK,
-                progress: Optional[Progress] = None) -> Iterator[Event]:
+def iter_events(src: ByteSource, parser: StreamParser | None = None, chunk: int = CHUNK,
+                progress: Progress | None = None) -> Iterator[StreamEvent]:
     """Every event of the stream in *src*, in order.  Consume each event before asking
     for the next one: its ``raw`` view is only valid until the next read."""
     p = parser or StreamParser()
@@ -106,7 +118,7 @@ def iter_events(src: BinaryIO, parser: Optional[StreamParser] = None, chunk: int
     while True:
         ev = p.next_event()
         if ev is not NEED_DATA:
-            yield ev  # type: ignore[misc]
+            yield ev
             continue
         if p.done:
             return
@@ -116,8 +128,8 @@ def iter_events(src: BinaryIO, parser: Optional[StreamParser] = None, chunk: int
             progress(len(data))
 
 
-def passthrough(src: BinaryIO, dst: BinaryIO, chunk: int = CHUNK,
-                progress: Optional[Progress] = None) -> StreamParser:
+def passthrough(src: ByteSource, dst: BinaryIO, chunk: int = CHUNK,
+                progress: Progress | None = None) -> StreamParser:
     """Parse *src* and write it unchanged to *dst* (a validating copy)."""
     parser = StreamParser()
     try:
