@@ -1,7 +1,7 @@
 """Synthetic VFIO devices, framed exactly as QEMU frames them, and their injection into
 real streams.  For tests, examples and benchmarks: this machine has no mdev hardware,
 so device state is made up, but every byte around it is QEMU's framing
-(hw/vfio/migration.c; FORMAT.md §5.3):
+(hw/vfio/migration.c; libvirt_mdev/stream/vfio.py):
 
 ========  ===============================================================================
 START     ``DEV_SETUP_STATE END_OF_STATE``

@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 With ``virsh migrate --listen-address 127.0.0.1 --migrateuri tcp://DEST:PORT`` the
-destination QEMU listens on loopback and this proxy listens on DEST:PORT (DESIGN §8,
-LIBVIRT.md §2); with ``--migrateuri unix:///...`` it carries the bytes between the
+destination QEMU listens on loopback and this proxy listens on DEST:PORT (docs/proxy.md,
+README "Live migration"); with ``--migrateuri unix:///...`` it carries the bytes between the
 two hosts' sockets.  For each connection from a source:
 
 0. **Admission.**  One thread holds every new connection, without reading any

@@ -2,7 +2,7 @@
 
 The CLI (``check``, ``annotate``) talks to hosts through libvirt-python; the hook
 never does (it reads sysfs, see :mod:`.sysfs`).  Node device XML for an mdev
-(LIBVIRT.md §4)::
+(docs/mdev.md)::
 
     <device>
       <name>mdev_4b20d080_1b54_4048_85b3_a6a62d165c01_0000_af_00_0</name>
@@ -13,7 +13,7 @@ never does (it reads sysfs, see :mod:`.sysfs`).  Node device XML for an mdev
 Names are ``mdev_<uuid>_<parent>`` since libvirt 7.3 and ``mdev_<uuid>`` before; the
 ``<uuid>`` element may be absent on old libvirt, so the uuid falls back to the name.
 Only the ``CAP_MDEV`` flag is passed to ``listAllDevices``: the test driver rejects any
-other flag (LIBVIRT.md §7).
+other flag (docs/mdev.md).
 
 Also here: opening a connection and looking up a domain with our one-line errors
 (libvirt's default handler, which prints to stderr, is silenced once).

@@ -1,7 +1,7 @@
 """Which mdevs exist on *this* host, and of which type: read from sysfs.
 
 The hook runs inside libvirtd's call and must not use the libvirt API, so it reads
-the kernel's view directly (LIBVIRT.md §5, mdevctl's ``load_from_sysfs``):
+the kernel's view directly (docs/mdev.md; the same rules as mdevctl's ``load_from_sysfs``):
 
 * ``<root>/bus/mdev/devices/<uuid>`` links to the device dir under its parent;
 * the type id is the basename of the *fully resolved* ``mdev_type`` link (libvirt and

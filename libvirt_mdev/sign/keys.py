@@ -1,6 +1,6 @@
 """Ed25519 signatures over device state: host keys, key ids, signed statements.
 
-Why sign at all (DESIGN §1): TLS migration authenticates the *connection*, and the
+Why sign at all (SECURITY.md §6): TLS migration authenticates the *connection*, and the
 SHA-256 in each manifest protects the state once it is in our store.  Neither says
 *which host produced the state*.  A signature made on the source, by a key only root
 there holds, over a statement binding the state's hash to the device, the mdev, the

@@ -1,4 +1,4 @@
-"""The trusted device-state store (DESIGN.md §4).
+"""The trusted device-state store (docs/architecture.md; its guarantees: SECURITY.md §4).
 
 Public API (everything else is internal)::
 

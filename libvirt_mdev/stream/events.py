@@ -61,7 +61,7 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class SaveImageHeader(Event):
-    """libvirt's save-image header plus its XML/cookie/padding area (FORMAT.md §0)."""
+    """libvirt's save-image header plus its XML/cookie/padding area (docs/stream-format.md, "Containers")."""
 
     magic: bytes
     version: int

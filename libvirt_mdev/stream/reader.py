@@ -10,7 +10,7 @@ NEED_DATA; payload readers for each kind of section are generators too
 (ram.read_ram, vfio.read_vfio, sections.scan_to_footer, bitmap.read_dirty_bitmap),
 so the grammar reads top-down like QEMU's ``qemu_loadvm_state``.
 
-Shape of the input (FORMAT.md §1–3)::
+Shape of the input (docs/stream-format.md, "Stream grammar")::
 
     [save-image header + XML]            only for libvirt save images
     QEVM 00000003
@@ -92,7 +92,7 @@ _HEADER_TYPES: dict[SectionType, type[SectionStart] | type[SectionPart] | type[S
     SectionType.SECTION_END: SectionEnd,
     SectionType.SECTION_FULL: SectionFull,
 }
-#: commands a precopy stream carries (FORMAT.md §2); everything else is refused
+#: commands a precopy stream carries (docs/stream-format.md); everything else is refused
 _ALLOWED_COMMANDS = {MigCommand.OPEN_RETURN_PATH, MigCommand.PING, MigCommand.POSTCOPY_ADVISE,
                      MigCommand.SWITCHOVER_START}
 _EXPECTED_VERSION = {SectionKind.RAM: RAM_VERSION, SectionKind.VFIO: VFIO_VERSION,

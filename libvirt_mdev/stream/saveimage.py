@@ -1,4 +1,4 @@
-"""libvirt's save-image wrapper (``virsh save`` / managed save), FORMAT.md §0.
+"""libvirt's save-image wrapper (``virsh save`` / managed save), docs/stream-format.md "Containers".
 
 Layout: a 92-byte header written in host byte order (little-endian on x86), then
 ``data_len`` bytes holding the domain XML (NUL-terminated), an optional cookie XML

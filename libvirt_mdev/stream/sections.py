@@ -54,7 +54,7 @@ ITERATIVE_KINDS = (SectionKind.RAM, SectionKind.VFIO, SectionKind.DIRTY_BITMAP)
 #: ``libvirt-mdev/...`` that our destination proxy consumes; QEMU would refuse them (unknown section)
 OUR_IDSTR_PREFIX = "libvirt-mdev/"
 
-#: iterative handlers QEMU has that we refuse to guess at (FORMAT.md §6)
+#: iterative handlers QEMU has that we refuse to guess at (docs/stream-format.md, "Why nothing can hide")
 KNOWN_UNPARSED_ITERATIVE = ("block", "s390-storage_attributes", "spapr/htab")
 
 

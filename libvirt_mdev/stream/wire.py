@@ -5,7 +5,7 @@ Names follow QEMU's own (``QEMU_VM_SECTION_START`` → ``SectionType.SECTION_STA
 ``VfioFlag.END_OF_STATE``) so a QEMU developer can grep both trees with one word.
 Values were checked against QEMU's sources (migration/savevm.[ch], migration/ram.c,
 hw/vfio/migration.c, migration/block-dirty-bitmap.c) and libvirt's
-src/qemu/qemu_saveimage.h; see shared/FORMAT.md for the commits.
+src/qemu/qemu_saveimage.h; docs/stream-format.md describes the formats.
 
 Nothing else in the package may spell one of these numbers.
 """

@@ -4,7 +4,7 @@ A plain guest's define/start/save/restore/destroy still work, and the hook's log
 every call with its decision.  Then the refusal path: `virsh restore --xml` of that
 save image with an mdev hostdev whose annotated type this host has differently (or
 lacks).  libvirt runs the `restore begin` hook on the caller's XML before it looks
-at the mdev or the ABI (LIBVIRT.md §1, §6), so the refusal comes from us, virsh shows
+at the mdev or the ABI (docs/hook.md), so the refusal comes from us, virsh shows
 our line, and the guest stays shut off.
 """
 from __future__ import annotations

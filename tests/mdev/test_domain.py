@@ -112,7 +112,7 @@ def test_annotation_in_foreign_namespace_is_ignored() -> None:
 
 
 def test_parse_annotation_accepts_libvirt_metadata_form() -> None:
-    # dom.metadata() returns the element without prefix or namespace (LIBVIRT.md §3)
+    # dom.metadata() returns the element without prefix or namespace (docs/mdev.md)
     ann = parse_annotation(f'<migration host="h"><device uuid="{U1}" type="nvidia-222"/></migration>')
     assert ann.get(U1) is not None and ann.get(U1).type_id == "nvidia-222"  # type: ignore[union-attr]
     with pytest.raises(XMLError, match="expected <migration>"):
