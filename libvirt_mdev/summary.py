@@ -146,10 +146,15 @@ class Summarizer:
 
 
 def _domain_identity(xml: bytes) -> tuple[str | None, str | None]:
-    """Name and UUID from the save image's domain XML (None when unreadable)."""
-    from lxml import etree  # TODO(lead): use mdev.domain once it lands
+    """Name and UUID from the save image's domain XML (None when unreadable).
+
+    Only the two elements: a summary must describe an image whose hostdevs or
+    annotation are malformed too, so this is not :func:`.mdev.domain.parse_domain`.
+    """
+    from .errors import XMLError
+    from .mdev.xpath import parse_xml  # lxml: imported only when an image has XML
     try:
-        root = etree.fromstring(xml, etree.XMLParser(resolve_entities=False, no_network=True))
-    except etree.XMLSyntaxError:
+        root = parse_xml(xml)
+    except XMLError:
         return None, None
     return root.findtext("name"), root.findtext("uuid")

@@ -34,12 +34,13 @@ from ..filter import Binding, bindings_from_domain_xml
 from ..store.manifest import WORD_RE, is_uuid
 from ..store.store import Store
 
-if TYPE_CHECKING:  # cryptography is an optional extra: imported only when signatures are used
+if TYPE_CHECKING:  # imported lazily: cryptography is a core dependency, but costs import time on paths that never sign
     from .layers import SignContext, VerifyPolicy
 
 def _crypto_missing() -> SignatureError:
-    return SignatureError("signed device state needs the 'cryptography' package "
-                          "(pip install 'libvirt-mdev[sign]'); refusing")
+    """A broken install (cryptography is a core dependency): refuse rather than skip the signature checks."""
+    return SignatureError("signed device state needs the 'cryptography' package, which this installation "
+                          "lacks (Debian: apt install python3-cryptography); refusing")
 
 
 def verify_policy(config: Config, store: Store) -> VerifyPolicy | None:
