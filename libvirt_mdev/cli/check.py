@@ -9,6 +9,7 @@ placement query (:mod:`libvirt_mdev.cli.place`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -76,6 +77,21 @@ def policy_options(f: Any) -> Any:
     return f
 
 
+def dryrun_options(dest_help: str, dest_xml_help: str) -> Callable[[Any], Any]:
+    """The options ``check`` and ``place`` share: source, destinations, destination XML, policy, --json."""
+    def apply(f: Any) -> Any:
+        f = click.option("--json", "as_json", is_flag=True,
+                         help="Print the result as JSON on stdout (docs/check.md).")(f)
+        f = policy_options(f)
+        f = click.option("--dest-xml", "dest_xml", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+                         default=None, help=dest_xml_help)(f)
+        f = click.option("--dest", "-d", "dest_uris", required=True, multiple=True, metavar="DEST", help=dest_help)(f)
+        f = click.option("--connect", "-c", "src_uri", required=True, metavar="SRC",
+                         help="libvirt URI of the source host (where DOMAIN runs or is defined).")(f)
+        return f
+    return apply
+
+
 def resolve_policy(app: AppContext, driver_version: str | None, parent_model: bool | None) -> MatchPolicy:
     """Options override the configuration file."""
     base = MatchPolicy.from_config(app.config)
@@ -85,14 +101,8 @@ def resolve_policy(app: AppContext, driver_version: str | None, parent_model: bo
 
 @click.command("check", help=HELP)
 @click.argument("domain")
-@click.option("--connect", "-c", "src_uri", required=True, metavar="SRC",
-              help="libvirt URI of the source host (where DOMAIN runs or is defined).")
-@click.option("--dest", "-d", "dest_uris", required=True, multiple=True, metavar="DEST",
-              help="libvirt URI of the destination host (repeat for placement).")
-@click.option("--dest-xml", "dest_xml", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="The destination domain XML an orchestrator passes to libvirt (virsh migrate --xml).")
-@policy_options
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (docs/check.md).")
+@dryrun_options("libvirt URI of the destination host (repeat for placement).",
+                "The destination domain XML an orchestrator passes to libvirt (virsh migrate --xml).")
 @pass_app
 def check(app: AppContext, domain: str, src_uri: str, dest_uris: tuple[str, ...], dest_xml: Path | None,
           dest_sysfs: Path | None, match_driver_version: str | None, match_parent_model: bool | None,

@@ -19,7 +19,7 @@ import click
 
 from ..mdev.dryrun import DestReport, SourceView, evaluate_uri, read_source
 from ..mdev.policy import MatchPolicy
-from .check import policy_options, report_json, resolve_policy
+from .check import dryrun_options, report_json, resolve_policy
 from .context import AppContext, pass_app
 
 SCHEMA = "libvirt-mdev/place/1"
@@ -101,14 +101,8 @@ def render(source: SourceView, reports: list[DestReport], policy: MatchPolicy, w
 
 @click.command("place", help=HELP)
 @click.argument("domain")
-@click.option("--connect", "-c", "src_uri", required=True, metavar="SRC",
-              help="libvirt URI of the source host (where DOMAIN runs or is defined).")
-@click.option("--dest", "-d", "dest_uris", required=True, multiple=True, metavar="DEST",
-              help="libvirt URI of a candidate destination (repeat).")
-@click.option("--dest-xml", "dest_xml", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="A destination domain XML to check on every destination.")
-@policy_options
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout (docs/check.md).")
+@dryrun_options("libvirt URI of a candidate destination (repeat).",
+                "A destination domain XML to check on every destination.")
 @pass_app
 def place(app: AppContext, domain: str, src_uri: str, dest_uris: tuple[str, ...], dest_xml: Path | None,
           dest_sysfs: Path | None, match_driver_version: str | None, match_parent_model: bool | None,
