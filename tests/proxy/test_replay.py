@@ -70,7 +70,7 @@ def test_splice_stores_state_under_the_armed_mdevs_and_forwards_identical_bytes(
     for d, uuid, typ in ((devs[0], U1, "nvidia-222"), (devs[1], U2, "nvidia-224")):
         m = by_id[d.idstr]
         assert (m.mdev_uuid, m.mdev_type, m.domain_uuid, m.domain_name) == (uuid, typ, DOM_UUID, "vm1")
-        assert m.migration_id == rec["migration_id"]
+        assert m.migration_id == rec.migration_id
         assert (m.length, m.sha256) == (d.state_bytes, d.expected_sha256())
     assert {d["idstr"] for d in res.devices} == {ID_A, ID_B}
     # one migration per record: the record is gone, a replay is refused before any byte moves

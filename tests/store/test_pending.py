@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from libvirt_mdev.errors import StoreAccessError, StoreIntegrityError, UsageError
-from libvirt_mdev.store.pending import list_pending, read_pending, remove_pending, write_pending
+from libvirt_mdev.store.pending import (
+    PendingDevice,
+    PendingRecord,
+    list_pending,
+    read_pending,
+    remove_pending,
+    write_pending,
+)
 
 from .conftest import DOMAIN, MDEV, NOBODY, needs_root
 
@@ -29,11 +36,12 @@ def test_round_trip(tmp_path: Path) -> None:
     assert p == rd / f"{DOMAIN}.json"
     assert stat.S_IMODE(os.stat(rd).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
-    assert read_pending(rd, DOMAIN) == rec()
+    assert read_pending(rd, DOMAIN) == PendingRecord("guest1", DOMAIN, "mig-1", 100,
+                                                     (PendingDevice(MDEV, "0000:00:05.0/vfio", "nvidia-63"),))
     write_pending(rd, rec(OTHER, created=50))
-    assert [r["domain_uuid"] for r in list_pending(rd)] == [OTHER, DOMAIN]
+    assert [r.domain_uuid for r in list_pending(rd)] == [OTHER, DOMAIN]
     write_pending(rd, dict(rec(), migration_id="mig-2"))  # replace
-    assert read_pending(rd, DOMAIN)["migration_id"] == "mig-2"
+    assert read_pending(rd, DOMAIN) == PendingRecord.from_dict(dict(rec(), migration_id="mig-2"))
     assert remove_pending(rd, DOMAIN) is True
     assert remove_pending(rd, DOMAIN) is False
     assert read_pending(rd, DOMAIN) is None
@@ -113,13 +121,13 @@ def test_stale_records_expire_and_live_ones_stay(tmp_path: Path) -> None:
     # a QEMU of that uuid runs, but it started long before 'migrate begin' ("domain already exists")
     write_pending(rd, rec(old_qemu, created=int(now - PENDING_GRACE - 5)))
     qemus = qemu_start_times(proc)
-    assert {r["domain_uuid"]: is_stale(r, qemus, now) for r in list_pending(rd)} == {
+    assert {r.domain_uuid: is_stale(r, qemus, now) for r in list_pending(rd)} == {
         DOMAIN: True, OTHER: False, third: False, old_qemu: True}
-    assert {r["domain_uuid"] for r in expire_pending(rd, proc=proc, dry_run=True)} == {DOMAIN, old_qemu}
+    assert {r.domain_uuid for r in expire_pending(rd, proc=proc, dry_run=True)} == {DOMAIN, old_qemu}
     assert len(list_pending(rd)) == 4
     removed = expire_pending(rd, proc=proc)
-    assert {r["domain_uuid"] for r in removed} == {DOMAIN, old_qemu}
-    assert {r["domain_uuid"] for r in list_pending(rd)} == {OTHER, third}
+    assert {r.domain_uuid for r in removed} == {DOMAIN, old_qemu}
+    assert {r.domain_uuid for r in list_pending(rd)} == {OTHER, third}
 
 
 def test_pending_cli_list_and_clear(tmp_path: Path) -> None:
@@ -139,7 +147,7 @@ def test_pending_cli_list_and_clear(tmp_path: Path) -> None:
     assert main(["--config", str(conf), "pending", "clear"]) == 2  # says which
     assert main(["--config", str(conf), "pending", "clear", "nosuchvm"]) == 12
     assert main(["--config", str(conf), "pending", "clear", "--stale", "--json"]) == 0
-    assert [r["domain_uuid"] for r in list_pending(rd)] == [OTHER]
+    assert [r.domain_uuid for r in list_pending(rd)] == [OTHER]
     assert main(["--config", str(conf), "pending", "clear", "guest2"]) == 0
     assert list_pending(rd) == []
     _ = _json  # the JSON shapes are checked below through a subprocess
