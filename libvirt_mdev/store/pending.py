@@ -255,8 +255,8 @@ def list_pending(runtime_dir: PathLike, *, uid: int = 0) -> list[PendingRecord]:
 
 # --------------------------------------------------------------------------- staleness
 #: seconds after ``migrate begin`` within which a record counts as live even before its
-#: QEMU runs.  libvirt execs the incoming QEMU right after the hook (LIBVIRT.md's
-#: Prepare sequence: hook → prepare → QEMU exec'd with ``-incoming defer``) and gives
+#: QEMU runs.  libvirt execs the incoming QEMU right after the hook (docs/proxy.md,
+#: "Pending records": hook → prepare → QEMU exec'd with ``-incoming defer``) and gives
 #: up on a QEMU whose monitor does not answer within 30 s; a minute more covers a
 #: loaded host.  After that, a record whose QEMU is not running can never be served.
 PENDING_GRACE = 90
