@@ -48,13 +48,14 @@ class PendingDevice:
 
     mdev_uuid: str
     idstr: str                          #: VFIO section idstr, e.g. ``0000:00:05.0/vfio``
-    type: str | None                    #: the source's mdev type id (the gate never arms ``None``)
+    #: the source's mdev type id; ``None``: not annotated (armed only with ``require_annotation = no``)
+    type: str | None
     driver_version: str | None = None   #: the source's vendor driver version (issue 17)
     parent_model: str | None = None     #: the source parent's PCI ``vendor:device`` (issue 17)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object: all five keys, the optional ones as ``null`` when unknown (what the
-        hook has always written; a record of an older hook has only the first three)."""
+        hook writes since issue 17; a record of an older hook has only the first three)."""
         return dataclasses.asdict(self)
 
 
@@ -112,7 +113,7 @@ class PendingRecord:
                 "devices": [d.to_dict() for d in self.devices]}
 
     def to_json(self) -> bytes:
-        """The file's bytes: sorted keys, no whitespace (the same bytes the hook always wrote)."""
+        """The file's bytes: sorted keys, no whitespace (the bytes the hook wrote when the record was a dict)."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
