@@ -82,7 +82,7 @@ def test_splice_stores_state_under_the_armed_mdevs_and_forwards_identical_bytes(
     assert not px2.results[0].ok and "no incoming migration is armed" in px2.results[0].error
     assert sink2.received == []
     log = proxy_env.config.log_file.read_text()
-    assert f"serving domain vm1 ({DOM_UUID}) migration {rec['migration_id']}" in log
+    assert f"serving domain vm1 ({DOM_UUID}) migration {rec.migration_id}" in log
 
 
 def test_token_mode_forwards_tokens_that_splice_back(proxy_env: ProxyEnv, injected_stream) -> None:
