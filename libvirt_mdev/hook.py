@@ -120,7 +120,7 @@ def _migrate_begin(call: Call) -> str:
                           f"section of mdev {d.uuid} (no guest PCI address in the XML)")
         devices.append(armed_device(d))
     from .live.guard import guard_problem
-    from .store.pending import write_pending
+    from .store.pending import PendingRecord, write_pending
 
     problem = guard_problem(call.config)
     if problem is not None:
@@ -128,11 +128,11 @@ def _migrate_begin(call: Call) -> str:
     if not call.config.require_guard:
         call.log("warning", "require_guard = no: arming without the no-bypass guard; the proxy can be bypassed")
     now = int(time.time())
-    record = {"domain_name": info.name, "domain_uuid": info.uuid,
-              "migration_id": f"{now}-{_random_word()}", "created": now, "devices": devices}
+    record = PendingRecord(domain_name=info.name, domain_uuid=info.uuid,
+                           migration_id=f"{now}-{_random_word()}", created=now, devices=tuple(devices))
     path = write_pending(call.config.runtime_dir, record)
     what = f"{len(devices)} mdev(s) match" if devices else "no mdev hostdevs (arm_all)"
-    return f"allowed: {what}; armed {path} migration_id={record['migration_id']}"
+    return f"allowed: {what}; armed {path} migration_id={record.migration_id}"
 
 
 def _restore_begin(call: Call) -> str:
@@ -191,7 +191,7 @@ def _started_begin(call: Call) -> str:
         return "no-op"
     call.gate = True
     return check_incoming_endpoint(call.config, call.domain, call.stdin_data) + \
-        f" (migration_id={record['migration_id']})"
+        f" (migration_id={record.migration_id})"
 
 
 def _started_unarmed(call: Call) -> str:

@@ -33,7 +33,7 @@ def _rows(app: AppContext) -> list[dict[str, Any]]:
     qemus = qemu_start_times()
     out = []
     for r in list_pending(app.config.runtime_dir):
-        out.append({**r, "age": max(0, int(now - r["created"])),
+        out.append({**r.to_dict(), "age": max(0, int(now - r.created)),
                     "state": "stale" if is_stale(r, qemus, now) else "live"})
     return out
 

@@ -208,4 +208,4 @@ def _expire_pending(app: AppContext, dry_run: bool) -> list[str]:
     except MdevError as exc:  # the store's gc is done; say why the pending part was not
         click.echo(f"problem: pending records not checked: {exc.message}", err=True)
         return []
-    return [f"{r.get('domain_name')} ({r.get('domain_uuid')}) migration {r.get('migration_id')}" for r in gone]
+    return [f"{r.domain_name} ({r.domain_uuid}) migration {r.migration_id}" for r in gone]

@@ -17,11 +17,15 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..config import Config
 from ..errors import MdevError, MdevMissing, NotFound, TypeMismatch
 from ..filter import Binding
+
+if TYPE_CHECKING:
+    from ..mdev.policy import MatchPolicy
+    from ..store.pending import PendingRecord
 
 
 class Claims:
@@ -33,29 +37,29 @@ class Claims:
         self.active: dict[str, str] = {}
         self.spent: set[str] = set()
 
-    def claim(self, record: dict[str, Any], peer: str = "?") -> None:
+    def claim(self, record: PendingRecord, peer: str = "?") -> None:
         """Bind the connection from *peer* to *record*.  Called only for a connection
         whose QEMU file header has arrived (:mod:`.admission`): idle or slow connections
         never reach this, so they can neither take the migration nor count as the
         "second connection" of the real one."""
         with self._lock:
-            uuid, mid = record["domain_uuid"], record["migration_id"]
+            uuid, mid = record.domain_uuid, record.migration_id
             if uuid in self.active:
-                raise MdevError(f"a second connection for the migration of domain {record['domain_name']} "
+                raise MdevError(f"a second connection for the migration of domain {record.domain_name} "
                                 f"(migration {mid}): the one from {self.active[uuid]} is already being served; "
                                 f"multifd (--parallel) streams cannot be filtered: migrate without --parallel")
             if mid in self.spent:
-                raise MdevError(f"migration {mid} of domain {record['domain_name']} was already served; "
+                raise MdevError(f"migration {mid} of domain {record.domain_name} was already served; "
                                 f"refusing a replayed connection")
             self.active[uuid] = peer
 
-    def release(self, record: dict[str, Any]) -> None:
+    def release(self, record: PendingRecord) -> None:
         with self._lock:
-            self.active.pop(record["domain_uuid"], None)
-            self.spent.add(record["migration_id"])
+            self.active.pop(record.domain_uuid, None)
+            self.spent.add(record.migration_id)
 
 
-def select_pending(config: Config, domain: str | None, proc_root: Path | None = None) -> dict[str, Any]:
+def select_pending(config: Config, domain: str | None, proc_root: Path | None = None) -> PendingRecord:
     """The pending record this connection serves (see the module docstring, step 1).
 
     With several records and *proc_root*, only those whose incoming QEMU runs count: a
@@ -66,7 +70,7 @@ def select_pending(config: Config, domain: str | None, proc_root: Path | None = 
 
     records = list_pending(config.runtime_dir)
     if domain is not None:
-        records = [r for r in records if domain in (r["domain_uuid"], r["domain_name"])]
+        records = [r for r in records if domain in (r.domain_uuid, r.domain_name)]
         if not records:
             raise NotFound(f"no incoming migration of domain {domain} is armed in {config.runtime_dir} "
                            f"(the libvirt-mdev hook arms it at 'migrate begin'; is it installed?)")
@@ -76,35 +80,35 @@ def select_pending(config: Config, domain: str | None, proc_root: Path | None = 
         live = live_records(records, qemus)
         if live:
             records = live
-    if len(records) == 1 and proc_root is not None and time.time() - records[0]["created"] >= PENDING_GRACE:
+    if len(records) == 1 and proc_root is not None and time.time() - records[0].created >= PENDING_GRACE:
         r = records[0]
         if is_stale(r, qemu_start_times(proc_root)):
-            raise MdevError(f"the armed migration of domain {r['domain_name']} (migration {r['migration_id']}, "
-                            f"armed {int(time.time() - r['created'])}s ago) is stale: no QEMU of that domain "
+            raise MdevError(f"the armed migration of domain {r.domain_name} (migration {r.migration_id}, "
+                            f"armed {int(time.time() - r.created)}s ago) is stale: no QEMU of that domain "
                             f"started after it runs on this host, so this connection cannot be for it; refusing "
-                            f"(remove it with: libvirt-mdev pending clear {r['domain_uuid']})")
+                            f"(remove it with: libvirt-mdev pending clear {r.domain_uuid})")
     if not records:
         raise NotFound(f"no incoming migration is armed in {config.runtime_dir}: refusing the connection "
                        f"(the libvirt-mdev hook arms one at 'migrate begin'; is it installed?)")
     if len(records) > 1:
-        names = ", ".join(f"{r['domain_name']} ({r['domain_uuid']}{_qemu_note(r, qemus)})" for r in records)
+        names = ", ".join(f"{r.domain_name} ({r.domain_uuid}{_qemu_note(r, qemus)})" for r in records)
         raise MdevError(f"{len(records)} incoming migrations are armed ({names}); cannot tell which one "
                         f"this connection is for: run one proxy per domain with --domain, or remove stale "
                         f"records with 'libvirt-mdev pending clear'")
     return records[0]
 
 
-def _qemu_note(record: dict[str, Any], qemus: dict[str, float] | None) -> str:
+def _qemu_note(record: PendingRecord, qemus: dict[str, float] | None) -> str:
     """For the refusal line: whether the record's incoming QEMU runs."""
     if qemus is None:
         return ""
-    started = qemus.get(record["domain_uuid"])
+    started = qemus.get(record.domain_uuid)
     if started is None:
         return ", no QEMU running"
-    return f", its QEMU started {started - record['created']:+.1f}s after it was armed"
+    return f", its QEMU started {started - record.created:+.1f}s after it was armed"
 
 
-def check_local_types(record: dict[str, Any], sysfs_root: Any, policy: Any = None) -> None:
+def check_local_types(record: PendingRecord, sysfs_root: str | Path, policy: MatchPolicy | None = None) -> None:
     """Each armed mdev must exist here now, with the armed type.
 
     Raises:
@@ -113,25 +117,25 @@ def check_local_types(record: dict[str, Any], sysfs_root: Any, policy: Any = Non
     from ..mdev.sysfs import SysfsEnv
 
     env = SysfsEnv(sysfs_root)
-    name = record["domain_name"]
-    for dev in record["devices"]:
-        local = env.find(dev["mdev_uuid"])
+    name = record.domain_name
+    for dev in record.devices:
+        local = env.find(dev.mdev_uuid)
         if local is None:
-            raise MdevMissing(f"domain {name}: armed mdev {dev['mdev_uuid']} ({dev['idstr']}) no longer "
+            raise MdevMissing(f"domain {name}: armed mdev {dev.mdev_uuid} ({dev.idstr}) no longer "
                               f"exists on this host; refusing its migration")
-        if dev["type"] is not None and local.type_id != dev["type"]:
-            raise TypeMismatch(f"domain {name}: mdev {dev['mdev_uuid']} ({dev['idstr']}) was armed for type "
-                               f"{dev['type']} but this host now has type {local.type_id}; refusing")
+        if dev.type is not None and local.type_id != dev.type:
+            raise TypeMismatch(f"domain {name}: mdev {dev.mdev_uuid} ({dev.idstr}) was armed for type "
+                               f"{dev.type} but this host now has type {local.type_id}; refusing")
         if policy is not None and policy.active:
             from ..mdev.gate import recheck_armed
 
             recheck_armed(name, dev, sysfs_root, policy)
 
 
-def bindings_from_pending(record: dict[str, Any]) -> dict[str, Binding]:
-    return {d["idstr"]: Binding(d["mdev_uuid"], d["type"], driver_version=d.get("driver_version"),
-                                parent_model=d.get("parent_model"))
-            for d in record["devices"]}
+def bindings_from_pending(record: PendingRecord) -> dict[str, Binding]:
+    """The filter's bindings: each armed device by its VFIO section idstr."""
+    return {d.idstr: Binding(d.mdev_uuid, d.type, driver_version=d.driver_version, parent_model=d.parent_model)
+            for d in record.devices}
 
 
 __all__ = ["Claims", "bindings_from_pending", "check_local_types", "select_pending"]

@@ -20,6 +20,7 @@ from ..errors import ConnectError, InternalError, MdevError, UsageError, describ
 from ..filter import FilterOptions, StreamFilter
 from ..log import get_logger
 from ..sign.source import peer_pid, sign_context, verify_policy
+from ..store.pending import PendingRecord
 from ..stream import NEED_DATA, EventConsumer, StreamParser
 from ..stream.events import Bytes
 from .arming import Claims, bindings_from_pending, check_local_types, select_pending
@@ -114,7 +115,7 @@ class Session:
         self.result = SessionResult(peer=peer, mode=opts.mode)
         self._abort_lock = threading.Lock()
         self._aborted: str | None = None
-        self._record: dict[str, Any] | None = None
+        self._record: PendingRecord | None = None
         #: the filter of this session's stream: refused on any failure (its states never loadable)
         self._flt: StreamFilter | None = None
         self._header = header
@@ -184,8 +185,7 @@ class Session:
         self.claims.claim(record, self.result.peer)
         self._record = record
         r = self.result
-        r.domain_name, r.domain_uuid, r.migration_id = (record["domain_name"], record["domain_uuid"],
-                                                        record["migration_id"])
+        r.domain_name, r.domain_uuid, r.migration_id = record.domain_name, record.domain_uuid, record.migration_id
         # the connection-time re-checks of what the hook armed: sysfs types (and the match policy) now
         from ..mdev.policy import MatchPolicy
 
@@ -195,7 +195,7 @@ class Session:
 
         fwd = self.opts.forward
         check_forward_endpoint(self.config, host=fwd.host, port=fwd.port, path=fwd.path)
-        devs = ", ".join(f"{d['mdev_uuid']}={d['idstr']}:{d['type']}" for d in record["devices"]) or "none"
+        devs = ", ".join(f"{d.mdev_uuid}={d.idstr}:{d.type}" for d in record.devices) or "none"
         log.info(f"connection from {r.peer}: serving domain {r.domain_name} ({r.domain_uuid}) "
                  f"migration {r.migration_id}, mode {self.opts.mode}"
                  + (f", {r.tls} (client certificate verified)" if r.tls else "") + f", armed mdevs: {devs}")
@@ -206,12 +206,12 @@ class Session:
         assert self._record is not None
         self.claims.release(self._record)
         try:
-            current = read_pending(self.config.runtime_dir, self._record["domain_uuid"])
+            current = read_pending(self.config.runtime_dir, self._record.domain_uuid)
             # only our record: the hook may already have armed the domain's next migration
-            if current is not None and current["migration_id"] == self._record["migration_id"]:
-                remove_pending(self.config.runtime_dir, self._record["domain_uuid"])
+            if current is not None and current.migration_id == self._record.migration_id:
+                remove_pending(self.config.runtime_dir, self._record.domain_uuid)
         except MdevError as exc:
-            log.warning(f"migration {self._record['migration_id']}: cannot remove its pending record: {exc}")
+            log.warning(f"migration {self._record.migration_id}: cannot remove its pending record: {exc}")
 
     # -- byte paths -----------------------------------------------------------------------------
     def _connect_dst(self) -> socket.socket:
@@ -236,8 +236,8 @@ class Session:
 
         assert self.src is not None and self._record is not None
         rec = self._record
-        fopts = FilterOptions(mode=self.opts.mode, migration_id=rec["migration_id"],
-                              domain_name=rec["domain_name"], domain_uuid=rec["domain_uuid"],
+        fopts = FilterOptions(mode=self.opts.mode, migration_id=rec.migration_id,
+                              domain_name=rec.domain_name, domain_uuid=rec.domain_uuid,
                               bindings=bindings_from_pending(rec), accept_tokens=False,
                               verify=self.opts.verify, bind_from_save_image=False)
         with Store.open(self.config.store, create=True) as store:

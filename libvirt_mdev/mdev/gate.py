@@ -13,9 +13,9 @@ No lxml, no libvirt: the hook imports this on its gate path.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .model import AnnotatedMdev
 from .policy import MatchPolicy
@@ -23,6 +23,7 @@ from .sysfs import SysfsEnv
 from .types import CheckResult, DestMdev, DeviceCheck, check_device, compare
 
 if TYPE_CHECKING:
+    from ..store.pending import PendingDevice
     from .model import DomainInfo
 
 Root = str | Path | SysfsEnv
@@ -50,14 +51,16 @@ def gate_check(info: DomainInfo, root: Root, *, require_annotation: bool = True,
     return compare(info, sysfs_lookup(root), require_annotation=require_annotation, policy=policy)
 
 
-def armed_device(d: DeviceCheck) -> dict[str, Any]:
+def armed_device(d: DeviceCheck) -> PendingDevice:
     """The pending-record entry for an allowed device: the uuid this host uses, the
     stream idstr, the source type, and the source facts the policy re-checks."""
-    return {"mdev_uuid": d.uuid, "idstr": d.idstr, "type": d.source_type,
-            "driver_version": d.source_driver_version, "parent_model": d.source_parent_model}
+    from ..store.pending import PendingDevice  # the hook's migrate-begin path writes it anyway
+
+    return PendingDevice(mdev_uuid=d.uuid, idstr=d.idstr or "", type=d.source_type,
+                         driver_version=d.source_driver_version, parent_model=d.source_parent_model)
 
 
-def recheck_armed(domain: str, device: Mapping[str, Any], root: Root,
+def recheck_armed(domain: str, device: PendingDevice, root: Root,
                   policy: MatchPolicy | None = None) -> DeviceCheck:
     """Re-judge one armed device (a pending-record entry, :func:`armed_device`) against
     this host *now*: it may have been removed or re-created since ``migrate begin``.
@@ -66,9 +69,9 @@ def recheck_armed(domain: str, device: Mapping[str, Any], root: Root,
     Raises:
         MdevMissing, TypeMismatch, NotAnnotated: one line, when it no longer holds.
     """
-    uuid = str(device["mdev_uuid"])
-    src = recorded_source(uuid, device.get("type"), device.get("driver_version"), device.get("parent_model"))
-    return recheck(domain, uuid, src, root, policy, idstr=device.get("idstr"))
+    uuid = device.mdev_uuid
+    src = recorded_source(uuid, device.type, device.driver_version, device.parent_model)
+    return recheck(domain, uuid, src, root, policy, idstr=device.idstr)
 
 
 def recorded_source(uuid: str, type_id: str | None, driver_version: str | None = None,

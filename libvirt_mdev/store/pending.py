@@ -11,17 +11,22 @@ host and their grace period (:data:`PENDING_GRACE`) is over: the proxy ignores s
 records when choosing which migration a connection serves (so they never block another
 domain), and ``store gc`` and ``libvirt-mdev pending clear --stale`` remove them.
 
-A record (all keys required, nothing else allowed)::
+A record (:class:`PendingRecord`, its devices :class:`PendingDevice`; all keys required,
+nothing else allowed, except that a device's ``driver_version`` and ``parent_model`` may
+be missing, as in the records of a hook older than issue 17)::
 
-    {"domain_name": "vm1", "domain_uuid": "<uuid>", "migration_id": "<word>",
-     "created": 1764590000,
-     "devices": [{"mdev_uuid": "<uuid>", "idstr": "0000:00:05.0/vfio", "type": "nvidia-63"}]}
+    {"created": 1764590000,
+     "devices": [{"driver_version": null, "idstr": "0000:00:05.0/vfio", "mdev_uuid": "<uuid>",
+                  "parent_model": null, "type": "nvidia-63"}],
+     "domain_name": "vm1", "domain_uuid": "<uuid>", "migration_id": "<word>"}
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +41,88 @@ _DEVICE_OPTIONAL = {"driver_version", "parent_model"}
 PathLike = str | os.PathLike[str]
 
 
+@dataclass(frozen=True)
+class PendingDevice:
+    """One armed mdev: the uuid this host uses, the VFIO section the proxy binds it to,
+    and the source facts the proxy re-checks at connection time (``None``: not known)."""
+
+    mdev_uuid: str
+    idstr: str                          #: VFIO section idstr, e.g. ``0000:00:05.0/vfio``
+    #: the source's mdev type id; ``None``: not annotated (armed only with ``require_annotation = no``)
+    type: str | None
+    driver_version: str | None = None   #: the source's vendor driver version (issue 17)
+    parent_model: str | None = None     #: the source parent's PCI ``vendor:device`` (issue 17)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object: all five keys, the optional ones as ``null`` when unknown (what the
+        hook writes since issue 17; a record of an older hook has only the first three)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class PendingRecord:
+    """What the ``migrate begin`` hook armed for one incoming domain (see the module docstring)."""
+
+    domain_name: str
+    domain_uuid: str
+    migration_id: str
+    created: int                        #: unix seconds of ``migrate begin``
+    devices: tuple[PendingDevice, ...] = ()
+
+    @classmethod
+    def from_dict(cls, obj: object) -> PendingRecord:
+        """A record from its JSON object (a dict the hook, a test or a bench built).
+
+        Raises:
+            UsageError: *obj* is not a valid record (one line: :func:`record_problem`).
+        """
+        problem = record_problem(obj)
+        if problem:
+            raise UsageError(f"invalid pending record: {problem}")
+        return cls._build(obj)
+
+    @classmethod
+    def from_json(cls, data: bytes, where: str) -> PendingRecord:
+        """A record from a stored file's bytes; *where* names the file in messages.
+
+        Raises:
+            StoreIntegrityError: not JSON, or not a valid record.
+        """
+        try:
+            obj = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise StoreIntegrityError(f"pending record {where} is not JSON") from None
+        problem = record_problem(obj)
+        if problem:
+            raise StoreIntegrityError(f"pending record {where}: {problem}")
+        return cls._build(obj)
+
+    @classmethod
+    def _build(cls, obj: Any) -> PendingRecord:
+        """From an object :func:`record_problem` accepted."""
+        devices = tuple(PendingDevice(mdev_uuid=d["mdev_uuid"], idstr=d["idstr"], type=d["type"],
+                                      driver_version=d.get("driver_version"), parent_model=d.get("parent_model"))
+                        for d in obj["devices"])
+        return cls(domain_name=obj["domain_name"], domain_uuid=obj["domain_uuid"],
+                   migration_id=obj["migration_id"], created=obj["created"], devices=devices)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object (``pending list --json`` shows it too)."""
+        return {"domain_name": self.domain_name, "domain_uuid": self.domain_uuid,
+                "migration_id": self.migration_id, "created": self.created,
+                "devices": [d.to_dict() for d in self.devices]}
+
+    def to_json(self) -> bytes:
+        """The file's bytes: sorted keys, no whitespace (the bytes the hook wrote when the record was a dict)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
 def _text(v: Any) -> bool:
     return isinstance(v, str) and 0 < len(v) <= 1024 and v.isprintable()
 
 
 def record_problem(record: Any) -> str | None:
-    """Why *record* is not a valid pending record (None when it is)."""
+    """Why *record* (a JSON object) is not a valid pending record (None when it is)."""
     if not isinstance(record, dict):
         return "not an object"
     if set(record) != _RECORD_KEYS:
@@ -61,17 +142,24 @@ def record_problem(record: Any) -> str | None:
     if not isinstance(devs, list):
         return "devices must be a list"
     for i, d in enumerate(devs):
-        if not isinstance(d, dict) or not _DEVICE_KEYS <= set(d) <= _DEVICE_KEYS | _DEVICE_OPTIONAL:
-            return f"devices[{i}] must have exactly the keys {', '.join(sorted(_DEVICE_KEYS))}"
-        for key in _DEVICE_OPTIONAL & set(d):
-            if d[key] is not None and not (isinstance(d[key], str) and WORD_RE.match(d[key])):
-                return f"devices[{i}].{key} must be a word or null"
-        if not is_uuid(d["mdev_uuid"]):
-            return f"devices[{i}].mdev_uuid must be a lowercase UUID"
-        if not _text(d["idstr"]):
-            return f"devices[{i}].idstr must be non-empty printable text"
-        if d["type"] is not None and not (isinstance(d["type"], str) and WORD_RE.match(d["type"])):
-            return f"devices[{i}].type must be an mdev type id or null"
+        problem = _device_problem(d, f"devices[{i}]")
+        if problem:
+            return problem
+    return None
+
+
+def _device_problem(d: Any, at: str) -> str | None:
+    if not isinstance(d, dict) or not _DEVICE_KEYS <= set(d) <= _DEVICE_KEYS | _DEVICE_OPTIONAL:
+        return f"{at} must have exactly the keys {', '.join(sorted(_DEVICE_KEYS))}"
+    for key in _DEVICE_OPTIONAL & set(d):
+        if d[key] is not None and not (isinstance(d[key], str) and WORD_RE.match(d[key])):
+            return f"{at}.{key} must be a word or null"
+    if not is_uuid(d["mdev_uuid"]):
+        return f"{at}.mdev_uuid must be a lowercase UUID"
+    if not _text(d["idstr"]):
+        return f"{at}.idstr must be non-empty printable text"
+    if d["type"] is not None and not (isinstance(d["type"], str) and WORD_RE.match(d["type"])):
+        return f"{at}.type must be an mdev type id or null"
     return None
 
 
@@ -85,9 +173,10 @@ def _name(domain_uuid: str) -> str:
     return f"{domain_uuid}.json"
 
 
-def write_pending(runtime_dir: PathLike, record: dict[str, Any], *, uid: int = 0) -> Path:
-    """Write (or replace) the pending record of ``record["domain_uuid"]``, atomically.
-    Creates *runtime_dir* (0700, owner *uid*) when it is missing.
+def write_pending(runtime_dir: PathLike, record: PendingRecord | dict[str, Any], *, uid: int = 0) -> Path:
+    """Write (or replace) the pending record of *record*'s domain, atomically.  A dict
+    (tests, benches) is the record's JSON object.  Creates *runtime_dir* (0700, owner
+    *uid*) when it is missing.
 
     Returns:
         The record's path (for messages; never reopen it by path).
@@ -96,17 +185,15 @@ def write_pending(runtime_dir: PathLike, record: dict[str, Any], *, uid: int = 0
         StoreAccessError: the runtime dir has the wrong owner/mode or is a symlink.
         StoreError: I/O failure.
     """
-    problem = record_problem(record)
-    if problem:
-        raise UsageError(f"invalid pending record: {problem}")
-    name = _name(record["domain_uuid"])
-    data = json.dumps(record, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    rec = PendingRecord.from_dict(record.to_dict() if isinstance(record, PendingRecord) else record)
+    name = _name(rec.domain_uuid)
+    data = rec.to_json()
     with _open(runtime_dir, True, uid) as d:
         d.write_atomic(name, data, replace=True)
         return d.path / name
 
 
-def read_pending(runtime_dir: PathLike, domain_uuid: str, *, uid: int = 0) -> dict[str, Any] | None:
+def read_pending(runtime_dir: PathLike, domain_uuid: str, *, uid: int = 0) -> PendingRecord | None:
     """The pending record of *domain_uuid*, or None when there is none (or no
     runtime dir yet).
 
@@ -124,17 +211,11 @@ def read_pending(runtime_dir: PathLike, domain_uuid: str, *, uid: int = 0) -> di
         return _parse(data, d.describe(name), domain_uuid)
 
 
-def _parse(data: bytes, where: str, domain_uuid: str | None) -> dict[str, Any]:
-    try:
-        rec = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise StoreIntegrityError(f"pending record {where} is not JSON") from None
-    problem = record_problem(rec)
-    if problem:
-        raise StoreIntegrityError(f"pending record {where}: {problem}")
-    if domain_uuid is not None and rec["domain_uuid"] != domain_uuid:
-        raise StoreIntegrityError(f"pending record {where} names domain {rec['domain_uuid']}")
-    return rec  # type: ignore[no-any-return]
+def _parse(data: bytes, where: str, domain_uuid: str | None) -> PendingRecord:
+    rec = PendingRecord.from_json(data, where)
+    if domain_uuid is not None and rec.domain_uuid != domain_uuid:
+        raise StoreIntegrityError(f"pending record {where} names domain {rec.domain_uuid}")
+    return rec
 
 
 def remove_pending(runtime_dir: PathLike, domain_uuid: str, *, uid: int = 0) -> bool:
@@ -149,7 +230,7 @@ def remove_pending(runtime_dir: PathLike, domain_uuid: str, *, uid: int = 0) -> 
         return removed
 
 
-def list_pending(runtime_dir: PathLike, *, uid: int = 0) -> list[dict[str, Any]]:
+def list_pending(runtime_dir: PathLike, *, uid: int = 0) -> list[PendingRecord]:
     """All valid records, oldest first.
 
     Raises:
@@ -169,14 +250,14 @@ def list_pending(runtime_dir: PathLike, *, uid: int = 0) -> list[dict[str, Any]]
             if data is None:
                 continue
             out.append(_parse(data, d.describe(name), name[:-5]))
-    out.sort(key=lambda r: (r["created"], r["domain_uuid"]))
+    out.sort(key=lambda r: (r.created, r.domain_uuid))
     return out
 
 
 # --------------------------------------------------------------------------- staleness
 #: seconds after ``migrate begin`` within which a record counts as live even before its
-#: QEMU runs.  libvirt execs the incoming QEMU right after the hook (LIBVIRT.md's
-#: Prepare sequence: hook → prepare → QEMU exec'd with ``-incoming defer``) and gives
+#: QEMU runs.  libvirt execs the incoming QEMU right after the hook (docs/proxy.md,
+#: "Pending records": hook → prepare → QEMU exec'd with ``-incoming defer``) and gives
 #: up on a QEMU whose monitor does not answer within 30 s; a minute more covers a
 #: loaded host.  After that, a record whose QEMU is not running can never be served.
 PENDING_GRACE = 90
@@ -236,7 +317,7 @@ def qemu_start_times(proc: str | Path = "/proc") -> dict[str, float]:
     return out
 
 
-def is_stale(record: dict[str, Any], qemus: dict[str, float], now: float | None = None,
+def is_stale(record: PendingRecord, qemus: dict[str, float], now: float | None = None,
              grace: float = PENDING_GRACE) -> bool:
     """A record is *stale* — it can never be served — when its grace period is over and
     no QEMU for its domain runs that was started after the record was written.
@@ -245,22 +326,22 @@ def is_stale(record: dict[str, Any], qemus: dict[str, float], now: float | None 
     of the same uuid that was already running (e.g. the migration failed with "domain
     already exists") is not the one this record armed."""
     now = time.time() if now is None else now
-    if now - record["created"] < grace:
+    if now - record.created < grace:
         return False
-    started = qemus.get(record["domain_uuid"])
-    return started is None or started + _START_SLACK < record["created"]
+    started = qemus.get(record.domain_uuid)
+    return started is None or started + _START_SLACK < record.created
 
 
-def live_records(records: list[dict[str, Any]], qemus: dict[str, float]) -> list[dict[str, Any]]:
+def live_records(records: list[PendingRecord], qemus: dict[str, float]) -> list[PendingRecord]:
     """The records whose incoming QEMU runs *now* (started after the record was written).
     A connection that carries a QEMU stream comes from a source whose Prepare step on
     this host has returned, so its QEMU is already listening: no grace period here."""
     return [r for r in records
-            if r["domain_uuid"] in qemus and qemus[r["domain_uuid"]] + _START_SLACK >= r["created"]]
+            if r.domain_uuid in qemus and qemus[r.domain_uuid] + _START_SLACK >= r.created]
 
 
 def expire_pending(runtime_dir: PathLike, *, now: float | None = None, proc: str | Path = "/proc",
-                   grace: float = PENDING_GRACE, dry_run: bool = False, uid: int = 0) -> list[dict[str, Any]]:
+                   grace: float = PENDING_GRACE, dry_run: bool = False, uid: int = 0) -> list[PendingRecord]:
     """Remove the stale records (see :func:`is_stale`); returns them.  For ``store gc``
     and ``libvirt-mdev pending clear --stale``.
 
@@ -271,12 +352,14 @@ def expire_pending(runtime_dir: PathLike, *, now: float | None = None, proc: str
     stale = [r for r in list_pending(runtime_dir, uid=uid) if is_stale(r, qemus, now, grace)]
     if not dry_run:
         for r in stale:
-            remove_pending(runtime_dir, r["domain_uuid"], uid=uid)
+            remove_pending(runtime_dir, r.domain_uuid, uid=uid)
     return stale
 
 
 __all__ = [
     "PENDING_GRACE",
+    "PendingDevice",
+    "PendingRecord",
     "expire_pending",
     "is_stale",
     "list_pending",

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from libvirt_mdev.hook import main
-from libvirt_mdev.store.pending import read_pending, write_pending
+from libvirt_mdev.store.pending import PendingDevice, read_pending, write_pending
 
 from .conftest import ALL_OPS, DOM_UUID, GATES, U1, U2, U3, HookEnv, domain_xml
 
@@ -71,12 +71,10 @@ def test_migrate_begin_match_arms_a_pending_record(hook_env: HookEnv) -> None:
     assert r.returncode == 0
     rec = read_pending(hook_env.runtime_dir, DOM_UUID)
     assert rec is not None
-    assert rec["domain_name"] == "vm1" and rec["domain_uuid"] == DOM_UUID
-    assert rec["devices"] == [{"mdev_uuid": U1, "idstr": "0000:00:05.0/vfio", "type": "nvidia-222",
-                               "driver_version": None, "parent_model": None},
-                              {"mdev_uuid": U2, "idstr": "0000:00:06.0/vfio", "type": "nvidia-224",
-                               "driver_version": None, "parent_model": None}]
-    assert abs(rec["created"] - time.time()) < 60
+    assert rec.domain_name == "vm1" and rec.domain_uuid == DOM_UUID
+    assert rec.devices == (PendingDevice(U1, "0000:00:05.0/vfio", "nvidia-222"),
+                           PendingDevice(U2, "0000:00:06.0/vfio", "nvidia-224"))
+    assert abs(rec.created - time.time()) < 60
     assert "armed" in hook_env.log_lines()[-1]
     assert (hook_env.runtime_dir.stat().st_mode & 0o777) == 0o700
 
@@ -94,7 +92,7 @@ def test_arm_all_arms_a_domain_without_mdevs_with_no_devices(hook_env: HookEnv) 
     r = hook_env.call("migrate", "begin", CASES["plain"][0])
     assert r.returncode == 0, r.stderr
     rec = read_pending(hook_env.runtime_dir, DOM_UUID)
-    assert rec is not None and rec["devices"] == [] and rec["domain_name"] == "vm1"
+    assert rec is not None and rec.devices == () and rec.domain_name == "vm1"
     assert "no mdev hostdevs (arm_all)" in hook_env.log_lines()[-1]
     # a mismatch is still refused, arm_all or not
     assert hook_env.call("migrate", "begin", MISMATCH).returncode == 1
@@ -130,7 +128,7 @@ def test_unannotated_allowed_when_not_required(hook_env: HookEnv) -> None:
     r = hook_env.call("migrate", "begin", UNANNOTATED)
     assert (r.returncode, r.stderr) == (0, b"")
     rec = read_pending(hook_env.runtime_dir, DOM_UUID)
-    assert rec is not None and rec["devices"][0]["type"] is None
+    assert rec is not None and rec.devices[0].type is None
 
 
 def test_broken_config_refuses_gates_only(hook_env: HookEnv) -> None:
@@ -221,8 +219,8 @@ def test_pending_record_is_replaced_by_a_new_migration(hook_env: HookEnv) -> Non
                                          "created": 1, "devices": []})
     assert hook_env.call("migrate", "begin", MATCH).returncode == 0
     rec = read_pending(hook_env.runtime_dir, DOM_UUID)
-    assert rec is not None and rec["migration_id"] != "old" and len(rec["devices"]) == 2
-    json.dumps(rec)
+    assert rec is not None and rec.migration_id != "old" and len(rec.devices) == 2
+    json.dumps(rec.to_dict())
 
 
 def test_noops_are_logged_only_at_debug_level(hook_env: HookEnv) -> None:

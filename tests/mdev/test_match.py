@@ -1,6 +1,7 @@
 """Issue 17: binding by guest address, the compatibility policy, and the gate the hook/proxy call."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from libvirt_mdev.mdev.domain import (
 from libvirt_mdev.mdev.gate import armed_device, gate_check, recheck_armed
 from libvirt_mdev.mdev.policy import DriverVersionRule, MatchPolicy, compare_versions
 from libvirt_mdev.mdev.types import DestMdev, Verdict, compare
+from libvirt_mdev.store.pending import PendingDevice
 from testkit.fakesysfs import FakeParent, make_fake_sysfs
 
 from .test_domain import domain, hostdev
@@ -211,14 +213,14 @@ def test_armed_device_and_recheck(tmp_path: Path) -> None:
     env = _sysfs(tmp_path, "550.54.14")
     result = gate_check(_versioned(), env.root, policy=NEWER)
     rec = armed_device(result.devices[0])
-    assert rec == {"mdev_uuid": DST1, "idstr": "0000:00:05.0/vfio", "type": "nvidia-222",
-                   "driver_version": "550.54.14", "parent_model": "10de:1eb8"}
+    assert rec == PendingDevice(mdev_uuid=DST1, idstr="0000:00:05.0/vfio", type="nvidia-222",
+                                driver_version="550.54.14", parent_model="10de:1eb8")
     assert recheck_armed("vm1", rec, env.root, NEWER).verdict is Verdict.MATCH
     # the driver was downgraded between migrate begin and the connection
     _sysfs(tmp_path, "535.129.03")
     with pytest.raises(TypeMismatch, match="older than 550.54.14"):
         recheck_armed("vm1", rec, env.root, NEWER)
     with pytest.raises(MdevMissing):
-        recheck_armed("vm1", {**rec, "mdev_uuid": SRC2}, env.root)
+        recheck_armed("vm1", replace(rec, mdev_uuid=SRC2), env.root)
     with pytest.raises(TypeMismatch):  # a record from an older hook: only the type is known
-        recheck_armed("vm1", {"mdev_uuid": DST1, "idstr": "x", "type": "nvidia-223"}, env.root)
+        recheck_armed("vm1", PendingDevice(mdev_uuid=DST1, idstr="x", type="nvidia-223"), env.root)

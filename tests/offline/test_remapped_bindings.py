@@ -12,6 +12,7 @@ from pathlib import Path
 from libvirt_mdev.filter import bindings_from_domain_xml
 from libvirt_mdev.live.arming import bindings_from_pending
 from libvirt_mdev.store import Store, resolve_token
+from libvirt_mdev.store.pending import PendingRecord
 
 from .saveimg import DOM_UUID, U5, U6, mdev_xml, save_image, token_filtered
 
@@ -48,9 +49,11 @@ def test_an_addressless_entry_for_another_uuid_binds_nothing() -> None:
 
 
 def test_pending_record_facts_reach_the_binding() -> None:
-    record = {"devices": [{"idstr": "0000:00:05.0/vfio", "mdev_uuid": U5, "type": "nvidia-63",
-                           "driver_version": VERSION, "parent_model": MODEL},
-                          {"idstr": "0000:00:06.0/vfio", "mdev_uuid": U6, "type": "nvidia-64"}]}
+    record = PendingRecord.from_dict({
+        "domain_name": "vm1", "domain_uuid": DOM_UUID, "migration_id": "m1", "created": 1,
+        "devices": [{"idstr": "0000:00:05.0/vfio", "mdev_uuid": U5, "type": "nvidia-63",
+                     "driver_version": VERSION, "parent_model": MODEL},
+                    {"idstr": "0000:00:06.0/vfio", "mdev_uuid": U6, "type": "nvidia-64"}]})
     b = bindings_from_pending(record)
     assert (b["0000:00:05.0/vfio"].driver_version, b["0000:00:05.0/vfio"].parent_model) == (VERSION, MODEL)
     assert b["0000:00:06.0/vfio"].driver_version is None

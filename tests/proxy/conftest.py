@@ -17,7 +17,7 @@ from libvirt_mdev.config import Config
 from libvirt_mdev.live.proxy import MigrationProxy, ProxyOptions, SessionResult
 from libvirt_mdev.live.relay import Endpoint
 from libvirt_mdev.log import setup_logging
-from libvirt_mdev.store.pending import write_pending
+from libvirt_mdev.store.pending import PendingRecord, write_pending
 from testkit.fakesysfs import make_fake_sysfs
 from testkit.synth import SyntheticVfioDevice, inject
 
@@ -44,13 +44,13 @@ class ProxyEnv:
     proxies: list[MigrationProxy] = field(default_factory=list)
 
     def arm(self, devices: list[dict[str, Any]] | None = None, *, name: str = "vm1",
-            uuid: str = DOM_UUID, migration_id: str | None = None) -> dict[str, Any]:
-        """Write the pending record the migrate-begin hook would write."""
+            uuid: str = DOM_UUID, migration_id: str | None = None) -> PendingRecord:
+        """Write the pending record the migrate-begin hook would write; returns it as read back."""
         rec = {"domain_name": name, "domain_uuid": uuid,
                "migration_id": migration_id or f"m-{time.monotonic_ns()}", "created": int(time.time()),
                "devices": both_devices() if devices is None else devices}
         write_pending(self.config.runtime_dir, rec)
-        return rec
+        return PendingRecord.from_dict(rec)
 
     def proxy(self, forward: Endpoint, **opts: Any) -> MigrationProxy:
         """A proxy listening on 127.0.0.1:<free port>, serving in a background thread."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -53,11 +54,12 @@ def test_one_record_is_served_several_need_domain(proxy_env: ProxyEnv) -> None:
 def test_armed_types_are_checked_against_local_sysfs(proxy_env: ProxyEnv) -> None:
     rec = proxy_env.arm()
     check_local_types(rec, proxy_env.config.sysfs_root)  # both match
-    rec["devices"][1]["type"] = "nvidia-223"
+    rec = replace(rec, devices=(rec.devices[0], replace(rec.devices[1], type="nvidia-223")))
     with pytest.raises(TypeMismatch, match=f"mdev {U2} .* armed for type nvidia-223 but this host now has "
                                            f"type nvidia-224"):
         check_local_types(rec, proxy_env.config.sysfs_root)
-    rec["devices"][1]["mdev_uuid"] = "4b20d080-1b54-4048-85b3-a6a62d165c09"
+    gone = replace(rec.devices[1], mdev_uuid="4b20d080-1b54-4048-85b3-a6a62d165c09")
+    rec = replace(rec, devices=(rec.devices[0], gone))
     with pytest.raises(MdevMissing, match="no longer exists"):
         check_local_types(rec, proxy_env.config.sysfs_root)
 
@@ -130,7 +132,7 @@ def test_a_stale_record_never_blocks_another_domain_and_is_never_served(tmp_path
     arm(stale_uuid, "tiny", now - 10)  # 'domain tiny already exists': no QEMU was started for it
     arm(live_uuid, "other", now - 5)
     proc = make_fake_proc(tmp_path / "proc", {live_uuid: now - 4})
-    assert select_pending(cfg, None, proc)["domain_uuid"] == live_uuid
+    assert select_pending(cfg, None, proc).domain_uuid == live_uuid
     with pytest.raises(MdevError, match="2 incoming migrations are armed"):
         select_pending(cfg, None, None)  # without looking at the QEMUs: today's refusal
     # alone and past its grace, the stale record is refused, not served to any stream

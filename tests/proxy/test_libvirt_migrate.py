@@ -232,13 +232,13 @@ def test_a_migration_aborted_after_migrate_begin_does_not_block_the_next_domain(
         r = s.hosts.migrate(first.name, "--listen-address", "127.0.0.1", port=PORT, check=False)
         assert r.returncode != 0 and "already exists" in r.stderr, r.stderr
         left = list_pending(b.host_path(RUNDIR))
-        assert [x["domain_uuid"] for x in left] == [first.uuid]  # the record libvirt never releases
+        assert [x.domain_uuid for x in left] == [first.uuid]  # the record libvirt never releases
         a.wait_guest_executes(first.name)
         r2 = s.hosts.migrate(second.name, "--listen-address", "127.0.0.1", port=PORT, check=False)
         res = proxy.result()
         assert r2.returncode == 0 and res["ok"] and res["domain_name"] == second.name, res["error"]
         b.wait_guest_executes(second.name, timeout=30)  # TCG guest on a loaded 2-core box
-        assert [x["domain_uuid"] for x in list_pending(b.host_path(RUNDIR))] == [first.uuid]
+        assert [x.domain_uuid for x in list_pending(b.host_path(RUNDIR))] == [first.uuid]
     finally:
         b.virsh("undefine", clash.name, check=False)
         remove_pending(b.host_path(RUNDIR), first.uuid)

@@ -95,7 +95,7 @@ def test_live_migration_through_the_proxy_completes_byte_for_byte(proxy_env: Pro
     assert res.bytes_in == res.bytes_out and res.sha256_in == res.sha256_out
     assert res.bytes_in > MIB << 20  # every random page really travelled through the proxy
     assert res.bytes_in >= info["ram"]["transferred"] - (1 << 20)
-    assert res.migration_id == rec["migration_id"]
+    assert res.migration_id == rec.migration_id
     # the destination executes the guest: after a reset its vCPU leaves the reset vector
     assert dst.status() == "running"
     dst.qmp("system_reset")

@@ -70,7 +70,7 @@ def test_splice_stores_state_under_the_armed_mdevs_and_forwards_identical_bytes(
     for d, uuid, typ in ((devs[0], U1, "nvidia-222"), (devs[1], U2, "nvidia-224")):
         m = by_id[d.idstr]
         assert (m.mdev_uuid, m.mdev_type, m.domain_uuid, m.domain_name) == (uuid, typ, DOM_UUID, "vm1")
-        assert m.migration_id == rec["migration_id"]
+        assert m.migration_id == rec.migration_id
         assert (m.length, m.sha256) == (d.state_bytes, d.expected_sha256())
     assert {d["idstr"] for d in res.devices} == {ID_A, ID_B}
     # one migration per record: the record is gone, a replay is refused before any byte moves
@@ -82,7 +82,7 @@ def test_splice_stores_state_under_the_armed_mdevs_and_forwards_identical_bytes(
     assert not px2.results[0].ok and "no incoming migration is armed" in px2.results[0].error
     assert sink2.received == []
     log = proxy_env.config.log_file.read_text()
-    assert f"serving domain vm1 ({DOM_UUID}) migration {rec['migration_id']}" in log
+    assert f"serving domain vm1 ({DOM_UUID}) migration {rec.migration_id}" in log
 
 
 def test_token_mode_forwards_tokens_that_splice_back(proxy_env: ProxyEnv, injected_stream) -> None:

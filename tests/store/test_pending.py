@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from libvirt_mdev.errors import StoreAccessError, StoreIntegrityError, UsageError
-from libvirt_mdev.store.pending import list_pending, read_pending, remove_pending, write_pending
+from libvirt_mdev.store.pending import (
+    PendingDevice,
+    PendingRecord,
+    list_pending,
+    read_pending,
+    remove_pending,
+    write_pending,
+)
 
 from .conftest import DOMAIN, MDEV, NOBODY, needs_root
 
@@ -29,11 +36,12 @@ def test_round_trip(tmp_path: Path) -> None:
     assert p == rd / f"{DOMAIN}.json"
     assert stat.S_IMODE(os.stat(rd).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
-    assert read_pending(rd, DOMAIN) == rec()
+    assert read_pending(rd, DOMAIN) == PendingRecord("guest1", DOMAIN, "mig-1", 100,
+                                                     (PendingDevice(MDEV, "0000:00:05.0/vfio", "nvidia-63"),))
     write_pending(rd, rec(OTHER, created=50))
-    assert [r["domain_uuid"] for r in list_pending(rd)] == [OTHER, DOMAIN]
+    assert [r.domain_uuid for r in list_pending(rd)] == [OTHER, DOMAIN]
     write_pending(rd, dict(rec(), migration_id="mig-2"))  # replace
-    assert read_pending(rd, DOMAIN)["migration_id"] == "mig-2"
+    assert read_pending(rd, DOMAIN) == PendingRecord.from_dict(dict(rec(), migration_id="mig-2"))
     assert remove_pending(rd, DOMAIN) is True
     assert remove_pending(rd, DOMAIN) is False
     assert read_pending(rd, DOMAIN) is None
@@ -72,6 +80,78 @@ def test_tampered_record_refused(tmp_path: Path) -> None:
         fh.write("{not json")
     with pytest.raises(StoreIntegrityError, match="not JSON"):
         list_pending(tmp_path / "rd")
+
+
+# --------------------------------------------------------------------------- the typed record and its bytes
+#: a record as the hook has written it since issue 17: all five device keys, unknown facts as null
+HOOK_BYTES = ('{"created":1764590000,"devices":[{"driver_version":"550.54.14","idstr":"0000:00:05.0/vfio",'
+              f'"mdev_uuid":"{MDEV}","parent_model":"10de:1eb8","type":"nvidia-63"}},'
+              '{"driver_version":null,"idstr":"0000:00:06.0/vfio",'
+              f'"mdev_uuid":"{MDEV[:-1]}2","parent_model":null,"type":null}}],'
+              f'"domain_name":"guest1","domain_uuid":"{DOMAIN}","migration_id":"1764590000-a1b2c3"}}').encode()
+#: a record as a hook older than issue 17 wrote it, spelled out: three device keys only
+OLD_HOOK_BYTES = (b'{"created":1700000000,"devices":[{"idstr":"0000:00:05.0/vfio",'
+                  b'"mdev_uuid":"5b1c1f36-2d0b-4c8e-9a43-7d2f3c0e9a01","type":"nvidia-63"}],'
+                  b'"domain_name":"guest1","domain_uuid":"0f3e2b44-91aa-4b8f-8a1c-2a9c1d7e5b10",'
+                  b'"migration_id":"1700000000-0a0b0c"}')
+
+
+def _store_raw(rd: Path, data: bytes) -> None:
+    """Put *data* in DOMAIN's record file as another writer would (the file keeps its checked mode)."""
+    p = write_pending(rd, rec())
+    with open(p, "wb") as fh:
+        fh.write(data)
+
+
+def test_hook_bytes_round_trip_exactly(tmp_path: Path) -> None:
+    r = PendingRecord.from_json(HOOK_BYTES, "x")
+    assert r == PendingRecord("guest1", DOMAIN, "1764590000-a1b2c3", 1764590000, (
+        PendingDevice(MDEV, "0000:00:05.0/vfio", "nvidia-63", "550.54.14", "10de:1eb8"),
+        PendingDevice(MDEV[:-1] + "2", "0000:00:06.0/vfio", None)))
+    assert r.to_json() == HOOK_BYTES
+    p = write_pending(tmp_path / "rd", r)
+    assert p.read_bytes() == HOOK_BYTES  # the typed writer writes what the dict writer wrote
+    write_pending(tmp_path / "rd", json.loads(HOOK_BYTES))
+    assert p.read_bytes() == HOOK_BYTES
+    assert read_pending(tmp_path / "rd", DOMAIN) == r
+
+
+def test_a_record_of_an_older_hook_still_parses(tmp_path: Path) -> None:
+    rd = tmp_path / "rd"
+    _store_raw(rd, OLD_HOOK_BYTES)
+    r = read_pending(rd, DOMAIN)
+    assert r == PendingRecord("guest1", DOMAIN, "1700000000-0a0b0c", 1700000000,
+                              (PendingDevice(MDEV, "0000:00:05.0/vfio", "nvidia-63"),))
+    assert (r.devices[0].driver_version, r.devices[0].parent_model) == (None, None)
+    assert list_pending(rd) == [r]
+
+
+def test_records_are_frozen() -> None:
+    import dataclasses
+
+    r = PendingRecord.from_json(HOOK_BYTES, "x")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.migration_id = "other"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.devices[0].type = "nvidia-64"  # type: ignore[misc]
+
+
+def test_refusals_keep_their_exact_lines(tmp_path: Path) -> None:
+    with pytest.raises(UsageError) as ei:
+        write_pending(tmp_path / "rd", dict(rec(), devices=[{"mdev_uuid": "x", "idstr": "a", "type": None}]))
+    assert ei.value.message == "invalid pending record: devices[0].mdev_uuid must be a lowercase UUID"
+    with pytest.raises(UsageError) as ei:
+        PendingRecord.from_dict(dict(rec(), devices=[dict(rec()["devices"][0], driver_version="a b")]))
+    assert ei.value.message == "invalid pending record: devices[0].driver_version must be a word or null"
+    rd = tmp_path / "rd2"
+    _store_raw(rd, json.dumps(dict(rec(), created=-1)).encode())
+    with pytest.raises(StoreIntegrityError) as ej:
+        read_pending(rd, DOMAIN)
+    assert ej.value.message == f"pending record {rd}/{DOMAIN}.json: created must be a non-negative integer (unix seconds)"
+    _store_raw(rd, b"\xff")
+    with pytest.raises(StoreIntegrityError) as ej:
+        read_pending(rd, DOMAIN)
+    assert ej.value.message == f"pending record {rd}/{DOMAIN}.json is not JSON"
 
 
 @needs_root
@@ -113,13 +193,13 @@ def test_stale_records_expire_and_live_ones_stay(tmp_path: Path) -> None:
     # a QEMU of that uuid runs, but it started long before 'migrate begin' ("domain already exists")
     write_pending(rd, rec(old_qemu, created=int(now - PENDING_GRACE - 5)))
     qemus = qemu_start_times(proc)
-    assert {r["domain_uuid"]: is_stale(r, qemus, now) for r in list_pending(rd)} == {
+    assert {r.domain_uuid: is_stale(r, qemus, now) for r in list_pending(rd)} == {
         DOMAIN: True, OTHER: False, third: False, old_qemu: True}
-    assert {r["domain_uuid"] for r in expire_pending(rd, proc=proc, dry_run=True)} == {DOMAIN, old_qemu}
+    assert {r.domain_uuid for r in expire_pending(rd, proc=proc, dry_run=True)} == {DOMAIN, old_qemu}
     assert len(list_pending(rd)) == 4
     removed = expire_pending(rd, proc=proc)
-    assert {r["domain_uuid"] for r in removed} == {DOMAIN, old_qemu}
-    assert {r["domain_uuid"] for r in list_pending(rd)} == {OTHER, third}
+    assert {r.domain_uuid for r in removed} == {DOMAIN, old_qemu}
+    assert {r.domain_uuid for r in list_pending(rd)} == {OTHER, third}
 
 
 def test_pending_cli_list_and_clear(tmp_path: Path) -> None:
@@ -139,7 +219,7 @@ def test_pending_cli_list_and_clear(tmp_path: Path) -> None:
     assert main(["--config", str(conf), "pending", "clear"]) == 2  # says which
     assert main(["--config", str(conf), "pending", "clear", "nosuchvm"]) == 12
     assert main(["--config", str(conf), "pending", "clear", "--stale", "--json"]) == 0
-    assert [r["domain_uuid"] for r in list_pending(rd)] == [OTHER]
+    assert [r.domain_uuid for r in list_pending(rd)] == [OTHER]
     assert main(["--config", str(conf), "pending", "clear", "guest2"]) == 0
     assert list_pending(rd) == []
     _ = _json  # the JSON shapes are checked below through a subprocess
