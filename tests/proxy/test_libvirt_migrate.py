@@ -143,6 +143,32 @@ def test_virsh_migrate_tcp_through_the_proxy(setup: Setup, tmp_path: Path) -> No
         cleanup(s, spec.name, [proxy])
 
 
+def test_virsh_migrate_parallel_tcp_through_the_proxy(setup: Setup, tmp_path: Path) -> None:
+    """`virsh migrate --parallel --parallel-connections 4`: libvirt turns multifd on in both QEMUs; the proxy
+    serves the main channel and the four side channels of the one armed migration."""
+    s, b = setup, setup.hosts.b
+    s.b_conf(arm_all=True)
+    spec = migratable_guest("px-par")
+    define_and_start(s.hosts.a, spec, tmp_path)
+    addr = s.hosts.address("B")
+    proxy = ProxyProcess(b, "--listen", f"{addr}:{PORT}", "--forward", f"127.0.0.1:{PORT}")
+    try:
+        s.hosts.migrate(spec.name, "--listen-address", "127.0.0.1", "--parallel", "--parallel-connections", "4",
+                        port=PORT)
+        res = proxy.result()
+        assert res["ok"], res
+        assert res["domain_name"] == spec.name and res["domain_uuid"] == spec.uuid
+        assert s.hosts.a.domstate(spec.name) == "shut off"
+        b.wait_guest_executes(spec.name)
+        lines = armed_lines(s.log(), spec.name)
+        assert any(f"migration {res['migration_id']} done" in ln and "4 multifd channel(s)" in ln for ln in lines), \
+            lines
+        assert "multifd channel REFUSED" not in s.log()
+        assert list_pending(b.host_path("/run/libvirt/libvirt-mdev")) == []  # spent
+    finally:
+        cleanup(s, spec.name, [proxy])
+
+
 def test_virsh_migrate_unix_socket_through_relay_and_proxy(setup: Setup, tmp_path: Path) -> None:
     s, a, b = setup, setup.hosts.a, setup.hosts.b
     s.b_conf(arm_all=True)

@@ -79,7 +79,7 @@ def test_kill_9_of_the_proxy_mid_multifd_migration_leaves_the_source_running(pro
                                                                               tmp_path: Path,
                                                                               ram_file: Path) -> None:
     proxy_env.arm([])
-    for src, dst, port in multifd_pair(tmp_path, ram_file, 4):
+    for src, _dst, port in multifd_pair(tmp_path, ram_file, 4):
         px = CliProxy(proxy_env, Endpoint("127.0.0.1", port))
         try:
             src.migrate(f"tcp:127.0.0.1:{px.port}", max_bandwidth=16 << 20)   # ~8 s for 128 MiB
