@@ -34,7 +34,8 @@ address, in any order (``docs/multifd.md``).  Here:
 
 Side channels have no progress deadline of their own (an iteration may leave a channel
 idle for a long time): they live no longer than their migration, whose main channel
-has one.
+has one — and their bytes count as its progress, since with multifd the RAM travels
+on them while the main channel carries little.
 """
 from __future__ import annotations
 
@@ -106,6 +107,12 @@ class MainSession(Session):
         super()._arm()
         self.migration = self.channels.main_armed(self, self._record)
 
+    def _reader(self) -> SocketReader:
+        reader = super()._reader()
+        if self.migration is not None:
+            self.migration.main_reader = reader
+        return reader
+
     def _connect_dst(self) -> socket.socket:
         dst = super()._connect_dst()
         if self.migration is not None:
@@ -154,6 +161,8 @@ class Migration:
         self.failed: str | None = None
         self.ended = False
         self.sides: dict[int, SideChannel] = {}
+        #: the main channel's reader: side channel bytes count for its progress deadline
+        self.main_reader: SocketReader | None = None
 
     def __str__(self) -> str:
         return f"domain {self.domain_name} migration {self.migration_id}"
@@ -340,6 +349,8 @@ class Channels:
             data = reader.read()
             n = len(data)
             side.bytes_in += n
+            if mig.main_reader is not None:
+                mig.main_reader.credit(n)
             parser.feed(data)
             while (ev := parser.next_event()) is not NEED_DATA:
                 if isinstance(ev, DeviceStatePacket):

@@ -343,3 +343,32 @@ def test_a_side_channel_with_a_short_init_is_cut_at_the_header_deadline(proxy_en
     lines = [ln for ln in proxy_env.config.log_file.read_text().splitlines() if "header deadline" in ln]
     assert len(lines) == 1 and "sent 24 of the 64 bytes of the multifd channel init within 0.5s" in lines[0]
     assert sink.conns == []
+
+
+def test_side_channel_bytes_count_for_the_main_channels_progress_deadline(proxy_env: ProxyEnv,
+                                                                          sink: MultiSink) -> None:
+    """With multifd the RAM travels on the side channels while the main channel idles: that is progress."""
+    proxy_env.arm([])
+    px = proxy_env.proxy(sink.endpoint, limits=ProxyLimits(progress_timeout=0.5, progress_min_bytes=32 << 10))
+    m, main = start_main(px, sink)
+    side = connect(px)
+    side.sendall(channel_init(DOM_UUID, 0))
+    for i in range(12):   # 1.8 s of side-channel traffic, main channel silent
+        side.sendall(ram_packet("pc.ram", [PAGE * j for j in range(16)], [os.urandom(PAGE) for _ in range(16)],
+                                packet_num=i))
+        time.sleep(0.15)
+    assert len(px.results) == 0, px.results[0].error     # the main channel was not cut
+    side_done = threading.Thread(target=finish, args=(side, b""))
+    side_done.start()
+    side_done.join(20)
+    assert not finish(m, main[5000:])
+    wait_results(px)
+    assert px.results[0].ok, px.results[0].error
+    # and without side-channel traffic the same deadline cuts it
+    proxy_env.arm([])
+    px2 = proxy_env.proxy(sink.endpoint, limits=ProxyLimits(progress_timeout=0.5, progress_min_bytes=32 << 10))
+    m2 = connect(px2)
+    m2.sendall(main[:5000])
+    assert was_reset(m2)
+    wait_results(px2)
+    assert "progress deadline" in px2.results[0].error
