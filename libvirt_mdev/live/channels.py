@@ -195,7 +195,8 @@ class Migration:
         if main is not None and not main_done:
             main.abort_from_channel(why)  # the main session logs the line
         elif not logged:
-            log.error(f"{self} REFUSED, main and {len(sides)} multifd channel(s) reset: {why}")
+            log.error(f"{self} REFUSED, {'main and ' if main is not None else ''}{len(sides)} multifd "
+                      f"channel(s) reset: {why}")
 
 
 class Channels:

@@ -99,3 +99,25 @@ def test_kill_9_of_the_proxy_mid_multifd_migration_leaves_the_source_running(pro
             if px.proc.poll() is None:
                 px.proc.kill()
                 px.proc.wait(10)
+
+
+def test_side_channels_of_another_vm_fail_the_real_migration_closed(proxy_env: ProxyEnv, tmp_path: Path,
+                                                                    ram_file: Path) -> None:
+    """The armed domain is another one: the main channel alone cannot tell (it carries no uuid), the side
+    channels can — the whole migration is reset and the guest keeps running on the source."""
+    proxy_env.arm([], uuid="0b0b0b0b-1111-4222-8333-444455556666")
+    for src, _dst, port in multifd_pair(tmp_path, ram_file, 2):
+        px = proxy_env.proxy(Endpoint("127.0.0.1", port))
+        src.migrate(f"tcp:127.0.0.1:{px.address.port}")
+        deadline = time.monotonic() + 60
+        while (info := src.query_migrate())["status"] not in ("failed", "completed", "cancelled"):
+            assert time.monotonic() < deadline, info
+            time.sleep(0.05)
+        assert info["status"] == "failed", info
+        assert src.status() == "running"
+        wait_results(px, timeout=60)
+        assert not px.results[0].ok
+        # the first refusal is the side channel's, whichever channel the proxy bound first
+        assert px.channels is not None
+        assert f"carries VM uuid {DOM_UUID}, not the armed domain's" in px.channels.refusals[0], \
+            list(px.channels.refusals)
