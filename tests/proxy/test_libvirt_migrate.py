@@ -189,6 +189,28 @@ def test_virsh_migrate_unix_socket_through_relay_and_proxy(setup: Setup, tmp_pat
         cleanup(s, spec.name, [dest, relay])
 
 
+def test_virsh_migrate_parallel_unix_socket_through_relay_and_proxy(setup: Setup, tmp_path: Path) -> None:
+    """The UNIX-socket layout with `--parallel --parallel-connections 4`: A's relay carries each of the five
+    connections verbatim; B's proxy binds the side channels and forwards all five into B's QEMU's socket."""
+    s, a, b = setup, setup.hosts.a, setup.hosts.b
+    s.b_conf(arm_all=True)
+    spec = migratable_guest("px-upar")
+    define_and_start(a, spec, tmp_path)
+    addr = s.hosts.address("B")
+    dest = ProxyProcess(b, "--listen", f"{addr}:{PORT + 1}", "--forward", f"unix:{SOCK}")
+    relay = ProxyProcess(a, "--mode", "relay", "--listen", f"unix:{SOCK}", "--forward", f"{addr}:{PORT + 1}")
+    try:
+        s.hosts.migrate(spec.name, "--parallel", "--parallel-connections", "4", migrateuri=f"unix://{SOCK}")
+        res = dest.result()
+        assert res["ok"], res
+        b.wait_guest_executes(spec.name)
+        assert a.domstate(spec.name) == "shut off"
+        assert any(f"migration {res['migration_id']} done" in ln and "4 multifd channel(s)" in ln
+                   for ln in armed_lines(s.log(), spec.name))
+    finally:
+        cleanup(s, spec.name, [dest, relay])
+
+
 def test_hook_refusal_shows_in_virsh_and_keeps_the_guest_on_a(setup: Setup, tmp_path: Path) -> None:
     s, b = setup, setup.hosts.b
     s.b_conf(arm_all=True)
