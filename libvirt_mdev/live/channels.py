@@ -270,10 +270,10 @@ class Channels:
     def _serve(self, side: SideChannel) -> None:
         try:
             side.uuid, side.channel_id = read_channel_init(side.init)
-        except MdevError as exc:
-            self._refuse_alone(side, f"multifd channel from {side.peer}: {exc.message}")
+            mig = self._bind(side)
+        except Exception as exc:  # a bad init, or reading the pending records failed unexpectedly
+            self._refuse_alone(side, f"multifd channel from {side.peer}: {_line(exc)}")
             return
-        mig = self._bind(side)
         if mig is None:
             return
         try:
