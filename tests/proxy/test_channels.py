@@ -349,11 +349,11 @@ def test_side_channel_bytes_count_for_the_main_channels_progress_deadline(proxy_
                                                                           sink: MultiSink) -> None:
     """With multifd the RAM travels on the side channels while the main channel idles: that is progress."""
     proxy_env.arm([])
-    px = proxy_env.proxy(sink.endpoint, limits=ProxyLimits(progress_timeout=0.5, progress_min_bytes=32 << 10))
+    px = proxy_env.proxy(sink.endpoint, limits=ProxyLimits(progress_timeout=1.0, progress_min_bytes=32 << 10))
     m, main = start_main(px, sink)
     side = connect(px)
     side.sendall(channel_init(DOM_UUID, 0))
-    for i in range(12):   # 1.8 s of side-channel traffic, main channel silent
+    for i in range(16):   # 2.4 s of side-channel traffic, main channel silent
         side.sendall(ram_packet("pc.ram", [PAGE * j for j in range(16)], [os.urandom(PAGE) for _ in range(16)],
                                 packet_num=i))
         time.sleep(0.15)
@@ -366,7 +366,7 @@ def test_side_channel_bytes_count_for_the_main_channels_progress_deadline(proxy_
     assert px.results[0].ok, px.results[0].error
     # and without side-channel traffic the same deadline cuts it
     proxy_env.arm([])
-    px2 = proxy_env.proxy(sink.endpoint, limits=ProxyLimits(progress_timeout=0.5, progress_min_bytes=32 << 10))
+    px2 = proxy_env.proxy(sink.endpoint, limits=ProxyLimits(progress_timeout=1.0, progress_min_bytes=32 << 10))
     m2 = connect(px2)
     m2.sendall(main[:5000])
     assert was_reset(m2)
