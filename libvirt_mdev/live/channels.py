@@ -93,9 +93,11 @@ class SideChannel:
 class MainSession(Session):
     """The session of a main channel, joined to its migration's side channels.
 
-    Two points of :class:`Session` matter here, taken by overriding: the record was
-    claimed (``_arm``: join the :class:`Migration`), and the local QEMU's connection for
-    the main channel exists (``_connect_dst``: release the held side channels)."""
+    Taken by overriding (session.py is left as it is): the record was claimed (``_arm``:
+    join the :class:`Migration`); the source's reader exists (``_reader``: side-channel
+    bytes count for its progress deadline); the local QEMU's connection for the main
+    channel exists (``_connect_dst``: release the held side channels); and a reset from a
+    side channel is reported as that channel's refusal (``_abort``, ``_fail``)."""
 
     def __init__(self, channels: Channels, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
