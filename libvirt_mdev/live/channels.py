@@ -133,6 +133,11 @@ class MainSession(Session):
         abort_socket(src)
         super()._abort(why)
 
+    @property
+    def claimed(self) -> Any:
+        """The pending record this session claimed (None before its claim)."""
+        return self._record
+
     def abort_from_channel(self, why: str) -> None:
         """Reset the main channel from a side channel's thread; the session's own error
         path then logs *why* as its one line (a refusal, not a transport failure)."""
@@ -237,10 +242,14 @@ class Channels:
     def main_ended(self, session: Session, result: SessionResult) -> None:
         """The main session returned (its line is logged): end its migration, failing the
         side channels when it failed."""
-        mig = session.migration if isinstance(session, MainSession) else None
-        if mig is None:
+        if not isinstance(session, MainSession):
             return
+        mig = session.migration
         with self.lock:
+            if mig is None and session.claimed is not None:  # refused after its claim (a re-check failed)
+                mig = self.live.get(record_field(session.claimed, "migration_id"))
+            if mig is None:
+                return
             mig.main_done = True
             failed = mig.failed
         if not result.ok:

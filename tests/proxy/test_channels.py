@@ -24,7 +24,7 @@ from libvirt_mdev.live.relay import Endpoint
 from testkit.multifd import channel_init, device_packet, ram_packet, sync_packet
 from testkit.synth import write_minimal_stream
 
-from .conftest import DOM_UUID, ProxyEnv, wait_results
+from .conftest import DOM_UUID, ID_A, U1, ProxyEnv, wait_results
 
 OTHER_UUID = "0b0b0b0b-1111-4222-8333-444455556666"
 PAGE = 4096
@@ -372,3 +372,24 @@ def test_side_channel_bytes_count_for_the_main_channels_progress_deadline(proxy_
     assert was_reset(m2)
     wait_results(px2)
     assert "progress deadline" in px2.results[0].error
+
+
+def test_a_main_channel_refused_at_its_recheck_resets_the_held_side_channels_at_once(proxy_env: ProxyEnv,
+                                                                                     sink: MultiSink) -> None:
+    """The armed type is not this host's now: the main channel is refused after its claim; its side channels,
+    held until then, are reset at once (not at the main-channel deadline)."""
+    proxy_env.arm([{"mdev_uuid": U1, "idstr": ID_A, "type": "nvidia-224"}])   # U1 is nvidia-222 here
+    px = proxy_env.proxy(sink.endpoint)
+    sides = []
+    for i in range(2):
+        c = connect(px)
+        c.sendall(side_channel(i))
+        sides.append(c)
+    time.sleep(0.3)
+    started = time.monotonic()
+    assert finish(connect(px), main_stream())
+    assert all(was_reset(c) for c in sides)
+    assert time.monotonic() - started < 5          # the main-channel deadline is 20 s
+    wait_results(px)
+    assert not px.results[0].ok and px.results[0].error_kind == "type-mismatch"
+    assert sink.conns == []
