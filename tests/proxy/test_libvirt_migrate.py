@@ -254,6 +254,31 @@ def test_proxy_refusal_of_an_armed_type_mismatch_keeps_the_guest_on_a(setup: Set
         cleanup(s, spec.name, [proxy])
 
 
+def test_proxy_refusal_with_parallel_keeps_the_guest_on_a(setup: Setup, tmp_path: Path) -> None:
+    """The same refusal with `--parallel --parallel-connections 4`: main and side channels are reset, virsh
+    fails, the guest runs on A."""
+    s = setup
+    s.b_conf(arm_all=False)
+    s.mode("view:nvidia-224")
+    spec = migratable_guest("px-pmis")
+    define_and_start(s.hosts.a, spec, tmp_path)
+    addr = s.hosts.address("B")
+    proxy = ProxyProcess(s.b, "--listen", f"{addr}:{PORT}", "--forward", f"127.0.0.1:{PORT}", config=PROXY_CONF)
+    try:
+        started = time.monotonic()
+        r = s.hosts.migrate(spec.name, "--listen-address", "127.0.0.1", "--parallel", "--parallel-connections", "4",
+                            port=PORT, check=False)
+        took = time.monotonic() - started
+        assert r.returncode != 0, r.stdout
+        print(f"virsh ({took:.1f}s): {r.stderr.strip()}")
+        res = proxy.result()
+        assert not res["ok"] and res["error_kind"] == "type-mismatch" and res["domain_name"] == spec.name
+        s.hosts.a.wait_guest_executes(spec.name)
+        assert took < 20     # not held until the main-channel deadline
+    finally:
+        cleanup(s, spec.name, [proxy])
+
+
 RUNDIR = "/run/libvirt/libvirt-mdev"
 
 
