@@ -393,3 +393,21 @@ def test_a_main_channel_refused_at_its_recheck_resets_the_held_side_channels_at_
     wait_results(px)
     assert not px.results[0].ok and px.results[0].error_kind == "type-mismatch"
     assert sink.conns == []
+
+
+def test_a_flood_of_stray_side_channels_leaves_no_thread_or_socket(proxy_env: ProxyEnv, sink: MultiSink) -> None:
+    px = proxy_env.proxy(sink.endpoint)   # nothing armed
+    threads = threading.active_count()
+    fds = len(os.listdir("/proc/self/fd"))
+    cs = []
+    for i in range(60):
+        c = connect(px)
+        c.sendall(channel_init(OTHER_UUID, i % 256))
+        cs.append(c)
+    assert all(was_reset(c) for c in cs)
+    wait_refusals(px, 60)
+    deadline = time.monotonic() + 10
+    while threading.active_count() > threads or len(os.listdir("/proc/self/fd")) > fds:
+        assert time.monotonic() < deadline, (threading.active_count(), threads, len(os.listdir("/proc/self/fd")), fds)
+        time.sleep(0.05)
+    assert sink.conns == []
