@@ -247,7 +247,11 @@ class Channels:
         mig = session.migration
         with self.lock:
             if mig is None and session.claimed is not None:  # refused after its claim (a re-check failed)
-                mig = self.live.get(record_field(session.claimed, "migration_id"))
+                mid = record_field(session.claimed, "migration_id")
+                mig = self.live.get(mid)
+                if mig is None:  # no side channel bound yet: one that binds now is late
+                    self._mark_ended(mid, record_field(session.claimed, "domain_uuid"))
+                    return
             if mig is None:
                 return
             mig.main_done = True
@@ -399,7 +403,10 @@ class Channels:
         """(With :attr:`lock` held.)  *mig* takes no more channels."""
         mig.ended = True
         self.live.pop(mig.migration_id, None)
-        self.ended[mig.migration_id] = mig.domain_uuid
+        self._mark_ended(mig.migration_id, mig.domain_uuid)
+
+    def _mark_ended(self, migration_id: str, domain_uuid: str) -> None:
+        self.ended[migration_id] = domain_uuid
         while len(self.ended) > KEEP_ENDED:
             self.ended.popitem(last=False)
 
