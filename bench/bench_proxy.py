@@ -9,7 +9,11 @@ Rounds alternate direct / proxy so drift hits both alike.  The proxy runs as the
 CLI in its own process (``libvirt-mdev proxy --once``), as in production; its peak
 RSS is read from ``/proc/<pid>/status`` (VmHWM) when it exits.
 
-    python3 bench/bench_proxy.py [--mib 1024] [--rounds 5] [--mode splice] [--json]
+With ``--channels N`` (N > 1) both QEMUs use multifd with N channels (``virsh migrate
+--parallel --parallel-connections N``), run with the armed domain's ``-uuid`` as libvirt
+starts them, and the proxy serves the main channel and the N side channels.
+
+    python3 bench/bench_proxy.py [--mib 1024] [--rounds 5] [--mode splice] [--channels 4] [--json]
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ from libvirt_mdev.store.pending import write_pending  # noqa: E402
 from tests.harness.qemu_vm import QemuVM  # noqa: E402
 
 BANDWIDTH = 10 << 30
+#: the armed domain's uuid: the QEMUs run with it (-uuid), as libvirt starts them
+DOMAIN_UUID = str(uuid.uuid4())
 
 
 def free_port() -> int:
@@ -53,7 +59,7 @@ def start_proxy(work: Path, qport: int, mode: str) -> tuple[subprocess.Popen, in
     conf.write_text(f"[libvirt-mdev]\nstore = {work / 'store'}\nruntime_dir = {work / 'run'}\n"
                     f"sysfs_root = {work / 'sys'}\nlog_file = {work / 'proxy.log'}\n"
                     "require_guard = no\n")  # a loopback bench: no nftables guard in front of QEMU (docs/guard.md)
-    write_pending(work / "run", {"domain_name": "bench", "domain_uuid": str(uuid.uuid4()),
+    write_pending(work / "run", {"domain_name": "bench", "domain_uuid": DOMAIN_UUID,
                                  "migration_id": f"bench-{time.monotonic_ns()}", "created": int(time.time()),
                                  "devices": []})
     proc = subprocess.Popen([sys.executable, "-m", "libvirt_mdev.cli", "--config", str(conf), "proxy",
@@ -78,11 +84,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def one_round(work: Path, ram: Path, mib: int, via_proxy: bool, mode: str) -> dict:
+def one_round(work: Path, ram: Path, mib: int, via_proxy: bool, mode: str, channels: int = 1) -> dict:
     qport = free_port()
-    with QemuVM(work, name="bsrc", memory_mib=mib, with_disk=False, ram_file=ram) as src, \
+    args = ["-uuid", DOMAIN_UUID]
+    with QemuVM(work, name="bsrc", memory_mib=mib, with_disk=False, ram_file=ram, extra_args=args) as src, \
             QemuVM(work, name="bdst", memory_mib=mib, with_disk=False, ram_file=ram,
-                   incoming_defer=True) as dst:
+                   incoming_defer=True, extra_args=args) as dst:
+        if channels > 1:
+            for vm in (src, dst):
+                vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+                vm.qmp("migrate-set-parameters", **{"multifd-channels": channels})
         dst.incoming(f"tcp:127.0.0.1:{qport}")
         proxy = None
         port = qport
@@ -125,6 +136,7 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--mode", default="splice", choices=("splice", "token"))
+    ap.add_argument("--channels", type=int, default=1, help="multifd channels (1: no multifd)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--workdir", type=Path)
     a = ap.parse_args()
@@ -135,7 +147,7 @@ def main() -> None:
     rows: dict[str, list[dict]] = {"direct": [], "proxy": []}
     for i in range(a.rounds):
         for kind in ("direct", "proxy"):
-            r = one_round(work, ram, a.mib, kind == "proxy", a.mode)
+            r = one_round(work, ram, a.mib, kind == "proxy", a.mode, a.channels)
             rows[kind].append(r)
             proxy = (f"  rss {r['proxy_rss_kib'] / 1024:.0f} MiB cpu {r['proxy_cpu_s']} s"
                      if r.get('proxy_rss_kib') else "")
@@ -143,7 +155,7 @@ def main() -> None:
                   f"{r['mbps'] or 0:8.0f} Mbit/s" + proxy, file=sys.stderr)
     med = {k: {"total_ms": statistics.median(r["total_ms"] for r in v),
                "downtime_ms": statistics.median(r["downtime_ms"] for r in v)} for k, v in rows.items()}
-    summary = {"mib": a.mib, "rounds": a.rounds, "mode": a.mode, "median": med,
+    summary = {"mib": a.mib, "rounds": a.rounds, "mode": a.mode, "channels": a.channels, "median": med,
                "total_ratio": round(med["proxy"]["total_ms"] / med["direct"]["total_ms"], 3),
                "downtime_ratio": round(med["proxy"]["downtime_ms"] / max(1, med["direct"]["downtime_ms"]), 3),
                "proxy_peak_rss_mib": round(max(r["proxy_rss_kib"] or 0 for r in rows["proxy"]) / 1024, 1),

@@ -70,6 +70,11 @@ _D = ProxyLimits()
               help="Migrations served at once.")
 @click.option("--max-handshakes", type=int, default=_D.max_handshakes, show_default=True,
               help="TLS handshakes in progress; beyond it the oldest is reset.")
+@click.option("--max-channels", type=int, default=_D.max_channels, show_default=True,
+              help="Multifd side channels (virsh migrate --parallel) of one migration; one more fails it.")
+@click.option("--main-channel-timeout", type=float, default=_D.main_channel_timeout, show_default=True,
+              help="Seconds from a migration's first multifd side channel to its main channel; beyond it the "
+                   "migration fails.")
 @click.option("-v", "--verbose", is_flag=True, help="Also log informational lines to stderr.")
 @pass_app
 def proxy(app: AppContext, listen_addr: str | None, forward_addr: str, mode: str | None,
@@ -78,7 +83,8 @@ def proxy(app: AppContext, listen_addr: str | None, forward_addr: str, mode: str
           no_verify: bool, store_dir: Path | None, runtime_dir: Path | None,
           tls_dir: Path | None, tls_hostname: str | None, first_bytes_timeout: float,
           header_timeout: float, progress_timeout: float, progress_min_bytes: int, max_unarmed: int,
-          max_sessions: int, max_handshakes: int, verbose: bool) -> int:
+          max_sessions: int, max_handshakes: int, max_channels: int, main_channel_timeout: float,
+          verbose: bool) -> int:
     """Filter live migrations between a source and the local QEMU.
 
     Serves the migration that the libvirt-mdev hook armed at 'migrate begin'.  Every
@@ -89,7 +95,8 @@ def proxy(app: AppContext, listen_addr: str | None, forward_addr: str, mode: str
     # ProxyLimits checks them before any work
     limits = ProxyLimits(first_bytes_timeout=first_bytes_timeout, header_timeout=header_timeout,
                          progress_timeout=progress_timeout, progress_min_bytes=progress_min_bytes,
-                         max_unarmed=max_unarmed, max_sessions=max_sessions, max_handshakes=max_handshakes)
+                         max_unarmed=max_unarmed, max_sessions=max_sessions, max_handshakes=max_handshakes,
+                         max_channels=max_channels, main_channel_timeout=main_channel_timeout)
     config = app.config.replace(store=store_dir, runtime_dir=runtime_dir)
     setup_logging(LOG_IDENT, config.log_file, stderr_level=20 if verbose or app.debug else 30)
     opts = ProxyOptions(forward=Endpoint.parse(forward_addr, "--forward"), mode=mode or config.mode,

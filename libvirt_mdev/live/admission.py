@@ -20,6 +20,11 @@ source was refused as a second one.  Here:
   with none to shed, pause accepting for a moment (the kernel keeps queueing) and go on.
   The loop never exits on an accept error.
 
+A multifd side channel (``virsh migrate --parallel``: first bytes ``11 22 33 44``) is
+held the same way until its whole channel-init message (64 bytes: the VM's uuid and the
+channel id) has arrived, then handed to :mod:`.channels` (when the proxy serves them;
+otherwise it is refused here).
+
 Everything refused here is reset (SO_LINGER 0) and logged in one line.
 """
 from __future__ import annotations
@@ -36,6 +41,7 @@ from dataclasses import dataclass, field
 
 from ..errors import MdevError, StreamError, UnsupportedStream
 from ..log import get_logger
+from ..stream.multifd import INIT as MULTIFD_INIT
 from ..stream.wire import QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION
 from .limits import HEADER_LEN, ProxyLimits
 from .relay import abort_socket, reset_on_close, tune
@@ -68,6 +74,10 @@ class Greeting:
 OnAdmitted = Callable[[socket.socket, str, bytes, float, bool], None]
 #: called with (peer, why) for a connection refused here (already reset and logged)
 OnRefused = Callable[[str, MdevError], None]
+#: called with (socket, peer, the 64-byte multifd channel init, accept time) for a multifd
+#: side channel; it owns the socket from then on
+OnSideChannel = Callable[[socket.socket, str, bytes, float], None]
+_MULTIFD_FIRST = struct.pack(">I", MULTIFD_MAGIC)
 
 
 def header_problem(head: bytes) -> StreamError | None:
@@ -98,8 +108,11 @@ class Admission:
     """The accept loop and the unarmed connections (one thread: :meth:`run`)."""
 
     def __init__(self, listener: socket.socket, limits: ProxyLimits, on_admitted: OnAdmitted,
-                 on_refused: OnRefused, *, relay: bool, tls: bool, stop: threading.Event) -> None:
+                 on_refused: OnRefused, *, relay: bool, tls: bool, stop: threading.Event,
+                 on_side_channel: OnSideChannel | None = None) -> None:
+        """*on_side_channel*: where multifd side channels go (None: they are refused here)."""
         self.listener, self.limits = listener, limits
+        self.on_side_channel = on_side_channel
         self.on_admitted, self.on_refused = on_admitted, on_refused
         self.relay, self.tls, self.stop = relay, tls, stop
         self.cap = limits.unarmed_cap()
@@ -227,7 +240,7 @@ class Admission:
                 if self.tls:
                     self._hand_off(g, tls=True)
                     return
-            data = g.sock.recv(HEADER_LEN - len(g.buf))
+            data = g.sock.recv(self._want(g) - len(g.buf))
         except BlockingIOError:
             return
         except OSError as exc:
@@ -235,17 +248,35 @@ class Admission:
             self._drop(g)
             return
         if not data:
-            self._refuse(g, StreamError(f"the connection closed after {len(g.buf)} bytes, inside the QEMU "
-                                        f"file header"))
+            self._refuse(g, StreamError(f"the connection closed after {len(g.buf)} bytes, inside the "
+                                        f"{self._what(g)}"))
             return
         g.buf += data
-        if len(g.buf) < HEADER_LEN:
+        want = self._want(g)
+        if len(g.buf) < want:
+            if len(g.buf) == HEADER_LEN:  # a side channel: its init is usually here already
+                self._readable(g)
+            return
+        if want > HEADER_LEN:
+            assert self.on_side_channel is not None
+            self._forget(g)
+            g.sock.setblocking(True)
+            self.on_side_channel(g.sock, g.peer, bytes(g.buf), g.accepted)
             return
         problem = header_problem(bytes(g.buf))
         if problem:
             self._refuse(g, problem)
         else:
             self._hand_off(g, tls=False)
+
+    def _want(self, g: Greeting) -> int:
+        """How many first bytes bind *g*: the QEMU file header, or a side channel's init."""
+        if self.on_side_channel is not None and g.buf[:4] == _MULTIFD_FIRST:
+            return MULTIFD_INIT.size
+        return HEADER_LEN
+
+    def _what(self, g: Greeting) -> str:
+        return "multifd channel init" if self._want(g) > HEADER_LEN else "QEMU file header"
 
     def _hand_off(self, g: Greeting, tls: bool) -> None:
         self._forget(g)
@@ -260,7 +291,7 @@ class Admission:
             if not g.buf and age >= lim.first_bytes_timeout:
                 why = f"sent nothing within {lim.first_bytes_timeout:g}s of connecting (the first-bytes deadline)"
             elif age >= lim.header_timeout:
-                why = (f"sent {len(g.buf)} of the {HEADER_LEN} bytes of the QEMU file header within "
+                why = (f"sent {len(g.buf)} of the {self._want(g)} bytes of the {self._what(g)} within "
                        f"{lim.header_timeout:g}s (the header deadline)")
             else:
                 continue

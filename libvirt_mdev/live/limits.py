@@ -48,14 +48,23 @@ class ProxyLimits:
     #: needs a thread.  When full, the *oldest* is reset, as with ``max_unarmed``; they
     #: do not count against ``max_sessions``, so stalled handshakes cannot fill it.
     max_handshakes: int = 16
+    #: multifd (``--parallel``): side channels of one migration.  QEMU opens
+    #: ``multifd-channels`` of them (libvirt's ``--parallel-connections``, at most 255);
+    #: one more than this fails the whole migration closed (:mod:`.channels`).
+    max_channels: int = 32
+    #: multifd: the first side channel → its main (``QEVM``) channel.  Side channels are
+    #: held unforwarded until the main channel is connected to the local QEMU; a main
+    #: channel that never comes fails the migration instead of holding them for ever.
+    main_channel_timeout: float = 20.0
 
     def __post_init__(self) -> None:
-        for name in ("first_bytes_timeout", "header_timeout", "progress_timeout"):
+        for name in ("first_bytes_timeout", "header_timeout", "progress_timeout", "main_channel_timeout"):
             if not getattr(self, name) > 0:
                 raise UsageError(f"proxy limit {name.replace('_', '-')} must be a positive number of seconds")
-        if min(self.progress_min_bytes, self.max_unarmed, self.max_sessions, self.max_handshakes) < 1:
-            raise UsageError("proxy limits progress-min-bytes, max-unarmed, max-sessions and max-handshakes "
-                             "must be at least 1")
+        if min(self.progress_min_bytes, self.max_unarmed, self.max_sessions, self.max_handshakes,
+               self.max_channels) < 1:
+            raise UsageError("proxy limits progress-min-bytes, max-unarmed, max-sessions, max-handshakes and "
+                             "max-channels must be at least 1")
 
     def unarmed_cap(self) -> int:
         """``max_unarmed``, lowered so that unarmed connections alone can never use up the

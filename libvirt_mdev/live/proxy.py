@@ -16,8 +16,9 @@ two hosts' sockets.  For each connection from a source:
    incoming domain (:mod:`libvirt_mdev.store.pending`).  Exactly one record (or the
    one ``--domain`` names; with several, the ones whose QEMU runs) is served; none, or
    several without ``--domain``, is a refusal.  A record already being served refuses
-   extra connections: multifd (``--parallel``) opens several, and those side channels
-   cannot be filtered.
+   a second main (``QEVM``) connection.  Multifd (``--parallel``) side channels are
+   bound to the same record by :mod:`.channels` (the uuid in their channel init), held
+   until the main channel is connected, and fail with it (one migration, all channels).
 2. **Which devices.**  The record lists each mdev (uuid, VFIO section idstr, source
    type).  The types are checked again against this host's sysfs *now* — the mdev
    may have been re-created since the hook ran — and become the filter's bindings:
@@ -53,6 +54,7 @@ from ..config import Config
 from ..errors import MdevError, UsageError
 from .admission import Admission
 from .arming import Claims
+from .channels import Channels
 from .relay import Endpoint, abort_socket, listen
 from .session import MODES, ProxyOptions, Session, SessionResult, log
 
@@ -87,6 +89,10 @@ class MigrationProxy:
         self._admission: Admission | None = None
         #: TLS sessions not bound yet (handshake, header), oldest first
         self._handshaking: OrderedDict[int, Session] = OrderedDict()
+        #: multifd side channels (--parallel), in the filtering modes without TLS
+        self.channels: Channels | None = None
+        if opts.mode not in ("relay", "sign") and opts.tls is None:
+            self.channels = Channels(config, opts)
 
     def bind(self, ep: Endpoint) -> Endpoint:
         """Listen on *ep*; returns the address actually bound (port 0 → a real port)."""
@@ -115,7 +121,8 @@ class MigrationProxy:
         self._once = once
         self._admission = Admission(self._listener, self.opts.limits, self._admitted, self._refused,
                                     relay=self.opts.mode == "relay", tls=self.opts.tls is not None,
-                                    stop=self._stop)
+                                    stop=self._stop,
+                                    on_side_channel=self.channels.side_channel if self.channels else None)
         try:
             self._admission.run()
         finally:
@@ -136,8 +143,9 @@ class MigrationProxy:
             abort_socket(conn)
             self._refused(peer, why)
             return
-        session = Session(self.config, self.opts, self.claims, conn, peer, header=header, accepted=accepted,
-                          on_bound=self._bound if tls else None)
+        make = self.channels.main_session if self.channels is not None else Session
+        session = make(self.config, self.opts, self.claims, conn, peer, header=header, accepted=accepted,
+                       on_bound=self._bound if tls else None)
         victim: Session | None = None
         if tls:
             with self._lock:
@@ -180,7 +188,10 @@ class MigrationProxy:
             log.info(f"{peer}: domain {res.domain_name} migration {res.migration_id} done: "
                      f"{res.bytes_in} bytes in, {res.bytes_out} out, {res.bytes_back} back, "
                      f"{len(res.devices)} device state(s) stored, {res.seconds}s"
-                     + (f", {res.tls}" if res.tls else ""))
+                     + (f", {res.tls}" if res.tls else "")
+                     + (self.channels.summary(session) if self.channels is not None else ""))
+        if self.channels is not None:
+            self.channels.main_ended(session, res)
         self._record(res, first)
 
     def _record(self, res: SessionResult, first: bool) -> None:
@@ -210,6 +221,8 @@ class MigrationProxy:
         deadline = time.monotonic() + timeout
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
+        if self.channels is not None:
+            self.channels.join(max(0.0, deadline - time.monotonic()))
 
     def request_stop(self) -> None:
         """Stop accepting (signal-handler safe); :meth:`serve` returns soon after."""

@@ -235,6 +235,12 @@ class SocketReader:
         self._window_bytes += n
         return memoryview(buf)[:n]
 
+    def credit(self, n: int) -> None:
+        """Count *n* bytes that arrived on another connection of the same migration as
+        progress (multifd: RAM travels on the side channels while the main one idles).
+        Any thread; read at the next window check."""
+        self._window_bytes += n
+
     def _wait(self, p: Progress) -> None:
         """Block until readable, but not past the end of a window that is short of bytes."""
         assert self._poll is not None

@@ -143,6 +143,32 @@ def test_virsh_migrate_tcp_through_the_proxy(setup: Setup, tmp_path: Path) -> No
         cleanup(s, spec.name, [proxy])
 
 
+def test_virsh_migrate_parallel_tcp_through_the_proxy(setup: Setup, tmp_path: Path) -> None:
+    """`virsh migrate --parallel --parallel-connections 4`: libvirt turns multifd on in both QEMUs; the proxy
+    serves the main channel and the four side channels of the one armed migration."""
+    s, b = setup, setup.hosts.b
+    s.b_conf(arm_all=True)
+    spec = migratable_guest("px-par")
+    define_and_start(s.hosts.a, spec, tmp_path)
+    addr = s.hosts.address("B")
+    proxy = ProxyProcess(b, "--listen", f"{addr}:{PORT}", "--forward", f"127.0.0.1:{PORT}")
+    try:
+        s.hosts.migrate(spec.name, "--listen-address", "127.0.0.1", "--parallel", "--parallel-connections", "4",
+                        port=PORT)
+        res = proxy.result()
+        assert res["ok"], res
+        assert res["domain_name"] == spec.name and res["domain_uuid"] == spec.uuid
+        assert s.hosts.a.domstate(spec.name) == "shut off"
+        b.wait_guest_executes(spec.name)
+        lines = armed_lines(s.log(), spec.name)
+        assert any(f"migration {res['migration_id']} done" in ln and "4 multifd channel(s)" in ln for ln in lines), \
+            lines
+        assert "multifd channel REFUSED" not in s.log()
+        assert list_pending(b.host_path("/run/libvirt/libvirt-mdev")) == []  # spent
+    finally:
+        cleanup(s, spec.name, [proxy])
+
+
 def test_virsh_migrate_unix_socket_through_relay_and_proxy(setup: Setup, tmp_path: Path) -> None:
     s, a, b = setup, setup.hosts.a, setup.hosts.b
     s.b_conf(arm_all=True)
@@ -159,6 +185,28 @@ def test_virsh_migrate_unix_socket_through_relay_and_proxy(setup: Setup, tmp_pat
         b.wait_guest_executes(spec.name)
         assert a.domstate(spec.name) == "shut off"
         assert any(f"serving domain {spec.name}" in ln for ln in armed_lines(s.log(), spec.name))
+    finally:
+        cleanup(s, spec.name, [dest, relay])
+
+
+def test_virsh_migrate_parallel_unix_socket_through_relay_and_proxy(setup: Setup, tmp_path: Path) -> None:
+    """The UNIX-socket layout with `--parallel --parallel-connections 4`: A's relay carries each of the five
+    connections verbatim; B's proxy binds the side channels and forwards all five into B's QEMU's socket."""
+    s, a, b = setup, setup.hosts.a, setup.hosts.b
+    s.b_conf(arm_all=True)
+    spec = migratable_guest("px-upar")
+    define_and_start(a, spec, tmp_path)
+    addr = s.hosts.address("B")
+    dest = ProxyProcess(b, "--listen", f"{addr}:{PORT + 1}", "--forward", f"unix:{SOCK}")
+    relay = ProxyProcess(a, "--mode", "relay", "--listen", f"unix:{SOCK}", "--forward", f"{addr}:{PORT + 1}")
+    try:
+        s.hosts.migrate(spec.name, "--parallel", "--parallel-connections", "4", migrateuri=f"unix://{SOCK}")
+        res = dest.result()
+        assert res["ok"], res
+        b.wait_guest_executes(spec.name)
+        assert a.domstate(spec.name) == "shut off"
+        assert any(f"migration {res['migration_id']} done" in ln and "4 multifd channel(s)" in ln
+                   for ln in armed_lines(s.log(), spec.name))
     finally:
         cleanup(s, spec.name, [dest, relay])
 
@@ -202,6 +250,31 @@ def test_proxy_refusal_of_an_armed_type_mismatch_keeps_the_guest_on_a(setup: Set
         assert line in res["error"] and line in s.log()
         s.hosts.a.wait_guest_executes(spec.name)
         assert any("armed" in ln and "1 mdev(s) match" in ln for ln in armed_lines(s.log(), spec.name))
+    finally:
+        cleanup(s, spec.name, [proxy])
+
+
+def test_proxy_refusal_with_parallel_keeps_the_guest_on_a(setup: Setup, tmp_path: Path) -> None:
+    """The same refusal with `--parallel --parallel-connections 4`: main and side channels are reset, virsh
+    fails, the guest runs on A."""
+    s = setup
+    s.b_conf(arm_all=False)
+    s.mode("view:nvidia-224")
+    spec = migratable_guest("px-pmis")
+    define_and_start(s.hosts.a, spec, tmp_path)
+    addr = s.hosts.address("B")
+    proxy = ProxyProcess(s.b, "--listen", f"{addr}:{PORT}", "--forward", f"127.0.0.1:{PORT}", config=PROXY_CONF)
+    try:
+        started = time.monotonic()
+        r = s.hosts.migrate(spec.name, "--listen-address", "127.0.0.1", "--parallel", "--parallel-connections", "4",
+                            port=PORT, check=False)
+        took = time.monotonic() - started
+        assert r.returncode != 0, r.stdout
+        print(f"virsh ({took:.1f}s): {r.stderr.strip()}")
+        res = proxy.result()
+        assert not res["ok"] and res["error_kind"] == "type-mismatch" and res["domain_name"] == spec.name
+        s.hosts.a.wait_guest_executes(spec.name)
+        assert took < 20     # not held until the main-channel deadline
     finally:
         cleanup(s, spec.name, [proxy])
 

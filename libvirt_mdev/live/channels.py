@@ -1,0 +1,436 @@
+"""Multifd (``virsh migrate --parallel``): one migration is its main channel plus N side channels.
+
+Theory of operation
+-------------------
+With multifd the source QEMU opens one *main* channel (the ``QEVM`` stream, served by a
+:class:`~.session.Session` like any migration) and N *side* channels to the same
+address, in any order (``docs/multifd.md``).  Here:
+
+* **Admission.**  A side channel is told apart by its first 4 bytes (``11 22 33 44``);
+  :mod:`.admission` holds it, under the same deadlines as a QEMU header, until its whole
+  64-byte channel-init message arrived, then hands it to :meth:`Channels.side_channel`.
+* **Binding.**  The channel init carries the VM's uuid (libvirt passes the domain uuid
+  as QEMU's ``-uuid``) and a channel id.  The channel is bound to the armed migration
+  (the pending record the main channel would serve, chosen the same way) only when the
+  uuid is that record's domain uuid.  The main channel joins the same
+  :class:`Migration` when its session has claimed the record (:class:`MainSession`).
+* **Order.**  QEMU 7.2's destination takes the first connection it accepts for the
+  main channel, so side channels are held, unforwarded, until the main channel is
+  connected to the local QEMU; then each side channel gets its own connection to it.
+* **Filtering.**  Each side channel is read with the exact multifd codec
+  (:class:`~libvirt_mdev.stream.multifd.MultifdChannelParser`).  RAM packets and their
+  pages pass straight through as zero-copy pieces of the received chunks (one gathered
+  ``sendmsg`` per chunk, constant memory).  Device state (QEMU 10's
+  ``x-migration-multifd-transfer``) is not filtered on side channels yet: the chunk
+  that carries it is refused before any of it is forwarded.
+* **Fail closed, all together.**  Any refusal of a bound channel — device state, a uuid
+  that is not the armed domain's, a duplicate channel id, more than ``max_channels``,
+  side channels whose main channel does not arrive within ``main_channel_timeout``, a
+  codec or socket error, a return-path error — resets the main channel and every side
+  channel of the migration at once, with one log line (the main session's line when it
+  runs, else ours).  A main channel that fails fails its side channels the same way.
+  A channel that arrives after its migration ended (or failed) is refused, and so is a
+  stray side channel when no migration is armed: those are reset alone.
+
+Side channels have no progress deadline of their own (an iteration may leave a channel
+idle for a long time): they live no longer than their migration, whose main channel
+has one — and their bytes count as its progress, since with multifd the RAM travels
+on them while the main channel carries little.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Config
+from ..errors import MdevError, UnsupportedStream, describe
+from ..log import get_logger
+from ..stream.events import NEED_DATA, Bytes
+from ..stream.multifd import DeviceStatePacket, MultifdChannelParser, read_channel_init
+from .arming import select_pending
+from .relay import ReturnPath, SocketReader, abort_socket, connect, reset_on_close, send_views
+from .session import ProxyOptions, Session, SessionResult
+
+log = get_logger("proxy")
+
+#: ended migrations remembered (a channel for one of them is refused as late)
+KEEP_ENDED = 256
+#: refusal lines kept in memory (tests, :attr:`Channels.refusals`)
+KEEP_REFUSALS = 64
+#: how often a held side channel looks at the main channel's deadline
+_POLL = 0.05
+
+
+def record_field(record: Any, name: str) -> Any:
+    """A pending record's field, whether the record is a dict or an object with attributes."""
+    if isinstance(record, dict):
+        return record[name]
+    return getattr(record, name)
+
+
+@dataclass(eq=False)
+class SideChannel:
+    """One side channel's two sockets and counters."""
+
+    src: socket.socket | None
+    peer: str
+    init: bytes
+    channel_id: int = -1
+    uuid: str = ""
+    dst: socket.socket | None = None
+    bytes_in: int = 0
+    bytes_out: int = 0
+    done: bool = False
+
+    def name(self) -> str:
+        return f"multifd channel {self.channel_id} from {self.peer}"
+
+
+class MainSession(Session):
+    """The session of a main channel, joined to its migration's side channels.
+
+    Taken by overriding (session.py is left as it is): the record was claimed (``_arm``:
+    join the :class:`Migration`); the source's reader exists (``_reader``: side-channel
+    bytes count for its progress deadline); the local QEMU's connection for the main
+    channel exists (``_connect_dst``: release the held side channels); and a reset from a
+    side channel is reported as that channel's refusal (``_abort``, ``_fail``)."""
+
+    def __init__(self, channels: Channels, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.channels = channels
+        self.migration: Migration | None = None
+        self._channel_refusal: str | None = None
+
+    def _arm(self) -> None:
+        super()._arm()
+        self.migration = self.channels.main_armed(self, self._record)
+
+    def _reader(self) -> SocketReader:
+        reader = super()._reader()
+        if self.migration is not None:
+            self.migration.main_reader = reader
+        return reader
+
+    def _connect_dst(self) -> socket.socket:
+        dst = super()._connect_dst()
+        if self.migration is not None:
+            self.migration.main_connected()
+        return dst
+
+    def _abort(self, why: str) -> None:
+        # the source first: Session._abort resets the destination first, and the return
+        # path, seeing the destination end, could half-close the source (a FIN) before
+        # its reset; a source must see a reset.  The reason is set before, so the session
+        # thread that wakes up reports it, not the end of its stream.
+        with self._abort_lock:
+            if self._aborted is None:
+                self._aborted = why
+            src = self.src
+        abort_socket(src)
+        super()._abort(why)
+
+    @property
+    def claimed(self) -> Any:
+        """The pending record this session claimed (None before its claim)."""
+        return self._record
+
+    def abort_from_channel(self, why: str) -> None:
+        """Reset the main channel from a side channel's thread; the session's own error
+        path then logs *why* as its one line (a refusal, not a transport failure)."""
+        self._channel_refusal = why
+        self._abort(why)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._channel_refusal is not None and self._channel_refusal == self._aborted:
+            exc = MdevError(self._channel_refusal)  # what it saw (a reset, an early end) was this refusal
+        super()._fail(exc)
+
+
+class Migration:
+    """The channels of one armed migration (keyed by its migration id)."""
+
+    def __init__(self, owner: Channels, record: Any) -> None:
+        self.owner = owner
+        self.migration_id: str = record_field(record, "migration_id")
+        self.domain_uuid: str = record_field(record, "domain_uuid")
+        self.domain_name: str = record_field(record, "domain_name")
+        self.created = time.monotonic()
+        self.main: MainSession | None = None
+        #: the main session returned (its own line, if any, is logged)
+        self.main_done = False
+        #: set when the main channel is connected to the local QEMU, or the migration failed
+        self.ready = threading.Event()
+        self.connected = False
+        self.failed: str | None = None
+        self.ended = False
+        self.sides: dict[int, SideChannel] = {}
+        #: the main channel's reader: side channel bytes count for its progress deadline
+        self.main_reader: SocketReader | None = None
+
+    def __str__(self) -> str:
+        return f"domain {self.domain_name} migration {self.migration_id}"
+
+    def main_connected(self) -> None:
+        self.connected = True
+        self.ready.set()
+
+    def fail(self, why: str, *, also: SideChannel | None = None, logged: bool = False) -> None:
+        """Fail the whole migration closed: reset the main channel and every side channel
+        (and *also*, a channel refused while joining).  The first reason wins; one line."""
+        lock = self.owner.lock
+        with lock:
+            first = self.failed is None
+            if first:
+                self.failed = why
+            self.owner.end(self)
+            sides = list(self.sides.values()) + ([also] if also is not None else [])
+            socks = []
+            for s in sides:
+                socks += [s.src, s.dst]
+                s.src = s.dst = None
+            main, main_done = self.main, self.main_done
+        self.ready.set()
+        for sock in socks:
+            abort_socket(sock)
+        if not first:
+            return
+        self.owner.note_refusal(why)
+        if main is not None and not main_done:
+            main.abort_from_channel(why)  # the main session logs the line
+        elif not logged:
+            log.error(f"{self} REFUSED, {'main and ' if main is not None else ''}{len(sides)} multifd "
+                      f"channel(s) reset: {why}")
+
+
+class Channels:
+    """The multifd side channels of one proxy, grouped by migration (thread-safe)."""
+
+    def __init__(self, config: Config, opts: ProxyOptions) -> None:
+        self.config, self.opts = config, opts
+        self.lock = threading.Lock()
+        self.live: dict[str, Migration] = {}
+        #: migration id → domain uuid of migrations that ended (either way), oldest first
+        self.ended: OrderedDict[str, str] = OrderedDict()
+        self.refusals: deque[str] = deque(maxlen=KEEP_REFUSALS)
+        self._threads: list[threading.Thread] = []
+
+    # -- the main channel ------------------------------------------------------------------------
+    def main_session(self, *args: Any, **kwargs: Any) -> MainSession:
+        """A :class:`MainSession` (the arguments of :class:`Session`)."""
+        return MainSession(self, *args, **kwargs)
+
+    def main_armed(self, session: MainSession, record: Any) -> Migration:
+        """The main channel claimed *record*: join (or open) its migration."""
+        mid = record_field(record, "migration_id")
+        with self.lock:
+            if mid in self.ended:
+                mig = None
+            else:
+                mig = self.live.get(mid)
+                if mig is None:
+                    mig = self.live[mid] = Migration(self, record)
+                mig.main = session
+        if mig is None:
+            raise MdevError(f"migration {mid} of domain {record_field(record, 'domain_name')} already ended or "
+                            f"failed on its multifd channels; refusing its main channel")
+        return mig
+
+    def main_ended(self, session: Session, result: SessionResult) -> None:
+        """The main session returned (its line is logged): end its migration, failing the
+        side channels when it failed."""
+        if not isinstance(session, MainSession):
+            return
+        mig = session.migration
+        with self.lock:
+            if mig is None and session.claimed is not None:  # refused after its claim (a re-check failed)
+                mid = record_field(session.claimed, "migration_id")
+                mig = self.live.get(mid)
+                if mig is None:  # no side channel bound yet: one that binds now is late
+                    self._mark_ended(mid, record_field(session.claimed, "domain_uuid"))
+                    return
+            if mig is None:
+                return
+            mig.main_done = True
+            failed = mig.failed
+        if not result.ok:
+            mig.fail(result.error or "the main channel failed", logged=True)
+        elif failed is not None:  # failed just as the session returned: say so once
+            log.error(f"{mig} REFUSED on a multifd channel after its main channel completed: {failed}")
+        else:
+            with self.lock:
+                self.end(mig)
+
+    def summary(self, session: Session) -> str:
+        """For the main session's "done" line: its side channels."""
+        mig = session.migration if isinstance(session, MainSession) else None
+        if mig is None or not mig.sides:
+            return ""
+        n_in = sum(s.bytes_in for s in mig.sides.values())
+        return f", {len(mig.sides)} multifd channel(s) with {n_in} bytes"
+
+    # -- side channels ------------------------------------------------------------------------
+    def side_channel(self, sock: socket.socket, peer: str, init: bytes, accepted: float) -> None:
+        """From the admission thread: serve a side channel in a thread of its own."""
+        t = threading.Thread(target=self._serve, args=(SideChannel(sock, peer, init),), daemon=True,
+                             name="libvirt-mdev-multifd")
+        with self.lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+        t.start()
+
+    def _serve(self, side: SideChannel) -> None:
+        try:
+            side.uuid, side.channel_id = read_channel_init(side.init)
+            mig = self._bind(side)
+        except Exception as exc:  # a bad init, or reading the pending records failed unexpectedly
+            self._refuse_alone(side, f"multifd channel from {side.peer}: {_line(exc)}")
+            return
+        if mig is None:
+            return
+        try:
+            self._hold(mig, side)
+            self._forward(mig, side)
+        except Exception as exc:  # fail closed: the whole migration
+            mig.fail(f"{side.name()}: {_line(exc)}", also=side)
+
+    def _bind(self, side: SideChannel) -> Migration | None:
+        """The migration *side* belongs to, or None (then it was refused alone)."""
+        lim = self.opts.limits
+        try:
+            record = select_pending(self.config, self.opts.domain, self.opts.proc_root)
+        except MdevError as exc:
+            with self.lock:
+                late = side.uuid in self.ended.values()
+            if late:
+                self._refuse_alone(side, f"{side.name()} of VM {side.uuid} arrived after its migration ended")
+            else:
+                self._refuse_alone(side, f"{side.name()} of VM {side.uuid}: no migration to serve it: "
+                                         f"{exc.message}")
+            return None
+        mid = record_field(record, "migration_id")
+        with self.lock:
+            if mid in self.ended:
+                mig, why = None, f"{side.name()} arrived after migration {mid} ended"
+            else:
+                mig = self.live.get(mid)
+                if mig is None:
+                    mig = self.live[mid] = Migration(self, record)
+                why = None
+                if side.uuid != mig.domain_uuid:
+                    why = (f"{side.name()} carries VM uuid {side.uuid}, not the armed domain's "
+                           f"({mig.domain_name}, {mig.domain_uuid})")
+                elif side.channel_id in mig.sides:
+                    why = f"{side.name()}: a second channel with id {side.channel_id}"
+                elif len(mig.sides) >= lim.max_channels:
+                    why = (f"{side.name()}: more than {lim.max_channels} multifd channels (the proxy's "
+                           f"max-channels limit)")
+                else:
+                    mig.sides[side.channel_id] = side
+                    return mig
+        if mig is None:
+            self._refuse_alone(side, why or "")
+        else:
+            mig.fail(why or "", also=side)
+        return None
+
+    def _hold(self, mig: Migration, side: SideChannel) -> None:
+        """Wait until the main channel is connected to the local QEMU (QEMU 7.2 takes the
+        first connection for the main one), within the main-channel deadline."""
+        timeout = self.opts.limits.main_channel_timeout
+        while not mig.ready.wait(_POLL):
+            if mig.main is None and time.monotonic() - mig.created >= timeout:
+                raise MdevError(f"the main channel of {mig} did not arrive within {timeout:g}s of its first "
+                                f"multifd channel (the proxy's main-channel deadline)")
+        if mig.failed is not None:
+            raise MdevError(mig.failed)
+
+    def _forward(self, mig: Migration, side: SideChannel) -> None:
+        dst = connect(self.opts.forward, self.opts.connect_timeout)
+        with self.lock:
+            src = side.src
+            if mig.failed is not None or src is None:
+                abort_socket(dst)
+                raise MdevError(mig.failed or "reset")
+            side.dst = dst
+        back = ReturnPath(dst, src, lambda why: mig.fail(f"{side.name()}: {why}"))
+        back.start()
+        reader = SocketReader(src, prefix=side.init)
+        parser = MultifdChannelParser()
+        out: list[Bytes] = []
+        while True:
+            data = reader.read()
+            n = len(data)
+            side.bytes_in += n
+            if mig.main_reader is not None:
+                mig.main_reader.credit(n)
+            parser.feed(data)
+            while (ev := parser.next_event()) is not NEED_DATA:
+                if isinstance(ev, DeviceStatePacket):
+                    raise UnsupportedStream(
+                        f"device state of {ev.idstr} instance {ev.instance_id} on a multifd channel (QEMU 10 "
+                        f"x-migration-multifd-transfer): device state on multifd channels is not filtered yet; "
+                        f"turn that vfio-pci property off or migrate without --parallel", offset=ev.offset)
+                if len(ev.raw):
+                    out.append(ev.raw)
+            del data
+            if out:
+                side.bytes_out += send_views(dst, out)
+                out.clear()
+            if n == 0:
+                break
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        back.join(self.opts.drain_timeout)
+        with self.lock:
+            if mig.failed is not None:
+                raise MdevError(mig.failed)
+            side.done = True
+            src, dst2 = side.src, side.dst
+            side.src = side.dst = None
+        for s in (src, dst2):  # a normal end: FIN, not a reset
+            if s is not None:
+                reset_on_close(s, False)
+                s.close()
+
+    # -- endings -------------------------------------------------------------------------------
+    def end(self, mig: Migration) -> None:
+        """(With :attr:`lock` held.)  *mig* takes no more channels."""
+        mig.ended = True
+        self.live.pop(mig.migration_id, None)
+        self._mark_ended(mig.migration_id, mig.domain_uuid)
+
+    def _mark_ended(self, migration_id: str, domain_uuid: str) -> None:
+        self.ended[migration_id] = domain_uuid
+        while len(self.ended) > KEEP_ENDED:
+            self.ended.popitem(last=False)
+
+    def note_refusal(self, why: str) -> None:
+        self.refusals.append(why)
+
+    def _refuse_alone(self, side: SideChannel, why: str) -> None:
+        log.error(f"{side.peer}: multifd channel REFUSED, reset: {why}")
+        self.note_refusal(why)
+        src, side.src = side.src, None
+        abort_socket(src)
+
+    def join(self, timeout: float) -> None:
+        with self.lock:
+            threads = list(self._threads)
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
+def _line(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return f"socket error: {exc.strerror or exc}"
+    return describe(exc)
+
+
+__all__ = ["Channels", "MainSession", "Migration", "SideChannel", "record_field"]

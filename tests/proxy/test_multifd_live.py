@@ -1,0 +1,123 @@
+"""Real QEMU multifd migrations (``multifd`` capability, 2 and 4 channels) through the proxy.
+
+Two QEMUs (the one on PATH; 7.2 on this machine, whose destination takes the first connection for the main
+channel) run with the same ``-uuid`` as the armed domain, as libvirt starts them.  The proxy serves the main
+channel and every side channel: the migration completes and the destination runs.  A ``kill -9`` of the proxy
+in the middle leaves the guest running on the source.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from libvirt_mdev.live.relay import Endpoint
+from tests.harness.qemu_vm import QemuVM
+
+from .conftest import DOM_UUID, ProxyEnv, wait_results
+from .test_channels import wait_refusals
+from .test_hostile import CliProxy
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+MIB = 128
+
+
+@pytest.fixture(scope="module")
+def ram_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("mfram") / "ram.bin"
+    with open(path, "wb") as fh:
+        for _ in range(MIB):
+            fh.write(os.urandom(1 << 20))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def multifd_pair(tmp_path: Path, ram_file: Path, channels: int) -> Iterator[tuple[QemuVM, QemuVM, int]]:
+    port = free_port()
+    uuid = ["-uuid", DOM_UUID]
+    src = QemuVM(tmp_path, name="src", memory_mib=MIB, with_disk=False, ram_file=ram_file, extra_args=uuid)
+    dst = QemuVM(tmp_path, name="dst", memory_mib=MIB, with_disk=False, ram_file=ram_file, incoming_defer=True,
+                 extra_args=uuid)
+    with src, dst:
+        for vm in (src, dst):
+            vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+            vm.qmp("migrate-set-parameters", **{"multifd-channels": channels})
+        dst.incoming(f"tcp:127.0.0.1:{port}")
+        yield src, dst, port
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+def test_a_real_multifd_migration_through_the_proxy_completes(proxy_env: ProxyEnv, tmp_path: Path,
+                                                              ram_file: Path, channels: int) -> None:
+    proxy_env.arm([])
+    for src, dst, port in multifd_pair(tmp_path, ram_file, channels):
+        px = proxy_env.proxy(Endpoint("127.0.0.1", port))
+        src.migrate(f"tcp:127.0.0.1:{px.address.port}")
+        info = src.wait_migration(timeout=180)
+        assert info["status"] == "completed"
+        dst.wait_status("running", timeout=60)
+        assert src.status() == "postmigrate"
+        wait_results(px, timeout=60)
+        res = px.results[0]
+        assert res.ok, res.error
+        assert px.channels is not None and not px.channels.refusals
+        log = proxy_env.config.log_file.read_text()
+        assert f"{channels} multifd channel(s)" in log, log
+        # most of the random RAM travelled on the side channels, through the proxy
+        assert res.bytes_in < (MIB << 20) // 2
+
+
+def test_kill_9_of_the_proxy_mid_multifd_migration_leaves_the_source_running(proxy_env: ProxyEnv,
+                                                                              tmp_path: Path,
+                                                                              ram_file: Path) -> None:
+    proxy_env.arm([])
+    for src, _dst, port in multifd_pair(tmp_path, ram_file, 4):
+        px = CliProxy(proxy_env, Endpoint("127.0.0.1", port))
+        try:
+            src.migrate(f"tcp:127.0.0.1:{px.port}", max_bandwidth=16 << 20)   # ~8 s for 128 MiB
+            deadline = time.monotonic() + 30
+            while (src.query_migrate().get("ram") or {}).get("transferred", 0) < 16 << 20:
+                assert time.monotonic() < deadline, src.query_migrate()
+                time.sleep(0.05)
+            px.proc.kill()
+            px.proc.wait(10)
+            deadline = time.monotonic() + 60
+            while (info := src.query_migrate())["status"] not in ("failed", "completed", "cancelled"):
+                assert time.monotonic() < deadline, info
+                time.sleep(0.05)
+            assert info["status"] == "failed", info
+            assert src.status() == "running"
+        finally:
+            if px.proc.poll() is None:
+                px.proc.kill()
+                px.proc.wait(10)
+
+
+def test_side_channels_of_another_vm_fail_the_real_migration_closed(proxy_env: ProxyEnv, tmp_path: Path,
+                                                                    ram_file: Path) -> None:
+    """The armed domain is another one: the main channel alone cannot tell (it carries no uuid), the side
+    channels can — the whole migration is reset and the guest keeps running on the source."""
+    proxy_env.arm([], uuid="0b0b0b0b-1111-4222-8333-444455556666")
+    for src, _dst, port in multifd_pair(tmp_path, ram_file, 2):
+        px = proxy_env.proxy(Endpoint("127.0.0.1", port))
+        src.migrate(f"tcp:127.0.0.1:{px.address.port}")
+        deadline = time.monotonic() + 60
+        while (info := src.query_migrate())["status"] not in ("failed", "completed", "cancelled"):
+            assert time.monotonic() < deadline, info
+            time.sleep(0.05)
+        assert info["status"] == "failed", info
+        assert src.status() == "running"
+        # the first refusal is the side channel's, whichever channel the proxy bound first (the main channel
+        # may not even have sent its header yet: QEMU 7.2 flushes it once the side channels are up)
+        refusals = wait_refusals(px)
+        assert f"carries VM uuid {DOM_UUID}, not the armed domain's" in refusals[0], refusals
+        assert all(r.ok is False for r in px.results)

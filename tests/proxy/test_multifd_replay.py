@@ -1,0 +1,105 @@
+"""A captured real QEMU multifd migration (2 side channels) replayed through the proxy.
+
+The capture comes from tests/multifd/test_multifd_real.py's relay.  Unchanged, every channel reaches the
+"destination" byte-identical; with a synthetic QEMU 10 device-state packet injected at a packet boundary of a
+side channel, in QEMU's exact framing (testkit/multifd.py), the whole migration is refused and nothing of that
+packet is forwarded.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from libvirt_mdev.stream.multifd import RamPacket, is_multifd_channel
+from testkit.multifd import device_packet
+from tests.harness.qemu_vm import QemuVM
+from tests.multifd.test_multifd_real import VM_UUID, CapturingRelay, free_port, parse_channel
+
+from .conftest import ProxyEnv, wait_results
+from .test_channels import MultiSink, connect, finish, was_reset
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+RAM_MIB = 32
+
+
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, list[bytes]]:
+    tmp = tmp_path_factory.mktemp("mfcap")
+    ram = tmp / "ram"
+    ram.write_bytes(os.urandom(RAM_MIB << 20))
+    src = QemuVM(tmp, name="src", memory_mib=RAM_MIB, with_disk=False, ram_file=ram, extra_args=["-uuid", VM_UUID])
+    dst = QemuVM(tmp, name="dst", memory_mib=RAM_MIB, with_disk=False, incoming_defer=True,
+                 extra_args=["-uuid", VM_UUID])
+    with src, dst:
+        for vm in (src, dst):
+            vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+            vm.qmp("migrate-set-parameters", **{"multifd-channels": 2})
+        port = free_port()
+        dst.incoming(f"tcp:127.0.0.1:{port}")
+        relay = CapturingRelay(port)
+        try:
+            src.migrate(f"tcp:127.0.0.1:{relay.port}")
+            src.wait_migration(timeout=120)
+            dst.wait_status("running", timeout=60)
+        finally:
+            relay.close()
+    (main,) = [bytes(c) for c in relay.captures if bytes(c[:4]) == b"QEVM"]
+    sides = [bytes(c) for c in relay.captures if is_multifd_channel(bytes(c[:4]))]
+    assert len(sides) == 2
+    return main, sides
+
+
+def replay(proxy_env: ProxyEnv, main: bytes, sides: list[bytes]) -> tuple[MultiSink, list[bool], bool]:
+    """Main channel first (part of it), then the side channels, then the rest of the main channel once every
+    channel reached the destination (as QEMU's destination waits for them).  (sink, side resets, main reset)"""
+    sink = MultiSink()
+    px = proxy_env.proxy(sink.endpoint)
+    m = connect(px)
+    m.sendall(main[:4096])
+    resets: list[bool] = [False] * len(sides)
+
+    def side(i: int) -> None:
+        resets[i] = finish(connect(px), sides[i])
+
+    threads = [threading.Thread(target=side, args=(i,)) for i in range(len(sides))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    main_reset = was_reset(m) if any(resets) else finish(m, main[4096:])
+    wait_results(px, timeout=60)
+    return sink, resets, main_reset
+
+
+def test_the_capture_replays_byte_identical(proxy_env: ProxyEnv, capture: tuple[bytes, list[bytes]]) -> None:
+    main, sides = capture
+    proxy_env.arm([], uuid=VM_UUID)
+    sink, resets, main_reset = replay(proxy_env, main, sides)
+    px = proxy_env.proxies[-1]
+    assert px.results[0].ok, px.results[0].error
+    assert not any(resets) and not main_reset
+    got = sink.wait(3)
+    assert bytes(got[0]["data"]) == main
+    assert sorted(bytes(c["data"]) for c in got[1:]) == sorted(sides)
+    sink.close()
+
+
+def test_device_state_injected_on_a_real_side_channel_is_refused(proxy_env: ProxyEnv,
+                                                                 capture: tuple[bytes, list[bytes]]) -> None:
+    main, sides = capture
+    events = parse_channel(sides[1])
+    at = [off for kind, off, _, _ in events if kind is RamPacket][3]    # the 4th packet's start: a boundary
+    marker = b"INJECTED-VFIO-" + os.urandom(8).hex().encode()
+    bad = sides[1][:at] + device_packet("0000:00:05.0/vfio", 0, marker * 100) + sides[1][at:]
+    proxy_env.arm([], uuid=VM_UUID)
+    sink, resets, main_reset = replay(proxy_env, main, [sides[0], bad])
+    px = proxy_env.proxies[-1]
+    assert not px.results[0].ok and "not filtered yet" in px.results[0].error, px.results[0].error
+    assert resets[1] and main_reset
+    assert not any(marker in c["data"] for c in sink.conns)
+    got = sink.wait(len(sink.conns))
+    assert got[0]["reset"]                       # the destination's main channel: reset, its load fails
+    assert any(c["reset"] for c in got[1:])      # and the refused side channel (the other may have ended first)
+    sink.close()
