@@ -121,18 +121,6 @@ class MainSession(Session):
             self.migration.main_connected()
         return dst
 
-    def _abort(self, why: str) -> None:
-        # the source first: Session._abort resets the destination first, and the return
-        # path, seeing the destination end, could half-close the source (a FIN) before
-        # its reset; a source must see a reset.  The reason is set before, so the session
-        # thread that wakes up reports it, not the end of its stream.
-        with self._abort_lock:
-            if self._aborted is None:
-                self._aborted = why
-            src = self.src
-        abort_socket(src)
-        super()._abort(why)
-
     @property
     def claimed(self) -> Any:
         """The pending record this session claimed (None before its claim)."""

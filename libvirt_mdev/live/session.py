@@ -355,8 +355,10 @@ class Session:
             src, dst, self.src, self.dst = self.src, self.dst, None, None
         for b in self._bridges:
             b.abort()
-        abort_socket(dst)
+        # the source first: the return path, seeing the destination's end, half-closes the
+        # source (a FIN) on a clean EOF; the source must see a reset, never a stream that ended
         abort_socket(src)
+        abort_socket(dst)
 
     def _fail(self, exc: BaseException) -> None:
         """The one place a refusal ends: both sockets reset, one line logged."""
