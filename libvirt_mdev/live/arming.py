@@ -47,7 +47,8 @@ class Claims:
             if uuid in self.active:
                 raise MdevError(f"a second connection for the migration of domain {record.domain_name} "
                                 f"(migration {mid}): the one from {self.active[uuid]} is already being served; "
-                                f"a migration has one main channel (--parallel adds side channels, which start 11 22 33 44)")
+                                "a migration has one main channel (--parallel adds side channels, "
+                                "which start 11 22 33 44)")
             if mid in self.spent:
                 raise MdevError(f"migration {mid} of domain {record.domain_name} was already served; "
                                 f"refusing a replayed connection")
