@@ -43,6 +43,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +86,9 @@ class SideChannel:
     bytes_in: int = 0
     bytes_out: int = 0
     done: bool = False
+    #: how to reach the local QEMU for this channel (None: a plain connection to the proxy's forward
+    #: address; a TLS proxy passes one that re-originates TLS)
+    connect: Callable[[], socket.socket] | None = None
 
     def name(self) -> str:
         return f"multifd channel {self.channel_id} from {self.peer}"
@@ -261,9 +265,12 @@ class Channels:
         return f", {len(mig.sides)} multifd channel(s) with {n_in} bytes"
 
     # -- side channels ------------------------------------------------------------------------
-    def side_channel(self, sock: socket.socket, peer: str, init: bytes, accepted: float) -> None:
-        """From the admission thread: serve a side channel in a thread of its own."""
-        t = threading.Thread(target=self._serve, args=(SideChannel(sock, peer, init),), daemon=True,
+    def side_channel(self, sock: socket.socket, peer: str, init: bytes, accepted: float,
+                     connect: Callable[[], socket.socket] | None = None) -> None:
+        """From the admission thread: serve a side channel in a thread of its own
+        (*connect*: how to reach the local QEMU, see :attr:`SideChannel.connect`)."""
+        side = SideChannel(sock, peer, init, connect=connect)
+        t = threading.Thread(target=self._serve, args=(side,), daemon=True,
                              name="libvirt-mdev-multifd")
         with self.lock:
             self._threads = [x for x in self._threads if x.is_alive()]
@@ -337,7 +344,7 @@ class Channels:
             raise MdevError(mig.failed)
 
     def _forward(self, mig: Migration, side: SideChannel) -> None:
-        dst = connect(self.opts.forward, self.opts.connect_timeout)
+        dst = side.connect() if side.connect is not None else connect(self.opts.forward, self.opts.connect_timeout)
         with self.lock:
             src = side.src
             if mig.failed is not None or src is None:
