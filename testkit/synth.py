@@ -13,6 +13,13 @@ END       data blocks, then ``END_OF_STATE``
 FULL      ``DEV_CONFIG_STATE <VFIOPCIDevice vmstate> END_OF_STATE``
 ========  ===============================================================================
 
+With ``multifd=True`` (QEMU 10's vfio-pci ``x-migration-multifd-transfer``) the END and
+FULL sections carry a bare ``END_OF_STATE`` and the stop-copy state and config travel
+as multifd device-state packets (:meth:`SyntheticVfioDevice.multifd_packets`,
+hw/vfio/migration-multifd.c's framing: ``be32 version 0, be32 idx, be32 flags`` then a
+buffer of at most 1 MiB; the last packet has flag CONFIG_STATE and carries
+``DEV_CONFIG_STATE <config> END_OF_STATE``).
+
 :func:`inject` places them where QEMU would: the START after RAM's START (setup), one
 PART after each RAM PART (iterations), the END after RAM's END (completion), the FULL
 before EOF (the non-iterable phase); and it adds the device to the vmdesc JSON as QEMU
@@ -30,7 +37,14 @@ from typing import BinaryIO
 from libvirt_mdev.io.compress import ImageReader
 from libvirt_mdev.io.drive import ByteSource, iter_events
 from libvirt_mdev.stream.events import Eof, SectionFooter, SectionHeader, SectionKind, VMDescription
-from libvirt_mdev.stream.wire import VFIO_VERSION, SectionType, VfioFlag
+from libvirt_mdev.stream.wire import (
+    VFIO_STATE_PACKET,
+    VFIO_STATE_PACKET_VERSION,
+    VFIO_VERSION,
+    SectionType,
+    VfioFlag,
+    VfioPacketFlag,
+)
 from libvirt_mdev.stream.writer import (
     StreamWriter,
     encode_footer,
@@ -67,6 +81,8 @@ class SyntheticVfioDevice:
     marker: bytes = b""
     #: v2 with the switchover-ack capability: the first PART ends with DEV_INIT_DATA_SENT
     switchover_ack: bool = False
+    #: QEMU 10 multifd device-state transfer: stop-copy state and config on side channels
+    multifd: bool = False
     section_id: int = -1
     _rng: random.Random = field(default=None, repr=False)  # type: ignore[assignment]
     _made: int = field(default=0, repr=False)
@@ -76,8 +92,8 @@ class SyntheticVfioDevice:
             raise ValueError(f"framing must be v1 or v2, not {self.framing!r}")
         if self.framing == "v2":
             self.block_size = min(self.block_size, V2_BLOCK)
-        elif self.switchover_ack:
-            raise ValueError("switchover-ack exists only with v2 framing")
+        elif self.switchover_ack or self.multifd:
+            raise ValueError("switchover-ack and multifd transfer exist only with v2 framing")
         self.reset()
 
     @property
@@ -149,9 +165,10 @@ class SyntheticVfioDevice:
                 + encode_vfio_marker(end) + encode_footer(self.section_id))
 
     def end_chunks(self, n: int) -> Iterator[bytes]:
-        """The END record in pieces (its blocks may add up to hundreds of MiB)."""
+        """The END record in pieces (its blocks may add up to hundreds of MiB).  With
+        multifd transfer it is a bare END_OF_STATE: the state goes as packets."""
         yield encode_section_part(self.section_id, end=True)
-        while n:
+        while n and not self.multifd:
             k = min(n, self.block_size)
             yield encode_vfio_block_header(k)
             yield self.take_state(k)
@@ -159,14 +176,42 @@ class SyntheticVfioDevice:
         yield encode_vfio_marker(VfioFlag.END_OF_STATE) + encode_footer(self.section_id)
 
     def full_record(self) -> bytes:
-        return (encode_section_start(self.section_id, self.idstr, self.instance_id, VFIO_VERSION, full=True)
-                + encode_vfio_marker(VfioFlag.DEV_CONFIG_STATE) + self.config_bytes()
+        head = encode_section_start(self.section_id, self.idstr, self.instance_id, VFIO_VERSION, full=True)
+        if self.multifd:
+            return head + encode_vfio_marker(VfioFlag.END_OF_STATE) + encode_footer(self.section_id)
+        return (head + encode_vfio_marker(VfioFlag.DEV_CONFIG_STATE) + self.config_bytes()
                 + encode_vfio_marker(VfioFlag.END_OF_STATE) + encode_footer(self.section_id))
+
+    def config_buffer(self) -> bytes:
+        """What QEMU's config packet carries after its packet header."""
+        return (encode_vfio_marker(VfioFlag.DEV_CONFIG_STATE) + self.config_bytes()
+                + encode_vfio_marker(VfioFlag.END_OF_STATE))
+
+    def multifd_packets(self, n: int | None = None) -> list[bytes]:
+        """The stop-copy state (*n* bytes, default all not yet taken) as whole multifd
+        device-state packets, indexes 0.., then the config packet."""
+        from testkit.multifd import device_packet
+        left = self.state_bytes - self._made if n is None else n
+        out, idx = [], 0
+        while left:
+            k = min(left, V2_BLOCK)
+            out.append(device_packet(self.idstr, self.instance_id, vfio_state_packet(idx, self.take_state(k))))
+            idx, left = idx + 1, left - k
+        out.append(device_packet(self.idstr, self.instance_id,
+                                 vfio_state_packet(idx, self.config_buffer(), config=True)))
+        return out
 
     def vmdesc_entry(self) -> dict[str, object]:
         size = 16 + self.config_size
         return {"name": self.idstr, "instance_id": self.instance_id, "size": size,
                 "fields": [{"name": "data", "size": size, "type": "buffer"}]}
+
+
+def vfio_state_packet(idx: int, data: bytes, *, config: bool = False, version: int = VFIO_STATE_PACKET_VERSION,
+                      flags: int | None = None) -> bytes:
+    """A VFIODeviceStatePacket: the payload of one multifd device-state packet."""
+    f = int(VfioPacketFlag.CONFIG_STATE) if config else 0
+    return VFIO_STATE_PACKET.pack(version, idx, f if flags is None else flags) + data
 
 
 def _open(path: str) -> ImageReader:

@@ -369,7 +369,8 @@ class StreamParser:
         if info.kind == SectionKind.RAM:
             yield from read_ram(self._inp, info, self.ram, setup=rtype == SectionType.SECTION_START)
         elif info.kind == SectionKind.VFIO:
-            yield from read_vfio(self._inp, info, self.table, rtype, self.framing[info.section_id])
+            yield from read_vfio(self._inp, info, self.table, rtype, self.framing[info.section_id],
+                                 live=self.kind != "save-image")
         elif info.kind == SectionKind.DIRTY_BITMAP:
             yield from read_dirty_bitmap(self._inp, info)
         elif info.kind == SectionKind.VIRTIO_MEM_EARLY:

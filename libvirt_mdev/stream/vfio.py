@@ -14,8 +14,14 @@ Theory of operation
   FULL section; QEMU 5.2 sent it inside END, which we refuse.
 * ``DEV_SETUP_STATE``: must be followed by ``END_OF_STATE`` (the START payload).
 * ``DEV_INIT_DATA_SENT`` (v2, switchover-ack) or ``END_OF_STATE``: end of this payload.
-* ``DEV_CONFIG_LOAD_READY`` or a FULL section with no config: QEMU 10 multifd
-  device-state transfer, where the state travels on side channels we cannot see:
+* A FULL section with no config (``END_OF_STATE`` alone): QEMU 10 multifd
+  device-state transfer, where the device's stop-copy state and config travel on the
+  multifd side channels (:func:`read_state_packet`, ``docs/multifd.md``).  Accepted in a
+  live stream only: a proxy either filters every side channel or refuses them all, so
+  the state is still seen.  A save image cannot carry multifd device state (QEMU has no
+  device-state transfer with mapped-ram), so there the shape means state that is
+  missing: refused.
+* ``DEV_CONFIG_LOAD_READY`` (QEMU's "load config after the iterables", not on x86):
   refused.
 
 Both framings are one grammar here.  "v1" (QEMU 5.2–7.2) sends a data block in every
@@ -31,10 +37,20 @@ from dataclasses import dataclass
 from ..errors import StreamError, UnsupportedStream
 from ._util import need, pieces
 from .buffer import Input
-from .events import Step, VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioConfigData, VfioMarker
+from .events import Bytes, Step, VfioBlockData, VfioBlockEnd, VfioBlockStart, VfioConfigData, VfioMarker
 from .scan import scan_to_footer
 from .sections import SectionInfo, SectionTable
-from .wire import BE64, MAX_VFIO_BLOCK, SectionType, VfioFlag, VfioFraming
+from .wire import (
+    BE64,
+    MAX_VFIO_BLOCK,
+    VFIO_STATE_PACKET,
+    VFIO_STATE_PACKET_BAD_IDX,
+    VFIO_STATE_PACKET_VERSION,
+    SectionType,
+    VfioFlag,
+    VfioFraming,
+    VfioPacketFlag,
+)
 
 _END = BE64.pack(VfioFlag.END_OF_STATE)
 _KNOWN = {int(f): f for f in VfioFlag}
@@ -46,6 +62,8 @@ class FramingGuess:
 
     v1_evidence: bool = False  # a size-0 data block in a PART (only v1 writes those)
     v2_evidence: bool = False  # INIT_DATA_SENT (only v2 has switchover-ack)
+    #: the FULL section had no config: stop-copy state and config travel on multifd channels
+    multifd_transfer: bool = False
 
     def framing(self, machine_type: str = "") -> VfioFraming | None:
         """The framing the evidence shows, or ``None`` when it does not decide."""
@@ -74,8 +92,9 @@ def _machine_version(machine_type: str) -> tuple[int, int] | None:
 
 
 def read_vfio(inp: Input, info: SectionInfo, table: SectionTable, rtype: SectionType,
-              framing: FramingGuess) -> Generator[Step, None, None]:
-    """One VFIO payload (the footer is left for the caller)."""
+              framing: FramingGuess, *, live: bool = True) -> Generator[Step, None, None]:
+    """One VFIO payload (the footer is left for the caller).  *live*: a migration stream
+    (not a save image), which may send a device's state on multifd channels."""
     sec = info.label
     sid = info.section_id
     saw_config = False
@@ -96,18 +115,20 @@ def read_vfio(inp: Input, info: SectionInfo, table: SectionTable, rtype: Section
         yield VfioMarker(off, raw, sid, flag)
         if flag == VfioFlag.END_OF_STATE:
             if rtype == SectionType.SECTION_FULL and not saw_config:
-                raise UnsupportedStream(
-                    "VFIO device state travels on multifd channels (QEMU 10 device-state transfer); "
-                    "it cannot be checked on the main channel — migrate without --parallel",
-                    offset=off, section=sec)
+                if not live:
+                    raise UnsupportedStream(
+                        "a VFIO device's config section is empty, as with multifd device-state transfer "
+                        "(QEMU 10), which a save image cannot carry: its state is missing",
+                        offset=off, section=sec)
+                framing.multifd_transfer = framing.v2_evidence = True  # only QEMU >= 10.0 does this
             return
         if flag == VfioFlag.DEV_INIT_DATA_SENT:
             framing.v2_evidence = True
             return
         if flag == VfioFlag.DEV_CONFIG_LOAD_READY:
             raise UnsupportedStream(
-                "VFIO config is loaded after multifd device state (QEMU 10 multifd transfer); "
-                "the device state cannot be checked on the main channel", offset=off, section=sec)
+                "VFIO config is loaded after the iterables (DEV_CONFIG_LOAD_READY, QEMU's multifd "
+                "transfer on non-x86 hosts): not supported", offset=off, section=sec)
         if flag == VfioFlag.DEV_SETUP_STATE:
             eoff = inp.offset
             end = yield from need(inp, 8, "VFIO END_OF_STATE after SETUP", sec)
@@ -142,3 +163,50 @@ def _data_block(inp: Input, info: SectionInfo, off: int, marker: memoryview,
     yield VfioBlockStart(off, memoryview(bytes(marker) + bytes(sz)), sid, size)
     yield from pieces(inp, size, "a VFIO data block", sec, lambda o, v: VfioBlockData(o, v, sid))
     yield VfioBlockEnd(inp.offset, b"", sid, size)
+
+
+# --------------------------------------------------------------------------- multifd packets
+@dataclass(frozen=True, slots=True)
+class VfioStatePacket:
+    """The VFIODeviceStatePacket header of one multifd device-state buffer."""
+
+    #: the buffer's place in the device's state (QEMU's loader writes them in idx order)
+    idx: int
+    #: the device's config (its last buffer), not vendor-driver state
+    config: bool
+    #: bytes of state (or config) after the 12-byte header
+    data_len: int
+
+
+_CONFIG_HEAD = BE64.pack(VfioFlag.DEV_CONFIG_STATE)
+
+
+def read_state_packet(buf: Bytes, where: str) -> VfioStatePacket:
+    """Check one whole multifd device-state buffer the way QEMU's VFIO loader
+    (``vfio_multifd_load_state_buffer``) and its config loader read it, plus what QEMU's
+    sender always writes: a non-empty data buffer, a config buffer framed as
+    ``DEV_CONFIG_STATE <vmstate> END_OF_STATE``, no unknown flag.  *where* names the
+    device in errors."""
+    n = len(buf)
+    if n < VFIO_STATE_PACKET.size:
+        raise StreamError(f"VFIO device-state packet of {n} bytes, shorter than its {VFIO_STATE_PACKET.size}-byte "
+                          f"header", section=where)
+    version, idx, flags = VFIO_STATE_PACKET.unpack_from(buf)
+    if version != VFIO_STATE_PACKET_VERSION:
+        raise UnsupportedStream(f"VFIO device-state packet version {version} (QEMU's loader reads version "
+                                f"{VFIO_STATE_PACKET_VERSION})", section=where)
+    if idx == VFIO_STATE_PACKET_BAD_IDX:
+        raise StreamError(f"VFIO device-state packet index {idx:#x} is invalid", section=where)
+    if flags & ~int(VfioPacketFlag.CONFIG_STATE):
+        raise StreamError(f"VFIO device-state packet {idx} has unknown flags {flags:#x}", section=where)
+    data_len = n - VFIO_STATE_PACKET.size
+    config = bool(flags & VfioPacketFlag.CONFIG_STATE)
+    if config:
+        body = bytes(buf[VFIO_STATE_PACKET.size:])
+        if data_len < 2 * BE64.size or not body.startswith(_CONFIG_HEAD) or not body.endswith(_END):
+            raise StreamError(f"VFIO config packet {idx} is not DEV_CONFIG_STATE <config> END_OF_STATE",
+                              section=where)
+    elif data_len == 0:
+        raise StreamError(f"VFIO device-state packet {idx} carries no data (QEMU never sends one)",
+                          section=where)
+    return VfioStatePacket(idx, config, data_len)

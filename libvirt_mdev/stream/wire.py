@@ -138,6 +138,9 @@ class VfioFraming(enum.StrEnum):
     V1 = "v1"
     #: QEMU >= 8.0: PARTs carry blocks only while there is data; switchover-ack
     V2 = "v2"
+    #: QEMU >= 10.0 multifd device-state transfer: the device's stop-copy state as the
+    #: multifd device-state packets that carried it, in arrival order (docs/multifd.md)
+    MULTIFD = "multifd"
 
 
 class VfioFlag(enum.IntEnum):
@@ -160,6 +163,23 @@ class VfioFlag(enum.IntEnum):
 BE64 = struct.Struct(">Q")
 BE32 = struct.Struct(">I")
 BE16 = struct.Struct(">H")
+
+# --- hw/vfio/migration-multifd.c: device state on multifd channels (QEMU >= 10.0) ------
+
+#: VFIODeviceStatePacket, the start of every multifd device-state buffer VFIO sends:
+#: be32 version, be32 idx (the buffer's place in the device's state), be32 flags
+VFIO_STATE_PACKET = struct.Struct(">III")
+#: VFIO_DEVICE_STATE_PACKET_VER_CURRENT: the only version the loader accepts
+VFIO_STATE_PACKET_VERSION = 0
+#: an idx the loader refuses (it marks "no last buffer yet")
+VFIO_STATE_PACKET_BAD_IDX = 0xFFFFFFFF
+
+
+class VfioPacketFlag(enum.IntFlag):
+    """``VFIO_DEVICE_STATE_*`` flags of a VFIODeviceStatePacket."""
+
+    #: this buffer is the device's config (DEV_CONFIG_STATE ... END_OF_STATE), its last one
+    CONFIG_STATE = 1
 
 # --- hw/virtio/virtio-mem.c: the early-setup vmstate (QEMU >= 8.0) -------------------
 

@@ -188,15 +188,45 @@ def test_vfio_block_larger_than_the_stream_is_truncation():
         parse(_stream_with(s, e, c))
 
 
-def test_vfio_unknown_tag_and_multifd_full_are_refused():
+def test_vfio_unknown_tag_is_refused():
     s, e, c = vfio_records(30, b"x")
     bad = e.replace(encode_vfio_marker(VfioFlag.END_OF_STATE), BE64.pack(0xFFFFFFFFEF1000FF), 1)
     with pytest.raises(StreamError, match="unknown VFIO tag 0xffffffffef1000ff"):
         parse(_stream_with(s, bad, c))
-    bare_full = (encode_section_start(30, "0000:00:05.0/vfio", 0, 1, full=True)
-                 + encode_vfio_marker(VfioFlag.END_OF_STATE) + encode_footer(30))
-    with pytest.raises(UnsupportedStream, match="multifd"):
-        parse(_stream_with(s, e, bare_full))
+
+
+def _bare_full(sid: int = 30) -> bytes:
+    """QEMU 10's FULL section of a device with multifd device-state transfer: no config."""
+    return (encode_section_start(sid, "0000:00:05.0/vfio", 0, 1, full=True)
+            + encode_vfio_marker(VfioFlag.END_OF_STATE) + encode_footer(sid))
+
+
+def test_a_config_section_without_config_marks_multifd_transfer_in_a_live_stream():
+    """The state and config of such a device travel on the side channels (filtered there,
+    live/devstate.py); the main channel only records that they do, and that it is v2."""
+    s, e, _c = vfio_records(30, b"")
+    p = StreamParser()
+    p.feed(_stream_with(s, e, _bare_full()))
+    p.feed(b"")
+    while p.next_event() is not NEED_DATA:
+        pass
+    assert p.done and p.framing[30].multifd_transfer
+    assert p.vfio_framing(30) == "v2"
+
+
+def test_a_config_section_without_config_is_refused_in_a_save_image():
+    """A save image cannot carry multifd device state: the state is missing."""
+    from libvirt_mdev.stream.saveimage import encode_header
+    s, e, _c = vfio_records(30, b"")
+    area = b"<domain><name>g1</name></domain>\0" + b"\0" * 64
+    data = encode_header(b"LibvirtQemudSave", len(area), 1, 0, 0) + area + _stream_with(s, e, _bare_full())
+    with pytest.raises(UnsupportedStream, match="save image cannot carry"):
+        parse(data)
+    lr = _stream_with(s, e, _bare_full()).replace(_bare_full(), _bare_full()[:-13]
+                                                   + encode_vfio_marker(VfioFlag.DEV_CONFIG_LOAD_READY)
+                                                   + encode_footer(30))
+    with pytest.raises(UnsupportedStream, match="DEV_CONFIG_LOAD_READY"):
+        parse(lr)
 
 
 def test_vfio_data_in_a_full_section_is_refused():

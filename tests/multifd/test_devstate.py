@@ -1,0 +1,224 @@
+"""VFIO device state on multifd channels (live/devstate.py): bound, checked, stored and
+committed before it is forwarded, and loadable only when the whole migration was accepted.
+
+The packets are QEMU 10's exact framing (testkit/synth.py: SyntheticVfioDevice.multifd_packets);
+every refusal here is a source that lies about them.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from libvirt_mdev.errors import MdevError, MdevMissing, SignatureError, StreamError, UnsupportedStream
+from libvirt_mdev.filter_options import Binding
+from libvirt_mdev.live.devstate import MAX_PACKET, MultifdStates, PacketSink
+from libvirt_mdev.store import Store
+from libvirt_mdev.stream.multifd import DeviceStatePacket, MultifdChannelParser, PacketData
+from libvirt_mdev.stream.events import NEED_DATA
+from testkit.multifd import channel_init, device_packet
+from testkit.synth import SyntheticVfioDevice, vfio_state_packet
+
+ID_A, ID_B = "0000:00:05.0/vfio", "0000:00:06.0/vfio"
+U1, U2 = "4b20d080-1b54-4048-85b3-a6a62d165c01", "4b20d080-1b54-4048-85b3-a6a62d165c02"
+DOM = "5a9c2a4e-7d1b-4b8e-8f57-0c1d2e3f4001"
+
+
+def bindings() -> dict[str, Binding]:
+    return {ID_A: Binding(U1, "nvidia-222", driver_version="535.1", parent_model="A16"),
+            ID_B: Binding(U2, "nvidia-224")}
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    with Store.open(tmp_path / "store", create=True) as s:
+        yield s
+
+
+def states(store: Store, **kw) -> MultifdStates:
+    return MultifdStates(store, migration_id="m-devstate-1", domain_name="vm1", domain_uuid=DOM,
+                         bindings=bindings(), **kw)
+
+
+def feed(sink: PacketSink, packet: bytes, split: int = 777) -> list[bytes]:
+    """Run one whole packet through *sink* as a side channel's pump would: header event,
+    payload pieces, end.  Returns what the sink released for forwarding."""
+    p = MultifdChannelParser()
+    p.feed(channel_init(DOM, 0) + packet)
+    p.feed(b"")
+    out: list[bytes] = []
+    while (ev := p.next_event()) is not NEED_DATA:
+        if isinstance(ev, DeviceStatePacket):
+            sink.begin(ev)
+            header, left = ev, ev.data_len
+        elif isinstance(ev, PacketData):
+            raw = bytes(ev.raw)
+            for i in range(0, len(raw), split):
+                sink.data(memoryview(raw[i:i + split]))
+            left -= len(raw)
+            if left == 0:
+                out += [bytes(x) for x in sink.end()]
+    assert header is not None
+    return out
+
+
+def device(idstr: str = ID_A, size: int = (2 << 20) + 12345, seed: int = 7) -> SyntheticVfioDevice:
+    return SyntheticVfioDevice(idstr=idstr, stopcopy_size=size, framing="v2", multifd=True, seed=seed)
+
+
+def manifest_id(token: str) -> str:
+    from libvirt_mdev.store.tokens import parse_token
+    return parse_token(token)
+
+
+def loadable(store: Store, manifest_id: str) -> bool:
+    try:
+        store.check_loadable(manifest_id)
+    except MdevError:
+        return False
+    return True
+
+
+def test_packets_in_order_are_stored_exactly_then_released_byte_identical(store):
+    st = states(store)
+    packets = device().multifd_packets()
+    assert len(packets) == 4  # 1 MiB, 1 MiB, the rest, then config
+    sink = st.sink()
+    released = [b"".join(feed(sink, p)) for p in packets]
+    assert released == packets  # forwarded byte for byte, each packet whole
+    (r,) = st.results
+    assert (r.idstr, r.mdev_uuid, r.mdev_type, r.blocks) == (ID_A, U1, "nvidia-222", 4)
+    assert r.length == sum(map(len, packets))
+    assert r.sha256 == hashlib.sha256(b"".join(packets)).hexdigest()
+    m = store.manifest(manifest_id(r.token))
+    assert (m.vfio_framing, m.mdev_uuid, m.driver_version, m.parent_model, m.domain_uuid) == \
+        ("multifd", U1, "535.1", "A16", DOM)
+    assert not loadable(store, m.id)  # held until the migration is accepted
+    st.accept()
+    assert loadable(store, m.id)
+
+
+def test_out_of_order_over_channels_commits_with_the_packet_that_completes_the_set(store):
+    st = states(store)
+    p0, p1, p2, cfg = device().multifd_packets()
+    a, b = st.sink(), st.sink()
+    feed(a, p0)
+    feed(b, cfg)        # the config packet before packet 1 and 2 (another channel was faster)
+    feed(a, p2)
+    assert st.results == []  # incomplete: nothing committed, so QEMU cannot finish the device
+    assert feed(b, p1, split=1 << 20) == [p1[:276], p1[276:]]
+    assert len(st.results) == 1 and st.results[0].blocks == 4
+    st.accept()
+
+
+def test_two_devices_each_get_their_own_state(store):
+    st = states(store)
+    pa, pb = device(ID_A).multifd_packets(), device(ID_B, size=100, seed=9).multifd_packets()
+    s1, s2 = st.sink(), st.sink()
+    for x, y in zip(pa, pb + [b""] * 5):
+        feed(s1, x)
+        if y:
+            feed(s2, y)
+    assert sorted((r.idstr, r.mdev_uuid) for r in st.results) == [(ID_A, U1), (ID_B, U2)]
+    st.accept()
+
+
+@pytest.mark.parametrize("idstr, inst, exc, match", [
+    ("0000:00:09.0/vfio", 0, MdevMissing, "does not have"),
+    (ID_A, 1, MdevMissing, "instance 1, which domain vm1 does not have"),
+])
+def test_a_device_the_domain_lacks_is_refused_before_its_payload(store, idstr, inst, exc, match):
+    st = states(store)
+    pkt = device_packet(idstr, inst, vfio_state_packet(0, b"x" * 100))
+    sink = st.sink()
+    with pytest.raises(exc, match=match):
+        feed(sink, pkt)
+    assert sink._buf == bytearray()  # nothing of it was taken
+
+
+def test_a_host_that_requires_signatures_refuses_multifd_state(store):
+    st = states(store, signed_only="this host requires signed device state (require_signature)")
+    with pytest.raises(SignatureError, match="carries no signature.*x-migration-multifd-transfer"):
+        feed(st.sink(), device().multifd_packets()[0])
+
+
+def test_an_oversized_packet_is_refused_from_its_header(store):
+    st = states(store)
+    ev = DeviceStatePacket(0, b"", flags=64, idstr=ID_A, instance_id=0, data_len=MAX_PACKET + 1)
+    with pytest.raises(StreamError, match="larger than the proxy's limit"):
+        st.sink().begin(ev)
+
+
+@pytest.mark.parametrize("payload, exc, match", [
+    (vfio_state_packet(0, b"x", version=1), UnsupportedStream, "version 1"),
+    (vfio_state_packet(0xFFFFFFFF, b"x"), StreamError, "invalid"),
+    (vfio_state_packet(0, b"x", flags=2), StreamError, "unknown flags 0x2"),
+    (vfio_state_packet(0, b""), StreamError, "carries no data"),
+    (b"\0\0\0\0\0\0", StreamError, "shorter than its 12-byte header"),
+    (vfio_state_packet(0, b"no config framing here", config=True), StreamError, "not DEV_CONFIG_STATE"),
+])
+def test_a_lying_packet_is_refused(store, payload, exc, match):
+    st = states(store)
+    with pytest.raises(exc, match=match):
+        feed(st.sink(), device_packet(ID_A, 0, payload))
+    assert st.results == []
+
+
+def test_order_lies_are_refused(store):
+    dev = device()
+    p0, p1, p2, cfg = dev.multifd_packets()
+    st = states(store)
+    s = st.sink()
+    feed(s, p0)
+    with pytest.raises(StreamError, match="packet 0 of .* arrived twice"):
+        feed(s, p0)
+    st2 = states(store)
+    s2 = st2.sink()
+    feed(s2, p2)  # index 2 seen
+    early_cfg = device_packet(ID_A, 0, vfio_state_packet(1, dev.config_buffer(), config=True))
+    with pytest.raises(StreamError, match="config packet 1 .* is not its last packet"):
+        feed(s2, early_cfg)
+    st3 = states(store)
+    s3 = st3.sink()
+    feed(s3, device_packet(ID_A, 0, vfio_state_packet(1, dev.config_buffer(), config=True)))
+    with pytest.raises(StreamError, match="data packet 5 .* after its config packet 1"):
+        feed(s3, device_packet(ID_A, 0, vfio_state_packet(5, b"late")))
+
+
+def test_a_packet_after_the_state_was_complete_is_refused(store):
+    st = states(store)
+    s = st.sink()
+    for p in device(size=10).multifd_packets():
+        feed(s, p)
+    with pytest.raises(StreamError, match="after its state was complete"):
+        feed(s, device_packet(ID_A, 0, vfio_state_packet(7, b"more")))
+
+
+def test_an_incomplete_set_is_refused_at_accept_and_never_loadable(store):
+    st = states(store)
+    s = st.sink()
+    p0, p1, p2, cfg = device().multifd_packets()
+    for p in (p0, p2, cfg):
+        feed(s, p)
+    with pytest.raises(StreamError, match="never completed: packet\\(s\\) 1 never arrived"):
+        st.accept()
+    assert st.refused and not st.accepted
+    assert store.list() == []  # its state was never committed: the temp file is gone too
+    assert [p.name for p in store.root.iterdir()] == [".lock"]  # the store lock only: no temp state left
+
+
+def test_a_refused_migration_leaves_nothing_loadable_even_after_accept(store):
+    st = states(store)
+    s = st.sink()
+    for p in device(size=10).multifd_packets():
+        feed(s, p)
+    st.accept()
+    (r,) = st.results
+    mid = manifest_id(r.token)
+    assert loadable(store, mid)
+    st.refuse("the main channel failed after the side channels ended")
+    assert not loadable(store, mid)
+    with pytest.raises(StreamError, match="refused"):
+        st.store_packet(DeviceStatePacket(0, b"", flags=64, idstr=ID_A, instance_id=0, data_len=5),
+                        vfio_state_packet(9, b"more"))
