@@ -15,8 +15,8 @@ from libvirt_mdev.errors import MdevError, MdevMissing, SignatureError, StreamEr
 from libvirt_mdev.filter_options import Binding
 from libvirt_mdev.live.devstate import MAX_PACKET, MultifdStates, PacketSink
 from libvirt_mdev.store import Store
-from libvirt_mdev.stream.multifd import DeviceStatePacket, MultifdChannelParser, PacketData
 from libvirt_mdev.stream.events import NEED_DATA
+from libvirt_mdev.stream.multifd import DeviceStatePacket, MultifdChannelParser, PacketData
 from testkit.multifd import channel_init, device_packet
 from testkit.synth import SyntheticVfioDevice, vfio_state_packet
 
@@ -116,7 +116,7 @@ def test_two_devices_each_get_their_own_state(store):
     st = states(store)
     pa, pb = device(ID_A).multifd_packets(), device(ID_B, size=100, seed=9).multifd_packets()
     s1, s2 = st.sink(), st.sink()
-    for x, y in zip(pa, pb + [b""] * 5):
+    for x, y in zip(pa, pb + [b""] * 5, strict=False):
         feed(s1, x)
         if y:
             feed(s2, y)
@@ -167,7 +167,7 @@ def test_a_lying_packet_is_refused(store, payload, exc, match):
 
 def test_order_lies_are_refused(store):
     dev = device()
-    p0, p1, p2, cfg = dev.multifd_packets()
+    p0, _p1, p2, _cfg = dev.multifd_packets()
     st = states(store)
     s = st.sink()
     feed(s, p0)
@@ -198,7 +198,7 @@ def test_a_packet_after_the_state_was_complete_is_refused(store):
 def test_an_incomplete_set_is_refused_at_accept_and_never_loadable(store):
     st = states(store)
     s = st.sink()
-    p0, p1, p2, cfg = device().multifd_packets()
+    p0, _p1, p2, cfg = device().multifd_packets()
     for p in (p0, p2, cfg):
         feed(s, p)
     with pytest.raises(StreamError, match="never completed: packet\\(s\\) 1 never arrived"):
