@@ -48,11 +48,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config
-from ..errors import MdevError, UnsupportedStream, describe
+from ..errors import MdevError, describe
 from ..log import get_logger
+from ..store import Store
 from ..stream.events import NEED_DATA, Bytes
 from ..stream.multifd import DeviceStatePacket, MultifdChannelParser, read_channel_init
-from .arming import select_pending
+from .arming import bindings_from_pending, select_pending
+from .devstate import MultifdStates, PacketSink
 from .relay import ReturnPath, SocketReader, abort_socket, connect, reset_on_close, send_views
 from .session import ProxyOptions, Session, SessionResult
 
@@ -125,6 +127,13 @@ class MainSession(Session):
             self.migration.main_connected()
         return dst
 
+    def run(self) -> SessionResult:
+        result = super().run()
+        mig = self.migration
+        if mig is not None and mig.states is not None:  # device state that came on side channels
+            result.devices += [dict(r.to_json(), channel="multifd") for r in list(mig.states.results)]
+        return result
+
     @property
     def claimed(self) -> Any:
         """The pending record this session claimed (None before its claim)."""
@@ -162,6 +171,12 @@ class Migration:
         self.sides: dict[int, SideChannel] = {}
         #: the main channel's reader: side channel bytes count for its progress deadline
         self.main_reader: SocketReader | None = None
+        self.record = record
+        #: the device state that came on side channels (created by the first side channel)
+        self.states: MultifdStates | None = None
+        #: the main session returned successfully
+        self.main_ok = False
+        self._settled = False
 
     def __str__(self) -> str:
         return f"domain {self.domain_name} migration {self.migration_id}"
@@ -169,6 +184,51 @@ class Migration:
     def main_connected(self) -> None:
         self.connected = True
         self.ready.set()
+
+    # -- device state on side channels (live/devstate.py) ------------------------------------
+    def packet_sink(self) -> PacketSink:
+        """A side channel's sink for device-state packets: this migration's store of them."""
+        owner = self.owner
+        with owner.lock:
+            if self.failed is not None:
+                raise MdevError(self.failed)
+            if self.states is None:
+                store = Store.open(owner.config.store, create=True)
+                self.states = MultifdStates(store, migration_id=self.migration_id, domain_name=self.domain_name,
+                                            domain_uuid=self.domain_uuid,
+                                            bindings=bindings_from_pending(self.record),
+                                            verify=owner.opts.verify, signed_only=signed_only(owner.config))
+            return self.states.sink()
+
+    def side_ended(self, side: SideChannel) -> None:
+        """*side* ended cleanly: settle when it was the last channel to end."""
+        with self.owner.lock:
+            side.done = True
+        self._settle_if_done()
+
+    def main_succeeded(self) -> None:
+        with self.owner.lock:
+            self.main_ok = True
+        self._settle_if_done()
+
+    def _settle_if_done(self) -> None:
+        """Main channel and every side channel ended well: the device state that came on
+        side channels becomes loadable (or, incomplete, fails the migration)."""
+        with self.owner.lock:
+            if self._settled or self.failed is not None or not self.main_ok:
+                return
+            if not all(s.done for s in self.sides.values()):
+                return
+            self._settled = True
+            states = self.states
+        if states is None:
+            return
+        try:
+            states.accept()
+        except MdevError as exc:
+            self.fail(exc.message)
+        finally:
+            states.store.close()
 
     def fail(self, why: str, *, also: SideChannel | None = None, logged: bool = False) -> None:
         """Fail the whole migration closed: reset the main channel and every side channel
@@ -190,12 +250,32 @@ class Migration:
             abort_socket(sock)
         if not first:
             return
+        self._refuse_states(why)
         self.owner.note_refusal(why)
         if main is not None and not main_done:
             main.abort_from_channel(why)  # the main session logs the line
         elif not logged:
             log.error(f"{self} REFUSED, {'main and ' if main is not None else ''}{len(sides)} multifd "
                       f"channel(s) reset: {why}")
+
+
+    def _refuse_states(self, why: str) -> None:
+        with self.owner.lock:
+            states, settled, self._settled = self.states, self._settled, True
+        if states is not None:
+            states.refuse(why)  # none of it ever loadable
+            if not settled:
+                states.store.close()
+
+
+def signed_only(config: Config) -> str | None:
+    """Why this host takes signed device state only (multifd device state carries no
+    signature), or None."""
+    if config.require_signature:
+        return f"this host requires signed device state (require_signature in {config.source})"
+    if config.trusted_keys:
+        return f"this host verifies device state against trusted_keys ({config.source})"
+    return None
 
 
 class Channels:
@@ -255,6 +335,7 @@ class Channels:
         else:
             with self.lock:
                 self.end(mig)
+            mig.main_succeeded()
 
     def summary(self, session: Session) -> str:
         """For the main session's "done" line: its side channels."""
@@ -355,7 +436,9 @@ class Channels:
         back.start()
         reader = SocketReader(src, prefix=side.init)
         parser = MultifdChannelParser()
+        sink = mig.packet_sink()
         out: list[Bytes] = []
+        left = 0  # payload bytes of the device-state packet being taken by the sink
         while True:
             data = reader.read()
             n = len(data)
@@ -365,11 +448,14 @@ class Channels:
             parser.feed(data)
             while (ev := parser.next_event()) is not NEED_DATA:
                 if isinstance(ev, DeviceStatePacket):
-                    raise UnsupportedStream(
-                        f"device state of {ev.idstr} instance {ev.instance_id} on a multifd channel (QEMU 10 "
-                        f"x-migration-multifd-transfer): device state on multifd channels is not filtered yet; "
-                        f"turn that vfio-pci property off or migrate without --parallel", offset=ev.offset)
-                if len(ev.raw):
+                    sink.begin(ev)
+                    left = ev.data_len
+                elif left:
+                    sink.data(ev.raw)
+                    left -= len(ev.raw)
+                    if not left:
+                        out += sink.end()
+                elif len(ev.raw):
                     out.append(ev.raw)
             del data
             if out:
@@ -385,13 +471,13 @@ class Channels:
         with self.lock:
             if mig.failed is not None:
                 raise MdevError(mig.failed)
-            side.done = True
             src, dst2 = side.src, side.dst
             side.src = side.dst = None
         for s in (src, dst2):  # a normal end: FIN, not a reset
             if s is not None:
                 reset_on_close(s, False)
                 s.close()
+        mig.side_ended(side)
 
     # -- endings -------------------------------------------------------------------------------
     def end(self, mig: Migration) -> None:
@@ -428,4 +514,4 @@ def _line(exc: BaseException) -> str:
     return describe(exc)
 
 
-__all__ = ["Channels", "MainSession", "Migration", "SideChannel", "record_field"]
+__all__ = ["Channels", "MainSession", "Migration", "SideChannel", "record_field", "signed_only"]
