@@ -97,7 +97,7 @@ def stored_packets(store_dir: Path, token: str) -> list[bytes]:
             cur = bytes(ev.raw)
         elif cur:
             cur += bytes(ev.raw)
-    return out + [cur]
+    return [*out, cur]
 
 
 def loadable(store_dir: Path, token: str) -> bool:
@@ -144,9 +144,10 @@ def test_two_devices_on_side_channels(proxy_env: ProxyEnv, sink: MultiSink, tmp_
     pa, pb = a.multifd_packets(), b.multifd_packets()
     proxy_env.arm()
     px = proxy_env.proxy(sink.endpoint)
-    _, resets = migrate(px, main, [side(0, *pa), side(1, *pb)])
+    main_reset, resets = migrate(px, main, [side(0, *pa), side(1, *pb)])
     res = px.results[0]
     assert res.ok, res.error
+    assert not main_reset and not any(resets)
     got = {(d["idstr"], d["mdev_uuid"]) for d in res.devices if d.get("channel") == "multifd"}
     assert got == {(ID_A, U1), (ID_B, U2)}
 
