@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import io
 import os
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -22,18 +24,24 @@ import pytest
 from libvirt_mdev.errors import MdevError
 from libvirt_mdev.store import Store
 from libvirt_mdev.store.tokens import parse_token
-from libvirt_mdev.stream.multifd import RamPacket
-from testkit.multifd import channel_init
-from testkit.synth import SyntheticVfioDevice, inject
+from libvirt_mdev.stream.multifd import RamPacket, is_multifd_channel
+from testkit.multifd import channel_init, device_packet
+from testkit.synth import SyntheticVfioDevice, inject, vfio_state_packet
+from tests.harness.relay import pump
 from tests.multifd.test_multifd_real import VM_UUID, parse_channel
 
-from .conftest import ID_A, U1, ProxyEnv
+from .conftest import ID_A, U1, ProxyEnv, wait_results
 from .test_channels import connect, finish
 from .test_multifd_devstate import stored_packets
-from .test_multifd_replay import capture, replay  # noqa: F401 - the module-scoped capture fixture
+from .test_multifd_replay import capture_multifd, replay
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 OTHER_UUID = "0b0b0b0b-1111-4222-8333-444455556666"
+
+
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, list[bytes]]:
+    return capture_multifd(tmp_path_factory.mktemp("mfcap"))
 
 
 def device(*, multifd: bool, size: int = (3 << 20) + 4321) -> SyntheticVfioDevice:
@@ -103,6 +111,7 @@ def test_state_on_the_main_channel_with_ram_on_side_channels(proxy_env: ProxyEnv
     sink, resets, main_reset = replay(proxy_env, main2, sides)
     res = proxy_env.proxies[-1].results[0]
     assert res.ok, res.error
+    assert not main_reset and not any(resets)
     got = sink.wait(3)
     assert bytes(got[0]["data"]) == main2 and sorted(bytes(c["data"]) for c in got[1:]) == sorted(sides)
     (d,) = res.devices
@@ -174,3 +183,84 @@ def test_a_channel_after_completion_is_refused_alone(proxy_env: ProxyEnv, tmp_pa
     assert len(sink.conns) == n                        # it reached nothing
     assert loadable(proxy_env.config.store, d["token"])   # and the accepted state stays accepted
     sink.close()
+
+
+# --------------------------------------------------------------------------- a real source QEMU
+class InjectingRelay:
+    """Between a real source QEMU and the proxy: relays every connection both ways, and right after the
+    64-byte init of the first side channel inserts *packet* (a packet boundary, QEMU's exact framing)."""
+
+    def __init__(self, target: int, packet: bytes) -> None:
+        self.target, self.packet = target, packet
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.injected = threading.Event()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            up = socket.create_connection(("127.0.0.1", self.target))
+            threading.Thread(target=self._forward, args=(conn, up), daemon=True).start()
+            threading.Thread(target=pump, args=(up, conn), daemon=True).start()
+
+    def _forward(self, conn: socket.socket, up: socket.socket) -> None:
+        head = b""
+        try:
+            while len(head) < 64 and (data := conn.recv(64 - len(head))):
+                head += data
+            up.sendall(head)
+            with self._lock:
+                inject = is_multifd_channel(head[:4]) and not self.injected.is_set()
+                if inject:
+                    self.injected.set()
+            if inject:
+                up.sendall(self.packet)
+        except OSError:
+            return
+        pump(conn, up)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("case", ["device the domain lacks", "tampered packet"])
+def test_a_lie_in_a_real_multifd_migration_leaves_the_guest_on_the_source(proxy_env: ProxyEnv, tmp_path: Path,
+                                                                          case: str) -> None:
+    from libvirt_mdev.live.relay import Endpoint
+    from tests.harness.qemu_vm import HarnessError, QemuVM
+
+    from .test_multifd_live import free_port
+    mib = 64
+    ram = tmp_path / "ram"
+    ram.write_bytes(os.urandom(mib << 20))
+    idstr = "0000:00:09.0/vfio" if case == "device the domain lacks" else ID_A
+    version = 0 if case == "device the domain lacks" else 3
+    packet = device_packet(idstr, 0, vfio_state_packet(0, b"\x8fREAL-LIE" * 100, version=version))
+    proxy_env.arm([{"mdev_uuid": U1, "idstr": ID_A, "type": "nvidia-222"}], uuid=VM_UUID)
+    uuid = ["-uuid", VM_UUID]
+    src = QemuVM(tmp_path, name="src", memory_mib=mib, with_disk=False, ram_file=ram, extra_args=uuid)
+    dst = QemuVM(tmp_path, name="dst", memory_mib=mib, with_disk=False, incoming_defer=True, extra_args=uuid)
+    with src, dst:
+        for vm in (src, dst):
+            vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+            vm.qmp("migrate-set-parameters", **{"multifd-channels": 2})
+        port = free_port()
+        dst.incoming(f"tcp:127.0.0.1:{port}")
+        px = proxy_env.proxy(Endpoint("127.0.0.1", port))
+        relay = InjectingRelay(px.address.port, packet)
+        try:
+            src.migrate(f"tcp:127.0.0.1:{relay.port}")
+            with pytest.raises(HarnessError):
+                src.wait_migration(timeout=120)
+        finally:
+            relay.close()
+        assert relay.injected.is_set()
+        assert src.status() == "running"        # the guest stays on the source
+        wait_results(px, timeout=60)
+        res = px.results[0]
+        assert not res.ok and ("does not have" if version == 0 else "version 3") in (res.error or ""), res.error

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -24,9 +25,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 RAM_MIB = 32
 
 
-@pytest.fixture(scope="module")
-def capture(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, list[bytes]]:
-    tmp = tmp_path_factory.mktemp("mfcap")
+def capture_multifd(tmp: Path) -> tuple[bytes, list[bytes]]:
+    """A real 2-channel multifd migration of a VM with random RAM, captured on loopback: (main, sides)."""
     ram = tmp / "ram"
     ram.write_bytes(os.urandom(RAM_MIB << 20))
     src = QemuVM(tmp, name="src", memory_mib=RAM_MIB, with_disk=False, ram_file=ram, extra_args=["-uuid", VM_UUID])
@@ -49,6 +49,11 @@ def capture(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, list[bytes
     sides = [bytes(c) for c in relay.captures if is_multifd_channel(bytes(c[:4]))]
     assert len(sides) == 2
     return main, sides
+
+
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, list[bytes]]:
+    return capture_multifd(tmp_path_factory.mktemp("mfcap"))
 
 
 def replay(proxy_env: ProxyEnv, main: bytes, sides: list[bytes]) -> tuple[MultiSink, list[bool], bool]:
