@@ -194,7 +194,7 @@ class SyntheticVfioDevice:
         left = self.state_bytes - self._made if n is None else n
         out, idx = [], 0
         while left:
-            k = min(left, V2_BLOCK)
+            k = min(left, self.block_size)   # QEMU: up to its data buffer size, 1 MiB
             out.append(device_packet(self.idstr, self.instance_id, vfio_state_packet(idx, self.take_state(k))))
             idx, left = idx + 1, left - k
         out.append(device_packet(self.idstr, self.instance_id,

@@ -10,6 +10,8 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from libvirt_mdev.errors import MdevError, MdevMissing, SignatureError, StreamError, UnsupportedStream
 from libvirt_mdev.filter_options import Binding
@@ -17,6 +19,7 @@ from libvirt_mdev.live.devstate import MAX_PACKET, MultifdStates, PacketSink
 from libvirt_mdev.store import Store
 from libvirt_mdev.stream.events import NEED_DATA
 from libvirt_mdev.stream.multifd import DeviceStatePacket, MultifdChannelParser, PacketData
+from libvirt_mdev.stream.wire import VFIO_STATE_PACKET
 from testkit.multifd import channel_init, device_packet
 from testkit.synth import SyntheticVfioDevice, vfio_state_packet
 
@@ -222,3 +225,72 @@ def test_a_refused_migration_leaves_nothing_loadable_even_after_accept(store):
     with pytest.raises(StreamError, match="refused"):
         st.store_packet(DeviceStatePacket(0, b"", flags=64, idstr=ID_A, instance_id=0, data_len=5),
                         vfio_state_packet(9, b"more"))
+
+
+# --------------------------------------------------------------------------- property: whatever a source sends
+def stored_split(stored: bytes) -> list[bytes]:
+    p = MultifdChannelParser()
+    p.feed(channel_init(DOM, 0) + stored)
+    p.feed(b"")
+    out: list[bytearray] = []
+    while (ev := p.next_event()) is not NEED_DATA:
+        if isinstance(ev, DeviceStatePacket):
+            out.append(bytearray(ev.raw))
+        elif isinstance(ev, PacketData):
+            out[-1] += ev.raw
+    return [bytes(x) for x in out]
+
+
+def _lie(packets: list[bytes], how: int, at: int, byte: int) -> list[bytes]:
+    """One of the ways a source can lie about a device's packets."""
+    out = list(packets)
+    i = at % len(out)
+    if how == 0:                       # drop one
+        del out[i]
+    elif how == 1:                     # send one twice
+        out.insert(i, out[i])
+    elif how == 2:                     # flip a byte of the VFIO packet header or what follows it
+        raw = bytearray(out[i])
+        raw[276 + byte % 24] ^= 0x5A
+        out[i] = bytes(raw)
+    elif how == 3:                     # move the config packet
+        out.insert(i, out.pop())
+    return out
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n_data=st.integers(0, 5), how=st.integers(0, 4), at=st.integers(0, 50), byte=st.integers(0, 255),
+       order=st.randoms(use_true_random=False), channels=st.integers(1, 3))
+def test_whatever_a_source_sends_only_a_whole_exact_set_becomes_loadable(tmp_path_factory, n_data, how, at, byte,
+                                                                         order, channels):
+    dev = SyntheticVfioDevice(idstr=ID_A, stopcopy_size=n_data * 3000, block_size=3000, framing="v2", multifd=True)
+    packets = dev.multifd_packets()
+    sent = _lie(packets, how, at, byte)
+    shuffled = list(sent)
+    order.shuffle(shuffled)
+    with Store.open(tmp_path_factory.mktemp("s") / "store", create=True) as store:
+        st_ = states(store)
+        sinks = [st_.sink() for _ in range(channels)]
+        fed: list[bytes] = []
+        try:
+            for k, p in enumerate(shuffled):
+                feed(sinks[k % channels], p)
+                fed.append(p)
+            st_.accept()
+        except MdevError:
+            st_.refuse("refused")
+            assert all(not loadable(store, manifest_id(r.token)) for r in st_.results)
+            return
+        if not fed:
+            assert st_.results == []   # nothing sent, nothing stored
+            return
+        (r,) = st_.results
+        assert loadable(store, manifest_id(r.token))
+        stored = b"".join(store.iter_verified(manifest_id(r.token)))
+        # only a whole set gets here: each index 0..last once, the config packet last ...
+        heads = sorted(VFIO_STATE_PACKET.unpack_from(p, 276) for p in fed)
+        assert [idx for _v, idx, _f in heads] == list(range(len(fed)))
+        assert [f for _v, _i, f in heads] == [0] * (len(fed) - 1) + [1]
+        # ... stored exactly as it was fed (opaque data bytes are the driver's business, and a signature's)
+        assert len(stored) == sum(map(len, fed)) and r.blocks == len(fed)
+        assert sorted(stored_split(stored)) == sorted(fed)
