@@ -8,6 +8,11 @@ manifest records, under the configured match policy (the same rule ``migrate beg
 and the proxy apply: :func:`libvirt_mdev.mdev.gate.recheck`), spend the token, then
 deliver — print the state file's path, or write the verified bytes to ``--sink``.
 
+State that came on multifd side channels (manifest framing ``multifd``,
+``docs/multifd.md``) is stored as the packets that carried it; ``--sink`` gets what
+QEMU's loader would give the driver: the data buffers in index order, without packet
+headers or the config packet.
+
 The policy (``match_driver_version``, ``match_parent_model``: :mod:`libvirt_mdev.mdev.policy`)
 compares the manifest's ``driver_version`` / ``parent_model`` (the source's, as
 ``annotate`` recorded them) with the destination's; a rule that is on and cannot be
@@ -26,7 +31,7 @@ from typing import Any
 
 import click
 
-from ..errors import SignatureError, TypeMismatch
+from ..errors import SignatureError, StoreIntegrityError, TypeMismatch
 from ..io.sizes import CHUNK
 from ..mdev.gate import recheck, recorded_source
 from ..mdev.policy import MatchPolicy
@@ -34,6 +39,8 @@ from ..mdev.types import DeviceCheck
 from ..store import Manifest, Store, resolve_token, spend_token
 from ..store.acl import write_all
 from ..store.output import open_sink
+from ..stream.vfio import multifd_state_order
+from ..stream.wire import VfioFraming
 from .context import AppContext, pass_app
 
 
@@ -102,23 +109,34 @@ def load_state(store: Store, token: str, mdev_uuid: str, sysfs_root: Path,
                                "source_parent_model": m.parent_model, "dest_parent_model": dest.dest_parent_model,
                                "policy": policy.to_json(),
                                "path": str(store.root / m.state_name), "signer": signer}
+        out["framing"] = m.vfio_framing
         if sink is not None:
             out["sink"] = str(sink)
-            out["bytes_written"] = _copy_to_sink(fd, sink)
+            out["bytes_written"] = _copy_to_sink(fd, sink, _segments(fd, m))
     finally:
         os.close(fd)
     return out
 
 
-def _copy_to_sink(fd: int, sink: Path) -> int:
+def _segments(fd: int, m: Manifest) -> list[tuple[int, int]]:
+    """[(offset, length)] of the state file that make the driver's state, in order."""
+    if m.vfio_framing != VfioFraming.MULTIFD:
+        return [(0, m.length)]
+    return multifd_state_order(lambda off, n: os.pread(fd, n, off), m.length)
+
+
+def _copy_to_sink(fd: int, sink: Path, segments: Sequence[tuple[int, int]]) -> int:
     out = open_sink(sink)
     total = 0
     try:
-        while True:
-            b = os.read(fd, CHUNK)
-            if not b:
-                break
-            total += write_all(out, b, f"sink {sink}")
+        for off, length in segments:
+            end = off + length
+            while off < end:
+                b = os.pread(fd, min(CHUNK, end - off), off)
+                if not b:
+                    raise StoreIntegrityError(f"state file {fd} is shorter than its manifest says")
+                total += write_all(out, b, f"sink {sink}")
+                off += len(b)
     finally:
         os.close(out)
     return total

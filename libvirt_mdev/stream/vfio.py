@@ -31,7 +31,8 @@ records the evidence so ``inspect`` can say which one a stream used.
 """
 from __future__ import annotations
 
-from collections.abc import Generator
+import struct
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 from ..errors import StreamError, UnsupportedStream
@@ -210,3 +211,42 @@ def read_state_packet(buf: Bytes, where: str) -> VfioStatePacket:
         raise StreamError(f"VFIO device-state packet {idx} carries no data (QEMU never sends one)",
                           section=where)
     return VfioStatePacket(idx, config, data_len)
+
+
+#: one stored multifd device-state packet's headers: the multifd packet header and device
+#: header (stream/multifd.py: PACKET_HEADER + DEVICE_PACKET, 276 bytes), then the
+#: VFIODeviceStatePacket (12 bytes)
+_STORED_HEAD = struct.Struct(">III256sII")
+
+
+def multifd_state_order(pread: Callable[[int, int], bytes], size: int) -> list[tuple[int, int]]:
+    """Where the vendor-driver state of a stored multifd state lies, in the order QEMU's
+    loader writes it: [(offset, length)] of each data buffer by index (the config packet,
+    which is not the driver's, is left out).  *pread(offset, n)* reads the stored file.
+
+    The file is what ``live/devstate.py`` stored: whole device-state packets in arrival
+    order.  It was checked packet by packet when it was stored; this re-checks what the
+    order depends on (each index once, the config packet last, nothing left over)."""
+    head = _STORED_HEAD.size + VFIO_STATE_PACKET.size
+    found: dict[int, tuple[int, int]] = {}
+    last: int | None = None
+    pos = 0
+    while pos < size:
+        raw = pread(pos, head)
+        if len(raw) != head:
+            raise StreamError("stored multifd state ends inside a packet header", offset=pos)
+        _magic, _ver, _flags, _idstr, _inst, n = _STORED_HEAD.unpack_from(raw)
+        version, idx, flags = VFIO_STATE_PACKET.unpack_from(raw, _STORED_HEAD.size)
+        if n < VFIO_STATE_PACKET.size or version != VFIO_STATE_PACKET_VERSION or flags & ~1:
+            raise StreamError("stored multifd state has a packet QEMU would not load", offset=pos)
+        pkt = VfioStatePacket(idx, bool(flags & VfioPacketFlag.CONFIG_STATE), n - VFIO_STATE_PACKET.size)
+        if pkt.idx in found or (last is not None and pkt.idx == last):
+            raise StreamError(f"stored multifd state has packet {pkt.idx} twice", offset=pos)
+        if pkt.config:
+            last = pkt.idx
+        else:
+            found[pkt.idx] = (pos + head, pkt.data_len)
+        pos += _STORED_HEAD.size + n
+    if pos != size or last is None or sorted(found) != list(range(last)):
+        raise StreamError("stored multifd state is not one whole set of packets", offset=pos)
+    return [found[i] for i in range(last)]

@@ -294,3 +294,37 @@ def test_whatever_a_source_sends_only_a_whole_exact_set_becomes_loadable(tmp_pat
         # ... stored exactly as it was fed (opaque data bytes are the driver's business, and a signature's)
         assert len(stored) == sum(map(len, fed)) and r.blocks == len(fed)
         assert sorted(stored_split(stored)) == sorted(fed)
+
+
+def test_the_loader_gives_the_driver_the_buffers_in_index_order(store, tmp_path):
+    """``load --sink`` of multifd state writes what QEMU's loader would write to the device: the data
+    buffers by index, without packet headers or the config packet, whatever order they were stored in."""
+    import hashlib as _h
+
+    from libvirt_mdev.cli.load import load_state
+    from testkit.fakesysfs import make_fake_sysfs
+    make_fake_sysfs(tmp_path / "sys", parents={"0000:3b:00.0": ["nvidia-222"]},
+                    devices={U1: ("0000:3b:00.0", "nvidia-222")})
+    dev = device(size=(2 << 20) + 777)
+    p0, p1, p2, cfg = dev.multifd_packets()
+    st = states(store)
+    a, b = st.sink(), st.sink()
+    for sink, p in ((b, p2), (a, cfg), (b, p0), (a, p1)):
+        feed(sink, p)
+    st.accept()
+    (r,) = st.results
+    out = load_state(store, r.token, U1, tmp_path / "sys", tmp_path / "driver")
+    data = (tmp_path / "driver").read_bytes()
+    assert out["framing"] == "multifd" and out["bytes_written"] == len(data) == dev.state_bytes
+    assert _h.sha256(data).hexdigest() == dev.expected_sha256()
+
+
+@pytest.mark.parametrize("edit", ["drop", "twice", "cut"])
+def test_the_loader_refuses_a_stored_file_that_is_not_one_whole_set(edit):
+    from libvirt_mdev.stream.vfio import multifd_state_order
+    p0, p1, cfg = device(size=(1 << 20) + 5).multifd_packets()
+    blob = {"drop": p0 + cfg, "twice": p0 + p1 + p1 + cfg, "cut": p0 + p1 + cfg[:-1]}[edit]
+    with pytest.raises(StreamError):
+        multifd_state_order(lambda off, n: blob[off:off + n], len(blob))
+    whole = p1 + cfg + p0
+    assert [n for _o, n in multifd_state_order(lambda off, n: whole[off:off + n], len(whole))] == [1 << 20, 5]
