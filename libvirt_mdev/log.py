@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +80,29 @@ def setup_logging(ident: str, log_file: Path | None = None, *,
     if not root.handlers:
         root.addHandler(logging.NullHandler())
     return root
+
+
+class LogBudget:
+    """At most *lines* log lines per *window* seconds for one kind of event (a flood of
+    refused connections must not flood the journal); what was left out is counted and
+    said by the next line that gets through.  Thread-safe."""
+
+    def __init__(self, lines: int = 10, window: float = 60.0) -> None:
+        self.lines, self.window = lines, window
+        self._lock = threading.Lock()
+        self._start = -window
+        self._used = 0
+        self.skipped = 0
+
+    def take(self) -> tuple[bool, int]:
+        """(may this line be logged, how many were left out before it)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._start >= self.window:
+                self._start, self._used = now, 0
+            if self._used >= self.lines:
+                self.skipped += 1
+                return False, 0
+            self._used += 1
+            skipped, self.skipped = self.skipped, 0
+            return True, skipped

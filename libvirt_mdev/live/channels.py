@@ -49,7 +49,7 @@ from typing import Any
 
 from ..config import Config
 from ..errors import MdevError, describe
-from ..log import get_logger
+from ..log import LogBudget, get_logger
 from ..store import Store
 from ..stream.events import NEED_DATA, Bytes
 from ..stream.multifd import DeviceStatePacket, MultifdChannelParser, read_channel_init
@@ -64,6 +64,8 @@ log = get_logger("proxy")
 KEEP_ENDED = 256
 #: refusal lines kept in memory (tests, :attr:`Channels.refusals`)
 KEEP_REFUSALS = 64
+#: at most this many log lines of channels refused alone per window (seconds)
+REFUSAL_LINES, REFUSAL_WINDOW = 10, 60.0
 #: how often a held side channel looks at the main channel's deadline
 _POLL = 0.05
 
@@ -289,6 +291,8 @@ class Channels:
         self.ended: OrderedDict[str, str] = OrderedDict()
         self.refusals: deque[str] = deque(maxlen=KEEP_REFUSALS)
         self._threads: list[threading.Thread] = []
+        #: log lines of channels refused alone (stray, late, bad init)
+        self._budget = LogBudget(REFUSAL_LINES, REFUSAL_WINDOW)
 
     # -- the main channel ------------------------------------------------------------------------
     def main_session(self, *args: Any, **kwargs: Any) -> MainSession:
@@ -495,7 +499,10 @@ class Channels:
         self.refusals.append(why)
 
     def _refuse_alone(self, side: SideChannel, why: str) -> None:
-        log.error(f"{side.peer}: multifd channel REFUSED, reset: {why}")
+        ok, skipped = self._budget.take()  # strays can come in floods: the log stays readable
+        if ok:
+            log.error(f"{side.peer}: multifd channel REFUSED, reset: {why}"
+                      + (f" ({skipped} more refused multifd channel(s) not logged)" if skipped else ""))
         self.note_refusal(why)
         src, side.src = side.src, None
         abort_socket(src)

@@ -433,3 +433,19 @@ def test_a_flood_of_stray_side_channels_leaves_no_thread_or_socket(proxy_env: Pr
                                              sorted(set(open_fds().values()) - set(before.values())))
         time.sleep(0.05)
     assert sink.conns == []
+
+
+def test_a_flood_of_stray_side_channels_logs_a_bounded_number_of_lines(proxy_env: ProxyEnv,
+                                                                       sink: MultiSink) -> None:
+    """Each stray channel is refused and counted, but at most REFUSAL_LINES of them are logged per window."""
+    from libvirt_mdev.live.channels import REFUSAL_LINES
+    px = proxy_env.proxy(sink.endpoint)   # nothing armed
+    cs = []
+    for i in range(3 * REFUSAL_LINES):
+        c = connect(px)
+        c.sendall(channel_init(OTHER_UUID, i % 256))
+        cs.append(c)
+    assert all(was_reset(c) for c in cs)
+    wait_refusals(px, 3 * REFUSAL_LINES)
+    lines = [ln for ln in proxy_env.config.log_file.read_text().splitlines() if "multifd channel REFUSED" in ln]
+    assert len(lines) == REFUSAL_LINES, len(lines)
