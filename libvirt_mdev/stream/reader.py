@@ -167,8 +167,11 @@ class StreamParser:
         return self._inp.offset
 
     def framing_of(self, section_id: int) -> str:
-        """The VFIO framing of *section_id* as reports name it (``"unknown"``: undecided)."""
-        return self.vfio_framing(section_id) or "unknown"
+        """The VFIO framing of *section_id* as reports name it (``"unknown"``: undecided;
+        ``"v2+multifd"``: its stop-copy state and config travel on multifd channels)."""
+        guess = self.framing.get(section_id)
+        name = self.vfio_framing(section_id) or "unknown"
+        return f"{name}+multifd" if guess is not None and guess.multifd_transfer else name
 
     def vfio_framing(self, section_id: int) -> VfioFraming | None:
         """The VFIO framing of *section_id*, ``None`` when the stream so far does not decide."""

@@ -319,3 +319,13 @@ def test_our_own_records_are_exact_and_outside_the_order_rules():
     clash = full(2, "libvirt-mdev/x", b"ok")
     with pytest.raises(StreamError, match="with the id of section ram"):
         parse(encode_file_header() + ram_setup({"pc.ram": 8 * PAGE}) + clash + encode_eof())
+
+
+def test_reports_name_a_device_whose_state_travels_on_multifd_channels():
+    s, e, _c = vfio_records(30, b"")
+    p = StreamParser()
+    p.feed(_stream_with(s, e, _bare_full()))
+    p.feed(b"")
+    while p.next_event() is not NEED_DATA:
+        pass
+    assert p.framing_of(30) == "v2+multifd"
