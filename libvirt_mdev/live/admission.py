@@ -77,15 +77,19 @@ OnRefused = Callable[[str, MdevError], None]
 #: called with (socket, peer, the 64-byte multifd channel init, accept time) for a multifd
 #: side channel; it owns the socket from then on
 OnSideChannel = Callable[[socket.socket, str, bytes, float], None]
-_MULTIFD_FIRST = struct.pack(">I", MULTIFD_MAGIC)
+#: the first 4 bytes of a multifd side channel
+MULTIFD_FIRST = struct.pack(">I", MULTIFD_MAGIC)
 
 
-def header_problem(head: bytes) -> StreamError | None:
-    """Why the 8 bytes *head* are not a QEMU file header (None when they are)."""
+def header_problem(head: bytes, *, mode: str = "splice", tls: bool = False) -> StreamError | None:
+    """Why the 8 bytes *head* are not a QEMU file header (None when they are).  A multifd
+    side channel reaches this only on a proxy that does not serve side channels: the line
+    names its *mode* (and TLS), the setup that lacks them."""
     magic, version = struct.unpack(">II", head)
     if magic == MULTIFD_MAGIC:
-        return UnsupportedStream("this is a multifd channel (virsh migrate --parallel): its device state "
-                                 "cannot be filtered; migrate without --parallel")
+        setup = f"--mode {mode}" + (" with --tls-dir" if tls else "")
+        return UnsupportedStream(f"this is a multifd side channel (virsh migrate --parallel) and this proxy "
+                                 f"({setup}) does not serve side channels; migrate without --parallel")
     if magic != QEMU_VM_FILE_MAGIC:
         return StreamError(f"not a QEMU migration stream (first bytes {bytes(head[:4]).hex()}, expected 'QEVM')")
     if version != QEMU_VM_FILE_VERSION:
@@ -109,12 +113,14 @@ class Admission:
 
     def __init__(self, listener: socket.socket, limits: ProxyLimits, on_admitted: OnAdmitted,
                  on_refused: OnRefused, *, relay: bool, tls: bool, stop: threading.Event,
-                 on_side_channel: OnSideChannel | None = None) -> None:
-        """*on_side_channel*: where multifd side channels go (None: they are refused here)."""
+                 on_side_channel: OnSideChannel | None = None, mode: str = "splice") -> None:
+        """*on_side_channel*: where multifd side channels go (None: they are refused here,
+        in a line naming *mode*)."""
         self.listener, self.limits = listener, limits
         self.on_side_channel = on_side_channel
         self.on_admitted, self.on_refused = on_admitted, on_refused
         self.relay, self.tls, self.stop = relay, tls, stop
+        self.mode = mode
         self.cap = limits.unarmed_cap()
         #: unarmed connections, oldest first
         self.unarmed: OrderedDict[int, Greeting] = OrderedDict()
@@ -263,7 +269,7 @@ class Admission:
             g.sock.setblocking(True)
             self.on_side_channel(g.sock, g.peer, bytes(g.buf), g.accepted)
             return
-        problem = header_problem(bytes(g.buf))
+        problem = header_problem(bytes(g.buf), mode=self.mode, tls=self.tls)
         if problem:
             self._refuse(g, problem)
         else:
@@ -271,7 +277,7 @@ class Admission:
 
     def _want(self, g: Greeting) -> int:
         """How many first bytes bind *g*: the QEMU file header, or a side channel's init."""
-        if self.on_side_channel is not None and g.buf[:4] == _MULTIFD_FIRST:
+        if self.on_side_channel is not None and g.buf[:4] == MULTIFD_FIRST:
             return MULTIFD_INIT.size
         return HEADER_LEN
 
@@ -322,4 +328,4 @@ def _peer(addr: object) -> str:
     return f"unix:{addr or '?'}"
 
 
-__all__ = ["MULTIFD_MAGIC", "TLS_HANDSHAKE", "Admission", "Greeting", "header_problem"]
+__all__ = ["MULTIFD_FIRST", "MULTIFD_MAGIC", "TLS_HANDSHAKE", "Admission", "Greeting", "header_problem"]

@@ -48,6 +48,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError, ConnectError, MdevError, StreamError
 from ..io.sizes import CHUNK
@@ -123,6 +124,41 @@ _CLIENT_CERT_REASONS = frozenset({"PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFIC
                                   "TLSV13_ALERT_CERTIFICATE_REQUIRED", "NO_CERTIFICATE_RETURNED"})
 
 
+class PlainEnd(socket.socket):
+    """The proxy's end of a bridge: a UNIX socket that stands for the TLS peer's TCP socket.
+
+    Why: code that owns a connection (a session, :mod:`.channels`) fails it closed with
+    :func:`~.relay.abort_socket` — SO_LINGER 0, then close — which on a TCP socket sends a
+    reset.  A UNIX socket has no reset: its peer (the bridge) would read a plain EOF and
+    end the TLS side with a FIN, which looks like a stream that merely ended.  So here a
+    close after SO_LINGER 0 (or a read shutdown after it) resets the bridge's TCP side
+    too (:meth:`Bridge.abort`), whoever holds the socket.  A close without it (a normal
+    end) stays a FIN.
+    """
+
+    def __init__(self, sock: socket.socket, bridge: Bridge) -> None:
+        super().__init__(sock.family, sock.type, sock.proto, sock.detach())
+        self._bridge = bridge
+        self._reset_on_close = False
+
+    def setsockopt(self, *args: Any) -> None:
+        level, opt = args[0], args[1]
+        if level == socket.SOL_SOCKET and opt == socket.SO_LINGER and isinstance(args[2], bytes):
+            on, linger = struct.unpack("ii", args[2])
+            self._reset_on_close = bool(on) and linger == 0
+        super().setsockopt(*args)
+
+    def shutdown(self, how: int) -> None:
+        if self._reset_on_close and how in (socket.SHUT_RD, socket.SHUT_RDWR):
+            self._bridge.abort()
+        super().shutdown(how)
+
+    def close(self) -> None:
+        if self._reset_on_close:
+            self._bridge.abort()
+        super().close()
+
+
 class _Aborted(Exception):
     """The session reset the connection: leave the loop through the reset path, quietly."""
 
@@ -141,7 +177,9 @@ class Bridge:
     def __init__(self, raw: socket.socket, ctx: ssl.SSLContext, server_side: bool,
                  hostname: str | None, what: str, creds: TlsCreds) -> None:
         self.raw, self.what, self.creds, self.server_side = raw, what, creds, server_side
-        self.plain, self._inner = socket.socketpair()
+        plain, self._inner = socket.socketpair()
+        #: the proxy's end (see :class:`PlainEnd`: a reset-close of it resets the TLS peer)
+        self.plain: socket.socket = PlainEnd(plain, self)
         self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self._tls = ctx.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=hostname)
         self.version: str | None = None
@@ -299,34 +337,52 @@ class Bridge:
 TLS_HANDSHAKE = 0x16
 
 
-def read_header(bridge: Bridge, deadline: float, header_timeout: float) -> bytes:
-    """The QEMU file header behind a terminated TLS, by *deadline* (monotonic).
+def read_header(bridge: Bridge, deadline: float, header_timeout: float, *, side_channel_len: int = 0,
+                mode: str = "splice") -> bytes:
+    """The first bytes behind a terminated TLS, by *deadline* (monotonic): the 8-byte QEMU
+    file header, or — when the proxy serves multifd side channels (*side_channel_len*, the
+    channel init's size) and the first 4 bytes are the multifd magic — the whole channel
+    init, under the same deadline (QEMU runs TLS on each multifd channel separately).
 
     Raises:
         MdevError: the deadline passed, the source closed right after the handshake (it
             rejected our certificate: the one line says which name it needs), or the
-            bytes are no QEMU file header.
+            bytes are no QEMU file header (nor a channel init this proxy serves; the
+            line names *mode*).
     """
-    from .admission import header_problem
+    from .admission import MULTIFD_FIRST, header_problem
     from .limits import HEADER_LEN
 
-    plain, buf = bridge.plain, b""
+    buf = _read_behind_tls(bridge, HEADER_LEN, deadline, header_timeout, b"")
+    if side_channel_len and buf[:4] == MULTIFD_FIRST:
+        return _read_behind_tls(bridge, side_channel_len, deadline, header_timeout, buf)
+    problem = header_problem(buf, mode=mode, tls=True)
+    if problem is not None:
+        raise problem
+    return buf
+
+
+def _read_behind_tls(bridge: Bridge, want: int, deadline: float, header_timeout: float, buf: bytes) -> bytes:
+    """*want* bytes of the plain stream (*buf*: those read already), by *deadline*."""
+    plain = bridge.plain
+    what = "QEMU file header" if not buf else "complete multifd channel init"
     try:
-        while len(buf) < HEADER_LEN:
+        while len(buf) < want:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError()
             plain.settimeout(left)
-            chunk = plain.recv(HEADER_LEN - len(buf))
+            chunk = plain.recv(want - len(buf))
             if not chunk:
                 break
             buf += chunk
     except TimeoutError:
-        raise MdevError(f"TLS {bridge.what}: no QEMU file header within {header_timeout:g}s of connecting "
+        got = f" ({len(buf)} of its {want} bytes)" if buf else ""
+        raise MdevError(f"TLS {bridge.what}: no {what} within {header_timeout:g}s of connecting{got} "
                         f"(the proxy's header deadline)") from None
     finally:
         plain.settimeout(None)
-    if len(buf) < HEADER_LEN:
+    if len(buf) < want:
         if bridge.error:
             raise MdevError(bridge.error)
         if bridge.received == 0:
@@ -336,11 +392,8 @@ def read_header(bridge: Bridge, deadline: float, header_timeout: float) -> bytes
                             f"checks the host of --migrateuri, or the name given with virsh migrate "
                             f"--tls-destination NAME; an IP address in --migrateuri needs that IP address in "
                             f"the certificate's subjectAltName)")
-        raise StreamError(f"the source closed the connection after {len(buf)} bytes, inside the QEMU file header "
-                          f"(TLS)")
-    problem = header_problem(buf)
-    if problem is not None:
-        raise problem
+        raise StreamError(f"the source closed the connection after {len(buf)} bytes, inside the "
+                          f"{what.removeprefix('complete ')} (TLS)")
     return buf
 
 
@@ -363,4 +416,4 @@ def connect_tls(raw: socket.socket, creds: TlsCreds) -> Bridge:
     return Bridge(raw, creds.client_context(), False, creds.hostname, "to the local QEMU", creds).start()
 
 
-__all__ = ["TLS_HANDSHAKE", "Bridge", "TlsCreds", "accept_tls", "connect_tls", "read_header"]
+__all__ = ["TLS_HANDSHAKE", "Bridge", "PlainEnd", "TlsCreds", "accept_tls", "connect_tls", "read_header"]
