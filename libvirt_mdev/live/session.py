@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..configfile import PROXY_MODES
@@ -23,8 +23,9 @@ from ..sign.source import peer_pid, sign_context, verify_policy
 from ..store.pending import PendingRecord
 from ..stream import NEED_DATA, EventConsumer, StreamParser
 from ..stream.events import Bytes
+from ..stream.multifd import INIT as MULTIFD_INIT
 from .arming import Claims, bindings_from_pending, check_local_types, select_pending
-from .limits import ProxyLimits
+from .limits import HEADER_LEN, ProxyLimits
 from .relay import (
     Endpoint,
     Progress,
@@ -37,8 +38,17 @@ from .relay import (
 )
 from .tlsbridge import Bridge, TlsCreds, accept_tls, connect_tls, read_header
 
+if TYPE_CHECKING:
+    from ..sign.layers import SignContext
+
 MODES = PROXY_MODES
 log = get_logger("proxy")
+
+#: where a multifd side channel found behind TLS goes: (the plain end of its bridge, peer, its
+#: 64-byte channel init, accept time, connect=) — the signature of
+#: :meth:`~.channels.Channels.side_channel`; *connect* opens a connection to the next hop with
+#: TLS re-originated.  It owns the socket from then on.
+OnSideChannel = Callable[..., None]
 
 
 @dataclass
@@ -105,10 +115,12 @@ class Session:
 
     def __init__(self, config: Config, opts: ProxyOptions, claims: Claims, src: socket.socket,
                  peer: str, *, header: bytes = b"", accepted: float | None = None,
-                 on_bound: Callable[[Session], None] | None = None) -> None:
+                 on_bound: Callable[[Session], None] | None = None,
+                 on_side_channel: OnSideChannel | None = None) -> None:
         """*header*: the QEMU file header the admission stage already read (empty for a TLS
         source: it is read behind TLS here); *accepted*: when the connection was accepted
-        (the header deadline counts from then)."""
+        (the header deadline counts from then); *on_side_channel*: where a multifd side
+        channel found behind TLS goes (None: it is refused, naming the mode)."""
         self.config, self.opts, self.claims = config, opts, claims
         self.src: socket.socket | None = src
         self.dst: socket.socket | None = None
@@ -127,6 +139,10 @@ class Session:
         self._evicted: str | None = None
         #: the connecting process (UNIX sockets): the sign mode finds the domain from it
         self.peer_pid = peer_pid(src)
+        self._on_side_channel = on_side_channel
+        #: True once this connection turned out to be a multifd side channel (behind TLS) and
+        #: went to :attr:`_on_side_channel`: no result of its own, the channel reports
+        self.handed_off = False
 
     def run(self) -> SessionResult:
         """accept (done) → TLS and header → arm → re-check → connect and forward."""
@@ -134,6 +150,9 @@ class Session:
         try:
             if self.opts.tls is not None and self.opts.mode != "relay":
                 self._tls_source()
+                if len(self._header) > HEADER_LEN:  # a multifd channel init: not a session of its own
+                    self._hand_off_side_channel()
+                    return self.result
             if self._on_bound is not None:
                 self._on_bound(self)
             if self.opts.mode == "relay":
@@ -167,12 +186,36 @@ class Session:
         self._bridges.append(bridge)
         self.src = bridge.plain
         self.result.tls = (bridge.version or "TLS").replace("TLSv", "TLS ")  # "TLSv1.3" -> "TLS 1.3"
-        self._header = read_header(bridge, deadline, self.opts.limits.header_timeout)
+        self._header = read_header(bridge, deadline, self.opts.limits.header_timeout,
+                                   side_channel_len=MULTIFD_INIT.size if self._serves_side_channels() else 0,
+                                   mode=self.opts.mode)
+
+    def _serves_side_channels(self) -> bool:
+        """Whether a multifd side channel behind TLS is taken (else refused, naming the mode)."""
+        return self._on_side_channel is not None
+
+    def _hand_off_side_channel(self) -> None:
+        """This TLS connection is a multifd side channel: give its plain end (its bridge
+        resets the TCP side when the plain end is reset, :class:`~.tlsbridge.PlainEnd`) and
+        its channel init to the side-channel handler, with a way to reach the next hop."""
+        plain, self.src = self.src, None
+        self._bridges = []
+        self.handed_off = True
+        init, self._header = self._header, b""
+        assert plain is not None
+        self._side_channel(plain, init)
+
+    def _side_channel(self, plain: socket.socket, init: bytes) -> None:
+        assert self._on_side_channel is not None
+        opts = self.opts
+        self._on_side_channel(plain, self.result.peer, init, self._accepted, connect=lambda: open_forward(opts)[0])
 
     def evict(self, why: str) -> None:
         """From another thread: end a session still in its TLS handshake or header (the
         proxy's max-handshakes).  ``SHUT_RD`` wakes the blocked read and sends nothing;
         the session's own error path then resets the connection."""
+        if self.handed_off:  # a side channel now: its migration decides
+            return
         self._evicted = why
         try:
             self._raw_src.shutdown(socket.SHUT_RD)
@@ -215,13 +258,9 @@ class Session:
 
     # -- byte paths -----------------------------------------------------------------------------
     def _connect_dst(self) -> socket.socket:
-        raw = connect(self.opts.forward, self.opts.connect_timeout)
-        if self.opts.tls is None:
-            self.dst = raw
-        else:
-            bridge = connect_tls(raw, self.opts.tls)
+        self.dst, bridge = open_forward(self.opts)
+        if bridge is not None:
             self._bridges.append(bridge)
-            self.dst = bridge.plain
         return self.dst
 
     def _reader(self) -> SocketReader:
@@ -269,6 +308,7 @@ class Session:
         self.result.domain_uuid, self.result.migration_id = ctx.domain_uuid, ctx.migration_id
         log.info(f"connection from {self.result.peer}: signing migration {ctx.migration_id} of domain "
                  f"{ctx.domain_uuid} with key {ctx.key.key_id}, forwarding to {self.opts.forward}")
+        self._signing(ctx)
         dst = self._connect_dst()
         back = self._start_return_path(dst)
         out: list[Bytes] = []
@@ -276,6 +316,9 @@ class Session:
         self._pump(StreamParser(container="stream"), layer, out, dst)
         self._finish(back)
         self.result.devices = [s for s in layer.signed if s["kind"] == "device"]
+
+    def _signing(self, ctx: SignContext) -> None:
+        """The signing context is known (a hook: :mod:`.signchannels` groups side channels by its domain)."""
 
     def _pump(self, parser: StreamParser, flt: EventConsumer, out: list[Bytes], dst: socket.socket) -> None:
         """Source→destination: read a chunk, run every event through the filter, then
@@ -392,10 +435,20 @@ class Session:
                     pass
 
 
+def open_forward(opts: ProxyOptions) -> tuple[socket.socket, Bridge | None]:
+    """A connection to the next hop (the local QEMU, or the destination's proxy), with TLS
+    re-originated on a TLS proxy: (the socket to use, its bridge or None)."""
+    raw = connect(opts.forward, opts.connect_timeout)
+    if opts.tls is None:
+        return raw, None
+    bridge = connect_tls(raw, opts.tls)
+    return bridge.plain, bridge
+
+
 def _line(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return f"socket error: {exc.strerror or exc}"
     return describe(exc)
 
 
-__all__ = ["MODES", "ProxyOptions", "Session", "SessionResult"]
+__all__ = ["MODES", "OnSideChannel", "ProxyOptions", "Session", "SessionResult", "open_forward"]
