@@ -52,11 +52,12 @@ from collections.abc import Callable
 
 from ..config import Config
 from ..errors import MdevError, UsageError
-from .admission import Admission
+from .admission import Admission, OnSideChannel
 from .arming import Claims
 from .channels import Channels
 from .relay import Endpoint, abort_socket, listen
 from .session import MODES, ProxyOptions, Session, SessionResult, log
+from .signchannels import SignChannels
 
 #: results kept in memory (:attr:`MigrationProxy.results`)
 KEEP_RESULTS = 256
@@ -89,10 +90,17 @@ class MigrationProxy:
         self._admission: Admission | None = None
         #: TLS sessions not bound yet (handshake, header), oldest first
         self._handshaking: OrderedDict[int, Session] = OrderedDict()
-        #: multifd side channels (--parallel), in the filtering modes without TLS
+        #: multifd side channels (--parallel) of the filtering modes (TLS or not)
         self.channels: Channels | None = None
-        if opts.mode not in ("relay", "sign") and opts.tls is None:
+        #: those of the signing mode (grouped with the signing session of their domain)
+        self.sign_channels: SignChannels | None = None
+        if opts.mode == "sign":
+            self.sign_channels = SignChannels(config, opts)
+        elif opts.mode != "relay":  # relay carries every connection verbatim, side channels too
             self.channels = Channels(config, opts)
+        #: TLS sessions' claim on being the first (decided once their header arrived: a side
+        #: channel found behind TLS is no session and must not take it)
+        self._firsts: dict[int, bool] = {}
 
     def bind(self, ep: Endpoint) -> Endpoint:
         """Listen on *ep*; returns the address actually bound (port 0 → a real port)."""
@@ -121,8 +129,7 @@ class MigrationProxy:
         self._once = once
         self._admission = Admission(self._listener, self.opts.limits, self._admitted, self._refused,
                                     relay=self.opts.mode == "relay", tls=self.opts.tls is not None,
-                                    stop=self._stop,
-                                    on_side_channel=self.channels.side_channel if self.channels else None)
+                                    stop=self._stop, on_side_channel=self._side_channels(), mode=self.opts.mode)
         try:
             self._admission.run()
         finally:
@@ -143,9 +150,14 @@ class MigrationProxy:
             abort_socket(conn)
             self._refused(peer, why)
             return
-        make = self.channels.main_session if self.channels is not None else Session
+        make: Callable[..., Session] = Session
+        if self.channels is not None:
+            make = self.channels.main_session
+        elif self.sign_channels is not None:
+            make = self.sign_channels.main_session
         session = make(self.config, self.opts, self.claims, conn, peer, header=header, accepted=accepted,
-                       on_bound=self._bound if tls else None)
+                       on_bound=self._bound if tls else None,
+                       on_side_channel=self.channels.side_channel if self.channels is not None else None)
         victim: Session | None = None
         if tls:
             with self._lock:
@@ -157,16 +169,33 @@ class MigrationProxy:
                         f"max-handshakes): resetting the oldest one")
             victim.evict(f"TLS from {victim.result.peer}: reset as the oldest of {lim.max_handshakes} TLS "
                          f"handshakes in progress (the proxy's max-handshakes limit)")
-        first = self._take_first()
+        first = None if tls else self._take_first()
         t = threading.Thread(target=self._session, args=(session, first), daemon=True,
                              name="libvirt-mdev-session")
         with self._lock:
             self._threads.append(t)
         t.start()
 
+    def _side_channels(self) -> OnSideChannel | None:
+        """Where the admission sends multifd side channels (None: it refuses them)."""
+        if self.channels is not None:
+            return self.channels.side_channel
+        if self.sign_channels is not None:
+            return self.sign_channels.side_channel
+        return None
+
     def _bound(self, session: Session) -> None:
+        """A TLS session's header matched: it is a main channel, no longer a handshake."""
+        first = self._take_first()
         with self._lock:
             self._handshaking.pop(id(session), None)
+            self._firsts[id(session)] = first
+
+    def _unbind(self, session: Session) -> bool | None:
+        """The session ended: forget it as a handshake; its claim on being the first."""
+        with self._lock:
+            self._handshaking.pop(id(session), None)
+            return self._firsts.pop(id(session), None)
 
     def _refused(self, peer: str, exc: MdevError) -> None:
         """The admission refused a connection (logged there): record it like a session."""
@@ -178,20 +207,29 @@ class MigrationProxy:
             first, self._started_one = not self._started_one, True
         return first
 
-    def _session(self, session: Session, first: bool) -> None:
+    def _session(self, session: Session, first: bool | None) -> None:
+        """Run *session*; record its result (*first*: None for a TLS session, which takes
+        its claim once bound, or at its end when refused before)."""
         try:
             res = session.run()
         finally:
-            self._bound(session)
+            bound_first = self._unbind(session)
+        if session.handed_off:  # a multifd side channel behind TLS: its migration reports it
+            return
+        if first is None:
+            first = bound_first if bound_first is not None else self._take_first()
         peer = res.peer
         if res.ok:
             log.info(f"{peer}: domain {res.domain_name} migration {res.migration_id} done: "
                      f"{res.bytes_in} bytes in, {res.bytes_out} out, {res.bytes_back} back, "
                      f"{len(res.devices)} device state(s) stored, {res.seconds}s"
                      + (f", {res.tls}" if res.tls else "")
-                     + (self.channels.summary(session) if self.channels is not None else ""))
+                     + (self.channels.summary(session) if self.channels is not None else "")
+                     + (self.sign_channels.summary(session) if self.sign_channels is not None else ""))
         if self.channels is not None:
             self.channels.main_ended(session, res)
+        if self.sign_channels is not None:
+            self.sign_channels.main_ended(session, res)
         self._record(res, first)
 
     def _record(self, res: SessionResult, first: bool) -> None:
@@ -221,8 +259,9 @@ class MigrationProxy:
         deadline = time.monotonic() + timeout
         for t in threads:
             t.join(max(0.0, deadline - time.monotonic()))
-        if self.channels is not None:
-            self.channels.join(max(0.0, deadline - time.monotonic()))
+        for side in (self.channels, self.sign_channels):
+            if side is not None:
+                side.join(max(0.0, deadline - time.monotonic()))
 
     def request_stop(self) -> None:
         """Stop accepting (signal-handler safe); :meth:`serve` returns soon after."""

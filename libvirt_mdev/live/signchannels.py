@@ -1,0 +1,424 @@
+"""Multifd (``virsh migrate --parallel``) through the signing proxy (``--mode sign``, the source host).
+
+Theory of operation
+-------------------
+In the signed layout (``docs/signing.md``) the source QEMU connects to this host's
+signing proxy over a UNIX socket; the proxy signs each device's state on the main
+channel (:class:`~libvirt_mdev.sign.layers.SignLayer`) and forwards to the destination's
+verifying proxy, which takes side channels the way ``docs/multifd.md`` says.  Here:
+
+* **Grouping.**  The main channel's session learns its domain uuid when it builds its
+  signing context (``--domain``, the domain XML, or the connecting QEMU's ``-uuid``).
+  A side channel carries the VM's uuid in its channel init; it joins the signing
+  session of that domain (:class:`SignGroup`, keyed by the uuid).  It is refused alone,
+  at once, when its uuid cannot be the one this proxy signs: not the uuid that
+  ``--domain UUID`` or ``--domain-xml`` pins, or not the ``-uuid`` of the QEMU process
+  that opened it (``SO_PEERCRED``).  When both the main channel's and a side channel's
+  process are known they must be the same process (one QEMU opens every channel of a
+  ``--parallel`` migration itself): otherwise the migration fails closed.
+* **Order.**  QEMU flushes its main channel's header only once its side channels are
+  up, so side channels usually arrive first: each is held, unforwarded, until the
+  signing session of its domain is connected to the next hop (a QEMU 7.2 destination
+  takes the first connection for the main channel), within ``main_channel_timeout``;
+  a side channel that belongs to no signing session by then is refused.
+* **Pass-through.**  Each side channel is read with the exact multifd codec
+  (:class:`~libvirt_mdev.stream.multifd.MultifdChannelParser`); RAM packets and pages
+  go on as zero-copy pieces of the received chunks (one gathered ``sendmsg`` per
+  chunk).  A device-state packet (QEMU 10 vfio-pci ``x-migration-multifd-transfer``)
+  cannot be signed yet: the chunk that carries it is refused before any of it is
+  forwarded.  Side-channel bytes count for the main channel's progress deadline.
+* **Fail closed, together.**  A refusal on a side channel (device state, a codec or
+  socket error, a duplicate channel id, one channel too many, another process) resets
+  the main channel and every side channel of the session, one line; a main channel
+  that fails resets its side channels.  The source QEMU's migration fails and the
+  guest stays on the source.
+
+Held side channels are grouped by uuid before any session knows it, so a group is
+created by its first side channel and lives at most ``main_channel_timeout`` without
+a main channel.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ..config import Config
+from ..errors import MdevError, UnsupportedStream, describe
+from ..filter import bindings_from_domain_xml
+from ..log import get_logger
+from ..sign.source import qemu_uuid_of
+from ..store.manifest import is_uuid
+from ..stream.events import NEED_DATA, Bytes
+from ..stream.multifd import DeviceStatePacket, MultifdChannelParser, read_channel_init
+from .channels import KEEP_REFUSALS, SideChannel
+from .relay import ReturnPath, SocketReader, abort_socket, connect, reset_on_close, send_views
+from .session import ProxyOptions, Session, SessionResult
+
+if TYPE_CHECKING:
+    from ..sign.layers import SignContext
+
+log = get_logger("proxy")
+
+#: how often a held side channel looks at its deadline
+_POLL = 0.05
+
+
+@dataclass(eq=False)
+class SignSide(SideChannel):
+    """A side channel and the process that opened it (``SO_PEERCRED``; None: unknown)."""
+
+    pid: int | None = None
+
+
+class SignGroup:
+    """The side channels of one domain's signing session (keyed by the domain uuid)."""
+
+    def __init__(self, owner: SignChannels, uuid: str) -> None:
+        self.owner, self.uuid = owner, uuid
+        self.created = time.monotonic()
+        self.main: SignSession | None = None
+        self.main_done = False
+        #: set when the main channel is connected to the next hop, or the group failed
+        self.ready = threading.Event()
+        self.failed: str | None = None
+        self.sides: dict[int, SignSide] = {}
+        #: the main channel's reader: side-channel bytes count for its progress deadline
+        self.main_reader: SocketReader | None = None
+
+    def __str__(self) -> str:
+        return f"signed migration of domain {self.uuid}"
+
+    def fail(self, why: str, *, also: SignSide | None = None, logged: bool = False) -> None:
+        """Reset the main channel and every side channel (and *also*, refused while
+        joining).  The first reason wins; one line (the main session's, when it runs)."""
+        with self.owner.lock:
+            first = self.failed is None
+            if first:
+                self.failed = why
+            self.owner.forget(self)
+            socks = []
+            for s in list(self.sides.values()) + ([also] if also is not None else []):
+                socks += [s.src, s.dst]
+                s.src = s.dst = None
+            main, main_done = self.main, self.main_done
+        self.ready.set()
+        for sock in socks:
+            abort_socket(sock)
+        if not first:
+            return
+        self.owner.refusals.append(why)
+        if main is not None and not main_done and not logged:
+            main.abort_from_channel(why)  # the main session logs the line
+        elif not logged:
+            log.error(f"{self} REFUSED, {'main and ' if main is not None else ''}{len(self.sides)} multifd "
+                      f"channel(s) reset: {why}")
+
+
+class SignSession(Session):
+    """A connection to the signing proxy: a main channel that groups its side channels,
+    or (behind TLS) a side channel handed to :class:`SignChannels`.
+
+    Hooks of :class:`~.session.Session`: ``_signing`` (the context is known: join the
+    group of its domain), ``_reader`` (progress credit), ``_connect_dst`` (release the held
+    side channels), ``_abort``/``_fail`` (fail the group with it; a side channel's refusal
+    is the line), ``_side_channel`` (a TLS side channel, with the connecting process)."""
+
+    def __init__(self, owner: SignChannels, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.owner = owner
+        self.group: SignGroup | None = None
+        self._channel_refusal: str | None = None
+
+    def _signing(self, ctx: SignContext) -> None:
+        if ctx.domain_uuid is not None:
+            self.group = self.owner.main_signing(self, ctx.domain_uuid)
+
+    def _reader(self) -> SocketReader:
+        reader = super()._reader()
+        if self.group is not None:
+            self.group.main_reader = reader
+        return reader
+
+    def _connect_dst(self) -> socket.socket:
+        dst = super()._connect_dst()
+        if self.group is not None:
+            self.group.ready.set()
+        return dst
+
+    def _serves_side_channels(self) -> bool:
+        return True
+
+    def _side_channel(self, plain: socket.socket, init: bytes) -> None:
+        from .session import open_forward
+
+        opts = self.opts
+        self.owner.side_channel(plain, self.result.peer, init, self._accepted,
+                                connect=lambda: open_forward(opts)[0], pid=self.peer_pid)
+
+    def abort_from_channel(self, why: str) -> None:
+        """From a side channel's thread: reset the main channel; its error path logs *why*."""
+        self._channel_refusal = why
+        self._abort(why)
+
+    def _abort(self, why: str) -> None:
+        super()._abort(why)
+        if self.group is not None:
+            self.group.fail(why, logged=True)
+        elif not self.handed_off:
+            self.owner.main_failed_early(self.peer_pid, why)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self._channel_refusal is not None and self._channel_refusal == self._aborted:
+            exc = MdevError(self._channel_refusal)
+        super()._fail(exc)
+
+
+class SignChannels:
+    """The multifd side channels of one signing proxy, grouped by domain (thread-safe)."""
+
+    def __init__(self, config: Config, opts: ProxyOptions) -> None:
+        self.config, self.opts = config, opts
+        self.lock = threading.Lock()
+        self.groups: dict[str, SignGroup] = {}
+        self.refusals: deque[str] = deque(maxlen=KEEP_REFUSALS)
+        self._threads: list[threading.Thread] = []
+        #: the one domain this proxy signs, when its options pin it (--domain UUID, --domain-xml)
+        self.pinned = _pinned_uuid(opts)
+
+    # -- the main channel ------------------------------------------------------------------------
+    def main_session(self, *args: Any, **kwargs: Any) -> SignSession:
+        """A :class:`SignSession` (the arguments of :class:`~.session.Session`)."""
+        return SignSession(self, *args, **kwargs)
+
+    def main_signing(self, session: SignSession, uuid: str) -> SignGroup:
+        """*session* signs domain *uuid*: it becomes the main channel of that domain's group."""
+        with self.lock:
+            group = self.groups.get(uuid)
+            if group is not None and group.main is not None:
+                raise MdevError(f"domain {uuid} is already being signed for another connection "
+                                f"({group.main.result.peer}); one migration of a domain at a time")
+            if group is None:
+                group = self.groups[uuid] = SignGroup(self, uuid)
+            group.main = session
+            strangers = [s for s in group.sides.values() if _other_process(s.pid, session.peer_pid)]
+        if strangers:
+            s = strangers[0]
+            group.fail(f"{s.name()} was opened by process {s.pid}, not by the QEMU of the signing session "
+                       f"(process {session.peer_pid})")
+            raise MdevError(group.failed or "refused")
+        return group
+
+    def main_ended(self, session: Session, result: SessionResult) -> None:
+        """The main session returned (its line is logged): end its group, failing the
+        side channels when it failed."""
+        group = session.group if isinstance(session, SignSession) else None
+        if group is None:
+            return
+        with self.lock:
+            group.main_done = True
+        if not result.ok:
+            group.fail(result.error or "the main channel failed", logged=True)
+        else:
+            with self.lock:
+                self.forget(group)
+
+    def main_failed_early(self, pid: int | None, why: str) -> None:
+        """A connection failed before it knew its domain: the groups still waiting for
+        a main channel whose side channels that same process opened fail with it (at once,
+        not at the main-channel deadline)."""
+        if pid is None:
+            return
+        with self.lock:
+            orphans = [g for g in self.groups.values()
+                       if g.main is None and any(s.pid == pid for s in g.sides.values())]
+        for g in orphans:
+            g.fail(f"the main channel from the same QEMU (process {pid}) failed: {why}")
+
+    def summary(self, session: Session) -> str:
+        """For the main session's "done" line: its side channels."""
+        group = session.group if isinstance(session, SignSession) else None
+        if group is None or not group.sides:
+            return ""
+        return f", {len(group.sides)} multifd channel(s) with {sum(s.bytes_in for s in group.sides.values())} bytes"
+
+    # -- side channels ------------------------------------------------------------------------
+    def side_channel(self, sock: socket.socket, peer: str, init: bytes, accepted: float,
+                     connect: Callable[[], socket.socket] | None = None, pid: int | None = None) -> None:
+        """Serve a side channel in a thread of its own (the signature of
+        :meth:`~.channels.Channels.side_channel`, plus *pid*: the process that opened it,
+        when *sock* is no longer the socket it connected, e.g. behind TLS)."""
+        if pid is None and sock.family == socket.AF_UNIX:
+            from ..sign.source import peer_pid
+
+            pid = peer_pid(sock)
+        side = SignSide(sock, peer, init, connect=connect, pid=pid)
+        t = threading.Thread(target=self._serve, args=(side,), daemon=True, name="libvirt-mdev-multifd")
+        with self.lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+        t.start()
+
+    def _serve(self, side: SignSide) -> None:
+        try:
+            side.uuid, side.channel_id = read_channel_init(side.init)
+            group = self._bind(side)
+        except Exception as exc:  # a bad init, or an unexpected error while binding
+            self._refuse_alone(side, f"multifd channel from {side.peer}: {_line(exc)}")
+            return
+        if group is None:
+            return
+        try:
+            self._hold(group)
+            self._forward(group, side)
+        except Exception as exc:  # fail closed: the whole signed migration
+            group.fail(f"{side.name()}: {_line(exc)}", also=side)
+
+    def _bind(self, side: SignSide) -> SignGroup | None:
+        """The group *side* joins, or None (then it was refused alone)."""
+        if self.pinned is not None and side.uuid != self.pinned:
+            self._refuse_alone(side, f"{side.name()} carries VM uuid {side.uuid}, but this proxy signs domain "
+                                     f"{self.pinned} only (--domain, --domain-xml): it belongs to no signing "
+                                     f"session")
+            return None
+        qemu = qemu_uuid_of(side.pid) if side.pid else None
+        if qemu is not None and qemu != side.uuid:
+            self._refuse_alone(side, f"{side.name()} carries VM uuid {side.uuid}, but the QEMU that opened it "
+                                     f"(process {side.pid}) runs VM {qemu}")
+            return None
+        lim = self.opts.limits
+        with self.lock:
+            group = self.groups.get(side.uuid)
+            if group is None:
+                group = self.groups[side.uuid] = SignGroup(self, side.uuid)
+            why = None
+            main_pid = group.main.peer_pid if group.main is not None else None
+            if _other_process(side.pid, main_pid):
+                why = (f"{side.name()} was opened by process {side.pid}, not by the QEMU of the signing session "
+                       f"(process {main_pid})")
+            elif side.channel_id in group.sides:
+                why = f"{side.name()}: a second channel with id {side.channel_id}"
+            elif len(group.sides) >= lim.max_channels:
+                why = f"{side.name()}: more than {lim.max_channels} multifd channels (the proxy's max-channels limit)"
+            else:
+                group.sides[side.channel_id] = side
+                return group
+        group.fail(why, also=side)
+        return None
+
+    def _hold(self, group: SignGroup) -> None:
+        """Wait until the signing session of the group's domain is connected to the next
+        hop, within the main-channel deadline."""
+        timeout = self.opts.limits.main_channel_timeout
+        while not group.ready.wait(_POLL):
+            if group.main is None and time.monotonic() - group.created >= timeout:
+                raise MdevError(f"no signing session of domain {group.uuid} started within {timeout:g}s of its "
+                                f"first multifd channel (the proxy's main-channel deadline): a side channel "
+                                f"must belong to a signing session in progress")
+        if group.failed is not None:
+            raise MdevError(group.failed)
+
+    def _forward(self, group: SignGroup, side: SignSide) -> None:
+        dst = side.connect() if side.connect is not None else connect(self.opts.forward, self.opts.connect_timeout)
+        with self.lock:
+            src = side.src
+            if group.failed is not None or src is None:
+                abort_socket(dst)
+                raise MdevError(group.failed or "reset")
+            side.dst = dst
+        back = ReturnPath(dst, src, lambda why: group.fail(f"{side.name()}: {why}"))
+        back.start()
+        self._pump(group, side, SocketReader(src, prefix=side.init), dst)
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        back.join(self.opts.drain_timeout)
+        with self.lock:
+            if group.failed is not None:
+                raise MdevError(group.failed)
+            side.done = True
+            src2, dst2 = side.src, side.dst
+            side.src = side.dst = None
+        for s in (src2, dst2):  # a normal end: FIN, not a reset
+            if s is not None:
+                reset_on_close(s, False)
+                s.close()
+
+    def _pump(self, group: SignGroup, side: SignSide, reader: SocketReader, dst: socket.socket) -> None:
+        """Source→next hop through the codec: what one chunk yields is sent after the
+        whole chunk was read, so nothing of a refused chunk leaves."""
+        parser = MultifdChannelParser()
+        out: list[Bytes] = []
+        while True:
+            data = reader.read()
+            n = len(data)
+            side.bytes_in += n
+            if group.main_reader is not None:
+                group.main_reader.credit(n)
+            parser.feed(data)
+            while (ev := parser.next_event()) is not NEED_DATA:
+                if isinstance(ev, DeviceStatePacket):
+                    raise UnsupportedStream(
+                        f"device state of {ev.idstr} instance {ev.instance_id} on a multifd channel (QEMU 10 "
+                        f"vfio-pci x-migration-multifd-transfer) cannot be signed yet by the signing proxy "
+                        f"(--mode sign): turn that vfio-pci property off (x-migration-multifd-transfer=off) "
+                        f"or migrate without --parallel", offset=ev.offset)
+                if len(ev.raw):
+                    out.append(ev.raw)
+            del data
+            if out:
+                side.bytes_out += send_views(dst, out)
+                out.clear()
+            if n == 0:
+                return
+
+    # -- endings -------------------------------------------------------------------------------
+    def forget(self, group: SignGroup) -> None:
+        """(With :attr:`lock` held.)  *group* takes no more channels."""
+        if self.groups.get(group.uuid) is group:
+            del self.groups[group.uuid]
+
+    def _refuse_alone(self, side: SignSide, why: str) -> None:
+        log.error(f"{side.peer}: multifd channel REFUSED, reset: {why}")
+        self.refusals.append(why)
+        src, side.src = side.src, None
+        abort_socket(src)
+
+    def join(self, timeout: float) -> None:
+        with self.lock:
+            threads = list(self._threads)
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
+def _pinned_uuid(opts: ProxyOptions) -> str | None:
+    """The domain uuid the options pin: ``--domain UUID``, else the ``<uuid>`` of ``--domain-xml``."""
+    if opts.domain is not None and is_uuid(opts.domain.lower()):
+        return opts.domain.lower()
+    if opts.domain_xml is not None:
+        try:
+            _bindings, _name, uuid = bindings_from_domain_xml(opts.domain_xml.read_bytes())
+        except (OSError, MdevError):
+            return None  # the signing session reports an unreadable or bad file
+        return uuid.lower() if uuid else None
+    return None
+
+
+def _other_process(a: int | None, b: int | None) -> bool:
+    """Two known, different processes."""
+    return a is not None and b is not None and a != b
+
+
+def _line(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return f"socket error: {exc.strerror or exc}"
+    return describe(exc)
+
+
+__all__ = ["SignChannels", "SignGroup", "SignSession", "SignSide"]
