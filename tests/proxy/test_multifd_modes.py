@@ -12,6 +12,7 @@ Two QEMUs (the one on PATH: 7.2 here) run with the armed domain's ``-uuid``, as 
 """
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -29,12 +30,22 @@ from tests.sign.live import DOMAIN, World, make_world
 from tests.sign.pki import make_pki
 
 from .conftest import DOM_UUID, ProxyEnv, wait_results
-from .test_multifd_live import free_port, ram_file  # noqa: F401 - the module's RAM fixture
+from .test_multifd_live import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MIB = 128
 A, B = "lmsrc", "lmdest"
 OTHER_UUID = "0b0b0b0b-1111-4222-8333-444455556666"
+
+
+@pytest.fixture(scope="module")
+def ram_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random guest RAM: most of it travels on the side channels."""
+    path = tmp_path_factory.mktemp("mfmodes") / "ram.bin"
+    with open(path, "wb") as fh:
+        for _ in range(MIB):
+            fh.write(os.urandom(1 << 20))
+    return path
 
 
 def qemu_pair(tmp_path: Path, ram_file: Path, uuid: str, *, src_args: tuple[str, ...] = (),
