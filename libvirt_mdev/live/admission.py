@@ -22,8 +22,10 @@ source was refused as a second one.  Here:
 
 A multifd side channel (``virsh migrate --parallel``: first bytes ``11 22 33 44``) is
 held the same way until its whole channel-init message (64 bytes: the VM's uuid and the
-channel id) has arrived, then handed to :mod:`.channels` (when the proxy serves them;
-otherwise it is refused here).
+channel id) has arrived, then handed to :mod:`.channels` (filtering modes) or
+:mod:`.signchannels` (``--mode sign``); a proxy that serves none refuses it here, in a
+line naming its mode.  A relay hands every connection on at its first byte; a TLS proxy
+at its first byte too (the session finds a side channel behind TLS).
 
 Everything refused here is reset (SO_LINGER 0) and logged in one line.
 """

@@ -40,6 +40,14 @@ two hosts' sockets.  For each connection from a source:
 
 ``mode="relay"`` skips all of that: a verbatim two-way relay for the *source* host
 of the UNIX-socket layout, where nothing is armed and the destination proxy filters.
+Every connection is relayed on its own, multifd side channels too (the destination
+proxy binds them and puts the main channel first).
+
+``mode="sign"`` (the source host of the signed layout) signs the main channel; its
+multifd side channels are grouped with the signing session of their domain by
+:mod:`.signchannels`.  On a ``--tls-dir`` proxy each side channel is found behind its
+own TLS (:meth:`.session.Session.run`) and handed on like a plain one; a reset of it
+resets the TLS peer too (:class:`~.tlsbridge.PlainEnd`).
 """
 from __future__ import annotations
 

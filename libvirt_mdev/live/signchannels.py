@@ -135,8 +135,8 @@ class SignSession(Session):
         self._channel_refusal: str | None = None
 
     def _signing(self, ctx: SignContext) -> None:
-        if ctx.domain_uuid is not None:
-            self.group = self.owner.main_signing(self, ctx.domain_uuid)
+        if ctx.domain_uuid is not None:  # channel inits carry it lower-case (read_channel_init)
+            self.group = self.owner.main_signing(self, ctx.domain_uuid.lower())
 
     def _reader(self) -> SocketReader:
         reader = super()._reader()
