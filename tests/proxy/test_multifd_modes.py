@@ -138,14 +138,16 @@ def world(tmp_path: Path) -> World:
 class Signed:
     """Source QEMU → signing proxy (UNIX) → verifying filtering proxy (UNIX) → destination QEMU (UNIX)."""
 
-    def __init__(self, w: World, src_cfg: Config, dst_cfg: Config) -> None:
+    def __init__(self, w: World, src_cfg: Config, dst_cfg: Config, *, src_tls: TlsCreds | None = None,
+                 dst_tls: TlsCreds | None = None) -> None:
         d = w.dir
         self.sock = d / "sproxy.sock"
         self.dst_sock = d / "dst.sock"
-        self.dp = start(MigrationProxy(dst_cfg, ProxyOptions(forward=Endpoint(path=str(self.dst_sock)))),
+        self.dp = start(MigrationProxy(dst_cfg, ProxyOptions(forward=Endpoint(path=str(self.dst_sock)),
+                                                             tls=dst_tls)),
                         Endpoint(path=str(d / "dproxy.sock")))
         self.sp = start(MigrationProxy(src_cfg, ProxyOptions(forward=Endpoint(path=str(d / "dproxy.sock")),
-                                                             mode="sign", domain_xml=d / "dom.xml")),
+                                                             mode="sign", domain_xml=d / "dom.xml", tls=src_tls)),
                         Endpoint(path=str(self.sock)))
 
     def stop(self) -> None:
@@ -177,6 +179,33 @@ def test_multifd_through_the_signed_layout(world: World, signed: Signed, tmp_pat
         assert s.bytes_in < (MIB << 20) // 2    # the RAM travelled on the side channels, through both proxies
         # the destination verified the signed stream (its replay guard moved on)
         assert (world.dir / "store" / f"replay-{world.keys['a'].key_id}-{DOMAIN}.seq").exists()
+
+
+def test_multifd_through_the_signed_layout_with_tls(world: World, tmp_path: Path, ram_file: Path) -> None:
+    """``virsh migrate --tls --parallel`` in the signed layout (docs/signing.md): TLS on each channel at each
+    hop; the signing proxy finds each side channel behind its TLS and groups it with the signing session."""
+    pki = make_pki(tmp_path / "pki", A, B)
+    src_cfg, dst_cfg = world.configs("a")
+    s = Signed(world, src_cfg, dst_cfg, src_tls=TlsCreds(pki[A], B), dst_tls=TlsCreds(pki[B], B))
+    try:
+        for src, dst in qemu_pair(tmp_path, ram_file, DOMAIN, src_args=tls_args(pki[A], "client"),
+                                  dst_args=tls_args(pki[B], "server")):
+            dst.qmp("migrate-set-parameters", **{"tls-creds": "tls0"})
+            src.qmp("migrate-set-parameters", **{"tls-creds": "tls0", "tls-hostname": A})
+            dst.incoming(f"unix:{s.dst_sock}")
+            src.migrate(f"unix:{s.sock}")
+            assert src.wait_migration(timeout=180)["status"] == "completed"
+            dst.wait_status("running", timeout=60)
+            wait_results(s.sp, timeout=60)
+            wait_results(s.dp, timeout=60)
+            sr, dr = s.sp.results[0], s.dp.results[0]
+            assert sr.ok and dr.ok and sr.tls and dr.tls, (sr.error, dr.error)
+            assert len(s.sp.results) == 1 and len(s.dp.results) == 1   # side channels are no sessions
+            assert s.sp.sign_channels is not None and not s.sp.sign_channels.refusals
+            assert s.dp.channels is not None and not s.dp.channels.refusals
+            assert sr.bytes_in < (MIB << 20) // 2
+    finally:
+        s.stop()
 
 
 def side(path: Path, uuid: str, cid: int) -> socket.socket:
