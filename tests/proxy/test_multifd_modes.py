@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,8 @@ from libvirt_mdev.config import Config
 from libvirt_mdev.live.proxy import MigrationProxy, ProxyOptions
 from libvirt_mdev.live.relay import Endpoint
 from libvirt_mdev.live.tlsbridge import TlsCreds
-from testkit.multifd import channel_init
+from libvirt_mdev.stream.multifd import INIT
+from testkit.multifd import channel_init, device_packet
 from tests.harness.qemu_vm import QemuVM
 from tests.sign.live import DOMAIN, World, make_world
 from tests.sign.pki import make_pki
@@ -139,7 +141,7 @@ class Signed:
     """Source QEMU → signing proxy (UNIX) → verifying filtering proxy (UNIX) → destination QEMU (UNIX)."""
 
     def __init__(self, w: World, src_cfg: Config, dst_cfg: Config, *, src_tls: TlsCreds | None = None,
-                 dst_tls: TlsCreds | None = None) -> None:
+                 dst_tls: TlsCreds | None = None, domain: str | None = None) -> None:
         d = w.dir
         self.sock = d / "sproxy.sock"
         self.dst_sock = d / "dst.sock"
@@ -147,7 +149,8 @@ class Signed:
                                                              tls=dst_tls)),
                         Endpoint(path=str(d / "dproxy.sock")))
         self.sp = start(MigrationProxy(src_cfg, ProxyOptions(forward=Endpoint(path=str(d / "dproxy.sock")),
-                                                             mode="sign", domain_xml=d / "dom.xml", tls=src_tls)),
+                                                             mode="sign", domain_xml=d / "dom.xml", tls=src_tls,
+                                                             domain=domain)),
                         Endpoint(path=str(self.sock)))
 
     def stop(self) -> None:
@@ -260,3 +263,81 @@ def test_a_side_channel_from_another_process_fails_the_signed_migration_closed(s
         refusals = list(signed.sp.sign_channels.refusals)
         assert refusals and "not by the QEMU of the signing session" in refusals[0], refusals
         assert not signed.sp.results[0].ok
+
+
+class Injector:
+    """Between the source QEMU and the signing proxy (UNIX sockets): relays every channel both ways, and on
+    the first side channel puts a device-state packet right after the channel init (a packet boundary).  The
+    signing proxy then sees one process (this one) on every channel, as it would see the QEMU."""
+
+    def __init__(self, listen: Path, forward: Path, packet: bytes) -> None:
+        self.forward, self.packet = forward, packet
+        self.injected = threading.Event()
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(str(listen))
+        self.sock.listen(8)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                a, _ = self.sock.accept()
+            except OSError:
+                return
+            b = socket.socket(socket.AF_UNIX)
+            b.connect(str(self.forward))
+            threading.Thread(target=self._pump, args=(a, b, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(b, a, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, from_qemu: bool) -> None:
+        try:
+            if from_qemu:
+                head = b""
+                while len(head) < INIT.size and (chunk := src.recv(INIT.size - len(head))):
+                    head += chunk
+                dst.sendall(head)
+                if head[:4] == b"\x11\x22\x33\x44" and not self.injected.is_set():
+                    self.injected.set()
+                    dst.sendall(self.packet)
+            while chunk := src.recv(1 << 20):
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_device_state_injected_on_a_real_side_channel_is_refused_by_the_sign_proxy(world: World, tmp_path: Path,
+                                                                                   ram_file: Path) -> None:
+    """QEMU 10's vfio-pci x-migration-multifd-transfer, imitated: a device-state packet on a real side channel.
+    The signing proxy refuses it (it cannot be signed yet) before any of it reaches B's proxy; the whole
+    migration fails and the guest keeps running on the source."""
+    src_cfg, dst_cfg = world.configs("a")
+    s = Signed(world, src_cfg, dst_cfg, domain=DOMAIN)
+    mark = b"VFIO-STATE-" + os.urandom(8).hex().encode()
+    inj = Injector(tmp_path / "inject.sock", s.sock, device_packet("0000:00:05.0/vfio", 0, mark))
+    try:
+        for src, dst in qemu_pair(tmp_path, ram_file, DOMAIN):
+            dst.incoming(f"unix:{s.dst_sock}")
+            src.migrate(f"unix:{tmp_path / 'inject.sock'}")
+            info = wait_end(src)
+            assert info["status"] == "failed", info
+            assert src.status() == "running"
+            assert inj.injected.is_set()
+            wait_results(s.sp, timeout=30)
+            assert s.sp.sign_channels is not None
+            (why,) = s.sp.sign_channels.refusals
+            assert "cannot be signed yet" in why and "--mode sign" in why and "without --parallel" in why, why
+            assert not s.sp.results[0].ok and "cannot be signed yet" in (s.sp.results[0].error or "")
+            # B's proxy never saw device state on a side channel (it would refuse it as not filtered yet)
+            assert s.dp.channels is not None
+            assert not any("device state" in r for r in s.dp.channels.refusals), list(s.dp.channels.refusals)
+    finally:
+        inj.close()
+        s.stop()
