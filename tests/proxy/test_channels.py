@@ -340,7 +340,10 @@ def test_a_bad_channel_init_is_refused_alone(proxy_env: ProxyEnv, sink: MultiSin
     assert sink.conns == []
 
 
-def test_the_sign_and_relay_modes_do_not_take_side_channels(proxy_env: ProxyEnv, tmp_path: Path) -> None:
+def test_the_sign_and_relay_modes_do_not_bind_side_channels_to_pending_records(proxy_env: ProxyEnv,
+                                                                               tmp_path: Path) -> None:
+    """Relay carries side channels verbatim and sign groups them with its signing sessions
+    (tests/proxy/test_multifd_modes*.py): neither uses the destination's Channels."""
     from libvirt_mdev.live.session import ProxyOptions
 
     for mode in ("relay", "sign"):
