@@ -51,6 +51,7 @@ from ..config import Config
 from ..errors import MdevError, describe
 from ..log import LogBudget, get_logger
 from ..store import Store
+from ..store.pending import PendingRecord
 from ..stream.events import NEED_DATA, Bytes
 from ..stream.multifd import DeviceStatePacket, MultifdChannelParser, read_channel_init
 from .arming import bindings_from_pending, select_pending
@@ -99,40 +100,39 @@ class SideChannel:
 
 
 class MainSession(Session):
-    """The session of a main channel, joined to its migration's side channels.
-
-    Taken by overriding (session.py is left as it is): the record was claimed (``_arm``:
-    join the :class:`Migration`); the source's reader exists (``_reader``: side-channel
-    bytes count for its progress deadline); the local QEMU's connection for the main
-    channel exists (``_connect_dst``: release the held side channels); and a reset from a
-    side channel is reported as that channel's refusal (``_abort``, ``_fail``)."""
+    """The session of a main channel, joined to its migration's side channels through the
+    hooks of :class:`~.session.Session`: ``on_armed`` (join the :class:`Migration`),
+    ``on_reader`` (side-channel bytes count for its progress deadline), ``on_connected``
+    (release the held side channels); a side channel's refusal resets it with
+    :meth:`~.session.Session.abort_from`."""
 
     def __init__(self, channels: Channels, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.channels = channels
         self.migration: Migration | None = None
-        self._channel_refusal: str | None = None
 
-    def _arm(self) -> None:
-        super()._arm()
-        self.migration = self.channels.main_armed(self, self._record)
+    def on_armed(self, record: PendingRecord) -> None:
+        self.migration = self.channels.main_armed(self, record)
 
-    def _reader(self) -> SocketReader:
-        reader = super()._reader()
+    def on_reader(self, reader: SocketReader) -> None:
         if self.migration is not None:
             self.migration.main_reader = reader
-        return reader
 
-    def _connect_dst(self) -> socket.socket:
-        dst = super()._connect_dst()
+    def on_connected(self) -> None:
         if self.migration is not None:
             self.migration.main_connected()
-        return dst
 
     def run(self) -> SessionResult:
         result = super().run()
         mig = self.migration
-        if mig is not None and mig.states is not None:  # device state that came on side channels
+        if mig is None:
+            return result
+        with self.channels.lock:
+            sides = list(mig.sides.values())
+        result.channels = len(sides)
+        result.channel_bytes_in = sum(s.bytes_in for s in sides)
+        result.channel_bytes_out = sum(s.bytes_out for s in sides)
+        if mig.states is not None:  # device state that came on side channels
             result.devices += [dict(r.to_json(), channel="multifd") for r in list(mig.states.results)]
         return result
 
@@ -140,17 +140,6 @@ class MainSession(Session):
     def claimed(self) -> Any:
         """The pending record this session claimed (None before its claim)."""
         return self._record
-
-    def abort_from_channel(self, why: str) -> None:
-        """Reset the main channel from a side channel's thread; the session's own error
-        path then logs *why* as its one line (a refusal, not a transport failure)."""
-        self._channel_refusal = why
-        self._abort(why)
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._channel_refusal is not None and self._channel_refusal == self._aborted:
-            exc = MdevError(self._channel_refusal)  # what it saw (a reset, an early end) was this refusal
-        super()._fail(exc)
 
 
 class Migration:
@@ -255,7 +244,7 @@ class Migration:
         self._refuse_states(why)
         self.owner.note_refusal(why)
         if main is not None and not main_done:
-            main.abort_from_channel(why)  # the main session logs the line
+            main.abort_from(why)  # the main session logs the line
         elif not logged:
             log.error(f"{self} REFUSED, {'main and ' if main is not None else ''}{len(sides)} multifd "
                       f"channel(s) reset: {why}")

@@ -104,6 +104,11 @@ class SessionResult:
     seconds: float = 0.0
     #: "TLS 1.3" when the source's TLS was terminated here
     tls: str | None = None
+    #: multifd: the side channels of this migration, and their bytes from the source / to
+    #: the destination when the main channel ended (a side channel may still be finishing)
+    channels: int = 0
+    channel_bytes_in: int = 0
+    channel_bytes_out: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,6 +142,8 @@ class Session:
         self._on_bound = on_bound
         self._raw_src = src
         self._evicted: str | None = None
+        #: a refusal seen by another connection of the migration (:meth:`abort_from`)
+        self._refused_from: str | None = None
         #: the connecting process (UNIX sockets): the sign mode finds the domain from it
         self.peer_pid = peer_pid(src)
         self._on_side_channel = on_side_channel
@@ -187,10 +194,10 @@ class Session:
         self.src = bridge.plain
         self.result.tls = (bridge.version or "TLS").replace("TLSv", "TLS ")  # "TLSv1.3" -> "TLS 1.3"
         self._header = read_header(bridge, deadline, self.opts.limits.header_timeout,
-                                   side_channel_len=MULTIFD_INIT.size if self._serves_side_channels() else 0,
+                                   side_channel_len=MULTIFD_INIT.size if self.serves_side_channels() else 0,
                                    mode=self.opts.mode)
 
-    def _serves_side_channels(self) -> bool:
+    def serves_side_channels(self) -> bool:
         """Whether a multifd side channel behind TLS is taken (else refused, naming the mode)."""
         return self._on_side_channel is not None
 
@@ -203,9 +210,9 @@ class Session:
         self.handed_off = True
         init, self._header = self._header, b""
         assert plain is not None
-        self._side_channel(plain, init)
+        self.side_channel(plain, init)
 
-    def _side_channel(self, plain: socket.socket, init: bytes) -> None:
+    def side_channel(self, plain: socket.socket, init: bytes) -> None:
         assert self._on_side_channel is not None
         opts = self.opts
         self._on_side_channel(plain, self.result.peer, init, self._accepted, connect=lambda: open_forward(opts)[0])
@@ -242,6 +249,7 @@ class Session:
         log.info(f"connection from {r.peer}: serving domain {r.domain_name} ({r.domain_uuid}) "
                  f"migration {r.migration_id}, mode {self.opts.mode}"
                  + (f", {r.tls} (client certificate verified)" if r.tls else "") + f", armed mdevs: {devs}")
+        self.on_armed(record)
 
     def _spend(self) -> None:
         from ..store.pending import read_pending, remove_pending
@@ -261,6 +269,7 @@ class Session:
         self.dst, bridge = open_forward(self.opts)
         if bridge is not None:
             self._bridges.append(bridge)
+        self.on_connected()
         return self.dst
 
     def _reader(self) -> SocketReader:
@@ -268,7 +277,9 @@ class Session:
         assert self.src is not None
         lim = self.opts.limits
         header, self._header = self._header, b""
-        return SocketReader(self.src, prefix=header, progress=Progress(lim.progress_timeout, lim.progress_min_bytes))
+        reader = SocketReader(self.src, prefix=header, progress=Progress(lim.progress_timeout, lim.progress_min_bytes))
+        self.on_reader(reader)
+        return reader
 
     def _filtered(self) -> None:
         from ..store import Store
@@ -308,7 +319,7 @@ class Session:
         self.result.domain_uuid, self.result.migration_id = ctx.domain_uuid, ctx.migration_id
         log.info(f"connection from {self.result.peer}: signing migration {ctx.migration_id} of domain "
                  f"{ctx.domain_uuid} with key {ctx.key.key_id}, forwarding to {self.opts.forward}")
-        self._signing(ctx)
+        self.on_signing(ctx)
         dst = self._connect_dst()
         back = self._start_return_path(dst)
         out: list[Bytes] = []
@@ -317,8 +328,29 @@ class Session:
         self._finish(back)
         self.result.devices = [s for s in layer.signed if s["kind"] == "device"]
 
-    def _signing(self, ctx: SignContext) -> None:
-        """The signing context is known (a hook: :mod:`.signchannels` groups side channels by its domain)."""
+    # -- hooks: sessions that other connections join (multifd: live/channels.py, live/signchannels.py) --
+    def on_armed(self, record: PendingRecord) -> None:
+        """Filtering modes: *record* was claimed and re-checked, nothing forwarded yet."""
+
+    def on_signing(self, ctx: SignContext) -> None:
+        """Sign mode: the signing context is known, nothing forwarded yet."""
+
+    def on_reader(self, reader: SocketReader) -> None:
+        """The source's reader exists (other connections' bytes may count for its
+        progress deadline: :meth:`SocketReader.credit`)."""
+
+    def on_connected(self) -> None:
+        """The next hop is connected (side channels held until now may go)."""
+
+    def on_abort(self, why: str) -> None:
+        """Both connections were just reset, for *why* (any thread)."""
+
+    def abort_from(self, why: str) -> None:
+        """From another connection's thread: reset this one for a refusal seen there
+        (a side channel's); this session's error path then logs *why* as its one line, a
+        refusal, not the transport failure (a reset, an early end) it saw."""
+        self._refused_from = why
+        self._abort(why)
 
     def _pump(self, parser: StreamParser, flt: EventConsumer, out: list[Bytes], dst: socket.socket) -> None:
         """Source→destination: read a chunk, run every event through the filter, then
@@ -402,9 +434,12 @@ class Session:
         # source (a FIN) on a clean EOF; the source must see a reset, never a stream that ended
         abort_socket(src)
         abort_socket(dst)
+        self.on_abort(why)
 
     def _fail(self, exc: BaseException) -> None:
         """The one place a refusal ends: both sockets reset, one line logged."""
+        if self._refused_from is not None and self._refused_from == self._aborted:
+            exc = MdevError(self._refused_from)  # what this session saw was that refusal
         # a TLS error seen by a bridge explains the plain-side symptom (EOF, reset) better
         first = self._evicted or self._aborted or next((b.error for b in self._bridges if b.error), None)
         self._abort(_line(exc))

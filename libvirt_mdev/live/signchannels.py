@@ -113,7 +113,7 @@ class SignGroup:
             return
         self.owner.refusals.append(why)
         if main is not None and not main_done and not logged:
-            main.abort_from_channel(why)  # the main session logs the line
+            main.abort_from(why)  # the main session logs the line
         elif not logged:
             log.error(f"{self} REFUSED, {'main and ' if main is not None else ''}{len(self.sides)} multifd "
                       f"channel(s) reset: {why}")
@@ -123,59 +123,44 @@ class SignSession(Session):
     """A connection to the signing proxy: a main channel that groups its side channels,
     or (behind TLS) a side channel handed to :class:`SignChannels`.
 
-    Hooks of :class:`~.session.Session`: ``_signing`` (the context is known: join the
-    group of its domain), ``_reader`` (progress credit), ``_connect_dst`` (release the held
-    side channels), ``_abort``/``_fail`` (fail the group with it; a side channel's refusal
-    is the line), ``_side_channel`` (a TLS side channel, with the connecting process)."""
+    Hooks of :class:`~.session.Session`: ``on_signing`` (the context is known: join the
+    group of its domain), ``on_reader`` (progress credit), ``on_connected`` (release the
+    held side channels), ``on_abort`` (fail the group with it; a side channel's refusal is
+    the line, :meth:`~.session.Session.abort_from`), ``side_channel`` (a TLS side channel,
+    with the connecting process)."""
 
     def __init__(self, owner: SignChannels, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.owner = owner
         self.group: SignGroup | None = None
-        self._channel_refusal: str | None = None
 
-    def _signing(self, ctx: SignContext) -> None:
+    def on_signing(self, ctx: SignContext) -> None:
         if ctx.domain_uuid is not None:  # channel inits carry it lower-case (read_channel_init)
             self.group = self.owner.main_signing(self, ctx.domain_uuid.lower())
 
-    def _reader(self) -> SocketReader:
-        reader = super()._reader()
+    def on_reader(self, reader: SocketReader) -> None:
         if self.group is not None:
             self.group.main_reader = reader
-        return reader
 
-    def _connect_dst(self) -> socket.socket:
-        dst = super()._connect_dst()
+    def on_connected(self) -> None:
         if self.group is not None:
             self.group.ready.set()
-        return dst
 
-    def _serves_side_channels(self) -> bool:
+    def serves_side_channels(self) -> bool:
         return True
 
-    def _side_channel(self, plain: socket.socket, init: bytes) -> None:
+    def side_channel(self, plain: socket.socket, init: bytes) -> None:
         from .session import open_forward
 
         opts = self.opts
         self.owner.side_channel(plain, self.result.peer, init, self._accepted,
                                 connect=lambda: open_forward(opts)[0], pid=self.peer_pid)
 
-    def abort_from_channel(self, why: str) -> None:
-        """From a side channel's thread: reset the main channel; its error path logs *why*."""
-        self._channel_refusal = why
-        self._abort(why)
-
-    def _abort(self, why: str) -> None:
-        super()._abort(why)
+    def on_abort(self, why: str) -> None:
         if self.group is not None:
             self.group.fail(why, logged=True)
         elif not self.handed_off:
             self.owner.main_failed_early(self.peer_pid, why)
-
-    def _fail(self, exc: BaseException) -> None:
-        if self._channel_refusal is not None and self._channel_refusal == self._aborted:
-            exc = MdevError(self._channel_refusal)
-        super()._fail(exc)
 
 
 class SignChannels:

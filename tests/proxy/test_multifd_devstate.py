@@ -124,6 +124,8 @@ def test_device_state_spread_over_side_channels_is_stored_then_forwarded_byte_id
     got = sink.wait(3)
     assert bytes(got[0]["data"]) == main
     assert sorted(bytes(c["data"]) for c in got[1:]) == sorted(sides)   # byte-identical, packets and RAM
+    assert res.channels == 2 and res.channel_bytes_in == res.channel_bytes_out == sum(map(len, sides))
+    assert res.to_json()["channels"] == 2   # what --json-log prints
     multifd = [d for d in res.devices if d.get("channel") == "multifd"]
     assert len(multifd) == 1
     d = multifd[0]
