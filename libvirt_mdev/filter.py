@@ -372,12 +372,7 @@ class StreamFilter:
                 dev.writer.abort()
                 dev.writer = None
         if self._txn is not None:
-            try:
-                self._txn.refuse(self.refused)
-            except MdevError:
-                # cannot record it (disk full, I/O error): the stream stays "open", which is
-                # never loadable either, and gc marks it refused once this process is gone
-                pass
+            self._txn.refuse_if_possible(self.refused)
 
     def close(self) -> None:
         """Abort unfinished state writers and close fds.  A stream that was not

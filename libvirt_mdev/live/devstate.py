@@ -45,7 +45,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..errors import MdevError, MdevMissing, SignatureError, StoreIntegrityError, StreamError
+from ..errors import MdevMissing, SignatureError, StoreIntegrityError, StreamError
 from ..filter_options import Binding, DeviceResult
 from ..store.manifest import Manifest, StateMeta
 from ..store.store import StateWriter, Store, StreamTxn
@@ -229,10 +229,7 @@ class MultifdStates:
                     dev.writer.abort()
                     dev.writer = None
             if self._txn is not None:
-                try:
-                    self._txn.refuse(self.refused)
-                except MdevError:  # cannot record it: the stream stays "open", never loadable (filter.py does the same)
-                    pass
+                self._txn.refuse_if_possible(self.refused)
 
     def summary(self) -> str:
         """For the migration's log line: what was stored."""

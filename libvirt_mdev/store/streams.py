@@ -18,7 +18,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from ..errors import StoreError, StoreIntegrityError, TokenError, UsageError
+from ..errors import MdevError, StoreError, StoreIntegrityError, TokenError, UsageError
 from .acl import SecureDir, lock_fd
 from .layout import HOLD_SUFFIX, LOCK_NAME, STREAM_SUFFIX, check_id
 
@@ -160,6 +160,15 @@ class StreamTxn:
         """The stream was refused: none of its states may ever be loaded.  Also after
         :meth:`accept` (a refusal reported later still wins)."""
         self._decide(REFUSED, reason)
+
+    def refuse_if_possible(self, reason: str) -> None:
+        """:meth:`refuse` for an error path: when the refusal cannot be recorded (disk
+        full, I/O error) the stream stays "open", which is never loadable either, and gc
+        marks it refused once this process is gone."""
+        try:
+            self.refuse(reason)
+        except MdevError:
+            pass
 
     def _decide(self, state: str, reason: str | None) -> None:
         if self.state in (REFUSED, state):
