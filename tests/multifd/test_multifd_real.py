@@ -25,6 +25,7 @@ from libvirt_mdev.stream.multifd import (
 )
 from tests.harness.qemu_vm import QemuVM
 from tests.harness.relay import pump
+from tests.harness.util import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -66,11 +67,6 @@ class CapturingRelay:
             t.join(timeout=30)
         self.sock.close()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def parse_channel(data: bytes) -> list[object]:

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 from libvirt_mdev.live.relay import Endpoint
 from libvirt_mdev.stream import SectionFooter, iter_events
 from tests.harness.qemu_vm import QemuVM
+from tests.harness.util import free_port, random_file
 
 from .conftest import ID_B, U2, ProxyEnv, replay, wait_results
 
@@ -32,17 +32,8 @@ MIB = 256
 
 @pytest.fixture(scope="module")
 def ram_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ram") / "ram.bin"
-    with open(path, "wb") as fh:
-        for _ in range(MIB):
-            fh.write(os.urandom(1 << 20))
-    return path
+    return random_file(tmp_path_factory.mktemp("ram") / "ram.bin", MIB)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -23,7 +23,6 @@ import pytest
 
 from libvirt_mdev.errors import MdevError
 from libvirt_mdev.store import Store
-from libvirt_mdev.store.tokens import parse_token
 from libvirt_mdev.stream.multifd import RamPacket, is_multifd_channel
 from testkit.multifd import channel_init, device_packet
 from testkit.synth import SyntheticVfioDevice, inject, vfio_state_packet
@@ -32,7 +31,7 @@ from tests.multifd.test_multifd_real import VM_UUID, parse_channel
 
 from .conftest import ID_A, U1, ProxyEnv, wait_results
 from .test_channels import connect, finish
-from .test_multifd_devstate import stored_packets
+from .test_multifd_devstate import loadable, stored_packets
 from .test_multifd_replay import capture_multifd, replay
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -61,15 +60,6 @@ def insert(side: bytes, packets: list[bytes], nth: int = 2) -> bytes:
     """*packets* inserted at the start of the side channel's *nth* RAM packet: a packet boundary."""
     at = [off for kind, off, _, _ in parse_channel(side) if kind is RamPacket][nth]
     return side[:at] + b"".join(packets) + side[at:]
-
-
-def loadable(store_dir: Path, token: str) -> bool:
-    with Store.open(store_dir) as store:
-        try:
-            store.check_loadable(parse_token(token))
-        except MdevError:
-            return False
-    return True
 
 
 def wait_loadable(store_dir: Path, token: str) -> None:
@@ -233,8 +223,7 @@ def test_a_lie_in_a_real_multifd_migration_leaves_the_guest_on_the_source(proxy_
                                                                           case: str) -> None:
     from libvirt_mdev.live.relay import Endpoint
     from tests.harness.qemu_vm import HarnessError, QemuVM
-
-    from .test_multifd_live import free_port
+    from tests.harness.util import free_port
     mib = 64
     ram = tmp_path / "ram"
     ram.write_bytes(os.urandom(mib << 20))

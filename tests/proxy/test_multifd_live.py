@@ -7,8 +7,6 @@ in the middle leaves the guest running on the source.
 """
 from __future__ import annotations
 
-import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +15,7 @@ import pytest
 
 from libvirt_mdev.live.relay import Endpoint
 from tests.harness.qemu_vm import QemuVM
+from tests.harness.util import free_port, random_file
 
 from .conftest import DOM_UUID, ProxyEnv, wait_results
 from .test_channels import wait_refusals
@@ -28,17 +27,8 @@ MIB = 128
 
 @pytest.fixture(scope="module")
 def ram_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("mfram") / "ram.bin"
-    with open(path, "wb") as fh:
-        for _ in range(MIB):
-            fh.write(os.urandom(1 << 20))
-    return path
+    return random_file(tmp_path_factory.mktemp("mfram") / "ram.bin", MIB)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def multifd_pair(tmp_path: Path, ram_file: Path, channels: int) -> Iterator[tuple[QemuVM, QemuVM, int]]:

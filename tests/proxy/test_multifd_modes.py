@@ -28,11 +28,11 @@ from libvirt_mdev.live.tlsbridge import TlsCreds
 from libvirt_mdev.stream.multifd import INIT
 from testkit.multifd import channel_init, device_packet
 from tests.harness.qemu_vm import QemuVM
+from tests.harness.util import free_port, random_file
 from tests.sign.live import DOMAIN, World, make_world
 from tests.sign.pki import make_pki
 
 from .conftest import DOM_UUID, ProxyEnv, wait_results
-from .test_multifd_live import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MIB = 128
@@ -43,11 +43,7 @@ OTHER_UUID = "0b0b0b0b-1111-4222-8333-444455556666"
 @pytest.fixture(scope="module")
 def ram_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random guest RAM: most of it travels on the side channels."""
-    path = tmp_path_factory.mktemp("mfmodes") / "ram.bin"
-    with open(path, "wb") as fh:
-        for _ in range(MIB):
-            fh.write(os.urandom(1 << 20))
-    return path
+    return random_file(tmp_path_factory.mktemp("mfmodes") / "ram.bin", MIB)
 
 
 def qemu_pair(tmp_path: Path, ram_file: Path, uuid: str, *, src_args: tuple[str, ...] = (),
