@@ -27,12 +27,12 @@ from libvirt_mdev.stream.multifd import RamPacket, is_multifd_channel
 from testkit.multifd import channel_init, device_packet
 from testkit.synth import SyntheticVfioDevice, inject, vfio_state_packet
 from tests.harness.relay import pump
-from tests.multifd.test_multifd_real import VM_UUID, parse_channel
+from tests.multifd.test_multifd_real import VM_UUID, capture_multifd, parse_channel
 
 from .conftest import ID_A, U1, ProxyEnv, wait_results
 from .test_channels import connect, finish
 from .test_multifd_devstate import loadable, stored_packets
-from .test_multifd_replay import capture_multifd, replay
+from .test_multifd_replay import RAM_MIB, replay
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 OTHER_UUID = "0b0b0b0b-1111-4222-8333-444455556666"
@@ -40,7 +40,7 @@ OTHER_UUID = "0b0b0b0b-1111-4222-8333-444455556666"
 
 @pytest.fixture(scope="module")
 def capture(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, list[bytes]]:
-    return capture_multifd(tmp_path_factory.mktemp("mfcap"))
+    return capture_multifd(tmp_path_factory.mktemp("mfcap"), 2, RAM_MIB)
 
 
 def device(*, multifd: bool, size: int = (3 << 20) + 4321) -> SyntheticVfioDevice:

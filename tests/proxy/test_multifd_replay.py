@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import os
 import threading
-from pathlib import Path
 
 import pytest
 
-from libvirt_mdev.stream.multifd import RamPacket, is_multifd_channel
+from libvirt_mdev.stream.multifd import RamPacket
 from testkit.multifd import device_packet
-from tests.harness.qemu_vm import QemuVM
-from tests.multifd.test_multifd_real import VM_UUID, CapturingRelay, free_port, parse_channel
+from tests.multifd.test_multifd_real import VM_UUID, capture_multifd, parse_channel
 
 from .conftest import ProxyEnv, wait_results
 from .test_channels import MultiSink, connect, finish, was_reset
@@ -25,35 +23,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 RAM_MIB = 32
 
 
-def capture_multifd(tmp: Path) -> tuple[bytes, list[bytes]]:
-    """A real 2-channel multifd migration of a VM with random RAM, captured on loopback: (main, sides)."""
-    ram = tmp / "ram"
-    ram.write_bytes(os.urandom(RAM_MIB << 20))
-    src = QemuVM(tmp, name="src", memory_mib=RAM_MIB, with_disk=False, ram_file=ram, extra_args=["-uuid", VM_UUID])
-    dst = QemuVM(tmp, name="dst", memory_mib=RAM_MIB, with_disk=False, incoming_defer=True,
-                 extra_args=["-uuid", VM_UUID])
-    with src, dst:
-        for vm in (src, dst):
-            vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
-            vm.qmp("migrate-set-parameters", **{"multifd-channels": 2})
-        port = free_port()
-        dst.incoming(f"tcp:127.0.0.1:{port}")
-        relay = CapturingRelay(port)
-        try:
-            src.migrate(f"tcp:127.0.0.1:{relay.port}")
-            src.wait_migration(timeout=120)
-            dst.wait_status("running", timeout=60)
-        finally:
-            relay.close()
-    (main,) = [bytes(c) for c in relay.captures if bytes(c[:4]) == b"QEVM"]
-    sides = [bytes(c) for c in relay.captures if is_multifd_channel(bytes(c[:4]))]
-    assert len(sides) == 2
-    return main, sides
-
-
 @pytest.fixture(scope="module")
 def capture(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, list[bytes]]:
-    return capture_multifd(tmp_path_factory.mktemp("mfcap"))
+    return capture_multifd(tmp_path_factory.mktemp("mfcap"), 2, RAM_MIB)
 
 
 def replay(proxy_env: ProxyEnv, main: bytes, sides: list[bytes]) -> tuple[MultiSink, list[bool], bool]:
