@@ -60,11 +60,12 @@ def side(cid: int, *packets: bytes, uuid: str = DOM_UUID) -> bytes:
             + b"".join(packets) + sync_packet(cid + 100))
 
 
-def migrate(px: MigrationProxy, main: bytes, sides: list[bytes]) -> tuple[bool, list[bool]]:
-    """Main channel first (part), the side channels, then the rest of the main channel, as QEMU does:
-    (main reset, side resets)."""
+def migrate(px: MigrationProxy, main: bytes, sides: list[bytes], *, first: int = 200,
+            timeout: float = 30) -> tuple[bool, list[bool]]:
+    """Part of the main channel first, then the side channels, then the rest of the main channel once every
+    side channel reached the destination (as QEMU's destination waits for them): (main reset, side resets)."""
     m = connect(px)
-    m.sendall(main[:200])
+    m.sendall(main[:first])
     resets = [False] * len(sides)
 
     def run(i: int) -> None:
@@ -74,9 +75,9 @@ def migrate(px: MigrationProxy, main: bytes, sides: list[bytes]) -> tuple[bool, 
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
-    main_reset = was_reset(m) if any(resets) else finish(m, main[200:])
-    wait_results(px)
+        t.join(timeout)
+    main_reset = was_reset(m) if any(resets) else finish(m, main[first:])
+    wait_results(px, timeout=timeout)
     return main_reset, resets
 
 

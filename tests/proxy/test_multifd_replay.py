@@ -8,7 +8,6 @@ is refused and nothing of that packet is forwarded (device state that is the dom
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 
@@ -16,8 +15,9 @@ from libvirt_mdev.stream.multifd import RamPacket
 from testkit.multifd import device_packet
 from tests.multifd.test_multifd_real import VM_UUID, capture_multifd, parse_channel
 
-from .conftest import ProxyEnv, wait_results
-from .test_channels import MultiSink, connect, finish, was_reset
+from .conftest import ProxyEnv
+from .test_channels import MultiSink
+from .test_multifd_devstate import migrate
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 RAM_MIB = 32
@@ -29,24 +29,10 @@ def capture(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, list[bytes
 
 
 def replay(proxy_env: ProxyEnv, main: bytes, sides: list[bytes]) -> tuple[MultiSink, list[bool], bool]:
-    """Main channel first (part of it), then the side channels, then the rest of the main channel once every
-    channel reached the destination (as QEMU's destination waits for them).  (sink, side resets, main reset)"""
+    """The capture through a new proxy into a MultiSink (test_multifd_devstate.migrate): (sink, side resets,
+    main reset)."""
     sink = MultiSink()
-    px = proxy_env.proxy(sink.endpoint)
-    m = connect(px)
-    m.sendall(main[:4096])
-    resets: list[bool] = [False] * len(sides)
-
-    def side(i: int) -> None:
-        resets[i] = finish(connect(px), sides[i])
-
-    threads = [threading.Thread(target=side, args=(i,)) for i in range(len(sides))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    main_reset = was_reset(m) if any(resets) else finish(m, main[4096:])
-    wait_results(px, timeout=60)
+    main_reset, resets = migrate(proxy_env.proxy(sink.endpoint), main, sides, first=4096, timeout=60)
     return sink, resets, main_reset
 
 
