@@ -44,7 +44,6 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config
@@ -56,6 +55,7 @@ from ..stream.events import NEED_DATA, Bytes
 from ..stream.multifd import DeviceStatePacket, MultifdChannelParser, read_channel_init
 from .arming import bindings_from_pending, select_pending
 from .devstate import MultifdStates, PacketSink
+from .group import ChannelGroup, SideChannel
 from .relay import ReturnPath, SocketReader, abort_socket, connect, reset_on_close, send_views
 from .session import ProxyOptions, Session, SessionResult
 
@@ -67,8 +67,6 @@ KEEP_ENDED = 256
 KEEP_REFUSALS = 64
 #: at most this many log lines of channels refused alone per window (seconds)
 REFUSAL_LINES, REFUSAL_WINDOW = 10, 60.0
-#: how often a held side channel looks at the main channel's deadline
-_POLL = 0.05
 
 
 def record_field(record: Any, name: str) -> Any:
@@ -76,27 +74,6 @@ def record_field(record: Any, name: str) -> Any:
     if isinstance(record, dict):
         return record[name]
     return getattr(record, name)
-
-
-@dataclass(eq=False)
-class SideChannel:
-    """One side channel's two sockets and counters."""
-
-    src: socket.socket | None
-    peer: str
-    init: bytes
-    channel_id: int = -1
-    uuid: str = ""
-    dst: socket.socket | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-    done: bool = False
-    #: how to reach the local QEMU for this channel (None: a plain connection to the proxy's forward
-    #: address; a TLS proxy passes one that re-originates TLS)
-    connect: Callable[[], socket.socket] | None = None
-
-    def name(self) -> str:
-        return f"multifd channel {self.channel_id} from {self.peer}"
 
 
 class MainSession(Session):
@@ -142,26 +119,17 @@ class MainSession(Session):
         return self._record
 
 
-class Migration:
+class Migration(ChannelGroup[SideChannel]):
     """The channels of one armed migration (keyed by its migration id)."""
 
     def __init__(self, owner: Channels, record: Any) -> None:
+        super().__init__(owner.lock)
         self.owner = owner
         self.migration_id: str = record_field(record, "migration_id")
         self.domain_uuid: str = record_field(record, "domain_uuid")
         self.domain_name: str = record_field(record, "domain_name")
-        self.created = time.monotonic()
-        self.main: MainSession | None = None
-        #: the main session returned (its own line, if any, is logged)
-        self.main_done = False
-        #: set when the main channel is connected to the local QEMU, or the migration failed
-        self.ready = threading.Event()
         self.connected = False
-        self.failed: str | None = None
         self.ended = False
-        self.sides: dict[int, SideChannel] = {}
-        #: the main channel's reader: side channel bytes count for its progress deadline
-        self.main_reader: SocketReader | None = None
         self.record = record
         #: the device state that came on side channels (created by the first side channel)
         self.states: MultifdStates | None = None
@@ -221,34 +189,12 @@ class Migration:
         finally:
             states.store.close()
 
-    def fail(self, why: str, *, also: SideChannel | None = None, logged: bool = False) -> None:
-        """Fail the whole migration closed: reset the main channel and every side channel
-        (and *also*, a channel refused while joining).  The first reason wins; one line."""
-        lock = self.owner.lock
-        with lock:
-            first = self.failed is None
-            if first:
-                self.failed = why
-            self.owner.end(self)
-            sides = list(self.sides.values()) + ([also] if also is not None else [])
-            socks = []
-            for s in sides:
-                socks += [s.src, s.dst]
-                s.src = s.dst = None
-            main, main_done = self.main, self.main_done
-        self.ready.set()
-        for sock in socks:
-            abort_socket(sock)
-        if not first:
-            return
+    def closed(self) -> None:
+        self.owner.end(self)
+
+    def refused(self, why: str) -> None:
         self._refuse_states(why)
         self.owner.note_refusal(why)
-        if main is not None and not main_done:
-            main.abort_from(why)  # the main session logs the line
-        elif not logged:
-            log.error(f"{self} REFUSED, {'main and ' if main is not None else ''}{len(sides)} multifd "
-                      f"channel(s) reset: {why}")
-
 
     def _refuse_states(self, why: str) -> None:
         with self.owner.lock:
@@ -361,7 +307,7 @@ class Channels:
         if mig is None:
             return
         try:
-            self._hold(mig, side)
+            mig.wait_ready(self.opts.limits.main_channel_timeout)
             self._forward(mig, side)
         except Exception as exc:  # fail closed: the whole migration
             mig.fail(f"{side.name()}: {_line(exc)}", also=side)
@@ -405,17 +351,6 @@ class Channels:
         else:
             mig.fail(why or "", also=side)
         return None
-
-    def _hold(self, mig: Migration, side: SideChannel) -> None:
-        """Wait until the main channel is connected to the local QEMU (QEMU 7.2 takes the
-        first connection for the main one), within the main-channel deadline."""
-        timeout = self.opts.limits.main_channel_timeout
-        while not mig.ready.wait(_POLL):
-            if mig.main is None and time.monotonic() - mig.created >= timeout:
-                raise MdevError(f"the main channel of {mig} did not arrive within {timeout:g}s of its first "
-                                f"multifd channel (the proxy's main-channel deadline)")
-        if mig.failed is not None:
-            raise MdevError(mig.failed)
 
     def _forward(self, mig: Migration, side: SideChannel) -> None:
         dst = side.connect() if side.connect is not None else connect(self.opts.forward, self.opts.connect_timeout)

@@ -55,7 +55,8 @@ from ..sign.source import qemu_uuid_of
 from ..store.manifest import is_uuid
 from ..stream.events import NEED_DATA, Bytes
 from ..stream.multifd import DeviceStatePacket, MultifdChannelParser, read_channel_init
-from .channels import KEEP_REFUSALS, SideChannel
+from .channels import KEEP_REFUSALS
+from .group import ChannelGroup, SideChannel
 from .relay import ReturnPath, SocketReader, abort_socket, connect, reset_on_close, send_views
 from .session import ProxyOptions, Session, SessionResult
 
@@ -75,48 +76,25 @@ class SignSide(SideChannel):
     pid: int | None = None
 
 
-class SignGroup:
+class SignGroup(ChannelGroup[SignSide]):
     """The side channels of one domain's signing session (keyed by the domain uuid)."""
 
     def __init__(self, owner: SignChannels, uuid: str) -> None:
+        super().__init__(owner.lock)
         self.owner, self.uuid = owner, uuid
-        self.created = time.monotonic()
-        self.main: SignSession | None = None
-        self.main_done = False
-        #: set when the main channel is connected to the next hop, or the group failed
-        self.ready = threading.Event()
-        self.failed: str | None = None
-        self.sides: dict[int, SignSide] = {}
-        #: the main channel's reader: side-channel bytes count for its progress deadline
-        self.main_reader: SocketReader | None = None
 
     def __str__(self) -> str:
         return f"signed migration of domain {self.uuid}"
 
-    def fail(self, why: str, *, also: SignSide | None = None, logged: bool = False) -> None:
-        """Reset the main channel and every side channel (and *also*, refused while
-        joining).  The first reason wins; one line (the main session's, when it runs)."""
-        with self.owner.lock:
-            first = self.failed is None
-            if first:
-                self.failed = why
-            self.owner.forget(self)
-            socks = []
-            for s in list(self.sides.values()) + ([also] if also is not None else []):
-                socks += [s.src, s.dst]
-                s.src = s.dst = None
-            main, main_done = self.main, self.main_done
-        self.ready.set()
-        for sock in socks:
-            abort_socket(sock)
-        if not first:
-            return
+    def closed(self) -> None:
+        self.owner.forget(self)
+
+    def refused(self, why: str) -> None:
         self.owner.refusals.append(why)
-        if main is not None and not main_done and not logged:
-            main.abort_from(why)  # the main session logs the line
-        elif not logged:
-            log.error(f"{self} REFUSED, {'main and ' if main is not None else ''}{len(self.sides)} multifd "
-                      f"channel(s) reset: {why}")
+
+    def late(self, timeout: float) -> str:
+        return (f"no signing session of domain {self.uuid} started within {timeout:g}s of its first multifd "
+                f"channel: a side channel must belong to a signing session in progress")
 
 
 class SignSession(Session):
@@ -258,7 +236,7 @@ class SignChannels:
         if group is None:
             return
         try:
-            self._hold(group)
+            group.wait_ready(self.opts.limits.main_channel_timeout)
             self._forward(group, side)
         except Exception as exc:  # fail closed: the whole signed migration
             group.fail(f"{side.name()}: {_line(exc)}", also=side)
@@ -294,18 +272,6 @@ class SignChannels:
                 return group
         group.fail(why, also=side)
         return None
-
-    def _hold(self, group: SignGroup) -> None:
-        """Wait until the signing session of the group's domain is connected to the next
-        hop, within the main-channel deadline."""
-        timeout = self.opts.limits.main_channel_timeout
-        while not group.ready.wait(_POLL):
-            if group.main is None and time.monotonic() - group.created >= timeout:
-                raise MdevError(f"no signing session of domain {group.uuid} started within {timeout:g}s of its "
-                                f"first multifd channel (the proxy's main-channel deadline): a side channel "
-                                f"must belong to a signing session in progress")
-        if group.failed is not None:
-            raise MdevError(group.failed)
 
     def _forward(self, group: SignGroup, side: SignSide) -> None:
         dst = side.connect() if side.connect is not None else connect(self.opts.forward, self.opts.connect_timeout)
