@@ -85,7 +85,7 @@ def test_kill_9_of_the_proxy_mid_multifd_migration_leaves_the_source_running(pro
                 assert time.monotonic() < deadline, info
                 time.sleep(0.05)
             assert info["status"] == "failed", info
-            assert src.status() == "running"
+            src.wait_status("running", timeout=30)  # QEMU resumes the guest just after "failed"
         finally:
             if px.proc.poll() is None:
                 px.proc.kill()
@@ -105,7 +105,7 @@ def test_side_channels_of_another_vm_fail_the_real_migration_closed(proxy_env: P
             assert time.monotonic() < deadline, info
             time.sleep(0.05)
         assert info["status"] == "failed", info
-        assert src.status() == "running"
+        src.wait_status("running", timeout=30)  # QEMU resumes the guest just after "failed"
         # the first refusal is the side channel's, whichever channel the proxy bound first (the main channel
         # may not even have sent its header yet: QEMU 7.2 flushes it once the side channels are up)
         refusals = wait_refusals(px)

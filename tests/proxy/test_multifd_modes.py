@@ -253,7 +253,7 @@ def test_a_side_channel_from_another_process_fails_the_signed_migration_closed(s
         info = wait_end(src)
         intruder.close()
         assert info["status"] == "failed", info
-        assert src.status() == "running"
+        src.wait_status("running", timeout=30)  # QEMU resumes the guest just after "failed"
         wait_results(signed.sp, timeout=30)
         assert signed.sp.sign_channels is not None
         refusals = list(signed.sp.sign_channels.refusals)
@@ -324,7 +324,7 @@ def test_device_state_injected_on_a_real_side_channel_is_refused_by_the_sign_pro
             src.migrate(f"unix:{tmp_path / 'inject.sock'}")
             info = wait_end(src)
             assert info["status"] == "failed", info
-            assert src.status() == "running"
+            src.wait_status("running", timeout=30)  # QEMU resumes the guest just after "failed"
             assert inj.injected.is_set()
             wait_results(s.sp, timeout=30)
             assert s.sp.sign_channels is not None
