@@ -169,6 +169,20 @@ class Migration(ChannelGroup[SideChannel]):
         with self.owner.lock:
             self.main_ok = True
         self._settle_if_done()
+        # QEMU closes its side channels as the migration ends: one still open after the drain
+        # deadline is cut (its thread and sockets must not outlive the migration)
+        grace = self.owner.opts.drain_timeout
+        timer = threading.Timer(grace, self._cut_stragglers, args=(grace,))
+        timer.daemon = True
+        timer.start()
+
+    def _cut_stragglers(self, grace: float) -> None:
+        with self.owner.lock:
+            open_ = [s for s in self.sides.values() if not s.done]
+            settled = self._settled
+        if open_ and not settled:
+            self.fail(f"{len(open_)} multifd channel(s) still open {grace:g}s after the main channel ended "
+                      f"(the proxy's drain deadline)")
 
     def _settle_if_done(self) -> None:
         """Main channel and every side channel ended well: the device state that came on

@@ -241,3 +241,32 @@ def test_an_incomplete_set_is_never_loadable(proxy_env: ProxyEnv, sink: MultiSin
         time.sleep(0.05)
     with Store.open(proxy_env.config.store) as store:
         assert all(e.manifest is None or e.manifest.vfio_framing != "multifd" for e in store.list())
+
+
+def test_a_side_channel_left_open_after_the_main_channel_ended_is_cut(proxy_env: ProxyEnv, sink: MultiSink,
+                                                                       tmp_path: Path) -> None:
+    """A source that keeps a side channel open after the migration: cut at the drain deadline, and the
+    device state of the migration is refused (never loadable), with one line."""
+    dev = vfio_device(size=100)
+    p0, cfg = dev.multifd_packets()
+    proxy_env.arm()
+    px = proxy_env.proxy(sink.endpoint, drain_timeout=1.0)
+    main = main_with(tmp_path, dev)
+    m = connect(px)
+    m.sendall(main[:200])
+    done = connect(px)
+    assert not finish(done, side(0, p0, cfg))
+    lingering = connect(px)
+    lingering.sendall(side(1))          # never half-closed
+    sink.wait_connected(3)
+    assert not finish(m, main[200:])
+    wait_results(px)
+    assert px.results[0].ok, px.results[0].error
+    assert was_reset(lingering, timeout=15)
+    text = "still open 1s after the main channel ended"
+    deadline = time.monotonic() + 10
+    while text not in proxy_env.config.log_file.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    (d,) = [d for d in px.results[0].devices if d.get("channel") == "multifd"]
+    assert not loadable(proxy_env.config.store, d["token"])
