@@ -159,6 +159,8 @@ def main() -> None:
                "total_ratio": round(med["proxy"]["total_ms"] / med["direct"]["total_ms"], 3),
                "downtime_ratio": round(med["proxy"]["downtime_ms"] / max(1, med["direct"]["downtime_ms"]), 3),
                "proxy_peak_rss_mib": round(max(r["proxy_rss_kib"] or 0 for r in rows["proxy"]) / 1024, 1),
+               "proxy_cpu_s_per_gib": round(statistics.median(r["proxy_cpu_s"] for r in rows["proxy"])
+                                            / (a.mib / 1024), 2),
                "rows": rows}
     if a.json:
         print(json.dumps(summary, indent=2))
@@ -166,7 +168,8 @@ def main() -> None:
         print(f"direct: total {med['direct']['total_ms']} ms, downtime {med['direct']['downtime_ms']} ms (median)")
         print(f"proxy : total {med['proxy']['total_ms']} ms, downtime {med['proxy']['downtime_ms']} ms (median)")
         print(f"ratio total {summary['total_ratio']}x, downtime {summary['downtime_ratio']}x, "
-              f"proxy peak RSS {summary['proxy_peak_rss_mib']} MiB")
+              f"proxy peak RSS {summary['proxy_peak_rss_mib']} MiB, proxy CPU {summary['proxy_cpu_s_per_gib']} "
+              f"s/GiB of guest RAM (median)")
 
 
 if __name__ == "__main__":
