@@ -51,6 +51,11 @@ from .relay import send_views
 _NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
 _SPLICE_F_MORE = getattr(os, "SPLICE_F_MORE", 4)
 _SPLICE_F_MOVE = getattr(os, "SPLICE_F_MOVE", 1)
+#: at most this much (a RAM header and what precedes it in a read) is written into the
+#: empty pipe ahead of the page data: less than a pipe's smallest capacity, so it never blocks
+_PIPE_HEAD = 16 << 10
+#: ... in at most this many pieces (one writev, well under IOV_MAX)
+_PIPE_HEAD_PIECES = 64
 
 
 class DevicePacketSink(Protocol):
@@ -93,11 +98,14 @@ def _spliceable(sock: socket.socket) -> bool:
 
 
 class _Pipe:
-    """The pipe the page data crosses between two sockets (empty between moves)."""
+    """The pipe the page data crosses between two sockets.  Empty between packets: it
+    holds at most the bytes of one packet (its header, written in, then its page data)."""
 
     def __init__(self) -> None:
         self.r, self.w = os.pipe()
         grow_pipe(self.w, CHUNK)
+        #: bytes written into the pipe ahead of the page data (the packet's header)
+        self.head = 0
 
     def close(self) -> None:
         for fd in (self.r, self.w):
@@ -112,7 +120,8 @@ class SidePump:
 
     *prefix*: what admission already read (the 64-byte channel init).  *on_input(n)* is
     called for every *n* bytes taken from *src* (read or spliced), *on_output(n)* for
-    every *n* bytes written to *dst*.  *zero_copy=False* forces the user-space path.
+    every *n* bytes written to *dst*.  *zero_copy=False* forces the user-space path;
+    *parser*: a codec set up for the channel (page size, compression), else the default.
     """
 
     def __init__(self, src: socket.socket, dst: socket.socket, sink: DevicePacketSink, *,
@@ -126,67 +135,72 @@ class SidePump:
         self._on_output = on_output
         self.zero_copy = zero_copy and hasattr(os, "splice") and _spliceable(src) and _spliceable(dst)
         self._pool = BufferPool(CHUNK)
+        self._pipe: _Pipe | None = None
         #: payload bytes of the open device-state packet still due to the sink (0: none open)
         self._device_left = 0
         self.bytes_in = 0
         self.bytes_out = 0
         #: page-data bytes moved by splice (never through this process's memory)
         self.spliced = 0
-        #: of those, bytes the destination took by splice (a refusal after any is an error)
+        #: bytes the destination took by splice (once it took any, a refusal is an error)
         self.bytes_out_spliced = 0
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> None:
         """Forward until the source's EOF at a packet boundary.  Raises on any refusal
         (codec, sink, socket): the caller fails the migration closed."""
-        pipe = _Pipe() if self.zero_copy else None
+        self._pipe = _Pipe() if self.zero_copy else None
         try:
             if self._prefix:
                 self._take(memoryview(self._prefix))
             while True:
-                if pipe is not None and self._ram_payload_due():
-                    if not self._splice(pipe):
-                        pipe.close()
-                        pipe = None
+                if self._pipe is not None and self._ram_payload_due():
+                    self._splice(self._pipe)
                     continue
-                data = self._read(self._read_size(pipe is not None))
+                data = self._read()
                 self._take(data)
                 if not data:
                     return
         finally:
-            if pipe is not None:
-                pipe.close()
+            if self._pipe is not None:
+                self._pipe.close()
+                self._pipe = None
 
     def _ram_payload_due(self) -> bool:
         """RAM page data is due that the codec has not been fed (never device state)."""
         p = self.parser
-        return self._device_left == 0 and type(p.current_packet) is RamPacket and p.unfed_payload() > 0
+        return not self._device_left and type(p.current_packet) is RamPacket and p.unfed_payload() > 0
 
-    def _read_size(self, splicing: bool) -> int:
-        """How much to read: a chunk on the copy path; with splice, at a packet boundary
-        one RAM header at most (the payload behind it stays in the kernel), inside a
+    def _read(self) -> memoryview:
+        """Read what is there, up to: a chunk on the copy path; with splice, at a packet
+        boundary one RAM header (the page data behind it stays in the kernel), inside a
         device-state payload up to its end."""
-        if not splicing:
-            return CHUNK
-        due = self.parser.unfed_payload()
-        return min(CHUNK, due) if due else self.parser.ram_header_size
-
-    def _read(self, size: int) -> memoryview:
+        size = CHUNK
+        if self._pipe is not None:
+            due = self.parser.unfed_payload()
+            size = min(CHUNK, due) if due else self.parser.ram_header_size
         buf = self._pool.get()
         with memoryview(buf) as view:
             n = self.src.recv_into(view, size)
         return memoryview(buf)[:n]
 
     def _take(self, data: memoryview) -> None:
-        """Feed what was read (empty: the EOF), then forward what the codec hands out."""
-        n = len(data)
-        self._count_in(n)
+        """Feed what was read (empty: the EOF), then forward what the codec hands out.
+
+        When page data follows by splice, what goes before it (a RAM header, small) is
+        written into the pipe ahead of it: one send to the destination per packet."""
+        self._count_in(len(data))
         self.parser.feed(data)
         out = self._events()
         del data
-        if out:
-            more = self._ram_payload_due()  # page data follows at once by splice
-            self._send(out, socket.MSG_MORE if more else 0)
+        if not out:
+            return
+        pipe = self._pipe
+        if pipe is not None and not pipe.head and self._ram_payload_due() and len(out) <= _PIPE_HEAD_PIECES \
+                and sum(len(v) for v in out) <= _PIPE_HEAD:
+            pipe.head = os.writev(pipe.w, out)  # the pipe is empty: a write this small never blocks
+            return
+        self._send(out)
 
     def _events(self) -> list[Bytes]:
         """Drain the codec: what to forward for the bytes fed so far, in order."""
@@ -207,40 +221,43 @@ class SidePump:
         return out
 
     # ------------------------------------------------------------------ splice
-    def _splice(self, pipe: _Pipe) -> bool:
-        """Move the page data due socket -> pipe -> socket.  False when splice is not
-        possible for these sockets (nothing was moved by it; use the copy path)."""
-        due = self.parser.unfed_payload()
+    def _splice(self, pipe: _Pipe) -> None:
+        """Move the page data due socket -> pipe -> socket (after the header written into
+        the pipe, if any).  Falls back to the copy path for good when these sockets
+        take no splice."""
+        parser = self.parser
+        due = parser.unfed_payload()
         while due:
             try:
                 n = os.splice(self.src.fileno(), pipe.w, due, flags=_SPLICE_F_MOVE)
             except OSError as exc:
-                if exc.errno in _NO_SPLICE and not self.spliced:
-                    return False
-                raise
+                if exc.errno not in _NO_SPLICE or self.spliced:
+                    raise
+                self._copy_path(pipe, pipe.head)
+                return
             if n == 0:  # the source ended inside the page data: the codec says so
                 self._take(memoryview(b""))
                 raise AssertionError("the codec accepted an end inside a RAM packet")  # pragma: no cover
             self._count_in(n)
             due -= n
-            spliced_out = self._drain(pipe, n, more=due > 0)
-            self.parser.consume_payload(n)
             self.spliced += n
-            if not spliced_out:
-                return False
-        return True
+            parser.consume_payload(n)
+            if not self._drain(pipe, pipe.head + n, more=due > 0):
+                self._copy_path(pipe, pipe.head + n)
+                return
+            pipe.head = 0
 
     def _drain(self, pipe: _Pipe, n: int, *, more: bool) -> bool:
-        """Send the *n* bytes in the pipe to the destination; the pipe ends empty.
-        False when the destination takes no splice (those bytes were copied out)."""
+        """Send the *n* bytes in the pipe to the destination.  False when the destination
+        takes no splice (before it took any): the bytes are still in the pipe."""
         flags = _SPLICE_F_MOVE | (_SPLICE_F_MORE if more else 0)
+        dst = self.dst.fileno()
         while n:
             try:
-                k = os.splice(pipe.r, self.dst.fileno(), n, flags=flags)
+                k = os.splice(pipe.r, dst, n, flags=flags)
             except OSError as exc:
                 if exc.errno not in _NO_SPLICE or self.bytes_out_spliced:
                     raise
-                self._send_from_pipe(pipe, n)
                 return False
             if k <= 0:
                 raise OSError(errno.EPIPE, "the destination took no bytes")
@@ -249,15 +266,19 @@ class SidePump:
             self._count_out(k)
         return True
 
-    def _send_from_pipe(self, pipe: _Pipe, n: int) -> None:
-        while n:
-            chunk = os.read(pipe.r, n)
-            n -= len(chunk)
-            self._send([chunk], 0)
+    def _copy_path(self, pipe: _Pipe, pending: int) -> None:
+        """Splice is not possible for these sockets: send the *pending* bytes the pipe
+        holds by copying them out, and read the rest of the channel into user space."""
+        while pending:
+            chunk = os.read(pipe.r, pending)
+            pending -= len(chunk)
+            self._send([chunk])
+        pipe.close()
+        self._pipe = None
 
     # ------------------------------------------------------------------ counting
-    def _send(self, views: Sequence[Bytes], flags: int) -> None:
-        self._count_out(send_views(self.dst, views, flags))
+    def _send(self, views: Sequence[Bytes]) -> None:
+        self._count_out(send_views(self.dst, views))
 
     def _count_in(self, n: int) -> None:
         self.bytes_in += n

@@ -303,7 +303,9 @@ def test_an_end_inside_spliced_page_data_is_an_error(cut: int) -> None:
     data = channel(ram(128, 1), ram(1, 2))
     r = pump(data[:cut])
     assert isinstance(r.error, StreamError) and "ends inside multifd page data" in str(r.error)
-    assert r.out == data[:cut]  # the bytes before the end went on; the destination sees no complete packet
+    # what went on is a prefix of what came, with every packet before the cut one: the destination sees no
+    # complete packet that was not sent
+    assert data[:cut].startswith(r.out) and len(r.out) >= 64
 
 
 # ----------------------------------------------------------------------------------------- fallback
