@@ -14,6 +14,7 @@ With ``--channels N`` (N > 1) both QEMUs use multifd with N channels (``virsh mi
 starts them, and the proxy serves the main channel and the N side channels.
 
     python3 bench/bench_proxy.py [--mib 1024] [--rounds 5] [--mode splice] [--channels 4] [--json]
+                                 [--baseline /path/to/a/worktree/of/main]
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def random_file(path: Path, mib: int) -> None:
             fh.write(os.urandom(1 << 20))
 
 
-def start_proxy(work: Path, qport: int, mode: str) -> tuple[subprocess.Popen, int]:
+def start_proxy(work: Path, qport: int, mode: str, repo: Path = REPO) -> tuple[subprocess.Popen, int]:
     conf = work / "proxy.conf"
     conf.write_text(f"[libvirt-mdev]\nstore = {work / 'store'}\nruntime_dir = {work / 'run'}\n"
                     f"sysfs_root = {work / 'sys'}\nlog_file = {work / 'proxy.log'}\n"
@@ -64,7 +65,7 @@ def start_proxy(work: Path, qport: int, mode: str) -> tuple[subprocess.Popen, in
                                  "devices": []})
     proc = subprocess.Popen([sys.executable, "-m", "libvirt_mdev.cli", "--config", str(conf), "proxy",
                              "--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{qport}", "--mode", mode,
-                             "--once", "--json-log"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+                             "--once", "--json-log"], cwd=repo, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     hello = json.loads(proc.stdout.readline())
     return proc, int(hello["listen"].rsplit(":", 1)[1])
@@ -84,7 +85,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def one_round(work: Path, ram: Path, mib: int, via_proxy: bool, mode: str, channels: int = 1) -> dict:
+def one_round(work: Path, ram: Path, mib: int, via_proxy: bool, mode: str, channels: int = 1,
+              repo: Path = REPO) -> dict:
     qport = free_port()
     args = ["-uuid", DOMAIN_UUID]
     with QemuVM(work, name="bsrc", memory_mib=mib, with_disk=False, ram_file=ram, extra_args=args) as src, \
@@ -98,8 +100,9 @@ def one_round(work: Path, ram: Path, mib: int, via_proxy: bool, mode: str, chann
         proxy = None
         port = qport
         if via_proxy:
-            proxy, port = start_proxy(work, qport, mode)
+            proxy, port = start_proxy(work, qport, mode, repo)
         time.sleep(0.3)
+        cpu0 = cpu_seconds(proxy.pid) if proxy is not None else 0.0  # its start-up (imports) is not the migration's
         src.migrate(f"tcp:127.0.0.1:{port}", max_bandwidth=BANDWIDTH)
         rss = 0
         cpu = 0.0
@@ -120,7 +123,8 @@ def one_round(work: Path, ram: Path, mib: int, via_proxy: bool, mode: str, chann
         dst.wait_status("running", 120)
         out = {"total_ms": info["total-time"], "downtime_ms": info.get("downtime"),
                "mbps": info.get("ram", {}).get("mbps"), "proxy_rss_kib": rss or None,
-               "proxy_cpu_s": round(cpu, 2) if proxy is not None else None}
+               "proxy_cpu_s": round(cpu, 2) if proxy is not None else None,
+               "proxy_cpu_mig_s": round(cpu - cpu0, 2) if proxy is not None else None}
         if proxy is not None:
             line = proxy.stdout.readline() if proxy.stdout else ""
             proxy.wait(60)
@@ -138,18 +142,23 @@ def main() -> None:
     ap.add_argument("--mode", default="splice", choices=("splice", "token"))
     ap.add_argument("--channels", type=int, default=1, help="multifd channels (1: no multifd)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--baseline", type=Path, help="also run the proxy of this checkout (e.g. a worktree of main) "
+                    "in every round, so two builds are compared under the same drift")
     ap.add_argument("--workdir", type=Path)
     a = ap.parse_args()
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench-proxy-"))
     work.mkdir(parents=True, exist_ok=True)
     ram = work / "ram.bin"
     random_file(ram, a.mib)
-    rows: dict[str, list[dict]] = {"direct": [], "proxy": []}
+    kinds = ("direct", "proxy") + (("baseline",) if a.baseline else ())
+    rows: dict[str, list[dict]] = {k: [] for k in kinds}
     for i in range(a.rounds):
-        for kind in ("direct", "proxy"):
-            r = one_round(work, ram, a.mib, kind == "proxy", a.mode, a.channels)
+        for kind in kinds:
+            r = one_round(work, ram, a.mib, kind != "direct", a.mode, a.channels,
+                          a.baseline if kind == "baseline" else REPO)
             rows[kind].append(r)
-            proxy = (f"  rss {r['proxy_rss_kib'] / 1024:.0f} MiB cpu {r['proxy_cpu_s']} s"
+            proxy = (f"  rss {r['proxy_rss_kib'] / 1024:.0f} MiB cpu {r['proxy_cpu_s']} s "
+                     f"({r['proxy_cpu_mig_s']} s during the migration)"
                      if r.get('proxy_rss_kib') else "")
             print(f"round {i + 1} {kind:6s} total {r['total_ms']:6d} ms  downtime {r['downtime_ms']:4d} ms  "
                   f"{r['mbps'] or 0:8.0f} Mbit/s" + proxy, file=sys.stderr)
@@ -159,9 +168,15 @@ def main() -> None:
                "total_ratio": round(med["proxy"]["total_ms"] / med["direct"]["total_ms"], 3),
                "downtime_ratio": round(med["proxy"]["downtime_ms"] / max(1, med["direct"]["downtime_ms"]), 3),
                "proxy_peak_rss_mib": round(max(r["proxy_rss_kib"] or 0 for r in rows["proxy"]) / 1024, 1),
-               "proxy_cpu_s_per_gib": round(statistics.median(r["proxy_cpu_s"] for r in rows["proxy"])
+               "proxy_cpu_s_per_gib": round(statistics.median(r["proxy_cpu_mig_s"] for r in rows["proxy"])
                                             / (a.mib / 1024), 2),
                "rows": rows}
+    if a.baseline:
+        summary["baseline_total_ratio"] = round(med["baseline"]["total_ms"] / med["direct"]["total_ms"], 3)
+        summary["baseline_downtime_ratio"] = round(med["baseline"]["downtime_ms"]
+                                                   / max(1, med["direct"]["downtime_ms"]), 3)
+        summary["baseline_cpu_s_per_gib"] = round(statistics.median(r["proxy_cpu_mig_s"] for r in rows["baseline"])
+                                                  / (a.mib / 1024), 2)
     if a.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -169,7 +184,11 @@ def main() -> None:
         print(f"proxy : total {med['proxy']['total_ms']} ms, downtime {med['proxy']['downtime_ms']} ms (median)")
         print(f"ratio total {summary['total_ratio']}x, downtime {summary['downtime_ratio']}x, "
               f"proxy peak RSS {summary['proxy_peak_rss_mib']} MiB, proxy CPU {summary['proxy_cpu_s_per_gib']} "
-              f"s/GiB of guest RAM (median)")
+              f"s/GiB of guest RAM during the migration (median)")
+        if a.baseline:
+            print(f"baseline ({a.baseline}): total {med['baseline']['total_ms']} ms, downtime "
+                  f"{med['baseline']['downtime_ms']} ms (median); ratio total {summary['baseline_total_ratio']}x, "
+                  f"downtime {summary['baseline_downtime_ratio']}x, CPU {summary['baseline_cpu_s_per_gib']} s/GiB")
 
 
 if __name__ == "__main__":
