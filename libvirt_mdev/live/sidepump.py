@@ -11,12 +11,13 @@ process, on a host where both QEMUs want the same CPUs.  So:
   device-state payload — is read into user space and fed to the exact codec
   (:class:`~libvirt_mdev.stream.multifd.MultifdChannelParser`), which alone decides
   how many payload bytes follow a header;
-* once the codec has validated a RAM packet's header (and the header has been
-  forwarded), the page data the codec has not been fed yet
-  (:meth:`~libvirt_mdev.stream.multifd.MultifdChannelParser.unfed_payload`) moves
-  socket -> pipe -> socket with ``os.splice`` (no copy into the process, the GIL
-  released), and the codec is told (``consume_payload``), so its framing stays the
-  one QEMU applies;
+* once the codec has validated a RAM packet's header, the page data the codec has not
+  been fed yet (:meth:`~libvirt_mdev.stream.multifd.MultifdChannelParser.unfed_payload`)
+  moves socket -> pipe -> socket with ``os.splice`` (no copy into the process, the GIL
+  released), and the codec is told (``consume_payload``), so its framing stays the one
+  QEMU applies.  The header (a write of ~1.3 KiB) goes into the pipe ahead of its page
+  data, so the destination gets one send per packet and nothing of a packet moves
+  before its header was checked;
 * at a packet boundary the pump reads at most one RAM header, so the next payload is
   left in the kernel for the splice; bytes the codec already holds are forwarded as
   the zero-copy pieces it hands out, as before;
@@ -198,7 +199,10 @@ class SidePump:
         pipe = self._pipe
         if pipe is not None and not pipe.head and self._ram_payload_due() and len(out) <= _PIPE_HEAD_PIECES \
                 and sum(len(v) for v in out) <= _PIPE_HEAD:
+            size = sum(len(v) for v in out)
             pipe.head = os.writev(pipe.w, out)  # the pipe is empty: a write this small never blocks
+            if pipe.head != size:
+                raise OSError(errno.EIO, f"a pipe took {pipe.head} of {size} bytes")
             return
         self._send(out)
 
