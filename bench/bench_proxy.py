@@ -14,7 +14,7 @@ With ``--channels N`` (N > 1) both QEMUs use multifd with N channels (``virsh mi
 starts them, and the proxy serves the main channel and the N side channels.
 
     python3 bench/bench_proxy.py [--mib 1024] [--rounds 5] [--mode splice] [--channels 4] [--json]
-                                 [--baseline /path/to/a/worktree/of/main]
+                                 [--forward-unix] [--baseline /path/to/a/worktree/of/main]
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def random_file(path: Path, mib: int) -> None:
             fh.write(os.urandom(1 << 20))
 
 
-def start_proxy(work: Path, qport: int, mode: str, repo: Path = REPO) -> tuple[subprocess.Popen, int]:
+def start_proxy(work: Path, forward: str, mode: str, repo: Path = REPO) -> tuple[subprocess.Popen, int]:
     conf = work / "proxy.conf"
     conf.write_text(f"[libvirt-mdev]\nstore = {work / 'store'}\nruntime_dir = {work / 'run'}\n"
                     f"sysfs_root = {work / 'sys'}\nlog_file = {work / 'proxy.log'}\n"
@@ -64,7 +64,7 @@ def start_proxy(work: Path, qport: int, mode: str, repo: Path = REPO) -> tuple[s
                                  "migration_id": f"bench-{time.monotonic_ns()}", "created": int(time.time()),
                                  "devices": []})
     proc = subprocess.Popen([sys.executable, "-m", "libvirt_mdev.cli", "--config", str(conf), "proxy",
-                             "--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{qport}", "--mode", mode,
+                             "--listen", "127.0.0.1:0", "--forward", forward, "--mode", mode,
                              "--once", "--json-log"], cwd=repo, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     hello = json.loads(proc.stdout.readline())
@@ -86,7 +86,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def one_round(work: Path, ram: Path, mib: int, via_proxy: bool, mode: str, channels: int = 1,
-              repo: Path = REPO) -> dict:
+              repo: Path = REPO, forward_unix: bool = False) -> dict:
     qport = free_port()
     args = ["-uuid", DOMAIN_UUID]
     with QemuVM(work, name="bsrc", memory_mib=mib, with_disk=False, ram_file=ram, extra_args=args) as src, \
@@ -96,11 +96,14 @@ def one_round(work: Path, ram: Path, mib: int, via_proxy: bool, mode: str, chann
             for vm in (src, dst):
                 vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
                 vm.qmp("migrate-set-parameters", **{"multifd-channels": channels})
-        dst.incoming(f"tcp:127.0.0.1:{qport}")
+        # the UNIX-socket layout of the destination: QEMU listens on a socket file, the proxy forwards to it
+        sock_path = work / f"dst-{qport}.sock"
+        local = f"unix:{sock_path}" if via_proxy and forward_unix else f"tcp:127.0.0.1:{qport}"
+        dst.incoming(local)
         proxy = None
         port = qport
         if via_proxy:
-            proxy, port = start_proxy(work, qport, mode, repo)
+            proxy, port = start_proxy(work, local.removeprefix("tcp:"), mode, repo)
         time.sleep(0.3)
         cpu0 = cpu_seconds(proxy.pid) if proxy is not None else 0.0  # its start-up (imports) is not the migration's
         src.migrate(f"tcp:127.0.0.1:{port}", max_bandwidth=BANDWIDTH)
@@ -142,6 +145,9 @@ def main() -> None:
     ap.add_argument("--mode", default="splice", choices=("splice", "token"))
     ap.add_argument("--channels", type=int, default=1, help="multifd channels (1: no multifd)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--forward-unix", action="store_true",
+                    help="the destination QEMU listens on a UNIX socket and the proxy forwards to it (the "
+                         "UNIX-socket layout; direct rounds stay TCP, as a source on another host must)")
     ap.add_argument("--baseline", type=Path, help="also run the proxy of this checkout (e.g. a worktree of main) "
                     "in every round, so two builds are compared under the same drift")
     ap.add_argument("--workdir", type=Path)
@@ -155,7 +161,7 @@ def main() -> None:
     for i in range(a.rounds):
         for kind in kinds:
             r = one_round(work, ram, a.mib, kind != "direct", a.mode, a.channels,
-                          a.baseline if kind == "baseline" else REPO)
+                          a.baseline if kind == "baseline" else REPO, a.forward_unix)
             rows[kind].append(r)
             proxy = (f"  rss {r['proxy_rss_kib'] / 1024:.0f} MiB cpu {r['proxy_cpu_s']} s "
                      f"({r['proxy_cpu_mig_s']} s during the migration)"
@@ -164,7 +170,8 @@ def main() -> None:
                   f"{r['mbps'] or 0:8.0f} Mbit/s" + proxy, file=sys.stderr)
     med = {k: {"total_ms": statistics.median(r["total_ms"] for r in v),
                "downtime_ms": statistics.median(r["downtime_ms"] for r in v)} for k, v in rows.items()}
-    summary = {"mib": a.mib, "rounds": a.rounds, "mode": a.mode, "channels": a.channels, "median": med,
+    summary = {"mib": a.mib, "rounds": a.rounds, "mode": a.mode, "channels": a.channels,
+               "forward": "unix" if a.forward_unix else "tcp", "median": med,
                "total_ratio": round(med["proxy"]["total_ms"] / med["direct"]["total_ms"], 3),
                "downtime_ratio": round(med["proxy"]["downtime_ms"] / max(1, med["direct"]["downtime_ms"]), 3),
                "proxy_peak_rss_mib": round(max(r["proxy_rss_kib"] or 0 for r in rows["proxy"]) / 1024, 1),
