@@ -123,6 +123,8 @@ def one_round(work: Path, ram: Path, mib: int, via_proxy: bool, mode: str, chann
             time.sleep(0.02)
         if info.get("status") != "completed":
             raise RuntimeError(f"migration {info.get('status')}: {info.get('error-desc')}")
+        if not info.get("total-time"):  # seen once: a completed migration that reports 0 ms (and 0 downtime)
+            raise RuntimeError(f"QEMU reported no total time for a completed migration: {info}")
         dst.wait_status("running", 120)
         out = {"total_ms": info["total-time"], "downtime_ms": info.get("downtime"),
                "mbps": info.get("ram", {}).get("mbps"), "proxy_rss_kib": rss or None,
@@ -160,8 +162,13 @@ def main() -> None:
     rows: dict[str, list[dict]] = {k: [] for k in kinds}
     for i in range(a.rounds):
         for kind in kinds:
-            r = one_round(work, ram, a.mib, kind != "direct", a.mode, a.channels,
-                          a.baseline if kind == "baseline" else REPO, a.forward_unix)
+            args = (work, ram, a.mib, kind != "direct", a.mode, a.channels,
+                    a.baseline if kind == "baseline" else REPO, a.forward_unix)
+            try:
+                r = one_round(*args)
+            except RuntimeError as exc:  # one retry, said aloud
+                print(f"round {i + 1} {kind}: {exc}; once more", file=sys.stderr)
+                r = one_round(*args)
             rows[kind].append(r)
             proxy = (f"  rss {r['proxy_rss_kib'] / 1024:.0f} MiB cpu {r['proxy_cpu_s']} s "
                      f"({r['proxy_cpu_mig_s']} s during the migration)"
