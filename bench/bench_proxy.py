@@ -14,6 +14,7 @@ With ``--channels N`` (N > 1) both QEMUs use multifd with N channels (``virsh mi
 starts them, and the proxy serves the main channel and the N side channels.
 
     python3 bench/bench_proxy.py [--mib 1024] [--rounds 5] [--mode splice] [--channels 4] [--json]
+                                 [--forward-unix] [--baseline /path/to/a/worktree/of/main]
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def random_file(path: Path, mib: int) -> None:
             fh.write(os.urandom(1 << 20))
 
 
-def start_proxy(work: Path, qport: int, mode: str) -> tuple[subprocess.Popen, int]:
+def start_proxy(work: Path, forward: str, mode: str, repo: Path = REPO) -> tuple[subprocess.Popen, int]:
     conf = work / "proxy.conf"
     conf.write_text(f"[libvirt-mdev]\nstore = {work / 'store'}\nruntime_dir = {work / 'run'}\n"
                     f"sysfs_root = {work / 'sys'}\nlog_file = {work / 'proxy.log'}\n"
@@ -63,8 +64,8 @@ def start_proxy(work: Path, qport: int, mode: str) -> tuple[subprocess.Popen, in
                                  "migration_id": f"bench-{time.monotonic_ns()}", "created": int(time.time()),
                                  "devices": []})
     proc = subprocess.Popen([sys.executable, "-m", "libvirt_mdev.cli", "--config", str(conf), "proxy",
-                             "--listen", "127.0.0.1:0", "--forward", f"127.0.0.1:{qport}", "--mode", mode,
-                             "--once", "--json-log"], cwd=REPO, stdout=subprocess.PIPE, text=True)
+                             "--listen", "127.0.0.1:0", "--forward", forward, "--mode", mode,
+                             "--once", "--json-log"], cwd=repo, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     hello = json.loads(proc.stdout.readline())
     return proc, int(hello["listen"].rsplit(":", 1)[1])
@@ -84,7 +85,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def one_round(work: Path, ram: Path, mib: int, via_proxy: bool, mode: str, channels: int = 1) -> dict:
+def one_round(work: Path, ram: Path, mib: int, via_proxy: bool, mode: str, channels: int = 1,
+              repo: Path = REPO, forward_unix: bool = False) -> dict:
     qport = free_port()
     args = ["-uuid", DOMAIN_UUID]
     with QemuVM(work, name="bsrc", memory_mib=mib, with_disk=False, ram_file=ram, extra_args=args) as src, \
@@ -94,12 +96,16 @@ def one_round(work: Path, ram: Path, mib: int, via_proxy: bool, mode: str, chann
             for vm in (src, dst):
                 vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
                 vm.qmp("migrate-set-parameters", **{"multifd-channels": channels})
-        dst.incoming(f"tcp:127.0.0.1:{qport}")
+        # the UNIX-socket layout of the destination: QEMU listens on a socket file, the proxy forwards to it
+        sock_path = work / f"dst-{qport}.sock"
+        local = f"unix:{sock_path}" if via_proxy and forward_unix else f"tcp:127.0.0.1:{qport}"
+        dst.incoming(local)
         proxy = None
         port = qport
         if via_proxy:
-            proxy, port = start_proxy(work, qport, mode)
+            proxy, port = start_proxy(work, local.removeprefix("tcp:"), mode, repo)
         time.sleep(0.3)
+        cpu0 = cpu_seconds(proxy.pid) if proxy is not None else 0.0  # its start-up (imports) is not the migration's
         src.migrate(f"tcp:127.0.0.1:{port}", max_bandwidth=BANDWIDTH)
         rss = 0
         cpu = 0.0
@@ -117,10 +123,13 @@ def one_round(work: Path, ram: Path, mib: int, via_proxy: bool, mode: str, chann
             time.sleep(0.02)
         if info.get("status") != "completed":
             raise RuntimeError(f"migration {info.get('status')}: {info.get('error-desc')}")
+        if not info.get("total-time"):  # seen once: a completed migration that reports 0 ms (and 0 downtime)
+            raise RuntimeError(f"QEMU reported no total time for a completed migration: {info}")
         dst.wait_status("running", 120)
         out = {"total_ms": info["total-time"], "downtime_ms": info.get("downtime"),
                "mbps": info.get("ram", {}).get("mbps"), "proxy_rss_kib": rss or None,
-               "proxy_cpu_s": round(cpu, 2) if proxy is not None else None}
+               "proxy_cpu_s": round(cpu, 2) if proxy is not None else None,
+               "proxy_cpu_mig_s": round(cpu - cpu0, 2) if proxy is not None else None}
         if proxy is not None:
             line = proxy.stdout.readline() if proxy.stdout else ""
             proxy.wait(60)
@@ -138,35 +147,62 @@ def main() -> None:
     ap.add_argument("--mode", default="splice", choices=("splice", "token"))
     ap.add_argument("--channels", type=int, default=1, help="multifd channels (1: no multifd)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--forward-unix", action="store_true",
+                    help="the destination QEMU listens on a UNIX socket and the proxy forwards to it (the "
+                         "UNIX-socket layout; direct rounds stay TCP, as a source on another host must)")
+    ap.add_argument("--baseline", type=Path, help="also run the proxy of this checkout (e.g. a worktree of main) "
+                    "in every round, so two builds are compared under the same drift")
     ap.add_argument("--workdir", type=Path)
     a = ap.parse_args()
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench-proxy-"))
     work.mkdir(parents=True, exist_ok=True)
     ram = work / "ram.bin"
     random_file(ram, a.mib)
-    rows: dict[str, list[dict]] = {"direct": [], "proxy": []}
+    kinds = ("direct", "proxy") + (("baseline",) if a.baseline else ())
+    rows: dict[str, list[dict]] = {k: [] for k in kinds}
     for i in range(a.rounds):
-        for kind in ("direct", "proxy"):
-            r = one_round(work, ram, a.mib, kind == "proxy", a.mode, a.channels)
+        for kind in kinds:
+            args = (work, ram, a.mib, kind != "direct", a.mode, a.channels,
+                    a.baseline if kind == "baseline" else REPO, a.forward_unix)
+            try:
+                r = one_round(*args)
+            except RuntimeError as exc:  # one retry, said aloud
+                print(f"round {i + 1} {kind}: {exc}; once more", file=sys.stderr)
+                r = one_round(*args)
             rows[kind].append(r)
-            proxy = (f"  rss {r['proxy_rss_kib'] / 1024:.0f} MiB cpu {r['proxy_cpu_s']} s"
+            proxy = (f"  rss {r['proxy_rss_kib'] / 1024:.0f} MiB cpu {r['proxy_cpu_s']} s "
+                     f"({r['proxy_cpu_mig_s']} s during the migration)"
                      if r.get('proxy_rss_kib') else "")
             print(f"round {i + 1} {kind:6s} total {r['total_ms']:6d} ms  downtime {r['downtime_ms']:4d} ms  "
                   f"{r['mbps'] or 0:8.0f} Mbit/s" + proxy, file=sys.stderr)
     med = {k: {"total_ms": statistics.median(r["total_ms"] for r in v),
                "downtime_ms": statistics.median(r["downtime_ms"] for r in v)} for k, v in rows.items()}
-    summary = {"mib": a.mib, "rounds": a.rounds, "mode": a.mode, "channels": a.channels, "median": med,
+    summary = {"mib": a.mib, "rounds": a.rounds, "mode": a.mode, "channels": a.channels,
+               "forward": "unix" if a.forward_unix else "tcp", "median": med,
                "total_ratio": round(med["proxy"]["total_ms"] / med["direct"]["total_ms"], 3),
                "downtime_ratio": round(med["proxy"]["downtime_ms"] / max(1, med["direct"]["downtime_ms"]), 3),
                "proxy_peak_rss_mib": round(max(r["proxy_rss_kib"] or 0 for r in rows["proxy"]) / 1024, 1),
+               "proxy_cpu_s_per_gib": round(statistics.median(r["proxy_cpu_mig_s"] for r in rows["proxy"])
+                                            / (a.mib / 1024), 2),
                "rows": rows}
+    if a.baseline:
+        summary["baseline_total_ratio"] = round(med["baseline"]["total_ms"] / med["direct"]["total_ms"], 3)
+        summary["baseline_downtime_ratio"] = round(med["baseline"]["downtime_ms"]
+                                                   / max(1, med["direct"]["downtime_ms"]), 3)
+        summary["baseline_cpu_s_per_gib"] = round(statistics.median(r["proxy_cpu_mig_s"] for r in rows["baseline"])
+                                                  / (a.mib / 1024), 2)
     if a.json:
         print(json.dumps(summary, indent=2))
     else:
         print(f"direct: total {med['direct']['total_ms']} ms, downtime {med['direct']['downtime_ms']} ms (median)")
         print(f"proxy : total {med['proxy']['total_ms']} ms, downtime {med['proxy']['downtime_ms']} ms (median)")
         print(f"ratio total {summary['total_ratio']}x, downtime {summary['downtime_ratio']}x, "
-              f"proxy peak RSS {summary['proxy_peak_rss_mib']} MiB")
+              f"proxy peak RSS {summary['proxy_peak_rss_mib']} MiB, proxy CPU {summary['proxy_cpu_s_per_gib']} "
+              f"s/GiB of guest RAM during the migration (median)")
+        if a.baseline:
+            print(f"baseline ({a.baseline}): total {med['baseline']['total_ms']} ms, downtime "
+                  f"{med['baseline']['downtime_ms']} ms (median); ratio total {summary['baseline_total_ratio']}x, "
+                  f"downtime {summary['baseline_downtime_ratio']}x, CPU {summary['baseline_cpu_s_per_gib']} s/GiB")
 
 
 if __name__ == "__main__":

@@ -51,13 +51,13 @@ from ..errors import MdevError, describe
 from ..log import LogBudget, get_logger
 from ..store import Store
 from ..store.pending import PendingRecord
-from ..stream.events import NEED_DATA, Bytes
-from ..stream.multifd import DeviceStatePacket, MultifdChannelParser, read_channel_init
+from ..stream.multifd import read_channel_init
 from .arming import bindings_from_pending, select_pending
 from .devstate import MultifdStates, PacketSink
 from .group import ChannelGroup, SideChannel
-from .relay import ReturnPath, SocketReader, abort_socket, connect, reset_on_close, send_views
+from .relay import ReturnPath, SocketReader, abort_socket, connect, reset_on_close
 from .session import ProxyOptions, Session, SessionResult
+from .sidepump import SidePump
 
 log = get_logger("proxy")
 
@@ -376,35 +376,16 @@ class Channels:
             side.dst = dst
         back = ReturnPath(dst, src, lambda why: mig.fail(f"{side.name()}: {why}"))
         back.start()
-        reader = SocketReader(src, prefix=side.init)
-        parser = MultifdChannelParser()
-        sink = mig.packet_sink()
-        out: list[Bytes] = []
-        left = 0  # payload bytes of the device-state packet being taken by the sink
-        while True:
-            data = reader.read()
-            n = len(data)
+
+        def arrived(n: int) -> None:
             side.bytes_in += n
             if mig.main_reader is not None:
                 mig.main_reader.credit(n)
-            parser.feed(data)
-            while (ev := parser.next_event()) is not NEED_DATA:
-                if isinstance(ev, DeviceStatePacket):
-                    sink.begin(ev)
-                    left = ev.data_len
-                elif left:
-                    sink.data(ev.raw)
-                    left -= len(ev.raw)
-                    if not left:
-                        out += sink.end()
-                elif len(ev.raw):
-                    out.append(ev.raw)
-            del data
-            if out:
-                side.bytes_out += send_views(dst, out)
-                out.clear()
-            if n == 0:
-                break
+
+        def sent(n: int) -> None:
+            side.bytes_out += n
+
+        SidePump(src, dst, mig.packet_sink(), prefix=side.init, on_input=arrived, on_output=sent).run()
         try:
             dst.shutdown(socket.SHUT_WR)
         except OSError:

@@ -257,14 +257,15 @@ class SocketReader:
                 return
 
 
-def send_views(sock: socket.socket, views: Sequence[Bytes]) -> int:
+def send_views(sock: socket.socket, views: Sequence[Bytes], flags: int = 0) -> int:
     """Send every byte of *views*, in order, with as few ``sendmsg`` calls as the
-    kernel allows.  Returns the number of bytes sent."""
+    kernel allows (*flags*: e.g. ``MSG_MORE`` when more bytes follow at once by another
+    route, so the kernel need not push a short segment).  Returns the number of bytes sent."""
     pending = [v for v in views if len(v)]
     total = 0
     while pending:
         batch = pending[:IOV_MAX]
-        n = sock.sendmsg(batch)
+        n = sock.sendmsg(batch, [], flags)
         total += n
         # drop what went out; keep the unsent tail of a partly sent buffer
         i = 0

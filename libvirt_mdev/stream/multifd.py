@@ -27,6 +27,12 @@ so our framing of a channel can never differ from QEMU's: device state cannot hi
 bytes we pass through as page data.  Page data is handed out as zero-copy pieces of
 the fed chunks (constant memory, whatever the packet claims).
 
+A caller may also move payload bytes past the parser (the proxy splices page data
+socket to socket): :meth:`MultifdChannelParser.unfed_payload` says how many bytes of
+the current packet's payload are due and not yet fed, and
+:meth:`~MultifdChannelParser.consume_payload` accounts for bytes moved elsewhere.  The
+parser still reads every header itself, so it alone decides where a payload ends.
+
 Errors raise :class:`~libvirt_mdev.errors.StreamError` naming the absolute offset, and
 the parser stays failed.
 """
@@ -39,7 +45,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 
 from ..errors import StreamError, UnsupportedStream
-from ._util import need, pieces
+from ._util import need
 from .buffer import Input
 from .events import NEED_DATA, Event, NeedData
 
@@ -81,6 +87,10 @@ class MultifdFlag(enum.IntFlag):
 
 #: the compression bits of the flags (MULTIFD_FLAG_COMPRESSION_MASK)
 COMPRESSION_MASK = 0x1F << 1
+#: the flag bits as plain ints for the per-packet checks (``int & IntFlag`` builds an enum
+#: member each time: measurable at thousands of packets per second)
+_SYNC = int(MultifdFlag.SYNC)
+_DEVICE_STATE = int(MultifdFlag.DEVICE_STATE)
 
 
 class Compression(enum.Enum):
@@ -171,6 +181,44 @@ class MultifdChannelParser:
         self._done = False
         self.channel_id: int | None = None
         self.uuid: str | None = None
+        #: payload bytes of the current packet not yet handed out or consumed (0 between packets)
+        self._payload_left = 0
+        #: the header of the packet whose payload is being read (None between packets)
+        self._current: RamPacket | DeviceStatePacket | None = None
+
+    @property
+    def ram_header_size(self) -> int:
+        """Bytes of a RAM packet before its page data (1344 on x86): the most a reader
+        at a packet boundary needs to hand us so that the header is complete."""
+        return PACKET_HEADER.size + RAM_PACKET.size + self._offsets.size
+
+    @property
+    def current_packet(self) -> RamPacket | DeviceStatePacket | None:
+        """The header of the packet whose payload is being read, None between packets."""
+        return self._current
+
+    def unfed_payload(self) -> int:
+        """Payload bytes of the current packet that are due but neither fed nor buffered.
+
+        0 between packets, and while what was fed still holds payload not yet handed
+        out: drain :meth:`next_event` to :data:`NEED_DATA` first.  Up to this many bytes
+        may then be moved past the parser and reported with :meth:`consume_payload`."""
+        if self._error is not None or self._done or not self._payload_left:
+            return 0
+        return max(0, self._payload_left - self._inp.available())
+
+    def consume_payload(self, n: int) -> None:
+        """*n* payload bytes of the current packet went past the parser (they were never
+        fed), in stream order right after everything fed so far.
+
+        Raises ValueError (a caller bug) when anything fed is still unread or *n* is more
+        than :meth:`unfed_payload`: bytes moved out of order would change the framing."""
+        if self._inp.available():
+            raise ValueError("consume_payload with fed bytes still unread: drain next_event() first")
+        if not 0 < n <= self.unfed_payload():
+            raise ValueError(f"consume_payload({n}): {self.unfed_payload()} payload bytes are due")
+        self._payload_left -= n
+        self._inp.base += n  # nothing is buffered: the next fed byte sits n bytes further on
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         self._inp.feed(data)
@@ -221,7 +269,7 @@ class MultifdChannelParser:
         hdr = yield from need(inp, PACKET_HEADER.size, "multifd packet header")
         magic, version, flags = PACKET_HEADER.unpack(hdr)
         self._check_magic(magic, version, at, "packet")
-        if flags & MultifdFlag.DEVICE_STATE:
+        if flags & _DEVICE_STATE:
             yield from self._device_packet(at, bytes(hdr), flags)
         else:
             yield from self._ram_packet(at, bytes(hdr), flags)
@@ -237,24 +285,22 @@ class MultifdChannelParser:
             raise StreamError("multifd device-state idstr is empty or not printable ASCII", offset=at)
         idstr = name.decode("ascii")
         where = f"{idstr} instance {instance_id}"
-        if flags & MultifdFlag.SYNC:
+        if flags & _SYNC:
             raise StreamError("multifd: received SYNC device state packet", offset=at, section=where)
         if size == 0:
             raise StreamError("multifd: received empty device state packet", offset=at, section=where)
         if size > MAX_DEVICE_PACKET:
             raise StreamError(f"multifd device-state packet of {size} bytes is larger than the limit "
                               f"of {MAX_DEVICE_PACKET}", offset=at, section=where)
-        yield DeviceStatePacket(at, memoryview(hdr + bytes(body)), flags=flags, idstr=idstr,
-                                instance_id=instance_id, data_len=size)
-        yield from pieces(inp, size, "multifd device state", where,
-                          lambda off, view: PacketData(off, view))
+        ev = DeviceStatePacket(at, memoryview(hdr + bytes(body)), flags=flags, idstr=idstr,
+                               instance_id=instance_id, data_len=size)
+        yield from self._payload(ev, "multifd device state", where)
 
     def _ram_packet(self, at: int, hdr: bytes, flags: int) -> Generator[ChannelEvent | NeedData, None, None]:
         inp = self._inp
-        fixed = yield from need(inp, RAM_PACKET.size, "multifd RAM packet")
-        fixed_b = bytes(fixed)
-        offsets = yield from need(inp, self._offsets.size, "multifd RAM packet offsets")
-        pages_alloc, normal, next_size, packet_num, zero, _u32, _u64, block_raw = RAM_PACKET.unpack(fixed_b)
+        # the fixed part and the offset array in one take (QEMU reads them as one struct)
+        body = yield from need(inp, RAM_PACKET.size + self._offsets.size, "multifd RAM packet")
+        pages_alloc, normal, next_size, packet_num, zero, _u32, _u64, block_raw = RAM_PACKET.unpack_from(body)
         ppp = self.pages_per_packet
         if pages_alloc > ppp:
             raise StreamError(f"multifd: received packet with {pages_alloc} pages, expected at most {ppp}",
@@ -278,12 +324,31 @@ class MultifdChannelParser:
             ramblock = block.decode("ascii")
         except UnicodeDecodeError:
             raise StreamError("multifd RAM block name is not ASCII", offset=at) from None
-        raw = memoryview(hdr + fixed_b + bytes(offsets))
-        yield RamPacket(at, raw, flags=flags, packet_num=packet_num, ramblock=ramblock,
-                        normal_pages=normal, zero_pages=zero, data_len=data_len)
-        if data_len:
-            yield from pieces(inp, data_len, "multifd page data", ramblock,
-                              lambda off, view: PacketData(off, view))
+        raw = memoryview(hdr + bytes(body))
+        ev = RamPacket(at, raw, flags=flags, packet_num=packet_num, ramblock=ramblock,
+                       normal_pages=normal, zero_pages=zero, data_len=data_len)
+        yield from self._payload(ev, "multifd page data", ramblock)
+
+    def _payload(self, ev: RamPacket | DeviceStatePacket, what: str,
+                 section: str) -> Generator[ChannelEvent | NeedData, None, None]:
+        """Announce a validated header, then hand out its payload as zero-copy pieces
+        (one per fed chunk).  The count lives on the parser, not in this frame, so that
+        :meth:`consume_payload` can take bytes that were moved past us."""
+        inp = self._inp
+        self._payload_left = ev.data_len
+        self._current = ev if ev.data_len else None
+        yield ev
+        while self._payload_left:
+            view = inp.take_upto(self._payload_left)
+            if view is None:
+                if inp.eof:
+                    raise StreamError(f"stream ends inside {what} ({self._payload_left} of {ev.data_len} "
+                                      f"bytes missing)", offset=inp.offset, section=section)
+                yield NEED_DATA
+                continue
+            self._payload_left -= len(view)
+            yield PacketData(inp.offset - len(view), view)
+        self._current = None
 
     def _data_len(self, normal: int, zero: int, next_size: int) -> int:
         """How many payload bytes QEMU's recv method reads after this header."""

@@ -168,3 +168,98 @@ def test_page_data_is_handed_out_without_copying_the_packet() -> None:
             sizes.append(len(ev.raw))
             assert isinstance(ev.raw, memoryview)
     assert sum(sizes) == 128 * PAGE
+
+
+# --------------------------------------------------------------------------- payload moved past the parser
+def skim(data: bytes, cut: int, take: int) -> tuple[list[object], int]:
+    """Feed *data* up to *cut*, then whenever page data is due and unfed, move up to *take* bytes of it
+    past the parser (consume_payload) instead of feeding them; feed the rest.  (events, bytes moved)"""
+    p = MultifdChannelParser()
+    out: list[object] = []
+    pos, moved = cut, 0
+
+    def drain() -> None:
+        while (ev := p.next_event()) is not NEED_DATA:
+            out.append(type(ev)(ev.offset, bytes(ev.raw)) if isinstance(ev, PacketData) else ev)
+
+    if cut:                 # (an empty feed is the end of input)
+        p.feed(data[:cut])
+    drain()
+    while pos < len(data):
+        due = p.unfed_payload()
+        if due and isinstance(p.current_packet, RamPacket):
+            n = min(due, take, len(data) - pos)
+            p.consume_payload(n)
+            pos, moved = pos + n, moved + n
+        else:
+            p.feed(data[pos:pos + 100])
+            pos += 100
+        drain()
+    p.feed(b"")
+    drain()
+    return out, moved
+
+
+def test_ram_header_size_is_what_precedes_the_page_data() -> None:
+    assert MultifdChannelParser().ram_header_size == 12 + 308 + 8 * 128 == 1344
+    assert MultifdChannelParser(page_size=65536).ram_header_size == 12 + 308 + 8 * 8
+
+
+def test_unfed_payload_counts_what_is_due_and_not_buffered() -> None:
+    pkt = mk.ram_packet("pc.ram", [0, PAGE], [b"\x11" * PAGE, b"\x22" * PAGE])
+    p = MultifdChannelParser()
+    p.feed(channel(pkt)[:64 + 1344 + 100])
+    assert isinstance(p.next_event(), ChannelInit)
+    assert p.unfed_payload() == 0 and p.current_packet is None
+    ram = p.next_event()
+    assert isinstance(ram, RamPacket) and p.current_packet is ram
+    assert p.unfed_payload() == 2 * PAGE - 100           # 100 bytes are buffered, not yet handed out
+    with pytest.raises(ValueError, match="still unread"):
+        p.consume_payload(1)                              # they must go out first: order is the framing
+    piece = p.next_event()
+    assert isinstance(piece, PacketData) and len(piece.raw) == 100
+    assert p.next_event() is NEED_DATA
+    assert p.unfed_payload() == 2 * PAGE - 100
+    with pytest.raises(ValueError, match="are due"):
+        p.consume_payload(2 * PAGE - 99)
+    p.consume_payload(2 * PAGE - 100)
+    assert p.unfed_payload() == 0
+    p.feed(mk.sync_packet(3))
+    sync = p.next_event()
+    assert isinstance(sync, RamPacket) and sync.sync and sync.offset == 64 + len(pkt)
+    assert p.current_packet is None and p.unfed_payload() == 0
+    with pytest.raises(ValueError):
+        p.consume_payload(1)                              # between packets nothing is due
+
+
+@pytest.mark.parametrize("take", [1, 777, PAGE, 1 << 20])
+@pytest.mark.parametrize("cut", [0, 64, 64 + 12, 64 + 1344, 64 + 1344 + 5, 64 + 1344 + 2 * PAGE])
+def test_moving_page_data_past_the_parser_keeps_framing_and_offsets(take: int, cut: int) -> None:
+    packets = [mk.ram_packet("pc.ram", [0, PAGE], [b"\x11" * PAGE, b"\x22" * PAGE], packet_num=1),
+               mk.sync_packet(2), mk.device_packet("0000:00:05.0/vfio", 0, b"dev" * 1000),
+               mk.ram_packet("pc.ram", [0], [b"\x33" * PAGE], packet_num=3)]
+    data = channel(*packets)
+    events, moved = skim(data, cut, take)
+    full = parse(data)
+    headers = [e for e in full if not isinstance(e, PacketData)]
+    assert [e for e in events if not isinstance(e, PacketData)] == headers     # same events, same offsets
+    assert moved + len(covered(events)) == len(data)
+    for e in events:                                                           # every piece where it belongs
+        assert data[e.offset:e.offset + len(e.raw)] == bytes(e.raw)            # type: ignore[attr-defined]
+    i = next(i for i, e in enumerate(events) if isinstance(e, DeviceStatePacket))
+    j = next(j for j in range(i + 1, len(events)) if not isinstance(events[j], PacketData))
+    assert covered(events[i + 1:j]) == b"dev" * 1000   # device state is never moved past the parser here
+
+
+def test_an_end_inside_moved_page_data_is_an_error_at_the_right_offset() -> None:
+    pkt = mk.ram_packet("pc.ram", [0, PAGE], [b"\x11" * PAGE, b"\x22" * PAGE])
+    p = MultifdChannelParser()
+    p.feed(channel(pkt)[:64 + 1344])
+    while p.next_event() is not NEED_DATA:
+        pass
+    p.consume_payload(PAGE + 3)
+    p.feed(b"")
+    with pytest.raises(StreamError, match=r"ends inside multifd page data \(4093 of 8192") as err:
+        p.next_event()
+    assert err.value.offset == 64 + 1344 + PAGE + 3
+    assert p.unfed_payload() == 0   # a failed parser owes nothing
