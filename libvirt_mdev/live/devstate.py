@@ -23,7 +23,8 @@ This module is the per-migration store of those packets; each side channel gets 
 * **Stored before forwarded.**  The packet is held whole (at most :data:`MAX_PACKET`, so
   memory per channel is bounded), checked (:func:`~libvirt_mdev.stream.vfio.read_state_packet`:
   version, index, flags, config framing), checked against the device's other packets (no
-  index twice, the config packet last, nothing after it), and appended, as the exact
+  index twice, none more than :data:`MAX_AHEAD` ahead of those seen, the config packet
+  last, nothing after it), and appended, as the exact
   bytes that travelled, to the device's state file in the store.  Only then does the pump
   forward it.  The stored state (manifest framing ``multifd``) is the device's packets
   in arrival order; a reader orders them by index as QEMU does.
@@ -40,6 +41,7 @@ This module is the per-migration store of those packets; each side channel gets 
 """
 from __future__ import annotations
 
+import itertools
 import socket
 import threading
 from collections.abc import Sequence
@@ -58,6 +60,11 @@ from ..stream.wire import VFIO_VERSION, VfioFraming
 #: the largest device-state packet the proxy holds (QEMU's VFIO sends buffers of at most
 #: 1 MiB plus a 12-byte header, and one config packet of a few KiB)
 MAX_PACKET = 16 << 20
+#: how far a packet's index may run ahead of the packets of its device seen so far: QEMU's
+#: loader sizes an array by the highest index it was sent (a lying index would make the
+#: destination QEMU allocate gigabytes); honest packets run ahead only by what the other
+#: channels carry at the same time
+MAX_AHEAD = 4096
 #: DeviceResult.section_id of multifd state (it belongs to no main-channel section)
 NO_SECTION = -1
 
@@ -87,7 +94,9 @@ class _Device:
     def missing(self) -> str:
         if self.last is None:
             return "its config packet never arrived"
-        gaps = [i for i in range(self.last + 1) if i not in self.seen][:5]
+        # lazily: the config packet's index bounds the range, and it was checked against
+        # MAX_AHEAD, but a list of the whole range is never built
+        gaps = itertools.islice((i for i in range(self.last + 1) if i not in self.seen), 5)
         return "packet(s) " + ", ".join(map(str, gaps)) + " never arrived"
 
 
@@ -171,6 +180,9 @@ class MultifdStates:
             raise StreamError(f"multifd device-state packet {pkt.idx} of {where} after its state was complete")
         if pkt.idx in dev.seen:
             raise StreamError(f"multifd device-state packet {pkt.idx} of {where} arrived twice")
+        if pkt.idx > len(dev.seen) + MAX_AHEAD:
+            raise StreamError(f"multifd device-state packet {pkt.idx} of {where} is more than {MAX_AHEAD} ahead of "
+                              f"the {len(dev.seen)} packet(s) seen (QEMU's loader would size an array by it)")
         if pkt.config:
             above = [i for i in dev.seen if i > pkt.idx]
             if dev.last is not None or above:
@@ -266,4 +278,4 @@ class PacketSink:
         return [ev.raw, payload]
 
 
-__all__ = ["MAX_PACKET", "MultifdStates", "PacketSink"]
+__all__ = ["MAX_AHEAD", "MAX_PACKET", "MultifdStates", "PacketSink"]

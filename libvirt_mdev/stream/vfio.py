@@ -247,6 +247,6 @@ def multifd_state_order(pread: Callable[[int, int], bytes], size: int) -> list[t
         else:
             found[pkt.idx] = (pos + head, pkt.data_len)
         pos += _STORED_HEAD.size + n
-    if pos != size or last is None or sorted(found) != list(range(last)):
+    if pos != size or last is None or len(found) != last or not all(i in found for i in range(last)):
         raise StreamError("stored multifd state is not one whole set of packets", offset=pos)
     return [found[i] for i in range(last)]

@@ -328,3 +328,15 @@ def test_the_loader_refuses_a_stored_file_that_is_not_one_whole_set(edit):
         multifd_state_order(lambda off, n: blob[off:off + n], len(blob))
     whole = p1 + cfg + p0
     assert [n for _o, n in multifd_state_order(lambda off, n: whole[off:off + n], len(whole))] == [1 << 20, 5]
+
+
+@pytest.mark.parametrize("idx, config", [(0xFFFFFFFE, True), (4097, False)])
+def test_an_index_far_ahead_is_refused(store, idx, config):
+    """QEMU's loader sizes its buffer array by the highest index it is sent: a lying index would make the
+    destination QEMU allocate gigabytes (and an accept-time report would walk the whole range)."""
+    from libvirt_mdev.live.devstate import MAX_AHEAD
+    st = states(store)
+    body = device().config_buffer() if config else b"x"
+    with pytest.raises(StreamError, match=f"more than {MAX_AHEAD} ahead of the 0 packet"):
+        feed(st.sink(), device_packet(ID_A, 0, vfio_state_packet(idx, body, config=config)))
+    feed(st.sink(), device_packet(ID_A, 0, vfio_state_packet(MAX_AHEAD, b"x")))   # the limit itself passes
