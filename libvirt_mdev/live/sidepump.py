@@ -83,14 +83,18 @@ class DevicePacketSink(Protocol):
 
 
 class RefuseDeviceState:
-    """The sink of a proxy that does not filter device state on side channels: any
-    device-state packet fails the migration before any of it is forwarded."""
+    """The sink of a proxy that cannot take device state on side channels (the signing
+    proxy: such packets carry no signature): any device-state packet fails the migration
+    before any of it is forwarded, with *reason* and the way out."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
     def begin(self, ev: DeviceStatePacket) -> None:
         raise UnsupportedStream(
-            f"device state of {ev.idstr} instance {ev.instance_id} on a multifd channel (QEMU 10 "
-            f"x-migration-multifd-transfer): device state on multifd channels is not filtered yet; "
-            f"turn that vfio-pci property off or migrate without --parallel", offset=ev.offset)
+            f"device state of {ev.idstr} instance {ev.instance_id} on a multifd channel (QEMU 10 vfio-pci "
+            f"x-migration-multifd-transfer) {self.reason}: turn that vfio-pci property off "
+            f"(x-migration-multifd-transfer=off) or migrate without --parallel", offset=ev.offset)
 
     def data(self, piece: Bytes) -> None:
         raise AssertionError("device-state data after a refused begin")

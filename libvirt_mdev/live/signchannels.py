@@ -48,23 +48,25 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..config import Config
-from ..errors import MdevError, UnsupportedStream, describe
+from ..errors import MdevError, describe
 from ..filter import bindings_from_domain_xml
 from ..log import get_logger
 from ..sign.source import qemu_uuid_of
 from ..store.manifest import is_uuid
-from ..stream.events import NEED_DATA, Bytes
-from ..stream.multifd import DeviceStatePacket, MultifdChannelParser, read_channel_init
+from ..stream.multifd import read_channel_init
 from .channels import KEEP_REFUSALS
 from .group import ChannelGroup, SideChannel
-from .relay import ReturnPath, SocketReader, abort_socket, connect, reset_on_close, send_views
+from .relay import ReturnPath, SocketReader, abort_socket, connect, reset_on_close
 from .session import ProxyOptions, Session, SessionResult
+from .sidepump import RefuseDeviceState, SidePump
 
 if TYPE_CHECKING:
     from ..sign.layers import SignContext
 
 log = get_logger("proxy")
 
+#: why the signing proxy refuses device state on side channels
+UNSIGNABLE = "cannot be signed yet by the signing proxy (--mode sign)"
 #: how often a held side channel looks at its deadline
 _POLL = 0.05
 
@@ -283,7 +285,16 @@ class SignChannels:
             side.dst = dst
         back = ReturnPath(dst, src, lambda why: group.fail(f"{side.name()}: {why}"))
         back.start()
-        self._pump(group, side, SocketReader(src, prefix=side.init), dst)
+
+        def arrived(n: int) -> None:
+            side.bytes_in += n
+            if group.main_reader is not None:
+                group.main_reader.credit(n)
+
+        def sent(n: int) -> None:
+            side.bytes_out += n
+
+        SidePump(src, dst, RefuseDeviceState(UNSIGNABLE), prefix=side.init, on_input=arrived, on_output=sent).run()
         try:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
@@ -299,34 +310,6 @@ class SignChannels:
             if s is not None:
                 reset_on_close(s, False)
                 s.close()
-
-    def _pump(self, group: SignGroup, side: SignSide, reader: SocketReader, dst: socket.socket) -> None:
-        """Source→next hop through the codec: what one chunk yields is sent after the
-        whole chunk was read, so nothing of a refused chunk leaves."""
-        parser = MultifdChannelParser()
-        out: list[Bytes] = []
-        while True:
-            data = reader.read()
-            n = len(data)
-            side.bytes_in += n
-            if group.main_reader is not None:
-                group.main_reader.credit(n)
-            parser.feed(data)
-            while (ev := parser.next_event()) is not NEED_DATA:
-                if isinstance(ev, DeviceStatePacket):
-                    raise UnsupportedStream(
-                        f"device state of {ev.idstr} instance {ev.instance_id} on a multifd channel (QEMU 10 "
-                        f"vfio-pci x-migration-multifd-transfer) cannot be signed yet by the signing proxy "
-                        f"(--mode sign): turn that vfio-pci property off (x-migration-multifd-transfer=off) "
-                        f"or migrate without --parallel", offset=ev.offset)
-                if len(ev.raw):
-                    out.append(ev.raw)
-            del data
-            if out:
-                side.bytes_out += send_views(dst, out)
-                out.clear()
-            if n == 0:
-                return
 
     # -- endings -------------------------------------------------------------------------------
     def forget(self, group: SignGroup) -> None:

@@ -331,7 +331,7 @@ def test_device_state_injected_on_a_real_side_channel_is_refused_by_the_sign_pro
             (why,) = s.sp.sign_channels.refusals
             assert "cannot be signed yet" in why and "--mode sign" in why and "without --parallel" in why, why
             assert not s.sp.results[0].ok and "cannot be signed yet" in (s.sp.results[0].error or "")
-            # B's proxy never saw device state on a side channel (it would refuse it as not filtered yet)
+            # B's proxy never saw device state on a side channel (nothing of it left A)
             assert s.dp.channels is not None
             assert not any("device state" in r for r in s.dp.channels.refusals), list(s.dp.channels.refusals)
     finally:
