@@ -17,12 +17,11 @@ address, in any order (``docs/multifd.md``).  Here:
 * **Order.**  QEMU 7.2's destination takes the first connection it accepts for the
   main channel, so side channels are held, unforwarded, until the main channel is
   connected to the local QEMU; then each side channel gets its own connection to it.
-* **Filtering.**  Each side channel is read with the exact multifd codec
-  (:class:`~libvirt_mdev.stream.multifd.MultifdChannelParser`).  RAM packets and their
-  pages pass straight through as zero-copy pieces of the received chunks (one gathered
-  ``sendmsg`` per chunk, constant memory).  Device state (QEMU 10's
-  ``x-migration-multifd-transfer``) is not filtered on side channels yet: the chunk
-  that carries it is refused before any of it is forwarded.
+* **Filtering.**  Each side channel is moved by :class:`~.sidepump.SidePump` through the
+  exact multifd codec (:class:`~libvirt_mdev.stream.multifd.MultifdChannelParser`): RAM
+  pages pass straight through (spliced when the local QEMU listens on a UNIX socket),
+  device state (QEMU 10's ``x-migration-multifd-transfer``) goes to the migration's
+  :class:`~.devstate.MultifdStates`, which stores it before it is forwarded.
 * **Fail closed, all together.**  Any refusal of a bound channel — device state, a uuid
   that is not the armed domain's, a duplicate channel id, more than ``max_channels``,
   side channels whose main channel does not arrive within ``main_channel_timeout``, a
