@@ -143,7 +143,9 @@ class SidePump:
                  on_output: Callable[[int], None] | None = None, zero_copy: bool | None = None,
                  parser: MultifdChannelParser | None = None) -> None:
         self.src, self.dst, self.sink = src, dst, sink
-        self.parser = parser or MultifdChannelParser()
+        # the channel's compression is learnt from its first packet with pages (the proxy does not see
+        # the migration parameters; stream/multifd.py says why that is exact)
+        self.parser = parser or MultifdChannelParser(compression=None)
         self._prefix = prefix
         self._on_input = on_input
         self._on_output = on_output

@@ -165,10 +165,16 @@ class MultifdChannelParser:
     *page_size* is the guest's target page size (4096 on x86: the main channel's
     CONFIGURATION section carries it when it differs); *compression* the negotiated
     ``multifd-compression``.  Both shape what QEMU reads, so both must be right.
+
+    ``compression=None`` (a proxy, which does not see the negotiation): the channel's
+    compression is the one its first packet with pages names, and every later packet
+    must name the same.  That cannot make our framing differ from QEMU's: QEMU's
+    destination checks a packet's compression flags against the negotiated ones before
+    it reads any payload, so a packet whose flags we take is one QEMU takes or refuses.
     """
 
     def __init__(self, *, page_size: int = DEFAULT_PAGE_SIZE,
-                 compression: Compression = Compression.NONE) -> None:
+                 compression: Compression | None = Compression.NONE) -> None:
         if page_size <= 0 or page_size & (page_size - 1) or MULTIFD_PACKET_SIZE % page_size:
             raise ValueError(f"page size {page_size} is not a power of two dividing {MULTIFD_PACKET_SIZE}")
         self.page_size = page_size
@@ -316,9 +322,8 @@ class MultifdChannelParser:
         if (normal or zero) and not block:
             raise StreamError("multifd RAM packet without a RAM block name", offset=at)
         comp = flags & COMPRESSION_MASK
-        if (normal or zero) and comp != self.compression.value:
-            raise UnsupportedStream(f"multifd RAM packet compression flags {comp:#x} do not match the "
-                                    f"channel's ({self.compression.name.lower()})", offset=at)
+        if normal or zero:
+            self._check_compression(comp, at)
         data_len = self._data_len(normal, zero, next_size)
         try:
             ramblock = block.decode("ascii")
@@ -350,10 +355,23 @@ class MultifdChannelParser:
             yield PacketData(inp.offset - len(view), view)
         self._current = None
 
+    def _check_compression(self, comp: int, at: int) -> None:
+        if self.compression is None:  # learn it from the first packet with pages
+            try:
+                self.compression = Compression(comp)
+            except ValueError:
+                raise UnsupportedStream(f"multifd compression flags {comp:#x} (qpl, uadk or qatzip): this build "
+                                        f"reads uncompressed, zlib and zstd channels", offset=at) from None
+        if comp != self.compression.value:
+            raise UnsupportedStream(f"multifd RAM packet compression flags {comp:#x} do not match the "
+                                    f"channel's ({self.compression.name.lower()})", offset=at)
+
     def _data_len(self, normal: int, zero: int, next_size: int) -> int:
         """How many payload bytes QEMU's recv method reads after this header."""
         if not normal:
-            return 0          # nothing to read: zero pages are only listed, SYNC has none
+            # nothing to read: zero pages are only listed, SYNC has none.  next_packet_size is not
+            # looked at (QEMU 7.2 leaves the previous packet's value in it; its loader reads nothing)
+            return 0
         if self.compression is Compression.NONE:
             return normal * self.page_size
         if next_size > MULTIFD_PACKET_SIZE * 2:

@@ -263,3 +263,30 @@ def test_an_end_inside_moved_page_data_is_an_error_at_the_right_offset() -> None
         p.next_event()
     assert err.value.offset == 64 + 1344 + PAGE + 3
     assert p.unfed_payload() == 0   # a failed parser owes nothing
+
+
+def test_a_proxy_learns_the_compression_from_the_first_packet_with_pages() -> None:
+    """compression=None: the first packet with pages names it (QEMU checks those flags before it reads any
+    payload, so taking them cannot frame a packet differently than QEMU); every later packet must agree."""
+    z1 = mk.ram_packet("pc.ram", [0], [b"Z" * 70], flags=int(MultifdFlag.ZLIB), packet_num=1)
+    z2 = mk.ram_packet("pc.ram", [PAGE], [b"Y" * 33], flags=int(MultifdFlag.ZLIB), packet_num=2)
+    data = channel(mk.sync_packet(0), z1, mk.sync_packet(3), z2)
+    events = parse(data, compression=None)
+    assert [e.data_len for e in events if isinstance(e, RamPacket)] == [0, 70, 0, 33]
+    assert covered(events) == data
+    plain = mk.ram_packet("pc.ram", [0], [b"P" * PAGE], packet_num=4)
+    with pytest.raises(UnsupportedStream, match="do not match the channel's \\(zlib\\)"):
+        parse(channel(z1, plain), compression=None)
+    assert covered(parse(channel(plain), compression=None)) == channel(plain)   # uncompressed learnt alike
+    qpl = mk.ram_packet("pc.ram", [0], [b"Q" * 10], flags=int(MultifdFlag.QPL))
+    with pytest.raises(UnsupportedStream, match="qpl, uadk or qatzip"):
+        parse(channel(qpl), compression=None)
+
+
+def test_a_compressed_packet_without_pages_reads_nothing_whatever_it_announces() -> None:
+    """QEMU 7.2 leaves the previous packet's next_packet_size in a packet without normal pages, and its
+    loader reads nothing for it: neither do we."""
+    z1 = mk.ram_packet("pc.ram", [0], [b"Z" * 70], flags=int(MultifdFlag.ZLIB))
+    stale = mk.ram_packet("pc.ram", [], [], zero=[PAGE], flags=int(MultifdFlag.ZLIB), next_size=70)
+    events = parse(channel(z1, stale, mk.sync_packet(9)), compression=None)
+    assert [e.data_len for e in events if isinstance(e, RamPacket)] == [70, 0, 0]

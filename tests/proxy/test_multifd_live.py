@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from libvirt_mdev.live.relay import Endpoint
-from tests.harness.qemu_vm import QemuVM
+from tests.harness.qemu_vm import HarnessError, QemuVM
 from tests.harness.util import free_port, random_file
 
 from .conftest import DOM_UUID, ProxyEnv, wait_results
@@ -31,7 +31,8 @@ def ram_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 
-def multifd_pair(tmp_path: Path, ram_file: Path, channels: int) -> Iterator[tuple[QemuVM, QemuVM, int]]:
+def multifd_pair(tmp_path: Path, ram_file: Path, channels: int,
+                 compression: str = "none") -> Iterator[tuple[QemuVM, QemuVM, int]]:
     port = free_port()
     uuid = ["-uuid", DOM_UUID]
     src = QemuVM(tmp_path, name="src", memory_mib=MIB, with_disk=False, ram_file=ram_file, extra_args=uuid)
@@ -41,6 +42,11 @@ def multifd_pair(tmp_path: Path, ram_file: Path, channels: int) -> Iterator[tupl
         for vm in (src, dst):
             vm.qmp("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
             vm.qmp("migrate-set-parameters", **{"multifd-channels": channels})
+            if compression != "none":
+                try:
+                    vm.qmp("migrate-set-parameters", **{"multifd-compression": compression})
+                except HarnessError as exc:
+                    pytest.skip(f"this QEMU has no multifd {compression} compression: {exc}")
         dst.incoming(f"tcp:127.0.0.1:{port}")
         yield src, dst, port
 
@@ -64,6 +70,22 @@ def test_a_real_multifd_migration_through_the_proxy_completes(proxy_env: ProxyEn
         assert f"{channels} multifd channel(s)" in log, log
         # most of the random RAM travelled on the side channels, through the proxy
         assert res.bytes_in < (MIB << 20) // 2
+
+
+@pytest.mark.parametrize("compression", ["zlib", "zstd"])
+def test_a_compressed_multifd_migration_through_the_proxy_completes(proxy_env: ProxyEnv, tmp_path: Path,
+                                                                    ram_file: Path, compression: str) -> None:
+    """The proxy learns each channel's compression from its first packet with pages (stream/multifd.py)."""
+    proxy_env.arm([])
+    for src, dst, port in multifd_pair(tmp_path, ram_file, 2, compression):
+        px = proxy_env.proxy(Endpoint("127.0.0.1", port))
+        src.migrate(f"tcp:127.0.0.1:{px.address.port}")
+        assert src.wait_migration(timeout=240)["status"] == "completed"
+        dst.wait_status("running", timeout=60)
+        wait_results(px, timeout=60)
+        res = px.results[0]
+        assert res.ok, res.error
+        assert res.channels == 2 and res.channel_bytes_in == res.channel_bytes_out > 0
 
 
 def test_kill_9_of_the_proxy_mid_multifd_migration_leaves_the_source_running(proxy_env: ProxyEnv,
