@@ -54,9 +54,8 @@ from ..stream.multifd import read_channel_init
 from .arming import bindings_from_pending, select_pending
 from .devstate import MultifdStates, PacketSink
 from .group import ChannelGroup, SideChannel
-from .relay import ReturnPath, SocketReader, abort_socket, connect, reset_on_close
+from .relay import SocketReader, abort_socket, connect
 from .session import ProxyOptions, Session, SessionResult
-from .sidepump import SidePump
 
 log = get_logger("proxy")
 
@@ -160,8 +159,7 @@ class Migration(ChannelGroup[SideChannel]):
 
     def side_ended(self, side: SideChannel) -> None:
         """*side* ended cleanly: settle when it was the last channel to end."""
-        with self.owner.lock:
-            side.done = True
+        super().side_ended(side)
         self._settle_if_done()
 
     def main_succeeded(self) -> None:
@@ -321,7 +319,7 @@ class Channels:
             return
         try:
             mig.wait_ready(self.opts.limits.main_channel_timeout)
-            self._forward(mig, side)
+            mig.forward(side, mig.packet_sink(), self._connect_next, self.opts.drain_timeout)
         except Exception as exc:  # fail closed: the whole migration
             mig.fail(f"{side.name()}: {_line(exc)}", also=side)
 
@@ -365,41 +363,8 @@ class Channels:
             mig.fail(why or "", also=side)
         return None
 
-    def _forward(self, mig: Migration, side: SideChannel) -> None:
-        dst = side.connect() if side.connect is not None else connect(self.opts.forward, self.opts.connect_timeout)
-        with self.lock:
-            src = side.src
-            if mig.failed is not None or src is None:
-                abort_socket(dst)
-                raise MdevError(mig.failed or "reset")
-            side.dst = dst
-        back = ReturnPath(dst, src, lambda why: mig.fail(f"{side.name()}: {why}"))
-        back.start()
-
-        def arrived(n: int) -> None:
-            side.bytes_in += n
-            if mig.main_reader is not None:
-                mig.main_reader.credit(n)
-
-        def sent(n: int) -> None:
-            side.bytes_out += n
-
-        SidePump(src, dst, mig.packet_sink(), prefix=side.init, on_input=arrived, on_output=sent).run()
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        back.join(self.opts.drain_timeout)
-        with self.lock:
-            if mig.failed is not None:
-                raise MdevError(mig.failed)
-            src, dst2 = side.src, side.dst
-            side.src = side.dst = None
-        for s in (src, dst2):  # a normal end: FIN, not a reset
-            if s is not None:
-                reset_on_close(s, False)
-                s.close()
-        mig.side_ended(side)
+    def _connect_next(self) -> socket.socket:
+        return connect(self.opts.forward, self.opts.connect_timeout)
 
     # -- endings -------------------------------------------------------------------------------
     def end(self, mig: Migration) -> None:

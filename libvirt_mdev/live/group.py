@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 from ..errors import MdevError
 from ..log import get_logger
-from .relay import SocketReader, abort_socket
+from .relay import ReturnPath, SocketReader, abort_socket, reset_on_close
+from .sidepump import DevicePacketSink, SidePump
 
 if TYPE_CHECKING:
     from .session import Session
@@ -76,6 +77,11 @@ class ChannelGroup(Generic[S]):
     def refused(self, why: str) -> None:
         """The group failed for *why* (once, after every socket was reset)."""
 
+    def side_ended(self, side: S) -> None:
+        """*side* ended cleanly (both its sockets closed with a FIN)."""
+        with self.lock:
+            side.done = True
+
     def late(self, timeout: float) -> str:
         """Why side channels gave up waiting for their main channel after *timeout* seconds."""
         return f"the main channel of {self} did not arrive within {timeout:g}s of its first multifd channel"
@@ -89,6 +95,46 @@ class ChannelGroup(Generic[S]):
                 raise MdevError(f"{self.late(timeout)} (the proxy's main-channel deadline)")
         if self.failed is not None:
             raise MdevError(self.failed)
+
+    def forward(self, side: S, sink: DevicePacketSink, connect_next: Callable[[], socket.socket],
+                drain_timeout: float) -> None:
+        """Move *side* to its next hop (:class:`~.sidepump.SidePump`, device state to *sink*)
+        until the source ends it, then let the next hop see the end and wait up to
+        *drain_timeout* for it to close.  Any failure raises (the caller fails the group)."""
+        dst = side.connect() if side.connect is not None else connect_next()
+        with self.lock:
+            src = side.src
+            if self.failed is not None or src is None:
+                abort_socket(dst)
+                raise MdevError(self.failed or "reset")
+            side.dst = dst
+        back = ReturnPath(dst, src, lambda why: self.fail(f"{side.name()}: {why}"))
+        back.start()
+
+        def arrived(n: int) -> None:
+            side.bytes_in += n
+            if self.main_reader is not None:  # side-channel bytes are the migration's progress
+                self.main_reader.credit(n)
+
+        def sent(n: int) -> None:
+            side.bytes_out += n
+
+        SidePump(src, dst, sink, prefix=side.init, on_input=arrived, on_output=sent).run()
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        back.join(drain_timeout)
+        with self.lock:
+            if self.failed is not None:
+                raise MdevError(self.failed)
+            ends = (side.src, side.dst)
+            side.src = side.dst = None
+        for sock in ends:  # a normal end: FIN, not a reset
+            if sock is not None:
+                reset_on_close(sock, False)
+                sock.close()
+        self.side_ended(side)
 
     def fail(self, why: str, *, also: S | None = None, logged: bool = False) -> None:
         """Fail the whole group closed: reset the main channel and every side channel (and

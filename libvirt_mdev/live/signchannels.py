@@ -56,9 +56,9 @@ from ..store.manifest import is_uuid
 from ..stream.multifd import read_channel_init
 from .channels import KEEP_REFUSALS
 from .group import ChannelGroup, SideChannel
-from .relay import ReturnPath, SocketReader, abort_socket, connect, reset_on_close
+from .relay import SocketReader, abort_socket, connect
 from .session import ProxyOptions, Session, SessionResult
-from .sidepump import RefuseDeviceState, SidePump
+from .sidepump import RefuseDeviceState
 
 if TYPE_CHECKING:
     from ..sign.layers import SignContext
@@ -239,7 +239,7 @@ class SignChannels:
             return
         try:
             group.wait_ready(self.opts.limits.main_channel_timeout)
-            self._forward(group, side)
+            group.forward(side, RefuseDeviceState(UNSIGNABLE), self._connect_next, self.opts.drain_timeout)
         except Exception as exc:  # fail closed: the whole signed migration
             group.fail(f"{side.name()}: {_line(exc)}", also=side)
 
@@ -275,41 +275,8 @@ class SignChannels:
         group.fail(why, also=side)
         return None
 
-    def _forward(self, group: SignGroup, side: SignSide) -> None:
-        dst = side.connect() if side.connect is not None else connect(self.opts.forward, self.opts.connect_timeout)
-        with self.lock:
-            src = side.src
-            if group.failed is not None or src is None:
-                abort_socket(dst)
-                raise MdevError(group.failed or "reset")
-            side.dst = dst
-        back = ReturnPath(dst, src, lambda why: group.fail(f"{side.name()}: {why}"))
-        back.start()
-
-        def arrived(n: int) -> None:
-            side.bytes_in += n
-            if group.main_reader is not None:
-                group.main_reader.credit(n)
-
-        def sent(n: int) -> None:
-            side.bytes_out += n
-
-        SidePump(src, dst, RefuseDeviceState(UNSIGNABLE), prefix=side.init, on_input=arrived, on_output=sent).run()
-        try:
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        back.join(self.opts.drain_timeout)
-        with self.lock:
-            if group.failed is not None:
-                raise MdevError(group.failed)
-            side.done = True
-            src2, dst2 = side.src, side.dst
-            side.src = side.dst = None
-        for s in (src2, dst2):  # a normal end: FIN, not a reset
-            if s is not None:
-                reset_on_close(s, False)
-                s.close()
+    def _connect_next(self) -> socket.socket:
+        return connect(self.opts.forward, self.opts.connect_timeout)
 
     # -- endings -------------------------------------------------------------------------------
     def forget(self, group: SignGroup) -> None:
