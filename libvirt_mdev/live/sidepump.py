@@ -176,6 +176,8 @@ class SidePump:
                     self._splice(self._pipe)
                     continue
                 data = self._read()
+                if self._pipe is not None and self._take_ram_header(self._pipe, data):
+                    continue
                 self._take(data)
                 if not data:
                     return
@@ -201,6 +203,24 @@ class SidePump:
         with memoryview(buf) as view:
             n = self.src.recv_into(view, size)
         return memoryview(buf)[:n]
+
+    def _take_ram_header(self, pipe: _Pipe, data: memoryview) -> bool:
+        """The fast path at a packet boundary: when *data* is a whole RAM header, the codec
+        checks it without the event machinery (``take_ram_header``) and it goes into the
+        empty pipe ahead of its page data.  False (nothing done): feed *data* instead."""
+        if len(data) != self.parser.ram_header_size:
+            return False
+        ev = self.parser.take_ram_header(data)
+        if ev is None:
+            return False
+        self._count_in(len(data))
+        if not ev.data_len:  # a SYNC or zero-page packet: no page data follows
+            self._send([ev.raw])
+            return True
+        pipe.head = os.write(pipe.w, ev.raw)  # the pipe is empty: a write this small never blocks
+        if pipe.head != len(ev.raw):
+            raise OSError(errno.EIO, f"a pipe took {pipe.head} of {len(ev.raw)} bytes")
+        return True
 
     def _take(self, data: memoryview) -> None:
         """Feed what was read (empty: the EOF), then forward what the codec hands out.
