@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING
 from ..config import Config
 from ..errors import MdevError, MdevMissing, NotFound, TypeMismatch
 from ..filter import Binding
+from ..mdev.gate import recheck_armed
+from ..mdev.sysfs import SysfsEnv
+from ..store.pending import PENDING_GRACE, PendingRecord, is_stale, list_pending, live_records, qemu_start_times
 
 if TYPE_CHECKING:
     from ..mdev.policy import MatchPolicy
-    from ..store.pending import PendingRecord
 
 
 class Claims:
@@ -67,8 +69,6 @@ def select_pending(config: Config, domain: str | None, proc_root: Path | None = 
     stale record (a migration that failed after ``migrate begin``) never blocks another
     domain's migration (:func:`libvirt_mdev.store.pending.live_records`); a single stale
     record is refused rather than served to whatever stream arrives."""
-    from ..store.pending import PENDING_GRACE, is_stale, list_pending, live_records, qemu_start_times
-
     records = list_pending(config.runtime_dir)
     if domain is not None:
         records = [r for r in records if domain in (r.domain_uuid, r.domain_name)]
@@ -115,8 +115,6 @@ def check_local_types(record: PendingRecord, sysfs_root: str | Path, policy: Mat
     Raises:
         MdevMissing / TypeMismatch: one line naming the mdev and both types.
     """
-    from ..mdev.sysfs import SysfsEnv
-
     env = SysfsEnv(sysfs_root)
     name = record.domain_name
     for dev in record.devices:
@@ -128,8 +126,6 @@ def check_local_types(record: PendingRecord, sysfs_root: str | Path, policy: Mat
             raise TypeMismatch(f"domain {name}: mdev {dev.mdev_uuid} ({dev.idstr}) was armed for type "
                                f"{dev.type} but this host now has type {local.type_id}; refusing")
         if policy is not None and policy.active:
-            from ..mdev.gate import recheck_armed
-
             recheck_armed(name, dev, sysfs_root, policy)
 
 

@@ -19,12 +19,16 @@ from ..configfile import PROXY_MODES
 from ..errors import ConnectError, InternalError, MdevError, UsageError, describe
 from ..filter import FilterOptions, StreamFilter
 from ..log import get_logger
+from ..mdev.policy import MatchPolicy
+from ..sign.layers import SignLayer, VerifyLayer
 from ..sign.source import peer_pid, sign_context, verify_policy
-from ..store.pending import PendingRecord
+from ..store import Store
+from ..store.pending import PendingRecord, read_pending, remove_pending
 from ..stream import NEED_DATA, EventConsumer, StreamParser
 from ..stream.events import Bytes
 from ..stream.multifd import INIT as MULTIFD_INIT
 from .arming import Claims, bindings_from_pending, check_local_types, select_pending
+from .endpoint import check_forward_endpoint
 from .limits import HEADER_LEN, ProxyLimits
 from .relay import (
     Endpoint,
@@ -237,12 +241,8 @@ class Session:
         r = self.result
         r.domain_name, r.domain_uuid, r.migration_id = record.domain_name, record.domain_uuid, record.migration_id
         # the connection-time re-checks of what the hook armed: sysfs types (and the match policy) now
-        from ..mdev.policy import MatchPolicy
-
         check_local_types(record, self.config.sysfs_root, MatchPolicy.from_config(self.config))
         # and the no-bypass guard of QEMU's endpoint: it can be removed at run time (docs/guard.md)
-        from .endpoint import check_forward_endpoint
-
         fwd = self.opts.forward
         check_forward_endpoint(self.config, host=fwd.host, port=fwd.port, path=fwd.path)
         devs = ", ".join(f"{d.mdev_uuid}={d.idstr}:{d.type}" for d in record.devices) or "none"
@@ -252,8 +252,6 @@ class Session:
         self.on_armed(record)
 
     def _spend(self) -> None:
-        from ..store.pending import read_pending, remove_pending
-
         assert self._record is not None
         self.claims.release(self._record)
         try:
@@ -282,8 +280,6 @@ class Session:
         return reader
 
     def _filtered(self) -> None:
-        from ..store import Store
-
         assert self.src is not None and self._record is not None
         rec = self._record
         fopts = FilterOptions(mode=self.opts.mode, migration_id=rec.migration_id,
@@ -301,7 +297,6 @@ class Session:
                 if policy is None:
                     self._pump(parser, flt, out, dst)
                 else:  # verify and strip the source's signed statements (issue 8)
-                    from ..sign.layers import VerifyLayer
                     layer = VerifyLayer(flt, policy)
                     self._pump(parser, layer, out, dst)
                     layer.finish()
@@ -312,8 +307,6 @@ class Session:
 
     def _signed(self) -> None:
         """Source host: sign each device's state on its way out (issue 8)."""
-        from ..sign.layers import SignLayer
-
         ctx = sign_context(self.config, self.peer_pid, domain=self.opts.domain,
                            domain_xml=self.opts.domain_xml, libvirt_uri=self.opts.libvirt_uri)
         self.result.domain_uuid, self.result.migration_id = ctx.domain_uuid, ctx.migration_id
