@@ -94,6 +94,16 @@ def proxy_env(tmp_path: Path) -> Iterator[ProxyEnv]:
         px.stop()
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """TLS certificates (tests/sign/pki.py) for hosts "A" and "B" of one CA, and "other": an "A" of another CA."""
+    pki_mod = pytest.importorskip("tests.sign.pki")
+    base = tmp_path_factory.mktemp("pki")
+    dirs = pki_mod.make_pki(base / "ours", "A", "B")
+    dirs["other"] = pki_mod.make_pki(base / "other", "A")["A"]
+    return dirs  # type: ignore[no-any-return]
+
+
 class Sink:
     """A TCP listener that records every byte of each connection (the 'destination QEMU')."""
 

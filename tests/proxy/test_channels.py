@@ -49,10 +49,13 @@ class MultiSink:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            rec = {"data": bytearray(), "reset": False, "done": threading.Event()}
+            rec = self._record()
             with self._lock:
                 self.conns.append(rec)
             threading.Thread(target=self._read, args=(conn, rec), daemon=True).start()
+
+    def _record(self) -> dict:
+        return {"data": bytearray(), "reset": False, "done": threading.Event()}
 
     def _read(self, conn: socket.socket, rec: dict) -> None:
         try:
