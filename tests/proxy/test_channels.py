@@ -211,6 +211,13 @@ def start_main(px: MigrationProxy, sink: MultiSink) -> tuple[socket.socket, byte
     return m, main
 
 
+def start_side(px: MigrationProxy, cid: int) -> socket.socket:
+    """A side channel that has sent its init and part of its RAM packet, and is held open."""
+    c = connect(px)
+    c.sendall(side_channel(cid)[:3000])
+    return c
+
+
 def assert_all_failed(px: MigrationProxy, sink: MultiSink, m: socket.socket, text: str, n_dst: int) -> None:
     assert was_reset(m), "the main channel was not reset"
     wait_results(px)
@@ -255,8 +262,7 @@ def test_a_duplicate_channel_id_fails_the_whole_migration(proxy_env: ProxyEnv, s
     proxy_env.arm([])
     px = proxy_env.proxy(sink.endpoint)
     m, _ = start_main(px, sink)
-    first = connect(px)
-    first.sendall(side_channel(2)[:3000])
+    first = start_side(px, 2)
     sink.wait_connected(2)
     assert finish(connect(px), side_channel(2))
     assert_all_failed(px, sink, m, "a second channel with id 2", 2)
@@ -267,11 +273,7 @@ def test_more_channels_than_the_limit_fail_the_whole_migration(proxy_env: ProxyE
     proxy_env.arm([])
     px = proxy_env.proxy(sink.endpoint, limits=ProxyLimits(max_channels=2))
     m, _ = start_main(px, sink)
-    held = []
-    for i in range(2):
-        c = connect(px)
-        c.sendall(side_channel(i)[:3000])
-        held.append(c)
+    held = [start_side(px, i) for i in range(2)]
     sink.wait_connected(3)
     assert finish(connect(px), side_channel(2))
     assert_all_failed(px, sink, m, "more than 2 multifd channels (the proxy's max-channels limit)", 3)
@@ -304,8 +306,7 @@ def test_a_failing_main_channel_resets_its_side_channels(proxy_env: ProxyEnv, si
     proxy_env.arm([])
     px = proxy_env.proxy(sink.endpoint)
     m, main = start_main(px, sink)
-    side = connect(px)
-    side.sendall(side_channel(0)[:3000])
+    side = start_side(px, 0)
     sink.wait_connected(2)
     assert finish(m, main[5000:len(main) // 2])      # the main stream is cut short: refused
     wait_results(px)
