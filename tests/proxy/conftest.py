@@ -71,6 +71,20 @@ class ProxyEnv:
         wait_results(px)
         return px.results[0], sink
 
+    def second_connection(self, data: bytes) -> tuple[MigrationProxy, Sink, socket.socket, Replay]:
+        """Arm, put a proxy in front of a new Sink, open a first connection that sends the first 64 bytes of
+        *data* and is held open, then send those 64 bytes on a second connection and wait for the proxy's first
+        session (the second connection's): the proxy, the sink, the first connection and what the second saw."""
+        self.arm()
+        sink = Sink()
+        px = self.proxy(sink.endpoint)
+        first = socket.create_connection(("127.0.0.1", px.address.port))
+        first.sendall(data[:64])
+        time.sleep(0.3)
+        second = replay(px.address.port, data[:64])
+        wait_results(px)
+        return px, sink, first, second
+
     def conf_file(self, **extra: str) -> Path:
         """The same settings as a configuration file (for the CLI)."""
         c = self.config
