@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -20,6 +20,9 @@ from libvirt_mdev.log import setup_logging
 from libvirt_mdev.store.pending import PendingRecord, write_pending
 from testkit.fakesysfs import make_fake_sysfs
 from testkit.synth import SyntheticVfioDevice, inject
+
+if TYPE_CHECKING:
+    from tests.harness.qemu_vm import QemuVM
 
 U1 = "4b20d080-1b54-4048-85b3-a6a62d165c01"   # this host: nvidia-222
 U2 = "4b20d080-1b54-4048-85b3-a6a62d165c02"   # this host: nvidia-224
@@ -202,6 +205,13 @@ def wait_results(px: MigrationProxy, n: int = 1, timeout: float = 30) -> None:
     while len(px.results) < n:
         assert time.monotonic() < deadline, f"proxy finished {len(px.results)} of {n} sessions"
         time.sleep(0.02)
+
+
+def assert_source_kept_the_guest(src: QemuVM, timeout: float = 60) -> None:
+    """The source's migration ended as failed, and the source runs its guest again."""
+    info = src.wait_migration_end(timeout)
+    assert info["status"] == "failed", info
+    src.wait_status("running", timeout=30)  # QEMU resumes the guest just after "failed"
 
 
 def synthetic_devices() -> list[SyntheticVfioDevice]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from tests.harness.util import free_port, random_file
 from tests.sign.live import DOMAIN, World, make_world
 from tests.sign.pki import make_pki
 
-from .conftest import DOM_UUID, ProxyEnv, wait_results
+from .conftest import DOM_UUID, ProxyEnv, assert_source_kept_the_guest, wait_results
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MIB = 128
@@ -59,14 +58,6 @@ def qemu_pair(tmp_path: Path, ram_file: Path, uuid: str, *, src_args: tuple[str,
                                                              {"capability": "return-path", "state": True}])
             vm.qmp("migrate-set-parameters", **{"multifd-channels": 2})
         yield src, dst
-
-
-def wait_end(vm: QemuVM, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while (info := vm.query_migrate())["status"] not in ("failed", "completed", "cancelled"):
-        assert time.monotonic() < deadline, info
-        time.sleep(0.05)
-    return info
 
 
 def start(px: MigrationProxy, listen: Endpoint) -> MigrationProxy:
@@ -245,15 +236,10 @@ def test_a_side_channel_from_another_process_fails_the_signed_migration_closed(s
     for src, dst in qemu_pair(tmp_path, ram_file, DOMAIN):
         dst.incoming(f"unix:{signed.dst_sock}")
         src.migrate(f"unix:{signed.sock}", max_bandwidth=16 << 20)   # ~8 s for 128 MiB
-        deadline = time.monotonic() + 30
-        while (src.query_migrate().get("ram") or {}).get("transferred", 0) < 4 << 20:
-            assert time.monotonic() < deadline, src.query_migrate()
-            time.sleep(0.05)
+        src.wait_transferred(4 << 20)
         intruder = side(signed.sock, DOMAIN, 7)
-        info = wait_end(src)
+        assert_source_kept_the_guest(src, timeout=120)
         intruder.close()
-        assert info["status"] == "failed", info
-        src.wait_status("running", timeout=30)  # QEMU resumes the guest just after "failed"
         wait_results(signed.sp, timeout=30)
         assert signed.sp.sign_channels is not None
         refusals = list(signed.sp.sign_channels.refusals)
@@ -322,9 +308,7 @@ def test_device_state_injected_on_a_real_side_channel_is_refused_by_the_sign_pro
         for src, dst in qemu_pair(tmp_path, ram_file, DOMAIN):
             dst.incoming(f"unix:{s.dst_sock}")
             src.migrate(f"unix:{tmp_path / 'inject.sock'}")
-            info = wait_end(src)
-            assert info["status"] == "failed", info
-            src.wait_status("running", timeout=30)  # QEMU resumes the guest just after "failed"
+            assert_source_kept_the_guest(src, timeout=120)
             assert inj.injected.is_set()
             wait_results(s.sp, timeout=30)
             assert s.sp.sign_channels is not None
