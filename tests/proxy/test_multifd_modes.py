@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from libvirt_mdev.config import Config
-from libvirt_mdev.live.proxy import MigrationProxy, ProxyOptions
+from libvirt_mdev.live.proxy import MigrationProxy, ProxyOptions, SessionResult
 from libvirt_mdev.live.relay import Endpoint
 from libvirt_mdev.live.tlsbridge import TlsCreds
 from libvirt_mdev.stream.multifd import INIT
@@ -140,6 +140,17 @@ class Signed:
                                                              domain=domain)),
                         Endpoint(path=str(self.sock)))
 
+    def migrate(self, src: QemuVM, dst: QemuVM) -> tuple[SessionResult, SessionResult]:
+        """*src* migrates to *dst* through both proxies; once it completed and *dst* runs, each proxy's first
+        session: (the signing proxy's, the verifying proxy's)."""
+        dst.incoming(f"unix:{self.dst_sock}")
+        src.migrate(f"unix:{self.sock}")
+        assert src.wait_migration(timeout=180)["status"] == "completed"
+        dst.wait_status("running", timeout=60)
+        wait_results(self.sp, timeout=60)
+        wait_results(self.dp, timeout=60)
+        return self.sp.results[0], self.dp.results[0]
+
     def stop(self) -> None:
         for p in (self.sp, self.dp):
             p.stop()
@@ -155,13 +166,7 @@ def signed(world: World) -> Iterator[Signed]:
 
 def test_multifd_through_the_signed_layout(world: World, signed: Signed, tmp_path: Path, ram_file: Path) -> None:
     for src, dst in qemu_pair(tmp_path, ram_file, DOMAIN):
-        dst.incoming(f"unix:{signed.dst_sock}")
-        src.migrate(f"unix:{signed.sock}")
-        assert src.wait_migration(timeout=180)["status"] == "completed"
-        dst.wait_status("running", timeout=60)
-        wait_results(signed.sp, timeout=60)
-        wait_results(signed.dp, timeout=60)
-        s, d = signed.sp.results[0], signed.dp.results[0]
+        s, d = signed.migrate(src, dst)
         assert s.ok and d.ok, (s.error, d.error)
         assert len(signed.sp.results) == 1 and s.domain_uuid == DOMAIN
         assert signed.sp.sign_channels is not None and not signed.sp.sign_channels.refusals
@@ -182,13 +187,7 @@ def test_multifd_through_the_signed_layout_with_tls(world: World, tmp_path: Path
                                   dst_args=tls_args(pki[B], "server")):
             dst.qmp("migrate-set-parameters", **{"tls-creds": "tls0"})
             src.qmp("migrate-set-parameters", **{"tls-creds": "tls0", "tls-hostname": A})
-            dst.incoming(f"unix:{s.dst_sock}")
-            src.migrate(f"unix:{s.sock}")
-            assert src.wait_migration(timeout=180)["status"] == "completed"
-            dst.wait_status("running", timeout=60)
-            wait_results(s.sp, timeout=60)
-            wait_results(s.dp, timeout=60)
-            sr, dr = s.sp.results[0], s.dp.results[0]
+            sr, dr = s.migrate(src, dst)
             assert sr.ok and dr.ok and sr.tls and dr.tls, (sr.error, dr.error)
             assert len(s.sp.results) == 1 and len(s.dp.results) == 1   # side channels are no sessions
             assert s.sp.sign_channels is not None and not s.sp.sign_channels.refusals
