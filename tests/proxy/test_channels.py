@@ -23,6 +23,7 @@ from libvirt_mdev.live.proxy import MigrationProxy
 from libvirt_mdev.live.relay import Endpoint
 from testkit.multifd import channel_init, device_packet, ram_packet, sync_packet
 from testkit.synth import write_minimal_stream
+from tests.harness.relay import accept_each
 
 from .conftest import DOM_UUID, ID_A, U1, ProxyEnv, wait_results
 
@@ -37,22 +38,17 @@ class MultiSink:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.conns: list[dict] = []
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        accept_each(self.sock, self._accepted)
 
     @property
     def endpoint(self) -> Endpoint:
         return Endpoint("127.0.0.1", self.sock.getsockname()[1])
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            rec = self._record()
-            with self._lock:
-                self.conns.append(rec)
-            threading.Thread(target=self._read, args=(conn, rec), daemon=True).start()
+    def _accepted(self, conn: socket.socket) -> None:
+        rec = self._record()
+        with self._lock:
+            self.conns.append(rec)
+        threading.Thread(target=self._read, args=(conn, rec), daemon=True).start()
 
     def _record(self) -> dict:
         return {"data": bytearray(), "reset": False, "done": threading.Event()}

@@ -27,6 +27,7 @@ from libvirt_mdev.live.tlsbridge import TlsCreds
 from libvirt_mdev.stream.multifd import INIT
 from testkit.multifd import channel_init, device_packet
 from tests.harness.qemu_vm import QemuVM
+from tests.harness.relay import accept_each
 from tests.harness.util import free_port, random_file
 from tests.sign.live import DOMAIN, World, make_world
 from tests.sign.pki import make_pki
@@ -257,18 +258,13 @@ class Injector:
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.bind(str(listen))
         self.sock.listen(8)
-        threading.Thread(target=self._accept, daemon=True).start()
+        accept_each(self.sock, self._relay)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                a, _ = self.sock.accept()
-            except OSError:
-                return
-            b = socket.socket(socket.AF_UNIX)
-            b.connect(str(self.forward))
-            threading.Thread(target=self._pump, args=(a, b, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(b, a, False), daemon=True).start()
+    def _relay(self, a: socket.socket) -> None:
+        b = socket.socket(socket.AF_UNIX)
+        b.connect(str(self.forward))
+        threading.Thread(target=self._pump, args=(a, b, True), daemon=True).start()
+        threading.Thread(target=self._pump, args=(b, a, False), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, from_qemu: bool) -> None:
         try:
