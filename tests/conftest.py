@@ -97,13 +97,9 @@ def harness_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def libvirt_host(e2e_tools: None, harness_dir: Path) -> Iterator[LibvirtHost]:
     """One running private libvirt host with the logging hook `10-log` (log: host.log_dir / 'hooks.log')."""
-    host = LibvirtHost(name="host", base_dir=harness_dir / "hosts", hooks=[logging_hook()])
-    host.start()
-    record_timing("libvirt_host start", host.start_seconds)
-    try:
+    with LibvirtHost(name="host", base_dir=harness_dir / "hosts", hooks=[logging_hook()]) as host:
+        record_timing("libvirt_host start", host.start_seconds)
         yield host
-    finally:
-        host.stop()
 
 
 @pytest.fixture(scope="session")
@@ -180,10 +176,6 @@ def real_qmp_stream_filled(e2e_tools: None, harness_dir: Path) -> Path:
 def two_hosts(e2e_tools: None, harness_dir: Path) -> Iterator[TwoHosts]:
     """Hosts A and B (`two_hosts.a`, `two_hosts.b`) in their own network namespaces, joined by a veth, both with
     the logging hook `10-log`. Started on first use only; for tests marked e2e and slow."""
-    hosts = TwoHosts(harness_dir / "two", hooks=[logging_hook()])
-    hosts.start()
-    record_timing("two_hosts start", hosts.start_seconds)
-    try:
+    with TwoHosts(harness_dir / "two", hooks=[logging_hook()]) as hosts:
+        record_timing("two_hosts start", hosts.start_seconds)
         yield hosts
-    finally:
-        hosts.stop()

@@ -30,6 +30,7 @@ import io
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from libvirt_mdev.stream import RamEos, RamRecords, SectionFooter, SectionHeader, VMDescription, iter_events
@@ -82,15 +83,17 @@ def elide(real: Path, keep: int = KEEP_RAM) -> bytes:
     return out.getvalue()
 
 
-def mini(stream: bytes, max_full: int = 600) -> bytes:
-    """*stream* without FULL sections bigger than *max_full* bytes and with a tiny
-    vmdesc: a seed of a few KiB that libFuzzer can mutate quickly."""
+def _drop_sections(stream: bytes, hold: Callable[[SectionHeader], bool],
+                   keep: Callable[[SectionHeader, int], bool]) -> bytes:
+    """*stream* with a tiny vmdesc, and without each section that *hold* picks (by its header) and *keep* then
+    rejects (by its header and its size in bytes, header to footer)."""
     out = io.BytesIO()
     held: list[bytes] | None = None
+    header: SectionHeader | None = None
     for ev in iter_events(io.BytesIO(stream)):
         raw = bytes(ev.raw)
-        if isinstance(ev, SectionHeader) and ev.type == SectionType.SECTION_FULL and ev.kind != "vfio":
-            held = []
+        if isinstance(ev, SectionHeader) and hold(ev):
+            header, held = ev, []
         if isinstance(ev, VMDescription):
             raw = encode_vmdesc(b'{"page_size":4096,"devices":[]}')
         if held is None:
@@ -98,35 +101,25 @@ def mini(stream: bytes, max_full: int = 600) -> bytes:
             continue
         held.append(raw)
         if isinstance(ev, SectionFooter):
-            if sum(map(len, held)) <= max_full:
+            assert header is not None
+            if keep(header, sum(map(len, held))):
                 out.write(b"".join(held))
             held = None
     return out.getvalue()
+
+
+def mini(stream: bytes, max_full: int = 600) -> bytes:
+    """*stream* without FULL sections bigger than *max_full* bytes and with a tiny
+    vmdesc: a seed of a few KiB that libFuzzer can mutate quickly."""
+    return _drop_sections(stream, lambda h: h.type == SectionType.SECTION_FULL and h.kind != "vfio",
+                          lambda h, size: size <= max_full)
 
 
 def micro(stream: bytes, max_full: int = 200) -> bytes:
     """Only the file header, configuration, VFIO sections, other sections of at most
     *max_full* bytes (RAM setup and page-less RAM parts, small vmstate), EOF and a
     tiny vmdesc: a seed of a few hundred bytes."""
-    out = io.BytesIO()
-    held: list[bytes] | None = None
-    keep = True
-    for ev in iter_events(io.BytesIO(stream)):
-        raw = bytes(ev.raw)
-        if isinstance(ev, SectionHeader):
-            keep = ev.kind == "vfio"
-            held = []
-        if isinstance(ev, VMDescription):
-            raw = encode_vmdesc(b'{"page_size":4096,"devices":[]}')
-        if held is None:
-            out.write(raw)
-            continue
-        held.append(raw)
-        if isinstance(ev, SectionFooter):
-            if keep or sum(map(len, held)) <= max_full:
-                out.write(b"".join(held))
-            held = None
-    return out.getvalue()
+    return _drop_sections(stream, lambda h: True, lambda h, size: h.kind == "vfio" or size <= max_full)
 
 
 def _cut_run(run: bytes, budget: int, page_bits: int = 12) -> bytes:

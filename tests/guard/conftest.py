@@ -99,6 +99,12 @@ class FakeQemu:
             self.proc.kill()
             self.proc.wait(10)
 
+    def __enter__(self) -> FakeQemu:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 @pytest.fixture(scope="session")
 def fake_qemu_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -72,9 +72,8 @@ def test_install_check_remove_and_idempotence(netns: Netns, env: dict[str, Path]
 
 def test_non_root_loopback_client_is_reset_root_passes(netns: Netns, env: dict[str, Path],
                                                        fake_qemu_binary: Path) -> None:
-    q = start_fake_qemu(fake_qemu_binary, ["tcp:127.0.0.1:49160", "tcp:[::1]:49300", "tcp:127.0.0.1:50000"],
-                        "vm1", netns=netns)
-    try:
+    with start_fake_qemu(fake_qemu_binary, ["tcp:127.0.0.1:49160", "tcp:[::1]:49300", "tcp:127.0.0.1:50000"],
+                         "vm1", netns=netns):
         # no guard: anyone reaches QEMU's loopback port (the bypass of issue 11)
         assert connect(netns, "127.0.0.1", 49160, NOBODY) == "connected"
         netns.cli(env["conf"], "guard", "install")
@@ -85,8 +84,6 @@ def test_non_root_loopback_client_is_reset_root_passes(netns: Netns, env: dict[s
         assert connect(netns, "127.0.0.1", 50000, NOBODY) == "connected"  # not a guarded port
         netns.cli(env["conf"], "guard", "remove")
         assert connect(netns, "127.0.0.1", 49160, NOBODY) == "connected"
-    finally:
-        q.stop()
 
 
 def _hook(tmp: Path, conf: Path) -> Path:
@@ -141,8 +138,7 @@ def test_started_begin_checks_the_armed_qemus_endpoint(netns: Netns, env: dict[s
     netns.cli(conf, "guard", "install")
     hook = _hook(root, conf)
     listen = [x.replace("SOCKDIR", str(sockdir)).replace("ROOT", str(root)) for x in listen]
-    q = start_fake_qemu(fake_qemu_binary, listen, "vm1", netns=netns, pid_dir=root / "qemu")
-    try:
+    with start_fake_qemu(fake_qemu_binary, listen, "vm1", netns=netns, pid_dir=root / "qemu"):
         # not armed (mdev-less, arm_all = no): a direct migration passes; one that can only come
         # through the proxy is refused now, as the proxy would refuse it mid-stream (issue 15)
         rc, err = _call(netns, hook, "started", "begin")
@@ -160,8 +156,6 @@ def test_started_begin_checks_the_armed_qemus_endpoint(netns: Netns, env: dict[s
             assert rc == 1 and err.count("\n") == 1 and err.startswith("libvirt-mdev: incoming migration refused: ")
             for w in words:
                 assert w in err, err
-    finally:
-        q.stop()
 
 
 def test_started_begin_of_a_plain_start_with_a_stale_record_passes(netns: Netns, env: dict[str, Path],
@@ -169,11 +163,8 @@ def test_started_begin_of_a_plain_start_with_a_stale_record_passes(netns: Netns,
     root = env["root"]
     hook = _hook(root, env["conf"])
     _arm(root)
-    q = start_fake_qemu(fake_qemu_binary, [], "vm1", incoming=False, netns=netns, pid_dir=root / "qemu")
-    try:
+    with start_fake_qemu(fake_qemu_binary, [], "vm1", incoming=False, netns=netns, pid_dir=root / "qemu"):
         assert _call(netns, hook, "started", "begin") == (0, "")
-    finally:
-        q.stop()
 
 
 def test_started_begin_refuses_a_pid_that_is_not_the_domains_qemu(netns: Netns, env: dict[str, Path],
@@ -181,17 +172,14 @@ def test_started_begin_refuses_a_pid_that_is_not_the_domains_qemu(netns: Netns, 
     root = env["root"]
     hook = _hook(root, env["conf"])
     _arm(root)
-    q = start_fake_qemu(fake_qemu_binary, ["tcp:127.0.0.1:49160"], "other", netns=netns)
-    (root / "qemu").mkdir()
-    (root / "qemu" / "vm1.pid").write_text(str(q.pid))
-    try:
+    with start_fake_qemu(fake_qemu_binary, ["tcp:127.0.0.1:49160"], "other", netns=netns) as q:
+        (root / "qemu").mkdir()
+        (root / "qemu" / "vm1.pid").write_text(str(q.pid))
         rc, err = _call(netns, hook, "started", "begin")
         assert rc == 1 and "is not the QEMU of domain vm1" in err
         (root / "qemu" / "vm1.pid").write_text(str(os.getpid()))  # python in the root netns, not qemu
         rc, err = _call(netns, hook, "started", "begin")
         assert rc == 1 and "not the QEMU of domain vm1" in err
-    finally:
-        q.stop()
 
 
 def test_release_end_accepts_both_reason_forms(netns: Netns, env: dict[str, Path]) -> None:

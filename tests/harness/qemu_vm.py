@@ -180,6 +180,24 @@ class QemuVM:
             time.sleep(0.05)
         raise HarnessError(f"QEMU {self.name}: migration not completed within {timeout:.0f}s: {self.query_migrate()}")
 
+    def wait_migration_end(self, timeout: float = MIGRATION_TIMEOUT) -> dict[str, Any]:
+        """Poll query-migrate until the migration ended ('completed', 'failed' or 'cancelled'): that last answer
+        (for a test that expects a failure); HarnessError when it still runs after *timeout* seconds."""
+        deadline = time.monotonic() + timeout
+        while (info := self.query_migrate()).get("status") not in ("completed", "failed", "cancelled"):
+            if time.monotonic() >= deadline:
+                raise HarnessError(f"QEMU {self.name}: migration still {info.get('status')} after {timeout:.0f}s")
+            time.sleep(0.05)
+        return info
+
+    def wait_transferred(self, nbytes: int, timeout: float = 30) -> None:
+        """Poll query-migrate until the running migration has sent at least *nbytes* of RAM."""
+        deadline = time.monotonic() + timeout
+        while ((info := self.query_migrate()).get("ram") or {}).get("transferred", 0) < nbytes:
+            if time.monotonic() >= deadline:
+                raise HarnessError(f"QEMU {self.name}: not {nbytes} bytes of RAM sent after {timeout:.0f}s: {info}")
+            time.sleep(0.02)
+
     def migrate_to_file(self, path: Path, timeout: float = MIGRATION_TIMEOUT) -> dict[str, Any]:
         """Write the raw migration stream to *path* (through `exec:cat`) and wait until QEMU says completed."""
         self.migrate(f"exec:cat > {shlex.quote(str(path))}")

@@ -1,11 +1,27 @@
 """Copy one direction of a socket connection to another, as the tests that stand in for the proxy relay QEMU's
-migration (tests/multifd/test_multifd_real.py, tests/stream/qemu_now.py); run one thread per direction."""
+migration (tests/multifd/test_multifd_real.py, tests/stream/qemu_now.py); run one thread per direction.  And
+the accept loop of the tests' listeners (accept_each)."""
 from __future__ import annotations
 
 import socket
+import threading
 from collections.abc import Callable
 
 CHUNK = 1 << 20
+
+
+def accept_each(sock: socket.socket, handle: Callable[[socket.socket], object]) -> None:
+    """From a daemon thread, hand every connection accepted on the listening *sock* to *handle* (called in that
+    thread), until *sock* is closed."""
+    def run() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            handle(conn)
+
+    threading.Thread(target=run, daemon=True).start()
 
 
 def pump(src: socket.socket, dst: socket.socket, keep: Callable[[bytes], object] | None = None) -> None:

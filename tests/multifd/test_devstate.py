@@ -7,6 +7,7 @@ every refusal here is a source that lies about them.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -44,14 +45,20 @@ def states(store: Store, **kw) -> MultifdStates:
                          bindings=bindings(), **kw)
 
 
+def channel_events(data: bytes) -> Iterator[object]:
+    """The parser's events for a whole side channel: a channel init (DOM, id 0), then *data*."""
+    p = MultifdChannelParser()
+    p.feed(channel_init(DOM, 0) + data)
+    p.feed(b"")
+    while (ev := p.next_event()) is not NEED_DATA:
+        yield ev
+
+
 def feed(sink: PacketSink, packet: bytes, split: int = 777) -> list[bytes]:
     """Run one whole packet through *sink* as a side channel's pump would: header event,
     payload pieces, end.  Returns what the sink released for forwarding."""
-    p = MultifdChannelParser()
-    p.feed(channel_init(DOM, 0) + packet)
-    p.feed(b"")
     out: list[bytes] = []
-    while (ev := p.next_event()) is not NEED_DATA:
+    for ev in channel_events(packet):
         if isinstance(ev, DeviceStatePacket):
             sink.begin(ev)
             header, left = ev, ev.data_len
@@ -229,11 +236,8 @@ def test_a_refused_migration_leaves_nothing_loadable_even_after_accept(store):
 
 # --------------------------------------------------------------------------- property: whatever a source sends
 def stored_split(stored: bytes) -> list[bytes]:
-    p = MultifdChannelParser()
-    p.feed(channel_init(DOM, 0) + stored)
-    p.feed(b"")
     out: list[bytearray] = []
-    while (ev := p.next_event()) is not NEED_DATA:
+    for ev in channel_events(stored):
         if isinstance(ev, DeviceStatePacket):
             out.append(bytearray(ev.raw))
         elif isinstance(ev, PacketData):

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -20,6 +20,9 @@ from libvirt_mdev.log import setup_logging
 from libvirt_mdev.store.pending import PendingRecord, write_pending
 from testkit.fakesysfs import make_fake_sysfs
 from testkit.synth import SyntheticVfioDevice, inject
+
+if TYPE_CHECKING:
+    from tests.harness.qemu_vm import QemuVM
 
 U1 = "4b20d080-1b54-4048-85b3-a6a62d165c01"   # this host: nvidia-222
 U2 = "4b20d080-1b54-4048-85b3-a6a62d165c02"   # this host: nvidia-224
@@ -71,6 +74,20 @@ class ProxyEnv:
         wait_results(px)
         return px.results[0], sink
 
+    def second_connection(self, data: bytes) -> tuple[MigrationProxy, Sink, socket.socket, Replay]:
+        """Arm, put a proxy in front of a new Sink, open a first connection that sends the first 64 bytes of
+        *data* and is held open, then send those 64 bytes on a second connection and wait for the proxy's first
+        session (the second connection's): the proxy, the sink, the first connection and what the second saw."""
+        self.arm()
+        sink = Sink()
+        px = self.proxy(sink.endpoint)
+        first = socket.create_connection(("127.0.0.1", px.address.port))
+        first.sendall(data[:64])
+        time.sleep(0.3)
+        second = replay(px.address.port, data[:64])
+        wait_results(px)
+        return px, sink, first, second
+
     def conf_file(self, **extra: str) -> Path:
         """The same settings as a configuration file (for the CLI)."""
         c = self.config
@@ -92,6 +109,16 @@ def proxy_env(tmp_path: Path) -> Iterator[ProxyEnv]:
     yield env
     for px in env.proxies:
         px.stop()
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """TLS certificates (tests/sign/pki.py) for hosts "A" and "B" of one CA, and "other": an "A" of another CA."""
+    pki_mod = pytest.importorskip("tests.sign.pki")
+    base = tmp_path_factory.mktemp("pki")
+    dirs = pki_mod.make_pki(base / "ours", "A", "B")
+    dirs["other"] = pki_mod.make_pki(base / "other", "A")["A"]
+    return dirs  # type: ignore[no-any-return]
 
 
 class Sink:
@@ -178,6 +205,13 @@ def wait_results(px: MigrationProxy, n: int = 1, timeout: float = 30) -> None:
     while len(px.results) < n:
         assert time.monotonic() < deadline, f"proxy finished {len(px.results)} of {n} sessions"
         time.sleep(0.02)
+
+
+def assert_source_kept_the_guest(src: QemuVM, timeout: float = 60) -> None:
+    """The source's migration ended as failed, and the source runs its guest again."""
+    info = src.wait_migration_end(timeout)
+    assert info["status"] == "failed", info
+    src.wait_status("running", timeout=30)  # QEMU resumes the guest just after "failed"
 
 
 def synthetic_devices() -> list[SyntheticVfioDevice]:

@@ -23,6 +23,7 @@ from libvirt_mdev.live.proxy import MigrationProxy
 from libvirt_mdev.live.relay import Endpoint
 from testkit.multifd import channel_init, device_packet, ram_packet, sync_packet
 from testkit.synth import write_minimal_stream
+from tests.harness.relay import accept_each
 
 from .conftest import DOM_UUID, ID_A, U1, ProxyEnv, wait_results
 
@@ -37,22 +38,20 @@ class MultiSink:
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.conns: list[dict] = []
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        accept_each(self.sock, self._accepted)
 
     @property
     def endpoint(self) -> Endpoint:
         return Endpoint("127.0.0.1", self.sock.getsockname()[1])
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            rec = {"data": bytearray(), "reset": False, "done": threading.Event()}
-            with self._lock:
-                self.conns.append(rec)
-            threading.Thread(target=self._read, args=(conn, rec), daemon=True).start()
+    def _accepted(self, conn: socket.socket) -> None:
+        rec = self._record()
+        with self._lock:
+            self.conns.append(rec)
+        threading.Thread(target=self._read, args=(conn, rec), daemon=True).start()
+
+    def _record(self) -> dict:
+        return {"data": bytearray(), "reset": False, "done": threading.Event()}
 
     def _read(self, conn: socket.socket, rec: dict) -> None:
         try:
@@ -208,6 +207,13 @@ def start_main(px: MigrationProxy, sink: MultiSink) -> tuple[socket.socket, byte
     return m, main
 
 
+def start_side(px: MigrationProxy, cid: int) -> socket.socket:
+    """A side channel that has sent its init and part of its RAM packet, and is held open."""
+    c = connect(px)
+    c.sendall(side_channel(cid)[:3000])
+    return c
+
+
 def assert_all_failed(px: MigrationProxy, sink: MultiSink, m: socket.socket, text: str, n_dst: int) -> None:
     assert was_reset(m), "the main channel was not reset"
     wait_results(px)
@@ -252,8 +258,7 @@ def test_a_duplicate_channel_id_fails_the_whole_migration(proxy_env: ProxyEnv, s
     proxy_env.arm([])
     px = proxy_env.proxy(sink.endpoint)
     m, _ = start_main(px, sink)
-    first = connect(px)
-    first.sendall(side_channel(2)[:3000])
+    first = start_side(px, 2)
     sink.wait_connected(2)
     assert finish(connect(px), side_channel(2))
     assert_all_failed(px, sink, m, "a second channel with id 2", 2)
@@ -264,11 +269,7 @@ def test_more_channels_than_the_limit_fail_the_whole_migration(proxy_env: ProxyE
     proxy_env.arm([])
     px = proxy_env.proxy(sink.endpoint, limits=ProxyLimits(max_channels=2))
     m, _ = start_main(px, sink)
-    held = []
-    for i in range(2):
-        c = connect(px)
-        c.sendall(side_channel(i)[:3000])
-        held.append(c)
+    held = [start_side(px, i) for i in range(2)]
     sink.wait_connected(3)
     assert finish(connect(px), side_channel(2))
     assert_all_failed(px, sink, m, "more than 2 multifd channels (the proxy's max-channels limit)", 3)
@@ -301,8 +302,7 @@ def test_a_failing_main_channel_resets_its_side_channels(proxy_env: ProxyEnv, si
     proxy_env.arm([])
     px = proxy_env.proxy(sink.endpoint)
     m, main = start_main(px, sink)
-    side = connect(px)
-    side.sendall(side_channel(0)[:3000])
+    side = start_side(px, 0)
     sink.wait_connected(2)
     assert finish(m, main[5000:len(main) // 2])      # the main stream is cut short: refused
     wait_results(px)

@@ -322,15 +322,7 @@ def test_a_silent_connection_is_cut_at_the_first_bytes_deadline(proxy_env: Proxy
 
 
 def test_a_second_connection_is_named_with_the_one_being_served(proxy_env: ProxyEnv, injected_stream) -> None:
-    data, _ = injected_stream
-    proxy_env.arm()
-    sink = Sink()
-    px = proxy_env.proxy(sink.endpoint)
-    first = socket.create_connection(("127.0.0.1", px.address.port))
-    first.sendall(data[:64])
-    time.sleep(0.3)
-    replay(px.address.port, data[:64])
-    wait_results(px)
+    px, _sink, first, _second = proxy_env.second_connection(injected_stream[0])
     err = px.results[0].error
     assert f"the one from 127.0.0.1:{first.getsockname()[1]} is already being served" in err, err
     first.close()

@@ -30,7 +30,7 @@ import pytest
 from libvirt_mdev.store.pending import list_pending
 from testkit.fakesysfs import make_fake_sysfs
 from tests.harness import logging_hook
-from tests.harness.guests import migratable_guest
+from tests.harness.guests import GuestSpec, migratable_guest
 from tests.harness.migration import (
     CONF,
     MigrationRig,
@@ -90,6 +90,12 @@ class Setup(MigrationRig):
     def b_conf(self, arm_all: bool) -> None:
         self.b.host_path(CONF).write_text(hook_config(self.sysfs, arm_all))
 
+    def start_guest(self, name: str, tmp_path: Path) -> GuestSpec:
+        """A migratable guest *name*, defined and running on A."""
+        spec = migratable_guest(name)
+        define_and_start(self.a, spec, tmp_path)
+        return spec
+
 
 @pytest.fixture(scope="module")
 def setup(e2e_tools: None, harness_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
@@ -119,8 +125,7 @@ def armed_lines(log: str, name: str) -> list[str]:
 def test_virsh_migrate_tcp_through_the_proxy(setup: Setup, tmp_path: Path) -> None:
     s, b = setup, setup.hosts.b
     s.b_conf(arm_all=True)
-    spec = migratable_guest("px-tcp")
-    define_and_start(s.hosts.a, spec, tmp_path)
+    spec = s.start_guest("px-tcp", tmp_path)
     addr = s.hosts.address("B")
     proxy = ProxyProcess(b, "--listen", f"{addr}:{PORT}", "--forward", f"127.0.0.1:{PORT}", "--digest")
     try:
@@ -148,8 +153,7 @@ def test_virsh_migrate_parallel_tcp_through_the_proxy(setup: Setup, tmp_path: Pa
     serves the main channel and the four side channels of the one armed migration."""
     s, b = setup, setup.hosts.b
     s.b_conf(arm_all=True)
-    spec = migratable_guest("px-par")
-    define_and_start(s.hosts.a, spec, tmp_path)
+    spec = s.start_guest("px-par", tmp_path)
     addr = s.hosts.address("B")
     proxy = ProxyProcess(b, "--listen", f"{addr}:{PORT}", "--forward", f"127.0.0.1:{PORT}")
     try:
@@ -169,14 +173,20 @@ def test_virsh_migrate_parallel_tcp_through_the_proxy(setup: Setup, tmp_path: Pa
         cleanup(s, spec.name, [proxy])
 
 
+def unix_layout(s: Setup) -> tuple[ProxyProcess, ProxyProcess]:
+    """The UNIX-socket layout: B's proxy on B's address (port PORT + 1) forwarding into B's QEMU's socket SOCK,
+    and A's relay on SOCK carrying to it: (B's proxy, A's relay)."""
+    addr = s.hosts.address("B")
+    dest = ProxyProcess(s.b, "--listen", f"{addr}:{PORT + 1}", "--forward", f"unix:{SOCK}")
+    relay = ProxyProcess(s.a, "--mode", "relay", "--listen", f"unix:{SOCK}", "--forward", f"{addr}:{PORT + 1}")
+    return dest, relay
+
+
 def test_virsh_migrate_unix_socket_through_relay_and_proxy(setup: Setup, tmp_path: Path) -> None:
     s, a, b = setup, setup.hosts.a, setup.hosts.b
     s.b_conf(arm_all=True)
-    spec = migratable_guest("px-unix")
-    define_and_start(a, spec, tmp_path)
-    addr = s.hosts.address("B")
-    dest = ProxyProcess(b, "--listen", f"{addr}:{PORT + 1}", "--forward", f"unix:{SOCK}")
-    relay = ProxyProcess(a, "--mode", "relay", "--listen", f"unix:{SOCK}", "--forward", f"{addr}:{PORT + 1}")
+    spec = s.start_guest("px-unix", tmp_path)
+    dest, relay = unix_layout(s)
     try:
         s.hosts.migrate(spec.name, migrateuri=f"unix://{SOCK}")
         res, carried = dest.result(), relay.result()
@@ -194,11 +204,8 @@ def test_virsh_migrate_parallel_unix_socket_through_relay_and_proxy(setup: Setup
     connections verbatim; B's proxy binds the side channels and forwards all five into B's QEMU's socket."""
     s, a, b = setup, setup.hosts.a, setup.hosts.b
     s.b_conf(arm_all=True)
-    spec = migratable_guest("px-upar")
-    define_and_start(a, spec, tmp_path)
-    addr = s.hosts.address("B")
-    dest = ProxyProcess(b, "--listen", f"{addr}:{PORT + 1}", "--forward", f"unix:{SOCK}")
-    relay = ProxyProcess(a, "--mode", "relay", "--listen", f"unix:{SOCK}", "--forward", f"{addr}:{PORT + 1}")
+    spec = s.start_guest("px-upar", tmp_path)
+    dest, relay = unix_layout(s)
     try:
         s.hosts.migrate(spec.name, "--parallel", "--parallel-connections", "4", migrateuri=f"unix://{SOCK}")
         res = dest.result()
@@ -215,8 +222,7 @@ def test_hook_refusal_shows_in_virsh_and_keeps_the_guest_on_a(setup: Setup, tmp_
     s, b = setup, setup.hosts.b
     s.b_conf(arm_all=True)
     s.mode("add:nvidia-222")  # B has U2 as nvidia-224
-    spec = migratable_guest("px-ref")
-    define_and_start(s.hosts.a, spec, tmp_path)
+    spec = s.start_guest("px-ref", tmp_path)
     try:
         r = s.hosts.migrate(spec.name, "--listen-address", "127.0.0.1", port=PORT, check=False)
         assert r.returncode != 0
@@ -234,8 +240,7 @@ def test_proxy_refusal_of_an_armed_type_mismatch_keeps_the_guest_on_a(setup: Set
     s, b = setup, setup.hosts.b
     s.b_conf(arm_all=False)  # only the test hook's view arms (with the mdev)
     s.mode("view:nvidia-224")
-    spec = migratable_guest("px-mis")
-    define_and_start(s.hosts.a, spec, tmp_path)
+    spec = s.start_guest("px-mis", tmp_path)
     addr = s.hosts.address("B")
     proxy = ProxyProcess(b, "--listen", f"{addr}:{PORT}", "--forward", f"127.0.0.1:{PORT}", config=PROXY_CONF)
     try:
@@ -260,8 +265,7 @@ def test_proxy_refusal_with_parallel_keeps_the_guest_on_a(setup: Setup, tmp_path
     s = setup
     s.b_conf(arm_all=False)
     s.mode("view:nvidia-224")
-    spec = migratable_guest("px-pmis")
-    define_and_start(s.hosts.a, spec, tmp_path)
+    spec = s.start_guest("px-pmis", tmp_path)
     addr = s.hosts.address("B")
     proxy = ProxyProcess(s.b, "--listen", f"{addr}:{PORT}", "--forward", f"127.0.0.1:{PORT}", config=PROXY_CONF)
     try:

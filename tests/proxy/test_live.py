@@ -23,7 +23,7 @@ from libvirt_mdev.stream import SectionFooter, iter_events
 from tests.harness.qemu_vm import QemuVM
 from tests.harness.util import free_port, random_file
 
-from .conftest import ID_B, U2, ProxyEnv, replay, wait_results
+from .conftest import ID_B, U2, ProxyEnv, assert_source_kept_the_guest, replay, wait_results
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[2]
@@ -45,22 +45,6 @@ def vms(tmp_path: Path, ram_file: Path) -> Iterator[tuple[QemuVM, QemuVM, int]]:
     with src, dst:
         dst.incoming(f"tcp:127.0.0.1:{port}")
         yield src, dst, port
-
-
-def wait_failed(src: QemuVM, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = src.query_migrate()
-        if info.get("status") in ("failed", "completed", "cancelled"):
-            return info
-        assert time.monotonic() < deadline, f"source migration still {info.get('status')}"
-        time.sleep(0.05)
-
-
-def assert_source_kept_the_guest(src: QemuVM) -> None:
-    info = wait_failed(src)
-    assert info["status"] == "failed", info
-    src.wait_status("running", timeout=30)  # QEMU resumes the guest just after "failed"
 
 
 def dest_load_failed(dst: QemuVM, timeout: float = 30) -> bool:
@@ -129,10 +113,7 @@ def test_proxy_killed_mid_migration(proxy_env: ProxyEnv, vms) -> None:
         hello = json.loads(proc.stdout.readline())
         assert hello["event"] == "listening" and hello["forward"] == f"127.0.0.1:{port}"
         src.migrate(f"tcp:127.0.0.1:{hello['listen'].rsplit(':', 1)[1]}", max_bandwidth=48 << 20)
-        deadline = time.monotonic() + 30
-        while src.query_migrate().get("ram", {}).get("transferred", 0) < 24 << 20:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        src.wait_transferred(24 << 20)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(10)

@@ -26,7 +26,7 @@ from libvirt_mdev.store import Store
 from libvirt_mdev.stream.multifd import RamPacket, is_multifd_channel
 from testkit.multifd import channel_init, device_packet
 from testkit.synth import SyntheticVfioDevice, inject, vfio_state_packet
-from tests.harness.relay import pump
+from tests.harness.relay import accept_each, pump
 from tests.multifd.test_multifd_real import VM_UUID, capture_multifd, parse_channel
 
 from .conftest import ID_A, U1, ProxyEnv, wait_results
@@ -186,17 +186,12 @@ class InjectingRelay:
         self.port = self.sock.getsockname()[1]
         self.injected = threading.Event()
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        accept_each(self.sock, self._relay)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            up = socket.create_connection(("127.0.0.1", self.target))
-            threading.Thread(target=self._forward, args=(conn, up), daemon=True).start()
-            threading.Thread(target=pump, args=(up, conn), daemon=True).start()
+    def _relay(self, conn: socket.socket) -> None:
+        up = socket.create_connection(("127.0.0.1", self.target))
+        threading.Thread(target=self._forward, args=(conn, up), daemon=True).start()
+        threading.Thread(target=pump, args=(up, conn), daemon=True).start()
 
     def _forward(self, conn: socket.socket, up: socket.socket) -> None:
         head = b""

@@ -15,24 +15,24 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from libvirt_mdev.config import Config
-from libvirt_mdev.live.proxy import MigrationProxy, ProxyOptions
+from libvirt_mdev.live.proxy import MigrationProxy, ProxyOptions, SessionResult
 from libvirt_mdev.live.relay import Endpoint
 from libvirt_mdev.live.tlsbridge import TlsCreds
 from libvirt_mdev.stream.multifd import INIT
 from testkit.multifd import channel_init, device_packet
 from tests.harness.qemu_vm import QemuVM
+from tests.harness.relay import accept_each
 from tests.harness.util import free_port, random_file
 from tests.sign.live import DOMAIN, World, make_world
 from tests.sign.pki import make_pki
 
-from .conftest import DOM_UUID, ProxyEnv, wait_results
+from .conftest import DOM_UUID, ProxyEnv, assert_source_kept_the_guest, wait_results
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 MIB = 128
@@ -59,14 +59,6 @@ def qemu_pair(tmp_path: Path, ram_file: Path, uuid: str, *, src_args: tuple[str,
                                                              {"capability": "return-path", "state": True}])
             vm.qmp("migrate-set-parameters", **{"multifd-channels": 2})
         yield src, dst
-
-
-def wait_end(vm: QemuVM, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while (info := vm.query_migrate())["status"] not in ("failed", "completed", "cancelled"):
-        assert time.monotonic() < deadline, info
-        time.sleep(0.05)
-    return info
 
 
 def start(px: MigrationProxy, listen: Endpoint) -> MigrationProxy:
@@ -149,6 +141,17 @@ class Signed:
                                                              domain=domain)),
                         Endpoint(path=str(self.sock)))
 
+    def migrate(self, src: QemuVM, dst: QemuVM) -> tuple[SessionResult, SessionResult]:
+        """*src* migrates to *dst* through both proxies; once it completed and *dst* runs, each proxy's first
+        session: (the signing proxy's, the verifying proxy's)."""
+        dst.incoming(f"unix:{self.dst_sock}")
+        src.migrate(f"unix:{self.sock}")
+        assert src.wait_migration(timeout=180)["status"] == "completed"
+        dst.wait_status("running", timeout=60)
+        wait_results(self.sp, timeout=60)
+        wait_results(self.dp, timeout=60)
+        return self.sp.results[0], self.dp.results[0]
+
     def stop(self) -> None:
         for p in (self.sp, self.dp):
             p.stop()
@@ -164,13 +167,7 @@ def signed(world: World) -> Iterator[Signed]:
 
 def test_multifd_through_the_signed_layout(world: World, signed: Signed, tmp_path: Path, ram_file: Path) -> None:
     for src, dst in qemu_pair(tmp_path, ram_file, DOMAIN):
-        dst.incoming(f"unix:{signed.dst_sock}")
-        src.migrate(f"unix:{signed.sock}")
-        assert src.wait_migration(timeout=180)["status"] == "completed"
-        dst.wait_status("running", timeout=60)
-        wait_results(signed.sp, timeout=60)
-        wait_results(signed.dp, timeout=60)
-        s, d = signed.sp.results[0], signed.dp.results[0]
+        s, d = signed.migrate(src, dst)
         assert s.ok and d.ok, (s.error, d.error)
         assert len(signed.sp.results) == 1 and s.domain_uuid == DOMAIN
         assert signed.sp.sign_channels is not None and not signed.sp.sign_channels.refusals
@@ -191,13 +188,7 @@ def test_multifd_through_the_signed_layout_with_tls(world: World, tmp_path: Path
                                   dst_args=tls_args(pki[B], "server")):
             dst.qmp("migrate-set-parameters", **{"tls-creds": "tls0"})
             src.qmp("migrate-set-parameters", **{"tls-creds": "tls0", "tls-hostname": A})
-            dst.incoming(f"unix:{s.dst_sock}")
-            src.migrate(f"unix:{s.sock}")
-            assert src.wait_migration(timeout=180)["status"] == "completed"
-            dst.wait_status("running", timeout=60)
-            wait_results(s.sp, timeout=60)
-            wait_results(s.dp, timeout=60)
-            sr, dr = s.sp.results[0], s.dp.results[0]
+            sr, dr = s.migrate(src, dst)
             assert sr.ok and dr.ok and sr.tls and dr.tls, (sr.error, dr.error)
             assert len(s.sp.results) == 1 and len(s.dp.results) == 1   # side channels are no sessions
             assert s.sp.sign_channels is not None and not s.sp.sign_channels.refusals
@@ -245,15 +236,10 @@ def test_a_side_channel_from_another_process_fails_the_signed_migration_closed(s
     for src, dst in qemu_pair(tmp_path, ram_file, DOMAIN):
         dst.incoming(f"unix:{signed.dst_sock}")
         src.migrate(f"unix:{signed.sock}", max_bandwidth=16 << 20)   # ~8 s for 128 MiB
-        deadline = time.monotonic() + 30
-        while (src.query_migrate().get("ram") or {}).get("transferred", 0) < 4 << 20:
-            assert time.monotonic() < deadline, src.query_migrate()
-            time.sleep(0.05)
+        src.wait_transferred(4 << 20)
         intruder = side(signed.sock, DOMAIN, 7)
-        info = wait_end(src)
+        assert_source_kept_the_guest(src, timeout=120)
         intruder.close()
-        assert info["status"] == "failed", info
-        src.wait_status("running", timeout=30)  # QEMU resumes the guest just after "failed"
         wait_results(signed.sp, timeout=30)
         assert signed.sp.sign_channels is not None
         refusals = list(signed.sp.sign_channels.refusals)
@@ -272,18 +258,13 @@ class Injector:
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.bind(str(listen))
         self.sock.listen(8)
-        threading.Thread(target=self._accept, daemon=True).start()
+        accept_each(self.sock, self._relay)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                a, _ = self.sock.accept()
-            except OSError:
-                return
-            b = socket.socket(socket.AF_UNIX)
-            b.connect(str(self.forward))
-            threading.Thread(target=self._pump, args=(a, b, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(b, a, False), daemon=True).start()
+    def _relay(self, a: socket.socket) -> None:
+        b = socket.socket(socket.AF_UNIX)
+        b.connect(str(self.forward))
+        threading.Thread(target=self._pump, args=(a, b, True), daemon=True).start()
+        threading.Thread(target=self._pump, args=(b, a, False), daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, from_qemu: bool) -> None:
         try:
@@ -322,9 +303,7 @@ def test_device_state_injected_on_a_real_side_channel_is_refused_by_the_sign_pro
         for src, dst in qemu_pair(tmp_path, ram_file, DOMAIN):
             dst.incoming(f"unix:{s.dst_sock}")
             src.migrate(f"unix:{tmp_path / 'inject.sock'}")
-            info = wait_end(src)
-            assert info["status"] == "failed", info
-            src.wait_status("running", timeout=30)  # QEMU resumes the guest just after "failed"
+            assert_source_kept_the_guest(src, timeout=120)
             assert inj.injected.is_set()
             wait_results(s.sp, timeout=30)
             assert s.sp.sign_channels is not None

@@ -30,7 +30,7 @@ from tests.sign.live import DOMAIN, World, make_world
 from .conftest import DOM_UUID, ProxyEnv, wait_results
 from .test_channels import MultiSink, main_stream, side_channel
 
-pki_mod = pytest.importorskip("tests.sign.pki")
+pytest.importorskip("tests.sign.pki")  # the pki fixture (conftest.py) needs cryptography
 IDSTR = "0000:00:05.0/vfio"
 #: the proxy ends a TLS stream with a bare FIN (QEMU's GnuTLS takes it quietly); OpenSSL would answer it with a
 #: decode_error alert, which the proxy's bridge rightly reports as an error, unless told that EOF is an end
@@ -41,18 +41,10 @@ def marker() -> bytes:
     return b"VFIO-STATE-" + os.urandom(8).hex().encode()
 
 
-# --------------------------------------------------------------------------- TLS
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("pki")
-    dirs = pki_mod.make_pki(base / "ours", "A", "B")
-    dirs["other"] = pki_mod.make_pki(base / "other", "A")["A"]
-    return dirs  # type: ignore[no-any-return]
-
-
-class TlsMultiSink:
+# --------------------------------------------------------------------------- TLS (the pki fixture: conftest.py)
+class TlsMultiSink(MultiSink):
     """The destination QEMU with TLS (B's server certificate, a client certificate required): records every
-    connection's plain bytes and whether its TCP connection was reset."""
+    connection's plain bytes and how it ended ("eof", "reset" or "error: ...")."""
 
     def __init__(self, d: Path) -> None:
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -60,23 +52,10 @@ class TlsMultiSink:
         self.ctx.load_verify_locations(d / "ca-cert.pem")
         self.ctx.verify_mode = ssl.CERT_REQUIRED
         self.ctx.options |= IGNORE_EOF
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.conns: list[dict] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__()
 
-    @property
-    def endpoint(self) -> Endpoint:
-        return Endpoint("127.0.0.1", self.sock.getsockname()[1])
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                raw, _ = self.sock.accept()
-            except OSError:
-                return
-            rec = {"data": bytearray(), "end": None, "done": threading.Event()}
-            self.conns.append(rec)
-            threading.Thread(target=self._read, args=(raw, rec), daemon=True).start()
+    def _record(self) -> dict:
+        return {"data": bytearray(), "end": None, "done": threading.Event()}
 
     def _read(self, raw: socket.socket, rec: dict) -> None:
         try:
@@ -90,16 +69,6 @@ class TlsMultiSink:
         except (OSError, ssl.SSLError) as exc:
             rec["end"] = f"error: {exc}"
         rec["done"].set()
-
-    def wait(self, n: int, timeout: float = 20) -> list[dict]:
-        deadline = time.monotonic() + timeout
-        while len(self.conns) < n or not all(c["done"].is_set() for c in self.conns[:n]):
-            assert time.monotonic() < deadline, f"{len(self.conns)} connections, not {n} ended"
-            time.sleep(0.02)
-        return self.conns
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def tls_connect(port: int, d: Path) -> ssl.SSLSocket:

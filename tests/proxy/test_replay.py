@@ -169,14 +169,7 @@ def test_truncated_stream_is_refused_and_leaves_no_state(proxy_env: ProxyEnv, in
 def test_extra_connection_for_the_same_migration_is_refused(proxy_env: ProxyEnv, injected_stream) -> None:
     """multifd (--parallel) opens several connections: the extras are refused, the first goes on."""
     data, _ = injected_stream
-    proxy_env.arm()
-    sink = Sink()
-    px = proxy_env.proxy(sink.endpoint)
-    first = socket.create_connection(("127.0.0.1", px.address.port))
-    first.sendall(data[:64])
-    time.sleep(0.3)
-    second = replay(px.address.port, data[:64])
-    wait_results(px)
+    px, sink, first, second = proxy_env.second_connection(data)
     extra = px.results[0]
     assert not extra.ok and "second connection" in extra.error and "--parallel" in extra.error
     assert second.back == b""

@@ -20,16 +20,8 @@ from libvirt_mdev.live.tlsbridge import TlsCreds
 
 from .conftest import ProxyEnv, wait_results
 
-pki_mod = pytest.importorskip("tests.sign.pki")
+pytest.importorskip("tests.sign.pki")  # the pki fixture (conftest.py) needs cryptography
 TINY = b"QEVM\x00\x00\x00\x03\x00"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    base = tmp_path_factory.mktemp("pki")
-    dirs = pki_mod.make_pki(base / "ours", "A", "B")
-    dirs["other"] = pki_mod.make_pki(base / "other", "A")["A"]
-    return dirs  # type: ignore[no-any-return]
 
 
 class TlsSink:

@@ -163,20 +163,24 @@ def _without(data: bytes, *spans: tuple[int, int]) -> bytes:
     return bytes(out + data[pos:])
 
 
+def refused_before_block(sg: Signed, o, k: int, *words: str) -> None:
+    """*o* refused device A's state (with *words*) and let out only plain stream that ends before block *k*."""
+    refused(o, IDSTR_A, *words)
+    assert sg.plain.startswith(o.output) and len(o.output) <= sg.plain_blocks[k].start
+
+
 def test_dropped_block_refused_before_anything_after_it(signed_a: Signed, key_a, store):
     k = end_block(signed_a, sid_of(signed_a, IDSTR_A), 1)
     stmt, real = signed_a.pairs[k]
     o = verify(_without(signed_a.signed, (stmt.start, real.end)), store, [key_a])
-    refused(o, IDSTR_A, "dropped")
-    assert signed_a.plain.startswith(o.output) and len(o.output) <= signed_a.plain_blocks[k].start
+    refused_before_block(signed_a, o, k, "dropped")
 
 
 def test_dropped_statement_block_refused(signed_a: Signed, key_a, store):
     k = end_block(signed_a, sid_of(signed_a, IDSTR_A), 1)
     stmt, _real = signed_a.pairs[k]
     o = verify(_without(signed_a.signed, (stmt.start, stmt.end)), store, [key_a])
-    refused(o, IDSTR_A, "without a signed block statement")
-    assert signed_a.plain.startswith(o.output) and len(o.output) <= signed_a.plain_blocks[k].start
+    refused_before_block(signed_a, o, k, "without a signed block statement")
 
 
 def test_dropped_last_block_refused_before_end_of_state(signed_a: Signed, key_a, store):
@@ -184,8 +188,7 @@ def test_dropped_last_block_refused_before_end_of_state(signed_a: Signed, key_a,
     k = max(i for i, p in enumerate(signed_a.plain_blocks) if p.section_id == sid)
     stmt, real = signed_a.pairs[k]
     o = verify(_without(signed_a.signed, (stmt.start, real.end)), store, [key_a])
-    refused(o, IDSTR_A, "changed in transit")  # the device statement's length/hash
-    assert signed_a.plain.startswith(o.output) and len(o.output) <= signed_a.plain_blocks[k].start
+    refused_before_block(signed_a, o, k, "changed in transit")  # the device statement's length/hash
     assert store.list() == []
 
 
@@ -196,8 +199,7 @@ def test_reordered_blocks_refused(signed_a: Signed, key_a, store):
     d = signed_a.signed
     swapped = d[:s1.start] + d[s2.start:r2.end] + d[s1.start:r1.end] + d[r2.end:]
     o = verify(swapped, store, [key_a])
-    refused(o, IDSTR_A, "reordered")
-    assert signed_a.plain.startswith(o.output) and len(o.output) <= signed_a.plain_blocks[k].start
+    refused_before_block(signed_a, o, k, "reordered")
 
 
 def test_duplicated_block_refused(signed_a: Signed, key_a, store):

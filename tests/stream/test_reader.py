@@ -201,15 +201,22 @@ def _bare_full(sid: int = 30) -> bytes:
             + encode_vfio_marker(VfioFlag.END_OF_STATE) + encode_footer(sid))
 
 
-def test_a_config_section_without_config_marks_multifd_transfer_in_a_live_stream():
-    """The state and config of such a device travel on the side channels (filtered there,
-    live/devstate.py); the main channel only records that they do, and that it is v2."""
+def _parsed_multifd_transfer_stream() -> StreamParser:
+    """A parser that has read all of a live stream in which device 30's state travels on the side channels
+    (its FULL section: _bare_full)."""
     s, e, _c = vfio_records(30, b"")
     p = StreamParser()
     p.feed(_stream_with(s, e, _bare_full()))
     p.feed(b"")
     while p.next_event() is not NEED_DATA:
         pass
+    return p
+
+
+def test_a_config_section_without_config_marks_multifd_transfer_in_a_live_stream():
+    """The state and config of such a device travel on the side channels (filtered there,
+    live/devstate.py); the main channel only records that they do, and that it is v2."""
+    p = _parsed_multifd_transfer_stream()
     assert p.done and p.framing[30].multifd_transfer
     assert p.vfio_framing(30) == "v2"
 
@@ -322,10 +329,5 @@ def test_our_own_records_are_exact_and_outside_the_order_rules():
 
 
 def test_reports_name_a_device_whose_state_travels_on_multifd_channels():
-    s, e, _c = vfio_records(30, b"")
-    p = StreamParser()
-    p.feed(_stream_with(s, e, _bare_full()))
-    p.feed(b"")
-    while p.next_event() is not NEED_DATA:
-        pass
+    p = _parsed_multifd_transfer_stream()
     assert p.framing_of(30) == "v2+multifd"
