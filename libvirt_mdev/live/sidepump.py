@@ -19,8 +19,11 @@ process, on a host where both QEMUs want the same CPUs.  So:
   data, so the destination gets one send per packet and nothing of a packet moves
   before its header was checked;
 * at a packet boundary the pump reads at most one RAM header, so the next payload is
-  left in the kernel for the splice; bytes the codec already holds are forwarded as
-  the zero-copy pieces it hands out, as before;
+  left in the kernel for the splice; a whole header read there goes to the codec's fast
+  path (:meth:`~libvirt_mdev.stream.multifd.MultifdChannelParser.take_ram_header`: the
+  same checks, without the event machinery, which cost more Python time per packet than
+  everything else the pump does); bytes the codec already holds are forwarded as the
+  zero-copy pieces it hands out, as before;
 * device-state packets (QEMU 10, flag ``DEVICE_STATE``) are never spliced: their header
   and payload go through user space to a :class:`DevicePacketSink`, and what the sink
   returns from ``end()`` is forwarded in the channel's byte order.  A sink that raises
