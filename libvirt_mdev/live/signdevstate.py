@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MdevMissing, SignatureError
-from ..sign import statements
 from ..sign.record import MAX_RECORD, SIG_IDSTR, SIG_INSTANCE, decode_record, encode_statement_packet
 from ..stream.events import Bytes
 from ..stream.multifd import DeviceStatePacket
@@ -90,6 +89,8 @@ class SignPacketSink:
         _version, idx, flags = VFIO_STATE_PACKET.unpack_from(payload)
         h = hashlib.sha256(ev.raw)
         h.update(payload)
+        from ..sign import statements  # lazily: cryptography, only where device state is signed
+
         ctx = self.ctx
         stmt = statements.packet(migration=ctx.migration_id, signer=ctx.key.key_id, idstr=ev.idstr,
                                  instance_id=ev.instance_id, idx=idx, flags=flags,
@@ -109,15 +110,17 @@ class HelloGate:
     one, or the migration failed)."""
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self._event = threading.Event()
         self._hello: dict[str, Any] | None = None
         self._none: str | None = None
 
     def set(self, hello: dict[str, Any] | None, why: str = "the main channel carries no signed hello") -> None:
-        if self._event.is_set():
-            return
-        self._hello, self._none = hello, (None if hello is not None else why)
-        self._event.set()
+        with self._lock:  # the main channel's session and a failing migration may race: the first wins
+            if self._event.is_set():
+                return
+            self._hello, self._none = hello, (None if hello is not None else why)
+            self._event.set()
 
     def wait(self, timeout: float) -> dict[str, Any]:
         """The hello, waiting at most *timeout* seconds for it.
@@ -231,6 +234,8 @@ class VerifyPacketSink:
     # -- checks ----------------------------------------------------------------------------------
     def _statement(self, payload: bytes) -> dict[str, Any]:
         """Verify a statement packet's payload and bind it to the main channel's hello."""
+        from ..sign import statements  # lazily: cryptography, only where device state is verified
+
         body, sig = decode_record(payload)
         stmt = statements.verify(self.policy.trusted, body, sig)
         if stmt["kind"] != "packet":
