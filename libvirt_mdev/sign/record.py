@@ -32,8 +32,9 @@ Why this shape:
   contain the footer's 0xff bytes: the boundary is exact.
 * The section id is far above anything QEMU assigns (it counts handlers from 0).
 * On a side channel QEMU's multifd receive thread hands a device-state packet to the
-  device its idstr names; no device is named like this record, so QEMU fails the
-  incoming migration on it ("Unknown idstr ... for load state buffer").
+  device its idstr names; no device is named like this record, so QEMU refuses it
+  ("Unknown idstr ... for load state buffer") and the incoming migration never
+  completes (QEMU 10.0 stalls: docs/signing-wire.md).
 
 The destination keeps, per (source key, domain), the newest hello sequence it accepted
 (:class:`ReplayGuard`), so a captured stream cannot be replayed to it.
