@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from libvirt_mdev.cli.load import load_state
+from libvirt_mdev.errors import SignatureError
 from libvirt_mdev.filter import Binding
 from libvirt_mdev.live.limits import ProxyLimits
 from libvirt_mdev.live.proxy import MigrationProxy
@@ -26,6 +28,7 @@ from libvirt_mdev.live.signdevstate import SignPacketSink
 from libvirt_mdev.sign.keys import SigningKey, generate_key
 from libvirt_mdev.sign.layers import SignContext, sign_stream
 from libvirt_mdev.sign.record import SIG_IDSTR, SIG_SECTION_ID
+from libvirt_mdev.store import Store
 from libvirt_mdev.stream.writer import encode_footer
 from testkit.multifd import split_device_packet
 from testkit.synth import SyntheticVfioDevice
@@ -146,6 +149,13 @@ def test_signed_device_state_on_side_channels_through_both_proxies(proxy_env: Pr
     assert (m["idstr"], m["mdev_uuid"], m["blocks"]) == (ID_A, U1, 4)
     assert sorted(stored_packets(proxy_env.config.store, m["token"])) == sorted([p0, p1, p2, cfg])
     wait_loadable(proxy_env, m["token"])
+    # its manifest carries no signature (docs/signing-wire.md "What the manifest keeps"): a loader that requires
+    # one refuses it, before the token is spent
+    with Store.open(proxy_env.config.store) as store:
+        with pytest.raises(SignatureError, match="carries no source signature"):
+            load_state(store, m["token"], U1, proxy_env.config.sysfs_root, None, require_signature=True,
+                       trusted_keys=proxy_env.config.trusted_keys)
+    assert loadable(proxy_env.config.store, m["token"])
 
 
 def test_signed_packets_sent_to_the_verifying_proxy_pass(proxy_env: ProxyEnv, key: SigningKey, sink: MultiSink,
