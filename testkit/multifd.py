@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid as uuidlib
 from collections.abc import Sequence
 
+from libvirt_mdev.stream.events import NEED_DATA
 from libvirt_mdev.stream.multifd import (
     DEFAULT_PAGE_SIZE,
     DEVICE_PACKET,
@@ -19,7 +20,10 @@ from libvirt_mdev.stream.multifd import (
     MULTIFD_VERSION,
     PACKET_HEADER,
     RAM_PACKET,
+    DeviceStatePacket,
+    MultifdChannelParser,
     MultifdFlag,
+    PacketData,
 )
 
 
@@ -55,3 +59,21 @@ def device_packet(idstr: str | bytes, instance_id: int, data: bytes, *, flags: i
     raw = idstr.encode("ascii") if isinstance(idstr, str) else idstr
     body = DEVICE_PACKET.pack(raw, instance_id, len(data) if size is None else size)
     return PACKET_HEADER.pack(MULTIFD_MAGIC, MULTIFD_VERSION, flags) + body + data
+
+
+def split_device_packet(packet: bytes) -> tuple[DeviceStatePacket, bytes]:
+    """(header event, payload) of one whole device-state packet, read with the codec (what a
+    proxy's ``DevicePacketSink`` is handed: ``begin(event)``, then the payload)."""
+    parser = MultifdChannelParser()
+    parser.feed(channel_init("00000000-0000-4000-8000-000000000000", 0) + packet)
+    parser.feed(b"")
+    head: DeviceStatePacket | None = None
+    payload = bytearray()
+    while (ev := parser.next_event()) is not NEED_DATA:
+        if isinstance(ev, DeviceStatePacket):
+            assert head is None, "more than one packet"
+            head = ev
+        elif isinstance(ev, PacketData):
+            payload += ev.raw
+    assert head is not None, "not a device-state packet"
+    return head, bytes(payload)

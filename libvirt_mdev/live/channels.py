@@ -21,7 +21,9 @@ address, in any order (``docs/multifd.md``).  Here:
   exact multifd codec (:class:`~libvirt_mdev.stream.multifd.MultifdChannelParser`): RAM
   pages pass straight through (spliced when the local QEMU listens on a UNIX socket),
   device state (QEMU 10's ``x-migration-multifd-transfer``) goes to the migration's
-  :class:`~.devstate.MultifdStates`, which stores it before it is forwarded.
+  :class:`~.devstate.MultifdStates`, which stores it before it is forwarded; on a host
+  that verifies signatures each packet is first verified against the signed statement
+  packet before it (:mod:`.signdevstate`), bound to the main channel's verified hello.
 * **Fail closed, all together.**  Any refusal of a bound channel — device state, a uuid
   that is not the armed domain's, a duplicate channel id, more than ``max_channels``,
   side channels whose main channel does not arrive within ``main_channel_timeout``, a
@@ -56,6 +58,7 @@ from .devstate import MultifdStates, PacketSink
 from .group import ChannelGroup, SideChannel
 from .relay import SocketReader, abort_socket, connect
 from .session import ProxyOptions, Session, SessionResult
+from .signdevstate import HelloGate, PacketPolicy, VerifyPacketSink
 
 log = get_logger("proxy")
 
@@ -88,6 +91,10 @@ class MainSession(Session):
 
     def on_armed(self, record: PendingRecord) -> None:
         self.migration = self.channels.main_armed(self, record)
+
+    def on_hello(self, hello: dict[str, Any] | None) -> None:
+        if self.migration is not None:
+            self.migration.hello.set(hello)
 
     def on_reader(self, reader: SocketReader) -> None:
         if self.migration is not None:
@@ -131,6 +138,10 @@ class Migration(ChannelGroup[SideChannel]):
         self.record = record
         #: the device state that came on side channels (created by the first side channel)
         self.states: MultifdStates | None = None
+        #: the main channel's verified signed hello (a verifying host binds side channels' statements to it)
+        self.hello = HelloGate()
+        #: how side channels verify signed device state (None: this host does not verify)
+        self.packet_policy: PacketPolicy | None = None
         #: the main session returned successfully
         self.main_ok = False
         self._settled = False
@@ -143,19 +154,34 @@ class Migration(ChannelGroup[SideChannel]):
         self.ready.set()
 
     # -- device state on side channels (live/devstate.py) ------------------------------------
-    def packet_sink(self) -> PacketSink:
-        """A side channel's sink for device-state packets: this migration's store of them."""
+    def packet_sink(self) -> PacketSink | VerifyPacketSink:
+        """A side channel's sink for device-state packets: this migration's store of them,
+        behind the verification of their signed statements on a host that verifies."""
         owner = self.owner
         with owner.lock:
             if self.failed is not None:
                 raise MdevError(self.failed)
             if self.states is None:
                 store = Store.open(owner.config.store, create=True)
+                why = signed_only(owner.config)
                 self.states = MultifdStates(store, migration_id=self.migration_id, domain_name=self.domain_name,
                                             domain_uuid=self.domain_uuid,
                                             bindings=bindings_from_pending(self.record),
-                                            verify=owner.opts.verify, signed_only=signed_only(owner.config))
-            return self.states.sink()
+                                            verify=owner.opts.verify, signed_only=why)
+                if why is not None:
+                    self.packet_policy = self._packet_policy(store, why)
+            sink = self.states.sink()
+            if self.packet_policy is None:
+                return sink
+            return VerifyPacketSink(sink, self.packet_policy)
+
+    def _packet_policy(self, store: Store, why: str) -> PacketPolicy:
+        """The trusted keys the main channel verifies with, and its hello to bind to."""
+        from ..sign.source import verify_policy
+
+        policy = verify_policy(self.owner.config, store)
+        assert policy is not None  # signed_only() said this host verifies
+        return PacketPolicy(policy.trusted, self.hello, self.owner.opts.limits.main_channel_timeout, why)
 
     def side_ended(self, side: SideChannel) -> None:
         """*side* ended cleanly: settle when it was the last channel to end."""
@@ -204,6 +230,7 @@ class Migration(ChannelGroup[SideChannel]):
         self.owner.end(self)
 
     def refused(self, why: str) -> None:
+        self.hello.set(None, f"the migration failed: {why}")  # a side channel waiting for the hello gives up
         self._refuse_states(why)
         self.owner.note_refusal(why)
 
@@ -217,8 +244,8 @@ class Migration(ChannelGroup[SideChannel]):
 
 
 def signed_only(config: Config) -> str | None:
-    """Why this host takes signed device state only (multifd device state carries no
-    signature), or None."""
+    """Why this host takes signed device state only (each multifd device-state packet must
+    follow its verified statement packet, :mod:`.signdevstate`), or None."""
     if config.require_signature:
         return f"this host requires signed device state (require_signature in {config.source})"
     if config.trusted_keys:
@@ -319,7 +346,8 @@ class Channels:
             return
         try:
             mig.wait_ready(self.opts.limits.main_channel_timeout)
-            mig.forward(side, mig.packet_sink(), self._connect_next, self.opts.drain_timeout)
+            sink = mig.packet_sink()
+            mig.forward(side, sink, self._connect_next, self.opts.drain_timeout, at_eof=sink.finish)
         except Exception as exc:  # fail closed: the whole migration
             mig.fail(f"{side.name()}: {_line(exc)}", also=side)
 

@@ -18,8 +18,9 @@ This module is the per-migration store of those packets; each side channel gets 
 * **Bound before read on.**  A packet's header is checked against the armed domain's
   devices (the pending record, the same bindings as the main channel) before any of its
   payload is accepted: a device the domain does not have, another instance id, a packet
-  above :data:`MAX_PACKET`, or any device state on a host that requires signed state
-  (such packets carry no signature) fails the migration closed.
+  above :data:`MAX_PACKET`, or, on a host that verifies signatures, a packet that no
+  verified statement announced (:mod:`.signdevstate` verifies them in front of this
+  module) fails the migration closed.
 * **Stored before forwarded.**  The packet is held whole (at most :data:`MAX_PACKET`, so
   memory per channel is bounded), checked (:func:`~libvirt_mdev.stream.vfio.read_state_packet`:
   version, index, flags, config framing), checked against the device's other packets (no
@@ -125,10 +126,12 @@ class MultifdStates:
         return PacketSink(self)
 
     # -- one packet -----------------------------------------------------------------------
-    def check_header(self, ev: DeviceStatePacket) -> None:
-        """Before any of the packet's payload is taken: is it for one of our devices?"""
+    def check_header(self, ev: DeviceStatePacket, *, announced: bool = False) -> None:
+        """Before any of the packet's payload is taken: is it for one of our devices?
+        *announced*: a verified signed statement covers it (:mod:`.signdevstate`); on a
+        host that takes signed state only, nothing else passes."""
         where = f"{ev.idstr} instance {ev.instance_id}"
-        if self.signed_only is not None:
+        if self.signed_only is not None and not announced:
             raise SignatureError(f"device state of {where} on a multifd channel carries no signature, and "
                                  f"{self.signed_only}: turn off vfio-pci x-migration-multifd-transfer or migrate "
                                  f"without --parallel")
@@ -259,8 +262,10 @@ class PacketSink:
         self._ev: DeviceStatePacket | None = None
         self._buf = bytearray()
 
-    def begin(self, ev: DeviceStatePacket) -> None:
-        self.states.check_header(ev)
+    def begin(self, ev: DeviceStatePacket, *, announced: bool = False) -> None:
+        """*announced*: a verified signed statement covers this packet (the verifying
+        sink of :mod:`.signdevstate` says so)."""
+        self.states.check_header(ev, announced=announced)
         self._ev = ev
         self._buf = bytearray()
 
@@ -276,6 +281,11 @@ class PacketSink:
                               f"{ev.data_len}", offset=ev.offset)
         self.states.store_packet(ev, payload)
         return [ev.raw, payload]
+
+    def finish(self) -> None:
+        """The channel ended (the codec ends only at a packet boundary: nothing is open)."""
+        if self._ev is not None:
+            raise StreamError(f"multifd channel ended inside a device-state packet of {self._ev.idstr}")
 
 
 __all__ = ["MAX_AHEAD", "MAX_PACKET", "MultifdStates", "PacketSink"]

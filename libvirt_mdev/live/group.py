@@ -97,10 +97,12 @@ class ChannelGroup(Generic[S]):
             raise MdevError(self.failed)
 
     def forward(self, side: S, sink: DevicePacketSink, connect_next: Callable[[], socket.socket],
-                drain_timeout: float) -> None:
+                drain_timeout: float, at_eof: Callable[[], None] | None = None) -> None:
         """Move *side* to its next hop (:class:`~.sidepump.SidePump`, device state to *sink*)
         until the source ends it, then let the next hop see the end and wait up to
-        *drain_timeout* for it to close.  Any failure raises (the caller fails the group)."""
+        *drain_timeout* for it to close.  *at_eof*: called at the source's end, before the
+        next hop sees it (a sink that still expects something refuses there).  Any failure
+        raises (the caller fails the group)."""
         dst = side.connect() if side.connect is not None else connect_next()
         with self.lock:
             src = side.src
@@ -120,6 +122,8 @@ class ChannelGroup(Generic[S]):
             side.bytes_out += n
 
         SidePump(src, dst, sink, prefix=side.init, on_input=arrived, on_output=sent).run()
+        if at_eof is not None:
+            at_eof()
         try:
             dst.shutdown(socket.SHUT_WR)
         except OSError:

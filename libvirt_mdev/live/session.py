@@ -297,6 +297,7 @@ class Session:
                 if policy is None:
                     self._pump(parser, flt, out, dst)
                 else:  # verify and strip the source's signed statements (issue 8)
+                    policy.on_hello = self.on_hello
                     layer = VerifyLayer(flt, policy)
                     self._pump(parser, layer, out, dst)
                     layer.finish()
@@ -327,6 +328,10 @@ class Session:
 
     def on_signing(self, ctx: SignContext) -> None:
         """Sign mode: the signing context is known, nothing forwarded yet."""
+
+    def on_hello(self, hello: dict[str, Any] | None) -> None:
+        """A verifying host: the stream's signed hello passed every check (None: the
+        stream showed its first section without one)."""
 
     def on_reader(self, reader: SocketReader) -> None:
         """The source's reader exists (other connections' bytes may count for its

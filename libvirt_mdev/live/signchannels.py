@@ -25,8 +25,11 @@ verifying proxy, which takes side channels the way ``docs/multifd.md`` says.  He
   (:class:`~libvirt_mdev.stream.multifd.MultifdChannelParser`); RAM packets and pages
   go on as zero-copy pieces of the received chunks (one gathered ``sendmsg`` per
   chunk).  A device-state packet (QEMU 10 vfio-pci ``x-migration-multifd-transfer``)
-  cannot be signed yet: the chunk that carries it is refused before any of it is
-  forwarded.  Side-channel bytes count for the main channel's progress deadline.
+  is held whole and signed with the signing session's context
+  (:class:`~.signdevstate.SignPacketSink`): its statement packet goes out right before
+  it (``docs/signing-wire.md``); a device the domain does not have is refused before
+  any of it is forwarded.  Side-channel bytes count for the main channel's progress
+  deadline.
 * **Fail closed, together.**  A refusal on a side channel (device state, a codec or
   socket error, a duplicate channel id, one channel too many, another process) resets
   the main channel and every side channel of the session, one line; a main channel
@@ -58,15 +61,16 @@ from .channels import KEEP_REFUSALS
 from .group import ChannelGroup, SideChannel
 from .relay import SocketReader, abort_socket, connect
 from .session import ProxyOptions, Session, SessionResult
-from .sidepump import RefuseDeviceState
+from .sidepump import DevicePacketSink, RefuseDeviceState
+from .signdevstate import SignPacketSink
 
 if TYPE_CHECKING:
     from ..sign.layers import SignContext
 
 log = get_logger("proxy")
 
-#: why the signing proxy refuses device state on side channels
-UNSIGNABLE = "cannot be signed yet by the signing proxy (--mode sign)"
+#: why the signing proxy refuses device state on side channels of a session it cannot sign for
+UNSIGNABLE = "cannot be signed: the signing session has no signing context"
 #: how often a held side channel looks at its deadline
 _POLL = 0.05
 
@@ -84,6 +88,12 @@ class SignGroup(ChannelGroup[SignSide]):
     def __init__(self, owner: SignChannels, uuid: str) -> None:
         super().__init__(owner.lock)
         self.owner, self.uuid = owner, uuid
+        #: the main channel's signing context (its migration id, key and bindings sign device state)
+        self.ctx: SignContext | None = None
+
+    def packet_sink(self) -> DevicePacketSink:
+        """A side channel's sink for device-state packets: signed with the main channel's context."""
+        return SignPacketSink(self.ctx) if self.ctx is not None else RefuseDeviceState(UNSIGNABLE)
 
     def __str__(self) -> str:
         return f"signed migration of domain {self.uuid}"
@@ -117,6 +127,7 @@ class SignSession(Session):
     def on_signing(self, ctx: SignContext) -> None:
         if ctx.domain_uuid is not None:  # channel inits carry it lower-case (read_channel_init)
             self.group = self.owner.main_signing(self, ctx.domain_uuid.lower())
+            self.group.ctx = ctx
 
     def on_reader(self, reader: SocketReader) -> None:
         if self.group is not None:
@@ -239,7 +250,7 @@ class SignChannels:
             return
         try:
             group.wait_ready(self.opts.limits.main_channel_timeout)
-            group.forward(side, RefuseDeviceState(UNSIGNABLE), self._connect_next, self.opts.drain_timeout)
+            group.forward(side, group.packet_sink(), self._connect_next, self.opts.drain_timeout)
         except Exception as exc:  # fail closed: the whole signed migration
             group.fail(f"{side.name()}: {_line(exc)}", also=side)
 

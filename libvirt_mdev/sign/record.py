@@ -15,6 +15,10 @@ at most one block to sign it.  The destination tells the two apart by position (
 format-2 stream every data block is preceded by its statement block) and strips them.
 Format 1 (``LMDS1``: statements after the data) is refused with a line that says so.
 
+A ``packet`` statement (multifd side channels, QEMU 10) travels as a multifd
+device-state packet of its own, right before the packet it covers on the same channel,
+with this record's idstr and instance id 0 (:func:`encode_statement_packet`).
+
 Why this shape:
 
 * **QEMU fails closed on it.**  Its loader looks the idstr up among the machine's
@@ -27,6 +31,10 @@ Why this shape:
   opaque vmstate body, ended by its footer.  The body is ASCII, so it can never
   contain the footer's 0xff bytes: the boundary is exact.
 * The section id is far above anything QEMU assigns (it counts handlers from 0).
+* On a side channel QEMU's multifd receive thread hands a device-state packet to the
+  device its idstr names; no device is named like this record, so QEMU refuses it
+  ("Unknown idstr ... for load state buffer") and the incoming migration never
+  completes (QEMU 10.0 stalls: docs/signing-wire.md).
 
 The destination keeps, per (source key, domain), the newest hello sequence it accepted
 (:class:`ReplayGuard`), so a captured stream cannot be replayed to it.
@@ -39,6 +47,7 @@ import json
 
 from ..errors import SignatureError
 from ..store.store import Store
+from ..stream.multifd import DEVICE_PACKET, MULTIFD_MAGIC, MULTIFD_VERSION, PACKET_HEADER, MultifdFlag
 from ..stream.writer import encode_footer, encode_section_start, encode_vfio_block
 
 SIG_IDSTR = "libvirt-mdev/signed-statement"
@@ -48,6 +57,8 @@ SIG_MAGIC = b"LMDS2\n"
 SIG_MAGIC_V1 = b"LMDS1\n"
 #: records are a few hundred bytes
 MAX_RECORD = 16384
+#: the instance id of a statement packet on a multifd side channel
+SIG_INSTANCE = 0
 
 
 def encode_payload(body: bytes, signature: bytes) -> bytes:
@@ -63,6 +74,15 @@ def encode_record(body: bytes, signature: bytes) -> bytes:
 def encode_statement_block(body: bytes, signature: bytes) -> bytes:
     """A block statement as a VFIO data block (inside the device's section)."""
     return encode_vfio_block(encode_payload(body, signature))
+
+
+def encode_statement_packet(body: bytes, signature: bytes) -> bytes:
+    """A packet statement as a multifd device-state packet (a side channel, QEMU 10),
+    framed as QEMU frames its own: header, idstr[256], instance id, size, payload."""
+    payload = encode_payload(body, signature)
+    idstr = SIG_IDSTR.encode("ascii").ljust(DEVICE_PACKET.size - 8, b"\0")
+    return (PACKET_HEADER.pack(MULTIFD_MAGIC, MULTIFD_VERSION, int(MultifdFlag.DEVICE_STATE))
+            + DEVICE_PACKET.pack(idstr, SIG_INSTANCE, len(payload)) + payload)
 
 
 def decode_record(payload: bytes) -> tuple[bytes, bytes]:
@@ -113,6 +133,7 @@ class ReplayGuard:
 __all__ = [
     "MAX_RECORD",
     "SIG_IDSTR",
+    "SIG_INSTANCE",
     "SIG_MAGIC",
     "SIG_MAGIC_V1",
     "SIG_SECTION_ID",
@@ -121,4 +142,5 @@ __all__ = [
     "encode_payload",
     "encode_record",
     "encode_statement_block",
+    "encode_statement_packet",
 ]

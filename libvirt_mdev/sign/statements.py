@@ -15,6 +15,12 @@ two statement kinds of format 2 that :mod:`.keys` does not know:
                        block's bytes, and ``prev``: the SHA-256 of the previous block
                        statement of that device (64 zeros for the first), so a dropped,
                        reordered or duplicated block breaks the chain.
+``packet``             one multifd device-state packet (QEMU 10, side channels): migration,
+                       signer, idstr, instance id, the VFIODeviceStatePacket's ``idx`` and
+                       ``flags``, ``length`` and ``sha256`` of the packet's exact bytes, and
+                       ``count``: the device's number of packets on its config packet (0 on a
+                       data packet).  No chain: packets race over channels; the index orders
+                       them (docs/signing-wire.md).
 
 The config and device statements keep :mod:`.keys`' format-1 kinds (the device
 statement is rebuilt from the manifest by ``load``); only their place in the stream
@@ -63,7 +69,11 @@ FIELDS: dict[str, dict[str, Any]] = {
     "hello": dict(_COMMON, domain_uuid=str, seq=int),
     "block": {"v": int, "kind": str, "migration": str, "signer": str, "idstr": str, "instance_id": int,
               "seq": int, "length": int, "sha256": str, "prev": str},
+    "packet": {"v": int, "kind": str, "migration": str, "signer": str, "idstr": str, "instance_id": int,
+               "idx": int, "flags": int, "length": int, "sha256": str, "count": int},
 }
+#: VFIODeviceStatePacket flag of the config packet (stream/wire.py:VfioPacketFlag.CONFIG_STATE)
+_CONFIG_STATE = 1
 
 _OPEN, _CLOSE, _QUOTE, _BACKSLASH = frozenset(b"{["), frozenset(b"}]"), ord('"'), ord("\\")
 
@@ -135,7 +145,24 @@ def check_statement(stmt: dict[str, Any]) -> dict[str, Any]:
             raise SignatureError("signed block statement: sha256/prev are not 64 lowercase hex digits")
         if min(stmt["instance_id"], stmt["seq"], stmt["length"]) < 0:
             raise SignatureError("signed block statement: negative number")
+    if kind == "packet":
+        _check_packet(stmt)
     return stmt
+
+
+def _check_packet(stmt: dict[str, Any]) -> None:
+    """The shape of a ``packet`` statement: a device, numbers in range, and ``count``
+    consistent with ``flags`` (the config packet is the last, so it counts idx + 1)."""
+    if not 0 < len(stmt["idstr"]) <= MAX_IDSTR or not stmt["idstr"].isprintable():
+        raise SignatureError("signed packet statement: malformed idstr")
+    if not is_sha256(stmt["sha256"]):
+        raise SignatureError("signed packet statement: sha256 is not 64 lowercase hex digits")
+    if min(stmt["instance_id"], stmt["idx"], stmt["flags"], stmt["length"], stmt["count"]) < 0:
+        raise SignatureError("signed packet statement: negative number")
+    expected = stmt["idx"] + 1 if stmt["flags"] & _CONFIG_STATE else 0
+    if stmt["count"] != expected:
+        raise SignatureError(f"signed packet statement: count {stmt['count']} for packet {stmt['idx']} "
+                             f"(expected {expected})")
 
 
 def sign(key: SigningKey, stmt: dict[str, Any]) -> tuple[bytes, bytes]:
@@ -173,6 +200,10 @@ def block(**fields: Any) -> dict[str, Any]:
     return check_statement(dict(fields, v=FORMAT, kind="block"))
 
 
+def packet(**fields: Any) -> dict[str, Any]:
+    return check_statement(dict(fields, v=FORMAT, kind="packet"))
+
+
 def chain_hash(body: bytes) -> str:
     """The ``prev`` the next block statement of the device must carry."""
     return hashlib.sha256(body).hexdigest()
@@ -189,6 +220,7 @@ __all__ = [
     "check_statement",
     "hello",
     "nesting_depth",
+    "packet",
     "parse_statement",
     "sign",
     "verify",

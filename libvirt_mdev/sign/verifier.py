@@ -44,6 +44,9 @@ class VerifyPolicy:
     max_age: int = DEFAULT_MAX_AGE
     replay: ReplayGuard | None = None
     clock: Callable[[], float] = time.time
+    #: told the verified hello once it passed every check, or None once the stream showed
+    #: its first section without one (multifd side channels bind their statements to it)
+    on_hello: Callable[[dict[str, Any] | None], None] | None = None
 
     @property
     def active(self) -> bool:
@@ -79,6 +82,14 @@ class VerifyLayer:
         self._holding: int | None = None
         self._devices = Devices()
         self.verified: list[dict[str, Any]] = []
+        self._hello_told = False
+
+    def _tell_hello(self, hello: dict[str, Any] | None) -> None:
+        """Hand the hello (or its absence) to whoever binds to it, once."""
+        if self._hello_told or self.policy.on_hello is None:
+            return
+        self._hello_told = True
+        self.policy.on_hello(hello)
 
     # -- dispatch ------------------------------------------------------------------------------
     def process(self, ev: StreamEvent) -> None:
@@ -101,6 +112,8 @@ class VerifyLayer:
             d = self._devices[self._holding]
             raise SignatureError(f"VFIO device {d.idstr}: its state is not followed by a signed "
                                  f"statement (require_signature is on); refusing it")
+        if self.hello is None and is_record_start(ev):
+            self._tell_hello(None)
         if self.policy.require and self.hello is None and is_record_start(ev):
             raise SignatureError("the migration stream carries no signed statement from the source "
                                  "(require_signature is on): is the source proxy running with a "
@@ -301,6 +314,7 @@ class VerifyLayer:
         flt.bind_source(stmt["domain_uuid"], stmt["source_host"])  # manifests record the signed source
         self.hello = stmt
         self.verified.append(stmt)
+        self._tell_hello(stmt)
 
     def _accept_config(self, stmt: dict[str, Any]) -> None:
         """A config statement: the next thing must be that device's config section."""
