@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -23,10 +21,10 @@ import pytest
 
 from libvirt_mdev.errors import MdevError
 from libvirt_mdev.store import Store
-from libvirt_mdev.stream.multifd import RamPacket, is_multifd_channel
+from libvirt_mdev.stream.multifd import RamPacket
 from testkit.multifd import channel_init, device_packet
 from testkit.synth import SyntheticVfioDevice, inject, vfio_state_packet
-from tests.harness.relay import accept_each, pump
+from tests.harness.relay import SideChannelInjector
 from tests.multifd.test_multifd_real import VM_UUID, capture_multifd, parse_channel
 
 from .conftest import ID_A, U1, ProxyEnv, wait_results
@@ -176,43 +174,6 @@ def test_a_channel_after_completion_is_refused_alone(proxy_env: ProxyEnv, tmp_pa
 
 
 # --------------------------------------------------------------------------- a real source QEMU
-class InjectingRelay:
-    """Between a real source QEMU and the proxy: relays every connection both ways, and right after the
-    64-byte init of the first side channel inserts *packet* (a packet boundary, QEMU's exact framing)."""
-
-    def __init__(self, target: int, packet: bytes) -> None:
-        self.target, self.packet = target, packet
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.injected = threading.Event()
-        self._lock = threading.Lock()
-        accept_each(self.sock, self._relay)
-
-    def _relay(self, conn: socket.socket) -> None:
-        up = socket.create_connection(("127.0.0.1", self.target))
-        threading.Thread(target=self._forward, args=(conn, up), daemon=True).start()
-        threading.Thread(target=pump, args=(up, conn), daemon=True).start()
-
-    def _forward(self, conn: socket.socket, up: socket.socket) -> None:
-        head = b""
-        try:
-            while len(head) < 64 and (data := conn.recv(64 - len(head))):
-                head += data
-            up.sendall(head)
-            with self._lock:
-                inject = is_multifd_channel(head[:4]) and not self.injected.is_set()
-                if inject:
-                    self.injected.set()
-            if inject:
-                up.sendall(self.packet)
-        except OSError:
-            return
-        pump(conn, up)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.mark.parametrize("case", ["device the domain lacks", "tampered packet"])
 def test_a_lie_in_a_real_multifd_migration_leaves_the_guest_on_the_source(proxy_env: ProxyEnv, tmp_path: Path,
                                                                           case: str) -> None:
@@ -236,10 +197,10 @@ def test_a_lie_in_a_real_multifd_migration_leaves_the_guest_on_the_source(proxy_
         port = free_port()
         dst.incoming(f"tcp:127.0.0.1:{port}")
         px = proxy_env.proxy(Endpoint("127.0.0.1", port))
-        relay = InjectingRelay(px.address.port, packet)
+        relay = SideChannelInjector(px.address.port, packet)
         try:
             src.migrate(f"tcp:127.0.0.1:{relay.port}")
-            with pytest.raises(HarnessError):
+            with pytest.raises(HarnessError, match="migration failed"):  # failed, not still running at the deadline
                 src.wait_migration(timeout=120)
         finally:
             relay.close()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,10 +23,9 @@ from libvirt_mdev.config import Config
 from libvirt_mdev.live.proxy import MigrationProxy, ProxyOptions, SessionResult
 from libvirt_mdev.live.relay import Endpoint
 from libvirt_mdev.live.tlsbridge import TlsCreds
-from libvirt_mdev.stream.multifd import INIT
 from testkit.multifd import channel_init, device_packet
 from tests.harness.qemu_vm import QemuVM
-from tests.harness.relay import accept_each
+from tests.harness.relay import SideChannelInjector
 from tests.harness.util import free_port, random_file
 from tests.sign.live import DOMAIN, World, make_world
 from tests.sign.pki import make_pki
@@ -247,49 +245,6 @@ def test_a_side_channel_from_another_process_fails_the_signed_migration_closed(s
         assert not signed.sp.results[0].ok
 
 
-class Injector:
-    """Between the source QEMU and the signing proxy (UNIX sockets): relays every channel both ways, and on
-    the first side channel puts a device-state packet right after the channel init (a packet boundary).  The
-    signing proxy then sees one process (this one) on every channel, as it would see the QEMU."""
-
-    def __init__(self, listen: Path, forward: Path, packet: bytes) -> None:
-        self.forward, self.packet = forward, packet
-        self.injected = threading.Event()
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.bind(str(listen))
-        self.sock.listen(8)
-        accept_each(self.sock, self._relay)
-
-    def _relay(self, a: socket.socket) -> None:
-        b = socket.socket(socket.AF_UNIX)
-        b.connect(str(self.forward))
-        threading.Thread(target=self._pump, args=(a, b, True), daemon=True).start()
-        threading.Thread(target=self._pump, args=(b, a, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, from_qemu: bool) -> None:
-        try:
-            if from_qemu:
-                head = b""
-                while len(head) < INIT.size and (chunk := src.recv(INIT.size - len(head))):
-                    head += chunk
-                dst.sendall(head)
-                if head[:4] == b"\x11\x22\x33\x44" and not self.injected.is_set():
-                    self.injected.set()
-                    dst.sendall(self.packet)
-            while chunk := src.recv(1 << 20):
-                dst.sendall(chunk)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_device_state_injected_on_a_real_side_channel_is_refused_by_the_sign_proxy(world: World, tmp_path: Path,
                                                                                    ram_file: Path) -> None:
     """QEMU 10's vfio-pci x-migration-multifd-transfer, imitated: a device-state packet on a real side channel.
@@ -298,7 +253,8 @@ def test_device_state_injected_on_a_real_side_channel_is_refused_by_the_sign_pro
     src_cfg, dst_cfg = world.configs("a")
     s = Signed(world, src_cfg, dst_cfg, domain=DOMAIN)
     mark = b"VFIO-STATE-" + os.urandom(8).hex().encode()
-    inj = Injector(tmp_path / "inject.sock", s.sock, device_packet("0000:00:05.0/vfio", 0, mark))
+    inj = SideChannelInjector(s.sock, device_packet("0000:00:05.0/vfio", 0, mark), listen=tmp_path / "inject.sock",
+                              cut_both=True)
     try:
         for src, dst in qemu_pair(tmp_path, ram_file, DOMAIN):
             dst.incoming(f"unix:{s.dst_sock}")

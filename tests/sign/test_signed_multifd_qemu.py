@@ -10,8 +10,6 @@ without device-state packets are skipped (vfio-pci without x-migration-multifd-t
 from __future__ import annotations
 
 import os
-import socket
-import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,9 +20,9 @@ from libvirt_mdev.filter import Binding
 from libvirt_mdev.live.signdevstate import SignPacketSink
 from libvirt_mdev.sign.keys import generate_key
 from libvirt_mdev.sign.layers import SignContext
-from libvirt_mdev.stream.multifd import is_multifd_channel
 from testkit.multifd import device_packet, split_device_packet
 from testkit.synth import vfio_state_packet
+from tests.harness.relay import SideChannelInjector
 from tests.multifd.test_multifd_real import VM_UUID
 from tests.proxy.conftest import ID_A, U1
 
@@ -65,7 +63,7 @@ def test_a_statement_packet_fails_a_real_destination_qemu(tmp_path: Path) -> Non
             vm.qmp("migrate-set-parameters", **{"multifd-channels": 2})
         port = free_port()
         dst.incoming(f"tcp:127.0.0.1:{port}")
-        net = Network(port, statement_packet())   # straight to QEMU: no verifying proxy
+        net = SideChannelInjector(port, statement_packet(), cut_both=True)   # straight to QEMU: no verifying proxy
         try:
             src.migrate(f"tcp:127.0.0.1:{net.port}")
             time.sleep(STALL)
@@ -82,63 +80,6 @@ def test_a_statement_packet_fails_a_real_destination_qemu(tmp_path: Path) -> Non
 
 #: seconds after which the migration would have completed without the packet (it takes 2-6 s here)
 STALL = 20.0
-
-
-class Network:
-    """The path from the source QEMU to the destination: relays every connection both ways and right after the
-    64-byte init of the first side channel inserts *packet*.  When either end of a connection goes away, both
-    are closed (as TCP to a dead peer ends): the source then sees its migration fail."""
-
-    def __init__(self, target: int, packet: bytes) -> None:
-        self.target, self.packet = target, packet
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.injected = threading.Event()
-        self._lock = threading.Lock()
-        self._conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            up = socket.create_connection(("127.0.0.1", self.target))
-            with self._lock:
-                self._conns += [conn, up]
-            threading.Thread(target=self._copy, args=(conn, up, True), daemon=True).start()
-            threading.Thread(target=self._copy, args=(up, conn, False), daemon=True).start()
-
-    def _copy(self, a: socket.socket, b: socket.socket, inject: bool) -> None:
-        try:
-            if inject:
-                head = b""
-                while len(head) < 64 and (data := a.recv(64 - len(head))):
-                    head += data
-                b.sendall(head)
-                with self._lock:
-                    first = is_multifd_channel(head[:4]) and not self.injected.is_set()
-                    if first:
-                        self.injected.set()
-                if first:
-                    b.sendall(self.packet)
-            while data := a.recv(1 << 20):
-                b.sendall(data)
-        except OSError:
-            pass
-        for s in (a, b):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.sock.close()
-        with self._lock:
-            conns = list(self._conns)
-        for c in conns:
-            c.close()
 
 
 def answer(vm: QemuVM, command: str) -> dict[str, Any]:
