@@ -262,6 +262,9 @@ class Channels:
         self.live: dict[str, Migration] = {}
         #: migration id → domain uuid of migrations that ended (either way), oldest first
         self.ended: OrderedDict[str, str] = OrderedDict()
+        #: why an ended migration failed (migration id -> the group's first reason), for the main
+        #: channel that arrives after its side channels failed it
+        self.failed_why: OrderedDict[str, str] = OrderedDict()
         self.refusals: deque[str] = deque(maxlen=KEEP_REFUSALS)
         self._threads: list[threading.Thread] = []
         #: log lines of channels refused alone (stray, late, bad init)
@@ -284,8 +287,10 @@ class Channels:
                     mig = self.live[mid] = Migration(self, record)
                 mig.main = session
         if mig is None:
-            raise MdevError(f"migration {mid} of domain {record_field(record, 'domain_name')} already ended or "
-                            f"failed on its multifd channels; refusing its main channel")
+            why = self.failed_why.get(mid)
+            raise MdevError(f"migration {mid} of domain {record_field(record, 'domain_name')} already "
+                            + (f"failed on its multifd channels ({why})" if why is not None else
+                               "ended on its multifd channels") + "; refusing its main channel")
         return mig
 
     def main_ended(self, session: Session, result: SessionResult) -> None:
@@ -399,12 +404,15 @@ class Channels:
         """(With :attr:`lock` held.)  *mig* takes no more channels."""
         mig.ended = True
         self.live.pop(mig.migration_id, None)
-        self._mark_ended(mig.migration_id, mig.domain_uuid)
+        self._mark_ended(mig.migration_id, mig.domain_uuid, mig.failed)
 
-    def _mark_ended(self, migration_id: str, domain_uuid: str) -> None:
+    def _mark_ended(self, migration_id: str, domain_uuid: str, failed: str | None = None) -> None:
         self.ended[migration_id] = domain_uuid
-        while len(self.ended) > KEEP_ENDED:
-            self.ended.popitem(last=False)
+        if failed is not None:
+            self.failed_why[migration_id] = failed
+        for kept in (self.ended, self.failed_why):
+            while len(kept) > KEEP_ENDED:
+                kept.popitem(last=False)
 
     def note_refusal(self, why: str) -> None:
         self.refusals.append(why)

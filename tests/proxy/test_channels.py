@@ -295,7 +295,9 @@ def test_side_channels_without_their_main_channel_are_cut_at_the_deadline(proxy_
     m = connect(px)
     reset = finish(m, main_stream())
     wait_results(px)
-    assert reset and not px.results[0].ok and "already ended or failed" in px.results[0].error
+    err = px.results[0].error or ""
+    assert reset and not px.results[0].ok and "already failed on its multifd channels" in err, err
+    assert "did not arrive within 0.5s" in err, err   # and it names why, as the side channels' refusal did
 
 
 def test_a_failing_main_channel_resets_its_side_channels(proxy_env: ProxyEnv, sink: MultiSink) -> None:
