@@ -123,6 +123,14 @@ class _Pipe:
         #: bytes written into the pipe ahead of the page data (the packet's header)
         self.head = 0
 
+    def put_head(self, pieces: Sequence[Bytes]) -> None:
+        """Write what goes ahead of a packet's page data (its header) into the empty pipe:
+        less than a pipe's smallest capacity, so the write never blocks."""
+        size = sum(len(v) for v in pieces)
+        self.head = os.writev(self.w, pieces)
+        if self.head != size:
+            raise OSError(errno.EIO, f"a pipe took {self.head} of {size} bytes")
+
     def close(self) -> None:
         for fd in (self.r, self.w):
             try:
@@ -220,9 +228,7 @@ class SidePump:
         if not ev.data_len:  # a SYNC or zero-page packet: no page data follows
             self._send([ev.raw])
             return True
-        pipe.head = os.write(pipe.w, ev.raw)  # the pipe is empty: a write this small never blocks
-        if pipe.head != len(ev.raw):
-            raise OSError(errno.EIO, f"a pipe took {pipe.head} of {len(ev.raw)} bytes")
+        pipe.put_head([ev.raw])
         return True
 
     def _take(self, data: memoryview) -> None:
@@ -239,10 +245,7 @@ class SidePump:
         pipe = self._pipe
         if pipe is not None and not pipe.head and self._ram_payload_due() and len(out) <= _PIPE_HEAD_PIECES \
                 and sum(len(v) for v in out) <= _PIPE_HEAD:
-            size = sum(len(v) for v in out)
-            pipe.head = os.writev(pipe.w, out)  # the pipe is empty: a write this small never blocks
-            if pipe.head != size:
-                raise OSError(errno.EIO, f"a pipe took {pipe.head} of {size} bytes")
+            pipe.put_head(out)
             return
         self._send(out)
 
