@@ -5,7 +5,7 @@ Two QEMU 7.2 TCG VMs on loopback, driven over QMP (tests/harness/qemu_vm.py).  G
 RAM is backed by a private mapping of a random file, so every page is non-zero and
 really travels (QEMU's zero-page detection would otherwise make RAM free).  The
 source's ``max-bandwidth`` is raised to 10 GiB/s (the default cap hides any cost).
-Rounds alternate direct / proxy so drift hits both alike.  The proxy runs as the real
+Rounds alternate direct / proxy, in ABBA order, so drift and order effects hit both alike.  The proxy runs as the real
 CLI in its own process (``libvirt-mdev proxy --once``), as in production; its peak
 RSS is read from ``/proc/<pid>/status`` (VmHWM) when it exits.
 
@@ -85,12 +85,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def one_round(work: Path, ram: Path, mib: int, via_proxy: bool, mode: str, channels: int = 1,
+def host_cpu() -> tuple[int, int, int]:
+    """(busy, steal, all) jiffies of the whole host since boot (``/proc/stat``): a round's
+    share of steal says how much a neighbour on the hypervisor took, so a slow round can
+    be told from a slow proxy."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    steal = fields[7] if len(fields) > 7 else 0
+    total = sum(fields[:8])
+    return total - idle - steal, steal, total
+
+
+def one_round(work: Path, ram: Path, dst_ram: Path, mib: int, via_proxy: bool, mode: str, channels: int = 1,
               repo: Path = REPO, forward_unix: bool = False) -> dict:
     qport = free_port()
     args = ["-uuid", DOMAIN_UUID]
     with QemuVM(work, name="bsrc", memory_mib=mib, with_disk=False, ram_file=ram, extra_args=args) as src, \
-            QemuVM(work, name="bdst", memory_mib=mib, with_disk=False, ram_file=ram,
+            QemuVM(work, name="bdst", memory_mib=mib, with_disk=False, ram_file=dst_ram, ram_shared=True,
                    incoming_defer=True, extra_args=args) as dst:
         if channels > 1:
             for vm in (src, dst):
@@ -106,6 +117,7 @@ def one_round(work: Path, ram: Path, mib: int, via_proxy: bool, mode: str, chann
             proxy, port = start_proxy(work, local.removeprefix("tcp:"), mode, repo)
         time.sleep(0.3)
         cpu0 = cpu_seconds(proxy.pid) if proxy is not None else 0.0  # its start-up (imports) is not the migration's
+        host0 = host_cpu()
         src.migrate(f"tcp:127.0.0.1:{port}", max_bandwidth=BANDWIDTH)
         rss = 0
         cpu = 0.0
@@ -121,6 +133,7 @@ def one_round(work: Path, ram: Path, mib: int, via_proxy: bool, mode: str, chann
             if info.get("status") in ("completed", "failed", "cancelled"):
                 break
             time.sleep(0.02)
+        host1 = host_cpu()
         if info.get("status") != "completed":
             raise RuntimeError(f"migration {info.get('status')}: {info.get('error-desc')}")
         if not info.get("total-time"):  # seen once: a completed migration that reports 0 ms (and 0 downtime)
@@ -129,7 +142,10 @@ def one_round(work: Path, ram: Path, mib: int, via_proxy: bool, mode: str, chann
         out = {"total_ms": info["total-time"], "downtime_ms": info.get("downtime"),
                "mbps": info.get("ram", {}).get("mbps"), "proxy_rss_kib": rss or None,
                "proxy_cpu_s": round(cpu, 2) if proxy is not None else None,
-               "proxy_cpu_mig_s": round(cpu - cpu0, 2) if proxy is not None else None}
+               "proxy_cpu_mig_s": round(cpu - cpu0, 2) if proxy is not None else None,
+               # of the host's CPU time (every core) while the migration ran
+               "host_busy_pct": round(100 * (host1[0] - host0[0]) / max(1, host1[2] - host0[2])),
+               "host_steal_pct": round(100 * (host1[1] - host0[1]) / max(1, host1[2] - host0[2]))}
         if proxy is not None:
             line = proxy.stdout.readline() if proxy.stdout else ""
             proxy.wait(60)
@@ -153,16 +169,26 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, help="also run the proxy of this checkout (e.g. a worktree of main) "
                     "in every round, so two builds are compared under the same drift")
     ap.add_argument("--workdir", type=Path)
+    ap.add_argument("--shm", default="/dev/shm", help="a tmpfs for the destination's RAM file (default /dev/shm)")
     a = ap.parse_args()
     work = a.workdir or Path(tempfile.mkdtemp(prefix="bench-proxy-"))
     work.mkdir(parents=True, exist_ok=True)
     ram = work / "ram.bin"
     random_file(ram, a.mib)
+    # the destination's RAM: a tmpfs file written once and mapped shared, reused by every round.  Fresh
+    # anonymous memory would be handed out by the kernel page by page as the migration fills it, and on
+    # a VM host that takes freed memory back (free page reporting) each round would pay for that at
+    # random: the noise would drown a 15 % difference
+    dst_ram = Path(a.shm) / f"bench-proxy-dst-{a.mib}.ram"
+    random_file(dst_ram, a.mib)
     kinds = ("direct", "proxy") + (("baseline",) if a.baseline else ())
     rows: dict[str, list[dict]] = {k: [] for k in kinds}
     for i in range(a.rounds):
-        for kind in kinds:
-            args = (work, ram, a.mib, kind != "direct", a.mode, a.channels,
+        # ABBA order: whichever kind runs first in a round pays for what the round before
+        # left behind (freed guest RAM the host takes back, a cold page cache), so the first
+        # place alternates
+        for kind in (kinds if i % 2 == 0 else kinds[::-1]):
+            args = (work, ram, dst_ram, a.mib, kind != "direct", a.mode, a.channels,
                     a.baseline if kind == "baseline" else REPO, a.forward_unix)
             try:
                 r = one_round(*args)
@@ -174,7 +200,8 @@ def main() -> None:
                      f"({r['proxy_cpu_mig_s']} s during the migration)"
                      if r.get('proxy_rss_kib') else "")
             print(f"round {i + 1} {kind:6s} total {r['total_ms']:6d} ms  downtime {r['downtime_ms']:4d} ms  "
-                  f"{r['mbps'] or 0:8.0f} Mbit/s" + proxy, file=sys.stderr)
+                  f"{r['mbps'] or 0:8.0f} Mbit/s  host busy {r['host_busy_pct']:3d}% steal {r['host_steal_pct']:2d}%"
+                  + proxy, file=sys.stderr)
     med = {k: {"total_ms": statistics.median(r["total_ms"] for r in v),
                "downtime_ms": statistics.median(r["downtime_ms"] for r in v)} for k, v in rows.items()}
     summary = {"mib": a.mib, "rounds": a.rounds, "mode": a.mode, "channels": a.channels,

@@ -35,6 +35,8 @@ class QemuVM:
     incoming_defer=True starts it with `-incoming defer`, ready for incoming(uri).
     ram_file: back guest RAM with a private mapping of this file, so the RAM (and thus the stream) carries the
     file's bytes instead of zero pages (the file must be exactly memory_mib MiB).
+    ram_shared: map ram_file shared instead (writes go to the file): a destination whose RAM lives in a
+    tmpfs file written once before gets no new pages from the kernel as the migration fills it.
     """
 
     workdir: Path
@@ -44,6 +46,7 @@ class QemuVM:
     with_disk: bool = True
     incoming_defer: bool = False
     ram_file: Path | None = None
+    ram_shared: bool = False
     extra_args: Sequence[str] = ()
     proc: subprocess.Popen | None = field(init=False, default=None)
     _loop: asyncio.AbstractEventLoop | None = field(init=False, default=None)
@@ -78,7 +81,7 @@ class QemuVM:
                 "-boot", "order=n"]
         if self.ram_file is not None:
             args += ["-object", f"memory-backend-file,id={RAM_ID},size={self.memory_mib}M,"
-                                f"mem-path={self.ram_file},share=off",
+                                f"mem-path={self.ram_file},share={'on' if self.ram_shared else 'off'}",
                      "-machine", f"memory-backend={RAM_ID}"]
         if self.disk is not None:
             args += ["-drive", f"file={self.disk},if=none,id=disk0,format=qcow2",
