@@ -234,6 +234,14 @@ def describe(exc: BaseException) -> str:
     return f"internal error ({type(exc).__name__}): {text}"
 
 
+def describe_connection(exc: BaseException) -> str:
+    """Why a proxy connection failed, as one line: a socket error by its text, anything
+    else as :func:`describe` says it."""
+    if isinstance(exc, OSError):
+        return f"socket error: {exc.strerror or exc}"
+    return describe(exc)
+
+
 def one_line(exc: BaseException) -> str:
     """A one-line, human message for *exc*, prefixed the way our tools print errors."""
     return PREFIX + describe(exc)

@@ -42,21 +42,19 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from ..config import Config
-from ..errors import MdevError, describe
-from ..log import LogBudget, get_logger
+from ..errors import MdevError
+from ..log import get_logger
 from ..store import Store
 from ..store.pending import PendingRecord
-from ..stream.multifd import read_channel_init
 from .arming import bindings_from_pending, select_pending
 from .devstate import MultifdStates, PacketSink
-from .group import ChannelGroup, SideChannel
-from .relay import SocketReader, abort_socket, connect
+from .group import ChannelGroup, ChannelOwner, SideChannel
+from .relay import SocketReader
 from .session import ProxyOptions, Session, SessionResult
 from .signdevstate import HelloGate, PacketPolicy, VerifyPacketSink
 
@@ -64,10 +62,6 @@ log = get_logger("proxy")
 
 #: ended migrations remembered (a channel for one of them is refused as late)
 KEEP_ENDED = 256
-#: refusal lines kept in memory (tests, :attr:`Channels.refusals`)
-KEEP_REFUSALS = 64
-#: at most this many log lines of channels refused alone per window (seconds)
-REFUSAL_LINES, REFUSAL_WINDOW = 10, 60.0
 
 
 def record_field(record: Any, name: str) -> Any:
@@ -253,22 +247,17 @@ def signed_only(config: Config) -> str | None:
     return None
 
 
-class Channels:
+class Channels(ChannelOwner[Migration, SideChannel]):
     """The multifd side channels of one proxy, grouped by migration (thread-safe)."""
 
     def __init__(self, config: Config, opts: ProxyOptions) -> None:
-        self.config, self.opts = config, opts
-        self.lock = threading.Lock()
+        super().__init__(config, opts)
         self.live: dict[str, Migration] = {}
         #: migration id → domain uuid of migrations that ended (either way), oldest first
         self.ended: OrderedDict[str, str] = OrderedDict()
         #: why an ended migration failed (migration id -> the group's first reason), for the main
         #: channel that arrives after its side channels failed it
         self.failed_why: OrderedDict[str, str] = OrderedDict()
-        self.refusals: deque[str] = deque(maxlen=KEEP_REFUSALS)
-        self._threads: list[threading.Thread] = []
-        #: log lines of channels refused alone (stray, late, bad init)
-        self._budget = LogBudget(REFUSAL_LINES, REFUSAL_WINDOW)
 
     # -- the main channel ------------------------------------------------------------------------
     def main_session(self, *args: Any, **kwargs: Any) -> MainSession:
@@ -321,44 +310,21 @@ class Channels:
 
     def summary(self, session: Session) -> str:
         """For the main session's "done" line: its side channels."""
-        mig = session.migration if isinstance(session, MainSession) else None
-        if mig is None or not mig.sides:
-            return ""
-        n_in = sum(s.bytes_in for s in mig.sides.values())
-        return f", {len(mig.sides)} multifd channel(s) with {n_in} bytes"
+        return self._sides_summary(session.migration if isinstance(session, MainSession) else None)
 
     # -- side channels ------------------------------------------------------------------------
     def side_channel(self, sock: socket.socket, peer: str, init: bytes, accepted: float,
                      connect: Callable[[], socket.socket] | None = None) -> None:
         """From the admission thread: serve a side channel in a thread of its own
         (*connect*: how to reach the local QEMU, see :attr:`SideChannel.connect`)."""
-        side = SideChannel(sock, peer, init, connect=connect)
-        t = threading.Thread(target=self._serve, args=(side,), daemon=True,
-                             name="libvirt-mdev-multifd")
-        with self.lock:
-            self._threads = [x for x in self._threads if x.is_alive()]
-            self._threads.append(t)
-        t.start()
+        self._start(SideChannel(sock, peer, init, connect=connect))
 
-    def _serve(self, side: SideChannel) -> None:
-        try:
-            side.uuid, side.channel_id = read_channel_init(side.init)
-            mig = self._bind(side)
-        except Exception as exc:  # a bad init, or reading the pending records failed unexpectedly
-            self._refuse_alone(side, f"multifd channel from {side.peer}: {_line(exc)}")
-            return
-        if mig is None:
-            return
-        try:
-            mig.wait_ready(self.opts.limits.main_channel_timeout)
-            sink = mig.packet_sink()
-            mig.forward(side, sink, self._connect_next, self.opts.drain_timeout, at_eof=sink.finish)
-        except Exception as exc:  # fail closed: the whole migration
-            mig.fail(f"{side.name()}: {_line(exc)}", also=side)
+    def _forward(self, group: Migration, side: SideChannel) -> None:
+        sink = group.packet_sink()
+        group.forward(side, sink, self._connect_next, self.opts.drain_timeout, at_eof=sink.finish)
 
     def _bind(self, side: SideChannel) -> Migration | None:
         """The migration *side* belongs to, or None (then it was refused alone)."""
-        lim = self.opts.limits
         try:
             record = select_pending(self.config, self.opts.domain, self.opts.proc_root)
         except MdevError as exc:
@@ -372,32 +338,20 @@ class Channels:
             return None
         mid = record_field(record, "migration_id")
         with self.lock:
-            if mid in self.ended:
-                mig, why = None, f"{side.name()} arrived after migration {mid} ended"
-            else:
-                mig = self.live.get(mid)
-                if mig is None:
-                    mig = self.live[mid] = Migration(self, record)
-                why = None
-                if side.uuid != mig.domain_uuid:
-                    why = (f"{side.name()} carries VM uuid {side.uuid}, not the armed domain's "
-                           f"({mig.domain_name}, {mig.domain_uuid})")
-                elif side.channel_id in mig.sides:
-                    why = f"{side.name()}: a second channel with id {side.channel_id}"
-                elif len(mig.sides) >= lim.max_channels:
-                    why = (f"{side.name()}: more than {lim.max_channels} multifd channels (the proxy's "
-                           f"max-channels limit)")
-                else:
-                    mig.sides[side.channel_id] = side
-                    return mig
+            mig = None if mid in self.ended else self.live.get(mid)
+            if mig is None and mid not in self.ended:
+                mig = self.live[mid] = Migration(self, record)
+            why = None if mig is None else self._admit(
+                mig, side, None if side.uuid == mig.domain_uuid else
+                f"{side.name()} carries VM uuid {side.uuid}, not the armed domain's "
+                f"({mig.domain_name}, {mig.domain_uuid})")
         if mig is None:
-            self._refuse_alone(side, why or "")
+            self._refuse_alone(side, f"{side.name()} arrived after migration {mid} ended")
+        elif why is None:
+            return mig
         else:
-            mig.fail(why or "", also=side)
+            mig.fail(why, also=side)
         return None
-
-    def _connect_next(self) -> socket.socket:
-        return connect(self.opts.forward, self.opts.connect_timeout)
 
     # -- endings -------------------------------------------------------------------------------
     def end(self, mig: Migration) -> None:
@@ -413,31 +367,6 @@ class Channels:
         for kept in (self.ended, self.failed_why):
             while len(kept) > KEEP_ENDED:
                 kept.popitem(last=False)
-
-    def note_refusal(self, why: str) -> None:
-        self.refusals.append(why)
-
-    def _refuse_alone(self, side: SideChannel, why: str) -> None:
-        ok, skipped = self._budget.take()  # strays can come in floods: the log stays readable
-        if ok:
-            log.error(f"{side.peer}: multifd channel REFUSED, reset: {why}"
-                      + (f" ({skipped} more refused multifd channel(s) not logged)" if skipped else ""))
-        self.note_refusal(why)
-        src, side.src = side.src, None
-        abort_socket(src)
-
-    def join(self, timeout: float) -> None:
-        with self.lock:
-            threads = list(self._threads)
-        deadline = time.monotonic() + timeout
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-
-
-def _line(exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        return f"socket error: {exc.strerror or exc}"
-    return describe(exc)
 
 
 __all__ = ["Channels", "MainSession", "Migration", "SideChannel", "record_field", "signed_only"]

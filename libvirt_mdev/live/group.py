@@ -5,29 +5,38 @@ proxy (:class:`~.signchannels.SignGroup`) group channels differently (by the arm
 migration, by the signing session's domain) but end them the same way, here: side
 channels wait for the main channel's next hop (:meth:`ChannelGroup.wait_ready`), and any
 refusal resets every connection of the group at once with one log line
-(:meth:`ChannelGroup.fail`).
+(:meth:`ChannelGroup.fail`).  :class:`ChannelOwner` is what both proxies' owners of
+side channels share: a thread per side channel, the binding's common checks, the
+refusal of a channel alone.
 """
 from __future__ import annotations
 
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ..errors import MdevError
-from ..log import get_logger
-from .relay import ReturnPath, SocketReader, abort_socket, reset_on_close
+from ..config import Config
+from ..errors import MdevError, describe_connection
+from ..log import LogBudget, get_logger
+from ..stream.multifd import read_channel_init
+from .relay import ReturnPath, SocketReader, abort_socket, connect, reset_on_close
 from .sidepump import DevicePacketSink, SidePump
 
 if TYPE_CHECKING:
-    from .session import Session
+    from .session import ProxyOptions, Session
 
 log = get_logger("proxy")
 
 #: how often a held side channel looks at its deadline
 POLL = 0.05
+#: refusal lines kept in memory (tests, :attr:`ChannelOwner.refusals`)
+KEEP_REFUSALS = 64
+#: at most this many log lines of channels refused alone per window (seconds)
+REFUSAL_LINES, REFUSAL_WINDOW = 10, 60.0
 
 
 @dataclass(eq=False)
@@ -170,4 +179,104 @@ class ChannelGroup(Generic[S]):
                       f"channel(s) reset: {why}")
 
 
-__all__ = ["POLL", "ChannelGroup", "SideChannel"]
+G = TypeVar("G", bound="ChannelGroup[Any]")
+
+
+class ChannelOwner(Generic[G, S]):
+    """The side channels of one proxy, each served in a thread of its own and bound to a
+    group of type *G* (thread-safe; :attr:`lock` guards every group's state too).
+
+    A subclass says how a channel finds its group (:meth:`_bind`, which refuses it
+    alone or fails the group when it cannot join) and how it is forwarded
+    (:meth:`_forward`); the rest is common: a bad channel init is refused alone, any
+    failure after binding fails the whole group."""
+
+    def __init__(self, config: Config, opts: ProxyOptions) -> None:
+        self.config, self.opts = config, opts
+        self.lock = threading.Lock()
+        self.refusals: deque[str] = deque(maxlen=KEEP_REFUSALS)
+        self._threads: list[threading.Thread] = []
+        #: log lines of channels refused alone (stray, late, bad init): they can come in floods
+        self._budget = LogBudget(REFUSAL_LINES, REFUSAL_WINDOW)
+
+    # -- the subclass's part -------------------------------------------------------------------
+    def _bind(self, side: S) -> G | None:
+        """The group *side* joined, or None (then it was refused alone, or failed its group)."""
+        raise NotImplementedError
+
+    def _forward(self, group: G, side: S) -> None:
+        """Move *side* to its next hop until it ends (:meth:`ChannelGroup.forward`); raises on
+        any refusal."""
+        raise NotImplementedError
+
+    # -- serving -------------------------------------------------------------------------------
+    def _start(self, side: S) -> None:
+        """Serve *side* in a thread of its own."""
+        t = threading.Thread(target=self._serve, args=(side,), daemon=True, name="libvirt-mdev-multifd")
+        with self.lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+        t.start()
+
+    def _serve(self, side: S) -> None:
+        try:
+            side.uuid, side.channel_id = read_channel_init(side.init)
+            group = self._bind(side)
+        except Exception as exc:  # a bad init, or an unexpected error while binding
+            self._refuse_alone(side, f"multifd channel from {side.peer}: {describe_connection(exc)}")
+            return
+        if group is None:
+            return
+        try:
+            group.wait_ready(self.opts.limits.main_channel_timeout)
+            self._forward(group, side)
+        except Exception as exc:  # fail closed: the whole group
+            group.fail(f"{side.name()}: {describe_connection(exc)}", also=side)
+
+    def _admit(self, group: G, side: S, refused: str | None = None) -> str | None:
+        """(With :attr:`lock` held.)  *side* joins *group*, or why it cannot: *refused*
+        (the subclass's own reason), a second channel with its id, or one more than the
+        proxy's ``max_channels``."""
+        limit = self.opts.limits.max_channels
+        if refused is not None:
+            return refused
+        if side.channel_id in group.sides:
+            return f"{side.name()}: a second channel with id {side.channel_id}"
+        if len(group.sides) >= limit:
+            return f"{side.name()}: more than {limit} multifd channels (the proxy's max-channels limit)"
+        group.sides[side.channel_id] = side
+        return None
+
+    def _connect_next(self) -> socket.socket:
+        return connect(self.opts.forward, self.opts.connect_timeout)
+
+    # -- refusals and endings ------------------------------------------------------------------
+    def note_refusal(self, why: str) -> None:
+        self.refusals.append(why)
+
+    def _refuse_alone(self, side: S, why: str) -> None:
+        """Reset *side* alone (it belongs to no group that could fail with it), one line."""
+        ok, skipped = self._budget.take()
+        if ok:
+            log.error(f"{side.peer}: multifd channel REFUSED, reset: {why}"
+                      + (f" ({skipped} more refused multifd channel(s) not logged)" if skipped else ""))
+        self.note_refusal(why)
+        src, side.src = side.src, None
+        abort_socket(src)
+
+    @staticmethod
+    def _sides_summary(group: ChannelGroup[Any] | None) -> str:
+        """For the main session's "done" line: its side channels."""
+        if group is None or not group.sides:
+            return ""
+        return f", {len(group.sides)} multifd channel(s) with {sum(s.bytes_in for s in group.sides.values())} bytes"
+
+    def join(self, timeout: float) -> None:
+        with self.lock:
+            threads = list(self._threads)
+        deadline = time.monotonic() + timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+
+
+__all__ = ["KEEP_REFUSALS", "POLL", "ChannelGroup", "ChannelOwner", "SideChannel"]

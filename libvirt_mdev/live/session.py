@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..configfile import PROXY_MODES
-from ..errors import ConnectError, InternalError, MdevError, UsageError, describe
+from ..errors import ConnectError, InternalError, MdevError, UsageError, describe_connection
 from ..filter import FilterOptions, StreamFilter
 from ..log import get_logger
 from ..mdev.policy import MatchPolicy
@@ -440,10 +440,10 @@ class Session:
             exc = MdevError(self._refused_from)  # what this session saw was that refusal
         # a TLS error seen by a bridge explains the plain-side symptom (EOF, reset) better
         first = self._evicted or self._aborted or next((b.error for b in self._bridges if b.error), None)
-        self._abort(_line(exc))
+        self._abort(describe_connection(exc))
         r = self.result
         r.ok = False
-        r.error = first or _line(exc)
+        r.error = first or describe_connection(exc)
         if isinstance(exc, MdevError):
             r.error_kind, r.exit_code = exc.kind, exc.exit_code
         elif isinstance(exc, OSError):  # a peer went away: the transport, not the content
@@ -476,12 +476,6 @@ def open_forward(opts: ProxyOptions) -> tuple[socket.socket, Bridge | None]:
         return raw, None
     bridge = connect_tls(raw, opts.tls)
     return bridge.plain, bridge
-
-
-def _line(exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        return f"socket error: {exc.strerror or exc}"
-    return describe(exc)
 
 
 __all__ = ["MODES", "OnSideChannel", "ProxyOptions", "Session", "SessionResult", "open_forward"]

@@ -43,23 +43,18 @@ a main channel.
 from __future__ import annotations
 
 import socket
-import threading
-import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..config import Config
-from ..errors import MdevError, describe
+from ..errors import MdevError
 from ..filter import bindings_from_domain_xml
 from ..log import get_logger
 from ..sign.source import qemu_uuid_of
 from ..store.manifest import is_uuid
-from ..stream.multifd import read_channel_init
-from .channels import KEEP_REFUSALS
-from .group import ChannelGroup, SideChannel
-from .relay import SocketReader, abort_socket, connect
+from .group import ChannelGroup, ChannelOwner, SideChannel
+from .relay import SocketReader
 from .session import ProxyOptions, Session, SessionResult
 from .sidepump import DevicePacketSink, RefuseDeviceState
 from .signdevstate import SignPacketSink
@@ -71,8 +66,6 @@ log = get_logger("proxy")
 
 #: why the signing proxy refuses device state on side channels of a session it cannot sign for
 UNSIGNABLE = "cannot be signed: the signing session has no signing context"
-#: how often a held side channel looks at its deadline
-_POLL = 0.05
 
 
 @dataclass(eq=False)
@@ -102,7 +95,7 @@ class SignGroup(ChannelGroup[SignSide]):
         self.owner.forget(self)
 
     def refused(self, why: str) -> None:
-        self.owner.refusals.append(why)
+        self.owner.note_refusal(why)
 
     def late(self, timeout: float) -> str:
         return (f"no signing session of domain {self.uuid} started within {timeout:g}s of its first multifd "
@@ -154,15 +147,12 @@ class SignSession(Session):
             self.owner.main_failed_early(self.peer_pid, why)
 
 
-class SignChannels:
+class SignChannels(ChannelOwner[SignGroup, SignSide]):
     """The multifd side channels of one signing proxy, grouped by domain (thread-safe)."""
 
     def __init__(self, config: Config, opts: ProxyOptions) -> None:
-        self.config, self.opts = config, opts
-        self.lock = threading.Lock()
+        super().__init__(config, opts)
         self.groups: dict[str, SignGroup] = {}
-        self.refusals: deque[str] = deque(maxlen=KEEP_REFUSALS)
-        self._threads: list[threading.Thread] = []
         #: the one domain this proxy signs, when its options pin it (--domain UUID, --domain-xml)
         self.pinned = _pinned_uuid(opts)
 
@@ -217,10 +207,7 @@ class SignChannels:
 
     def summary(self, session: Session) -> str:
         """For the main session's "done" line: its side channels."""
-        group = session.group if isinstance(session, SignSession) else None
-        if group is None or not group.sides:
-            return ""
-        return f", {len(group.sides)} multifd channel(s) with {sum(s.bytes_in for s in group.sides.values())} bytes"
+        return self._sides_summary(session.group if isinstance(session, SignSession) else None)
 
     # -- side channels ------------------------------------------------------------------------
     def side_channel(self, sock: socket.socket, peer: str, init: bytes, accepted: float,
@@ -232,27 +219,10 @@ class SignChannels:
             from ..sign.source import peer_pid
 
             pid = peer_pid(sock)
-        side = SignSide(sock, peer, init, connect=connect, pid=pid)
-        t = threading.Thread(target=self._serve, args=(side,), daemon=True, name="libvirt-mdev-multifd")
-        with self.lock:
-            self._threads = [x for x in self._threads if x.is_alive()]
-            self._threads.append(t)
-        t.start()
+        self._start(SignSide(sock, peer, init, connect=connect, pid=pid))
 
-    def _serve(self, side: SignSide) -> None:
-        try:
-            side.uuid, side.channel_id = read_channel_init(side.init)
-            group = self._bind(side)
-        except Exception as exc:  # a bad init, or an unexpected error while binding
-            self._refuse_alone(side, f"multifd channel from {side.peer}: {_line(exc)}")
-            return
-        if group is None:
-            return
-        try:
-            group.wait_ready(self.opts.limits.main_channel_timeout)
-            group.forward(side, group.packet_sink(), self._connect_next, self.opts.drain_timeout)
-        except Exception as exc:  # fail closed: the whole signed migration
-            group.fail(f"{side.name()}: {_line(exc)}", also=side)
+    def _forward(self, group: SignGroup, side: SignSide) -> None:
+        group.forward(side, group.packet_sink(), self._connect_next, self.opts.drain_timeout)
 
     def _bind(self, side: SignSide) -> SignGroup | None:
         """The group *side* joins, or None (then it was refused alone)."""
@@ -266,28 +236,18 @@ class SignChannels:
             self._refuse_alone(side, f"{side.name()} carries VM uuid {side.uuid}, but the QEMU that opened it "
                                      f"(process {side.pid}) runs VM {qemu}")
             return None
-        lim = self.opts.limits
         with self.lock:
             group = self.groups.get(side.uuid)
             if group is None:
                 group = self.groups[side.uuid] = SignGroup(self, side.uuid)
-            why = None
             main_pid = group.main.peer_pid if group.main is not None else None
-            if _other_process(side.pid, main_pid):
-                why = (f"{side.name()} was opened by process {side.pid}, not by the QEMU of the signing session "
-                       f"(process {main_pid})")
-            elif side.channel_id in group.sides:
-                why = f"{side.name()}: a second channel with id {side.channel_id}"
-            elif len(group.sides) >= lim.max_channels:
-                why = f"{side.name()}: more than {lim.max_channels} multifd channels (the proxy's max-channels limit)"
-            else:
-                group.sides[side.channel_id] = side
+            why = self._admit(group, side, None if not _other_process(side.pid, main_pid) else
+                              f"{side.name()} was opened by process {side.pid}, not by the QEMU of the signing "
+                              f"session (process {main_pid})")
+            if why is None:
                 return group
         group.fail(why, also=side)
         return None
-
-    def _connect_next(self) -> socket.socket:
-        return connect(self.opts.forward, self.opts.connect_timeout)
 
     # -- endings -------------------------------------------------------------------------------
     def forget(self, group: SignGroup) -> None:
@@ -295,18 +255,6 @@ class SignChannels:
         if self.groups.get(group.uuid) is group:
             del self.groups[group.uuid]
 
-    def _refuse_alone(self, side: SignSide, why: str) -> None:
-        log.error(f"{side.peer}: multifd channel REFUSED, reset: {why}")
-        self.refusals.append(why)
-        src, side.src = side.src, None
-        abort_socket(src)
-
-    def join(self, timeout: float) -> None:
-        with self.lock:
-            threads = list(self._threads)
-        deadline = time.monotonic() + timeout
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
 
 
 def _pinned_uuid(opts: ProxyOptions) -> str | None:
@@ -325,12 +273,6 @@ def _pinned_uuid(opts: ProxyOptions) -> str | None:
 def _other_process(a: int | None, b: int | None) -> bool:
     """Two known, different processes."""
     return a is not None and b is not None and a != b
-
-
-def _line(exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        return f"socket error: {exc.strerror or exc}"
-    return describe(exc)
 
 
 __all__ = ["SignChannels", "SignGroup", "SignSession", "SignSide"]

@@ -443,7 +443,7 @@ def test_a_flood_of_stray_side_channels_leaves_no_thread_or_socket(proxy_env: Pr
 def test_a_flood_of_stray_side_channels_logs_a_bounded_number_of_lines(proxy_env: ProxyEnv,
                                                                        sink: MultiSink) -> None:
     """Each stray channel is refused and counted, but at most REFUSAL_LINES of them are logged per window."""
-    from libvirt_mdev.live.channels import REFUSAL_LINES
+    from libvirt_mdev.live.group import REFUSAL_LINES
     px = proxy_env.proxy(sink.endpoint)   # nothing armed
     cs = []
     for i in range(3 * REFUSAL_LINES):
