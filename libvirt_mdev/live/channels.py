@@ -54,8 +54,9 @@ from ..store.pending import PendingRecord
 from .arming import bindings_from_pending, select_pending
 from .devstate import MultifdStates, PacketSink
 from .group import ChannelGroup, ChannelOwner, SideChannel
+from .options import ProxyOptions, SessionResult
 from .relay import SocketReader
-from .session import ProxyOptions, Session, SessionResult
+from .session import Session
 from .signdevstate import HelloGate, PacketPolicy, VerifyPacketSink
 
 log = get_logger("proxy")

@@ -27,7 +27,8 @@ from .relay import ReturnPath, SocketReader, abort_socket, connect, reset_on_clo
 from .sidepump import DevicePacketSink, SidePump
 
 if TYPE_CHECKING:
-    from .session import ProxyOptions, Session
+    from .options import ProxyOptions
+    from .session import Session
 
 log = get_logger("proxy")
 

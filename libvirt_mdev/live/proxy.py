@@ -63,8 +63,9 @@ from ..errors import MdevError, UsageError
 from .admission import Admission, OnSideChannel
 from .arming import Claims
 from .channels import Channels
+from .options import MODES, ProxyOptions, SessionResult
 from .relay import Endpoint, abort_socket, listen
-from .session import MODES, ProxyOptions, Session, SessionResult, log
+from .session import Session, log
 from .signchannels import SignChannels
 
 #: results kept in memory (:attr:`MigrationProxy.results`)

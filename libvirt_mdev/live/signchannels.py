@@ -54,8 +54,9 @@ from ..log import get_logger
 from ..sign.source import qemu_uuid_of
 from ..store.manifest import is_uuid
 from .group import ChannelGroup, ChannelOwner, SideChannel
+from .options import ProxyOptions, SessionResult
 from .relay import SocketReader
-from .session import ProxyOptions, Session, SessionResult
+from .session import Session
 from .sidepump import DevicePacketSink, RefuseDeviceState
 from .signdevstate import SignPacketSink
 

@@ -346,7 +346,7 @@ def test_the_sign_and_relay_modes_do_not_bind_side_channels_to_pending_records(p
                                                                                tmp_path: Path) -> None:
     """Relay carries side channels verbatim and sign groups them with its signing sessions
     (tests/proxy/test_multifd_modes*.py): neither uses the destination's Channels."""
-    from libvirt_mdev.live.session import ProxyOptions
+    from libvirt_mdev.live.options import ProxyOptions
 
     for mode in ("relay", "sign"):
         px = MigrationProxy(proxy_env.config, ProxyOptions(forward=Endpoint("127.0.0.1", 1), mode=mode))
