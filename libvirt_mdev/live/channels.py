@@ -338,21 +338,29 @@ class Channels(ChannelOwner[Migration, SideChannel]):
                                          f"{exc.message}")
             return None
         mid = record_field(record, "migration_id")
+        mig: Migration | None = None
+        why: str | None = None
         with self.lock:
-            mig = None if mid in self.ended else self.live.get(mid)
-            if mig is None and mid not in self.ended:
-                mig = self.live[mid] = Migration(self, record)
-            why = None if mig is None else self._admit(
-                mig, side, None if side.uuid == mig.domain_uuid else
-                f"{side.name()} carries VM uuid {side.uuid}, not the armed domain's "
-                f"({mig.domain_name}, {mig.domain_uuid})")
-        if mig is None:
+            if mid not in self.ended:
+                mig = self.live.get(mid)
+                if mig is None:
+                    mig = self.live[mid] = Migration(self, record)
+                why = self._other_vm(mig, side) or self._admit(mig, side)
+        if mig is None:  # it ended
             self._refuse_alone(side, f"{side.name()} arrived after migration {mid} ended")
         elif why is None:
             return mig
         else:
             mig.fail(why, also=side)
         return None
+
+    @staticmethod
+    def _other_vm(mig: Migration, side: SideChannel) -> str | None:
+        """Why *side* cannot be *mig*'s: it carries another VM's uuid (None: it is the armed domain's)."""
+        if side.uuid == mig.domain_uuid:
+            return None
+        return (f"{side.name()} carries VM uuid {side.uuid}, not the armed domain's "
+                f"({mig.domain_name}, {mig.domain_uuid})")
 
     # -- endings -------------------------------------------------------------------------------
     def end(self, mig: Migration) -> None:

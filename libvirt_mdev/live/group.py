@@ -234,13 +234,10 @@ class ChannelOwner(Generic[G, S]):
         except Exception as exc:  # fail closed: the whole group
             group.fail(f"{side.name()}: {describe_connection(exc)}", also=side)
 
-    def _admit(self, group: G, side: S, refused: str | None = None) -> str | None:
-        """(With :attr:`lock` held.)  *side* joins *group*, or why it cannot: *refused*
-        (the subclass's own reason), a second channel with its id, or one more than the
-        proxy's ``max_channels``."""
+    def _admit(self, group: G, side: S) -> str | None:
+        """(With :attr:`lock` held.)  *side* joins *group*, or why it cannot: a second
+        channel with its id, or one more than the proxy's ``max_channels``."""
         limit = self.opts.limits.max_channels
-        if refused is not None:
-            return refused
         if side.channel_id in group.sides:
             return f"{side.name()}: a second channel with id {side.channel_id}"
         if len(group.sides) >= limit:

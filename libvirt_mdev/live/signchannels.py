@@ -242,9 +242,9 @@ class SignChannels(ChannelOwner[SignGroup, SignSide]):
             if group is None:
                 group = self.groups[side.uuid] = SignGroup(self, side.uuid)
             main_pid = group.main.peer_pid if group.main is not None else None
-            why = self._admit(group, side, None if not _other_process(side.pid, main_pid) else
-                              f"{side.name()} was opened by process {side.pid}, not by the QEMU of the signing "
-                              f"session (process {main_pid})")
+            stranger = (f"{side.name()} was opened by process {side.pid}, not by the QEMU of the signing session "
+                        f"(process {main_pid})") if _other_process(side.pid, main_pid) else None
+            why = stranger or self._admit(group, side)
             if why is None:
                 return group
         group.fail(why, also=side)
