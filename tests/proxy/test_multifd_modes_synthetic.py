@@ -28,7 +28,7 @@ from testkit.multifd import channel_init, device_packet
 from tests.sign.live import DOMAIN, World, make_world
 
 from .conftest import DOM_UUID, ProxyEnv, wait_results
-from .test_channels import MultiSink, main_stream, side_channel
+from .test_channels import OTHER_UUID, MultiSink, main_stream, side_channel
 
 pytest.importorskip("tests.sign.pki")  # the pki fixture (conftest.py) needs cryptography
 IDSTR = "0000:00:05.0/vfio"
@@ -333,6 +333,25 @@ def test_a_side_channel_without_a_signing_session_is_refused(world, sink, proxy_
     assert ended(c)
     (why,) = refusals(px)
     assert "no signing session of domain" in why and "main-channel deadline" in why, why
+    assert sink.conns == []
+
+
+def test_a_flood_of_foreign_side_channels_at_the_sign_proxy_logs_a_bounded_number_of_lines(world, sink,
+                                                                                            proxy_env) -> None:
+    """A local process floods the signing proxy's socket with side channels of a VM it does not sign: each is
+    refused at once (no wait for a main channel), and at most REFUSAL_LINES of them are logged per window."""
+    from libvirt_mdev.live.group import REFUSAL_LINES
+    px = sign_proxy(world, sink, proxy_env)
+    cs = []
+    for i in range(3 * REFUSAL_LINES):
+        c = unix(px)
+        c.sendall(side_channel(i % 256, uuid=OTHER_UUID))
+        cs.append(c)
+    assert all(ended(c, timeout=5) for c in cs)
+    got = refusals(px, 3 * REFUSAL_LINES)
+    assert all(f"carries VM uuid {OTHER_UUID}, but this proxy signs domain {DOMAIN} only" in r for r in got), got[0]
+    lines = [ln for ln in proxy_env.config.log_file.read_text().splitlines() if "multifd channel REFUSED" in ln]
+    assert len(lines) == REFUSAL_LINES, len(lines)
     assert sink.conns == []
 
 
